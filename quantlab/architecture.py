@@ -1,0 +1,94 @@
+"""Architecture as data: what each tensor of a model is, and which ones each method leaves alone.
+
+Tensor roles are regex mappings keyed by the HF model class, so a new family is a new table,
+not a new class. The skip rules (UNQUANTIZED_ROLES) are the single place that the quantizers,
+the estimator and the model card all read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
+# Roles, in report order.
+ROLES = (
+    "embed_tokens",
+    "lm_head",
+    "full_attention_linear",
+    "deltanet_linear",
+    "deltanet_small_linear",
+    "deltanet_conv_and_params",
+    "mlp",
+    "norm",
+    "vision",
+    "mtp",
+)
+
+_QWEN3_5_TEXT = (
+    (r"(^|\.)embed_tokens\.weight$", "embed_tokens"),
+    (r"^lm_head\.weight$", "lm_head"),
+    (r"\.self_attn\.(q|k|v|o)_proj\.weight$", "full_attention_linear"),
+    (r"\.self_attn\.(q|k)_norm\.weight$", "norm"),
+    (r"\.linear_attn\.(in_proj_qkv|in_proj_z|out_proj)\.weight$", "deltanet_linear"),
+    (r"\.linear_attn\.(in_proj_a|in_proj_b)\.weight$", "deltanet_small_linear"),
+    (r"\.linear_attn\.(conv1d\.weight|A_log|dt_bias)$", "deltanet_conv_and_params"),
+    (r"\.linear_attn\.norm\.weight$", "norm"),
+    (r"\.mlp\.(gate|up|down)_proj\.weight$", "mlp"),
+    (r"(layernorm|\.norm)\.weight$", "norm"),
+)
+_QWEN3_5_FULL = (
+    (r"^mtp\.", "mtp"),
+    (r"(^|\.)visual\.", "vision"),
+    *_QWEN3_5_TEXT,
+)
+
+# Keyed by HF class name. The MTP rule is in every table: the checkpoint carries mtp.* even
+# where the transformers class drops it at load.
+TENSOR_ROLES: Mapping[str, tuple[tuple[str, str], ...]] = {
+    "Qwen3_5ForCausalLM": ((r"^mtp\.", "mtp"), *_QWEN3_5_TEXT),
+    "Qwen3_5ForConditionalGeneration": _QWEN3_5_FULL,
+}
+
+# Roles each method leaves unquantized. `none` quantizes nothing, so it is not listed.
+# in_proj_a/b (out = number of DeltaNet value heads, 48) are kept: too small to matter and,
+# for bitsandbytes 4-bit, not a multiple of 32 (its AVX512 CPU kernel fails on them).
+UNQUANTIZED_ROLES: Mapping[str, frozenset[str]] = {
+    method: frozenset(
+        {"embed_tokens", "lm_head", "deltanet_small_linear", "deltanet_conv_and_params", "norm", "vision", "mtp"}
+    )
+    for method in ("bnb_int8", "bnb_4bit", "awq")
+}
+
+
+def supported_classes() -> list[str]:
+    return sorted(TENSOR_ROLES)
+
+
+def role_of(class_name: str, tensor_name: str) -> str:
+    """The role of one tensor; raises KeyError for an unknown class or an unmatched name."""
+    rules = TENSOR_ROLES[class_name]
+    for pattern, role in rules:
+        if re.search(pattern, tensor_name):
+            return role
+    raise KeyError(f"{class_name}: no role for tensor {tensor_name!r}")
+
+
+def count_by_role(class_name: str, shapes: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """Parameter count per role, from (tensor name, element count) pairs."""
+    counts: Counter[str] = Counter()
+    for name, numel in shapes:
+        counts[role_of(class_name, name)] += numel
+    return {role: counts[role] for role in ROLES if counts[role]}
+
+
+def layer_pattern(layer_types: Iterable[str]) -> str:
+    """A compact description of a hybrid layer layout, e.g. '16 × (3 linear_attention + 1 full_attention)'."""
+    types = list(layer_types)
+    for period in range(1, len(types) + 1):
+        block = types[:period]
+        if len(types) % period == 0 and block * (len(types) // period) == types:
+            parts = Counter(block)
+            inner = " + ".join(f"{n} {kind}" for kind, n in parts.items())
+            return f"{len(types) // period} × ({inner})"
+    return " + ".join(types)  # unreachable: period == len(types) always matches

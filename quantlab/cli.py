@@ -1,0 +1,115 @@
+"""The `quantlab` command: run, measure, validate, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from quantlab.errors import QuantlabError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except QuantlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: records already written are complete; nothing partial was kept", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantlab", description="Measure what a quantized model really costs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="plan, load, quantize, measure, record, then regenerate the report")
+    _run_arguments(run)
+    run.set_defaults(func=_cmd_run, report=True)
+
+    measure = sub.add_parser("measure", help="like run, but leave the report alone")
+    _run_arguments(measure)
+    measure.set_defaults(func=_cmd_run, report=False)
+
+    validate = sub.add_parser("validate", help="check recipes without loading any weights")
+    validate.add_argument("recipes", nargs="+", metavar="RECIPE")
+    validate.add_argument("--schema-only", action="store_true", help="skip the dry run on the meta device")
+    validate.set_defaults(func=_cmd_validate)
+
+    report = sub.add_parser("report", help="regenerate measurements/README.md from all records")
+    report.add_argument("--output", default="measurements", help="measurements folder (default: measurements)")
+    report.set_defaults(func=_cmd_report)
+    return parser
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("--output", help="measurements folder (default: the recipe's output.dir)")
+    p.add_argument("--dry-run", action="store_true", help="validate and plan on the meta device, load nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _cmd_run(args) -> int:
+    from quantlab.plan import make_plan
+    from quantlab.recipe import load_recipe
+    from quantlab.report import write_report
+    from quantlab.run import describe_plan, run_recipe
+
+    loaded = load_recipe(args.recipe)
+    if args.dry_run:
+        print(describe_plan(make_plan(loaded)))
+        print("dry run: nothing loaded, nothing measured")
+        return 0
+    result = run_recipe(loaded, args.output, progress=not args.no_progress)
+    output = args.output or loaded.recipe.output.dir
+    print(f"wrote {len(result.paths)} record(s) to {output}/records/")
+    if args.report and loaded.recipe.output.report:
+        print(f"report: {write_report(output)}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from quantlab.plan import make_plan
+    from quantlab.recipe import load_recipe
+
+    failed = 0
+    for path in args.recipes:
+        try:
+            loaded = load_recipe(path)
+            detail = "schema ok" if args.schema_only else _plan_line(make_plan(loaded, for_this_machine=False))
+            print(f"ok: {path}: {detail}")
+        except QuantlabError as exc:
+            failed += 1
+            print(f"invalid: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _plan_line(plan) -> str:
+    r = plan.recipe
+    return (
+        f"{plan.resolved.name} ({r.model.source}, {r.model.variant}), {plan.method_label}, "
+        f"{plan.parameters:,} parameters, {len(plan.points)} point(s), device {r.model.device}"
+    )
+
+
+def _cmd_report(args) -> int:
+    from quantlab.report import write_report
+
+    print(f"wrote {write_report(args.output)}")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """One-time kernel-fallback warnings and per-call casts would drown quantlab's own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|bitsandbytes)\b")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

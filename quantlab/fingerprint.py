@@ -1,0 +1,116 @@
+"""Environment fingerprint: what hardware and software produced a record."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import psutil
+import torch
+from pydantic import BaseModel, ConfigDict
+
+import quantlab
+from quantlab.trackers.nvml import NvmlProbe
+
+PACKAGES = (
+    "torch", "transformers", "accelerate", "safetensors", "huggingface_hub", "tokenizers",
+    "bitsandbytes", "gptqmodel", "llmcompressor", "compressed-tensors", "autoawq", "gguf",
+    "nvidia-ml-py", "pydantic",
+)
+
+
+class Hardware(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: str  # "gpu" or "cpu": what ran the model
+    device: str
+    name: str  # the GPU's name, or the CPU model on a CPU run
+    gpu_memory_bytes: int | None = None
+    gpu_driver: str | None = None
+    cuda_version: str | None = None
+    cpu_model: str
+    cpu_cores: int
+    ram_bytes: int
+    notes: tuple[str, ...] = ()
+
+
+class Software(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    python: str
+    platform: str
+    quantlab: str
+    git_commit: str | None
+    git_dirty: bool | None
+    packages: dict[str, str]
+    torch_threads: int
+
+
+def hardware(device: torch.device) -> Hardware:
+    cpu = dict(cpu_model=cpu_model(), cpu_cores=os.cpu_count() or 0, ram_bytes=psutil.virtual_memory().total)
+    if device.type != "cuda":
+        return Hardware(kind="cpu", device=str(device), name=cpu["cpu_model"], **cpu)
+    props = torch.cuda.get_device_properties(device)
+    nvml = NvmlProbe(device)
+    return Hardware(
+        kind="gpu",
+        device=str(device),
+        name=props.name,
+        gpu_memory_bytes=props.total_memory,
+        gpu_driver=nvml.driver_version(),
+        cuda_version=torch.version.cuda,
+        notes=(nvml.unavailable,) if nvml.unavailable else (),
+        **cpu,
+    )
+
+
+def software() -> Software:
+    commit, dirty = git_state(Path(quantlab.__file__).resolve().parent.parent)
+    return Software(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        quantlab=quantlab.__version__,
+        git_commit=commit,
+        git_dirty=dirty,
+        packages=package_versions(),
+        torch_threads=torch.get_num_threads(),
+    )
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_state(repo: Path) -> tuple[str | None, bool | None]:
+    """The commit quantlab runs from, and whether its tracked files differ from it."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None, None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return commit, (None if status is None else bool(status))

@@ -1,0 +1,171 @@
+"""The measurement loop: prefill and decode at each (context, batch), warm-up then repeats.
+
+Decode is timed directly over N greedy steps with a KV cache (no early stop at EOS), never
+derived as generate-minus-prefill. An out-of-memory error at one point is a finding: it is
+recorded and the next point is measured.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from tqdm.auto import tqdm
+
+from quantlab.stats import Summary, summarize
+from quantlab.trackers import MemoryResult, MemoryTracker, Timer
+from quantlab.trackers.nvml import NvmlProbe
+
+
+@dataclass(frozen=True)
+class PointSettings:
+    context: int
+    batch: int
+    new_tokens: int
+    warmup: int
+    repeats: int
+    seed: int = 0
+    sample_interval_s: float = 0.005
+
+
+class PointResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    status: str  # "ok" or "oom"
+    error: str | None = None
+    prefill_tokens_per_s: Summary | None = None
+    time_to_first_token_s: Summary | None = None
+    decode_tokens_per_s: Summary | None = None
+    decode_ms_per_token: Summary | None = None
+    prefill_memory: MemoryResult | None = None  # the repeat with the highest peak
+    decode_memory: MemoryResult | None = None
+    cache_bytes: int | None = None  # KV cache + DeltaNet states after the last decode step
+    first_tokens: list[int] | None = None  # greedy tokens of sequence 0, for reproducibility checks
+
+
+def measure_point(
+    model: torch.nn.Module, settings: PointSettings, device: torch.device, nvml: NvmlProbe | None = None, progress: bool = True
+) -> PointResult:
+    try:
+        return _measure(model, settings, device, nvml, progress)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        error = f"OOM at context {settings.context}, batch {settings.batch}: {_first_line(exc)}"
+    free_memory(device)  # outside the except block, so the traceback's tensors can be freed
+    return PointResult(status="oom", error=error)
+
+
+def _measure(model, s: PointSettings, device, nvml, progress) -> PointResult:
+    ids = prompt_ids(_vocab_size(model), s.batch, s.context, s.seed, device)
+    prefill_tps, ttft, decode_tps, decode_ms = [], [], [], []
+    prefill_mem: list[MemoryResult] = []
+    decode_mem: list[MemoryResult] = []
+    runs = tqdm(range(s.warmup + s.repeats), desc=f"context {s.context:,} × batch {s.batch}", unit="run", leave=False, disable=not progress)
+    for run in runs:
+        with torch.inference_mode():
+            with MemoryTracker(device, s.sample_interval_s, nvml) as pm, Timer(device) as pt:
+                next_ids, cache = prefill(model, ids)
+            with MemoryTracker(device, s.sample_interval_s, nvml) as dm, Timer(device) as dt:
+                tokens = decode(model, next_ids, cache, s.new_tokens)
+        cache_bytes = tensor_bytes(cache)
+        del cache
+        if run < s.warmup:
+            continue
+        prefill_tps.append(s.batch * s.context / pt.result.seconds)
+        ttft.append(pt.result.seconds)
+        decode_tps.append(s.batch * s.new_tokens / dt.result.seconds)
+        decode_ms.append(1000 * dt.result.seconds / s.new_tokens)
+        prefill_mem.append(pm.result)
+        decode_mem.append(dm.result)
+    return PointResult(
+        status="ok",
+        prefill_tokens_per_s=summarize(prefill_tps),
+        time_to_first_token_s=summarize(ttft),
+        decode_tokens_per_s=summarize(decode_tps),
+        decode_ms_per_token=summarize(decode_ms),
+        prefill_memory=_highest_peak(prefill_mem),
+        decode_memory=_highest_peak(decode_mem),
+        cache_bytes=cache_bytes,
+        first_tokens=tokens[0].tolist(),
+    )
+
+
+def prompt_ids(vocab_size: int, batch: int, context: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Seeded random token ids: speed and memory do not depend on which tokens they are."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, context), generator=generator).to(device)
+
+
+def prefill(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """One forward over the prompt; only the last position's logits are computed, as servers do."""
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].argmax(-1, keepdim=True), _cache_of(out)
+
+
+def decode(model: torch.nn.Module, next_ids: torch.Tensor, cache: Any, steps: int) -> torch.Tensor:
+    """`steps` greedy tokens, one forward each, reusing the cache. Returns (batch, steps + 1) tokens."""
+    key = cache_argument(model)
+    generated = [next_ids]
+    for _ in range(steps):
+        out = model(input_ids=next_ids, use_cache=True, **{key: cache})
+        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(next_ids)
+    return torch.cat(generated, dim=1).cpu()
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """transformers 5.24 renamed `past_key_values` to `cache`; accept either."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def tensor_bytes(obj: Any, _seen: set[int] | None = None) -> int:
+    """Bytes of all distinct tensors reachable from a cache object."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    return model.get_input_embeddings().num_embeddings
+
+
+def _highest_peak(results: list[MemoryResult]) -> MemoryResult:
+    return max(results, key=lambda r: (r.allocated_peak_bytes or 0, r.rss_peak_bytes))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -1,0 +1,178 @@
+"""Typed recipe files: one YAML file fully describes one run.
+
+Validation happens here, before any weights are touched. Every error names the file,
+the field path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantlab.errors import RecipeError
+from quantlab.quantize.configs import QuantConfig, NoQuant
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+MAX_CONTEXT = 1_048_576  # ~1M tokens: the YaRN-extended ceiling of Qwen3.6; anything above is a typo
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Where the weights come from, and how they are laid out in memory."""
+
+    source: Literal["bundled", "hub", "local", "synthetic"]
+    id: str | None = Field(None, description="Hub repo id (source: hub)")
+    revision: str | None = Field(None, description="Hub revision (source: hub)")
+    path: str | None = Field(None, description="folder of safetensors shards (source: local)")
+    config: str | None = Field(
+        None, description="synthetic: 'qwen3.6-27b', 'bundled', or a path to a config.json or its folder"
+    )
+    variant: Literal["text", "full"] = "text"
+    dtype: Dtype = "bfloat16"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fields_match_source(self) -> "ModelSpec":
+        needs = {"hub": "id", "local": "path", "synthetic": "config", "bundled": None}
+        required = needs[self.source]
+        if required and getattr(self, required) is None:
+            raise ValueError(f"source '{self.source}' needs model.{required}")
+        for name in ("id", "path", "config"):
+            if name != required and getattr(self, name) is not None:
+                raise ValueError(f"model.{name} is not used with source '{self.source}'; remove it")
+        if self.revision is not None and self.source != "hub":
+            raise ValueError(f"model.revision is only used with source 'hub', not '{self.source}'")
+        return self
+
+
+class MeasureSpec(_Strict):
+    """The measurement plan: which points to measure and how often."""
+
+    contexts: list[int] = Field(default_factory=lambda: [128], min_length=1)
+    new_tokens: int = Field(32, ge=1, le=65536)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    warmup: int = Field(1, ge=0, le=100)
+    repeats: int = Field(3, ge=1, le=1000)
+    seed: int = 0
+    memory_sample_ms: float = Field(5.0, gt=0, le=1000)
+
+    @field_validator("contexts")
+    @classmethod
+    def _contexts_in_range(cls, values: list[int]) -> list[int]:
+        for v in values:
+            if not 1 <= v <= MAX_CONTEXT:
+                raise ValueError(f"each context must be between 1 and {MAX_CONTEXT:,} tokens, got {v}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"contexts must not repeat, got {values}")
+        return values
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches_in_range(cls, values: list[int]) -> list[int]:
+        for v in values:
+            if not 1 <= v <= 4096:
+                raise ValueError(f"each batch size must be between 1 and 4096, got {v}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"batch_sizes must not repeat, got {values}")
+        return values
+
+
+class OutputSpec(_Strict):
+    """Where records go, and whether the report is regenerated after the run."""
+
+    dir: str = "measurements"
+    report: bool = True
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    description: str = ""
+    model: ModelSpec
+    quantization: QuantConfig = Field(default_factory=NoQuant)
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    recipe: Recipe
+    path: Path
+    text: str
+    sha256: str
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read and validate a recipe file; raise RecipeError with every problem found."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    data = _parse_yaml(path, text)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(path, exc)) from None
+    return LoadedRecipe(recipe, path, text, hashlib.sha256(text.encode()).hexdigest())
+
+
+def _parse_yaml(path: Path, text: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: {exc.error_count()} problem(s) in the recipe:"]
+    for err in exc.errors():
+        loc = _dotted(err["loc"])
+        lines.append(f"  - {loc}: {_describe(err)}")
+    return "\n".join(lines)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        allowed = ", ".join(_fields_at(err["loc"][:-1]))
+        return f"unknown key '{err['loc'][-1]}'; allowed keys here: {allowed}"
+    if kind == "missing":
+        return "required, but missing"
+    message = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error" or isinstance(value, dict):
+        return message
+    return f"{message} (got {value!r})"
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys a recipe allows at a location, for 'unknown key' messages."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,87 @@
+"""Measurement records: frozen, self-describing, one per (run, context, batch).
+
+Each record carries everything needed to read it alone: the recipe, the weights (real or
+synthetic), the hardware (GPU or CPU), the software, and the results.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from quantlab.fingerprint import Hardware, Software
+from quantlab.measure import PointResult
+from quantlab.roofline import Roofline
+from quantlab.sources import WeightsInfo
+from quantlab.trackers import MemoryResult
+
+SCHEMA_VERSION = 1
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RecipeRef(_Frozen):
+    name: str
+    path: str
+    sha256: str
+    content: str
+
+
+class MethodRef(_Frozen):
+    name: str  # recipe method, e.g. "none"
+    label: str  # table label, e.g. "BF16"
+    params: dict[str, Any]
+
+
+class PointRef(_Frozen):
+    context: int
+    batch: int
+    new_tokens: int
+    warmup: int
+    repeats: int
+    seed: int
+
+
+class Record(_Frozen):
+    schema_version: int = SCHEMA_VERSION
+    record_id: str
+    run_id: str
+    created_at: str  # UTC, ISO 8601
+    produced_by: str  # e.g. "GPU NVIDIA H200, synthetic weights"
+    recipe: RecipeRef
+    model: WeightsInfo
+    parameters: int
+    weight_bytes: int  # parameters + buffers of the model as measured (after quantization)
+    method: MethodRef
+    hardware: Hardware
+    software: Software
+    point: PointRef
+    load_seconds: float
+    load_memory: MemoryResult
+    result: PointResult
+    roofline: Roofline | None = None
+    notes: tuple[str, ...] = ()
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def produced_by(hardware: Hardware, weights: WeightsInfo) -> str:
+    return f"{hardware.kind.upper()} {hardware.name}, {weights.weights} weights"
+
+
+def record_id(created_at: str, model: str, method: str, context: int, batch: int, run_id: str) -> str:
+    stamp = re.sub(r"[^0-9T]", "", created_at.split("+")[0])
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{model}-{method}").strip("-").lower()
+    return f"{stamp}Z-{slug}-c{context}-b{batch}-{run_id}"

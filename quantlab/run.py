@@ -1,0 +1,127 @@
+"""One run, as the recipe says: plan → load → quantize → measure → record → report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from quantlab import fingerprint
+from quantlab.measure import PointResult, PointSettings, measure_point
+from quantlab.plan import RunPlan, make_plan
+from quantlab.quantize.handlers import handler_for
+from quantlab.recipe import LoadedRecipe
+from quantlab.records import MethodRef, PointRef, Record, RecipeRef, new_run_id, produced_by, record_id, utc_now
+from quantlab.roofline import decode_roofline, gpu_spec
+from quantlab.sources import load_model
+from quantlab.store import append_record
+from quantlab.trackers import MemoryTracker, Timer
+from quantlab.trackers.nvml import NvmlProbe
+
+
+@dataclass(frozen=True)
+class RunResult:
+    plan: RunPlan
+    records: tuple[Record, ...]
+    paths: tuple[Path, ...]
+
+
+def run_recipe(
+    loaded: LoadedRecipe, output_dir: str | Path | None = None, progress: bool = True, echo: Callable[[str], None] = print
+) -> RunResult:
+    plan = make_plan(loaded)
+    recipe, device = plan.recipe, plan.device
+    out = Path(output_dir or recipe.output.dir)
+    echo(describe_plan(plan))
+    hardware, software = fingerprint.hardware(device), fingerprint.software()
+    nvml = NvmlProbe(device) if device.type == "cuda" else None
+
+    with MemoryTracker(device, nvml=nvml) as load_mem, Timer(device) as load_time:
+        loaded_model = load_model(recipe.model, plan.resolved, device)
+        model = handler_for(recipe.quantization).apply(loaded_model.model, recipe.quantization)
+    weight_bytes = model_bytes(model)
+    echo(f"loaded {loaded_model.info.model_class} in {load_time.result.seconds:.1f} s: {weight_bytes / 1e9:.3f} GB of weights")
+
+    run_id, records, paths = new_run_id(), [], []
+    points = tqdm(plan.points, desc="measuring", unit="point", disable=not progress)
+    for context, batch in points:
+        settings = PointSettings(
+            context, batch, recipe.measure.new_tokens, recipe.measure.warmup, recipe.measure.repeats,
+            recipe.measure.seed, recipe.measure.memory_sample_ms / 1000,
+        )
+        result = measure_point(model, settings, device, nvml, progress)
+        created = utc_now()
+        record = Record(
+            record_id=record_id(created, loaded_model.info.name, plan.method_label, context, batch, run_id),
+            run_id=run_id,
+            created_at=created,
+            produced_by=produced_by(hardware, loaded_model.info),
+            recipe=RecipeRef(name=recipe.name, path=str(loaded.path), sha256=loaded.sha256, content=loaded.text),
+            model=loaded_model.info,
+            parameters=sum(p.numel() for p in model.parameters()),
+            weight_bytes=weight_bytes,
+            method=MethodRef(name=recipe.quantization.method, label=plan.method_label, params=recipe.quantization.model_dump()),
+            hardware=hardware,
+            software=software,
+            point=PointRef(context=context, batch=batch, new_tokens=settings.new_tokens, warmup=settings.warmup,
+                           repeats=settings.repeats, seed=settings.seed),
+            load_seconds=load_time.result.seconds,
+            load_memory=load_mem.result,
+            result=result,
+            roofline=_roofline(hardware, weight_bytes, batch, result),
+            notes=plan.notes + _notes(hardware, result),
+        )
+        paths.append(append_record(out, record))
+        records.append(record)
+        (points.write if progress else echo)(describe_point(record))
+    return RunResult(plan, tuple(records), tuple(paths))
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer: what the weights occupy, quantized or not."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _roofline(hardware, weight_bytes: int, batch: int, result: PointResult):
+    if hardware.kind != "gpu" or result.status != "ok":
+        return None
+    return decode_roofline(hardware.name, weight_bytes, result.cache_bytes or 0, batch, result.decode_tokens_per_s.median)
+
+
+def _notes(hardware, result: PointResult) -> tuple[str, ...]:
+    notes = list(hardware.notes)
+    if hardware.kind == "cpu":
+        notes.append("CPU run: timings are CPU timings and memory is host RSS; no GPU figures were measured")
+    elif gpu_spec(hardware.name) is None:
+        notes.append(f"no roofline: {hardware.name} is not in quantlab's GPU bandwidth table")
+    return tuple(notes)
+
+
+def describe_plan(plan: RunPlan) -> str:
+    r = plan.recipe
+    lines = [
+        f"recipe {r.name} ({plan.loaded.path})",
+        f"  model   {plan.resolved.name} [{r.model.source}, {r.model.variant}] {plan.model_class}, "
+        f"{plan.parameters:,} parameters, {plan.weight_bytes / 1e9:.2f} GB in {r.model.dtype}",
+        f"  method  {plan.method_label} ({r.quantization.method})",
+        f"  device  {plan.device}",
+        f"  points  contexts {sorted(r.measure.contexts)} × batch {r.measure.batch_sizes}, {r.measure.new_tokens} new tokens, "
+        f"{r.measure.warmup} warm-up + {r.measure.repeats} repeats",
+    ]
+    lines += [f"  note    {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def describe_point(record: Record) -> str:
+    p, res = record.point, record.result
+    head = f"  context {p.context:>7,} × batch {p.batch}: "
+    if res.status != "ok":
+        return head + res.error
+    return head + (
+        f"prefill {res.prefill_tokens_per_s.median:,.0f} tok/s, TTFT {res.time_to_first_token_s.median * 1000:,.0f} ms, "
+        f"decode {res.decode_tokens_per_s.median:,.1f} tok/s ({res.decode_ms_per_token.median:.1f} ms/token)"
+    )

@@ -1,0 +1,210 @@
+"""Three sources of weights behind one interface: the Hub, a local folder, and synthetic.
+
+`resolve_config` finds a model's config without touching weights (used by the plan's dry run);
+`load_model` materialises the model on the target device in the target dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import try_to_load_from_cache
+from pydantic import BaseModel, ConfigDict
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from quantlab import bundled
+from quantlab.checkpoint import check_folder, read_config
+from quantlab.errors import QuantlabError
+from quantlab.known_models import KNOWN_MODELS, known_by_hub_id, known_config_dir
+from quantlab.recipe import ModelSpec
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class WeightsInfo(BaseModel):
+    """What a record says about the weights it measured."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str  # display name, e.g. "Qwen3.6-27B"
+    source: str  # bundled | hub | local | synthetic
+    weights: str  # "real" or "synthetic"
+    location: str  # hub id, folder, or config used for synthetic weights
+    revision: str | None = None  # hub commit, when known
+    model_class: str
+    variant: str
+    dtype: str
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any | None
+    config: PretrainedConfig
+    info: WeightsInfo
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    config: PretrainedConfig  # the whole checkpoint's config (VL config for Qwen3.6-27B)
+    name: str
+    location: str
+    notes: tuple[str, ...] = ()
+
+
+def resolve_config(spec: ModelSpec) -> ResolvedConfig:
+    if spec.source == "bundled":
+        folder = _bundled_dir()
+        return ResolvedConfig(_config_from_folder(folder), "quantlab-bundled", str(folder))
+    if spec.source == "local":
+        folder = Path(spec.path).expanduser()
+        return ResolvedConfig(_config_from_folder(folder), folder.resolve().name, str(folder))
+    if spec.source == "synthetic":
+        return _synthetic_config(spec.config)
+    return _hub_config(spec.id, spec.revision)
+
+
+def _bundled_dir() -> Path:
+    try:
+        return bundled.bundled_model_dir()
+    except FileNotFoundError as exc:
+        raise QuantlabError(str(exc)) from None
+
+
+def _config_from_folder(folder: Path) -> PretrainedConfig:
+    if not folder.is_dir():
+        raise QuantlabError(f"{folder}: model folder not found")
+    model_type = read_config(folder)["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        raise QuantlabError(
+            f"{folder}/config.json: unknown architecture (model_type '{model_type}'): transformers "
+            f"{_transformers_version()} does not know it. Upgrade transformers, or check the config."
+        )
+    return AutoConfig.from_pretrained(folder)
+
+
+def _synthetic_config(name: str) -> ResolvedConfig:
+    if name in KNOWN_MODELS:
+        folder = known_config_dir(name)
+        return ResolvedConfig(AutoConfig.from_pretrained(folder), KNOWN_MODELS[name].display_name, name)
+    if name == "bundled":
+        return ResolvedConfig(AutoConfig.from_pretrained(_bundled_dir()), "quantlab-bundled", "bundled")
+    path = Path(name).expanduser()
+    folder = path.parent if path.name == "config.json" else path
+    if not (folder / "config.json").is_file():
+        known = ", ".join([*KNOWN_MODELS, "bundled"])
+        raise QuantlabError(f"model.config: '{name}' is neither a shipped config ({known}) nor a config.json or its folder")
+    return ResolvedConfig(_config_from_folder(folder), folder.resolve().name, str(path))
+
+
+def _hub_config(repo_id: str, revision: str | None) -> ResolvedConfig:
+    """The cached config if there is one; else quantlab's shipped copy for a known model; else the Hub."""
+    display = repo_id.rsplit("/", 1)[-1]
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return ResolvedConfig(AutoConfig.from_pretrained(Path(cached).parent), display, repo_id)
+    known = known_by_hub_id(repo_id)
+    if known is not None:
+        note = f"plan uses quantlab's shipped config of {repo_id} (not in the HF cache yet); loading uses the Hub's"
+        return ResolvedConfig(AutoConfig.from_pretrained(known_config_dir(known.key)), display, repo_id, (note,))
+    try:
+        return ResolvedConfig(AutoConfig.from_pretrained(repo_id, revision=revision), display, repo_id)
+    except (OSError, ValueError) as exc:
+        raise QuantlabError(hub_unavailable_message(repo_id, exc)) from None
+
+
+def hub_unavailable_message(repo_id: str, exc: BaseException) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    why = "HF_HUB_OFFLINE is set" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    known = known_by_hub_id(repo_id)
+    synthetic = f"\n  - or measure with random weights of the exact shapes: model: {{source: synthetic, config: {known.key}}}" if known else ""
+    from huggingface_hub import constants
+
+    return (
+        f"{repo_id}: the weights are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
+        f"cannot be reached ({why}).\nTo get them:\n"
+        f"  - on a machine with network: hf download {repo_id}   (HF_HOME decides where the cache is)\n"
+        f"  - or copy a downloaded folder here and use model: {{source: local, path: /that/folder}}"
+        f"{synthetic}"
+    )
+
+
+def select_variant(config: PretrainedConfig, variant: str) -> tuple[PretrainedConfig, type]:
+    """The config to instantiate and the auto class that loads it."""
+    text_config = getattr(config, "text_config", None)
+    if variant == "text":
+        return (text_config or config), AutoModelForCausalLM
+    if text_config is None:
+        raise QuantlabError(
+            f"model.variant 'full' needs a checkpoint with a vision tower; this one ({config.model_type}) is text-only. "
+            "Use variant: text."
+        )
+    return config, AutoModelForImageTextToText
+
+
+def model_class_name(config: PretrainedConfig, auto_class: type) -> str:
+    return auto_class._model_mapping[type(config)].__name__
+
+
+def load_model(spec: ModelSpec, resolved: ResolvedConfig, device: torch.device) -> LoadedModel:
+    config, auto_class = select_variant(resolved.config, spec.variant)
+    dtype = DTYPES[spec.dtype]
+    if spec.source == "synthetic":
+        model, tokenizer, revision = _synthetic(config, auto_class, device, dtype, spec.seed), None, None
+    else:
+        location = _weights_location(spec, resolved)
+        model = _from_pretrained(auto_class, location, spec.revision, dtype, device)
+        tokenizer = _tokenizer(location, spec.revision)
+        revision = getattr(model.config, "_commit_hash", None) if spec.source == "hub" else None
+    info = WeightsInfo(
+        name=resolved.name,
+        source=spec.source,
+        weights="synthetic" if spec.source == "synthetic" else "real",
+        location=resolved.location,
+        revision=revision,
+        model_class=type(model).__name__,
+        variant=spec.variant,
+        dtype=spec.dtype,
+    )
+    return LoadedModel(model.eval(), tokenizer, config, info)
+
+
+def _weights_location(spec: ModelSpec, resolved: ResolvedConfig) -> str:
+    if spec.source == "hub":
+        return spec.id
+    check_folder(resolved.location)
+    return resolved.location
+
+
+def _from_pretrained(auto_class: type, location: str, revision: str | None, dtype: torch.dtype, device: torch.device):
+    try:
+        return auto_class.from_pretrained(location, revision=revision, dtype=dtype, device_map=str(device))
+    except OSError as exc:
+        if Path(location).exists():
+            raise QuantlabError(f"{location}: could not load the weights: {exc}") from None
+        raise QuantlabError(hub_unavailable_message(location, exc)) from None
+
+
+def _tokenizer(location: str, revision: str | None):
+    try:
+        return AutoTokenizer.from_pretrained(location, revision=revision)
+    except Exception:  # a checkpoint without tokenizer files still measures fine
+        return None
+
+
+def _synthetic(config: PretrainedConfig, auto_class: type, device: torch.device, dtype: torch.dtype, seed: int):
+    """Random weights with the config's exact shapes, created directly on the device in the dtype."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return auto_class.from_config(config, dtype=dtype)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__

@@ -1,0 +1,72 @@
+"""The results store: one JSON file per record, append-only.
+
+A record is written to a temporary file, fsynced, then hard-linked to its final name, which
+fails rather than overwrite: earlier records are never rewritten, a crash leaves at most a
+hidden temporary file, and concurrent runs never touch the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from quantlab.records import Record
+
+RECORDS_SUBDIR = "records"
+
+
+def records_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / RECORDS_SUBDIR
+
+
+def append_record(output_dir: str | Path, record: Record) -> Path:
+    directory = records_dir(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{record.record_id}.json"
+    write_new_file(target, record.model_dump_json(indent=1) + "\n")
+    return target
+
+
+def write_new_file(target: Path, text: str) -> None:
+    """Create `target` atomically with `text`; FileExistsError if it exists."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, target)
+    finally:
+        os.unlink(tmp)
+
+
+def replace_file(target: Path, text: str) -> None:
+    """Atomically replace a generated file (the report), never leaving it half-written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_records(output_dir: str | Path) -> tuple[list[Record], list[str]]:
+    """All readable records, oldest first, and one problem line per unreadable file."""
+    records, problems = [], []
+    directory = records_dir(output_dir)
+    for path in sorted(directory.glob("[!.]*.json")) if directory.is_dir() else []:
+        try:
+            records.append(Record.model_validate(json.loads(path.read_text(encoding="utf-8"))))
+        except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as exc:
+            problems.append(f"{path}: skipped, not a valid record ({type(exc).__name__})")
+    records.sort(key=lambda r: (r.created_at, r.record_id))
+    return records, problems

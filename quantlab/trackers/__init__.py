@@ -1,0 +1,11 @@
+"""Trackers: context managers that measure what runs inside them and leave a frozen result.
+
+    with MemoryTracker(device) as mem, Timer(device) as t:
+        model(...)
+    mem.result.peak_allocated_bytes, t.result.seconds
+"""
+
+from quantlab.trackers.memory import MemoryResult, MemoryTracker, memory_snapshot
+from quantlab.trackers.timing import Timer, TimingResult
+
+__all__ = ["MemoryResult", "MemoryTracker", "memory_snapshot", "Timer", "TimingResult"]

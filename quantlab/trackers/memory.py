@@ -1,0 +1,128 @@
+"""Memory tracker: host RSS always; torch allocator and NVML figures on a CUDA device.
+
+A background thread samples RSS and NVML so that peaks between start and end are caught;
+the torch allocator keeps its own exact peak.
+"""
+
+from __future__ import annotations
+
+import threading
+import psutil
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from quantlab.trackers.nvml import NvmlProbe
+from quantlab.trackers.timing import synchronize
+
+
+class MemoryResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: str
+    rss_start_bytes: int
+    rss_end_bytes: int
+    rss_peak_bytes: int  # sampled, so a spike shorter than the interval can be missed
+    # CUDA only; None on the CPU (never 0 as a stand-in).
+    allocated_end_bytes: int | None = None
+    allocated_peak_bytes: int | None = None
+    reserved_end_bytes: int | None = None
+    reserved_peak_bytes: int | None = None
+    nvml_device_used_end_bytes: int | None = None
+    nvml_device_used_peak_bytes: int | None = None
+    nvml_process_used_peak_bytes: int | None = None
+    samples: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def rss_growth_bytes(self) -> int:
+        return self.rss_end_bytes - self.rss_start_bytes
+
+
+class _PeakSampler(threading.Thread):
+    def __init__(self, interval_s: float, nvml: NvmlProbe | None):
+        super().__init__(daemon=True, name="quantlab-memory-sampler")
+        self.interval_s = interval_s
+        self.nvml = nvml
+        self.process = psutil.Process()
+        self.stop_event = threading.Event()
+        self.rss_peak = 0
+        self.device_peak: int | None = None
+        self.process_peak: int | None = None
+        self.samples = 0
+        self.sample()
+
+    def sample(self) -> None:
+        self.rss_peak = max(self.rss_peak, self.process.memory_info().rss)
+        if self.nvml is not None:
+            self.device_peak = _max(self.device_peak, self.nvml.device_used())
+            self.process_peak = _max(self.process_peak, self.nvml.process_used())
+        self.samples += 1
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval_s):
+            self.sample()
+
+    def finish(self) -> None:
+        self.stop_event.set()
+        self.join()
+        self.sample()
+
+
+def _max(a: int | None, b: int | None) -> int | None:
+    return b if a is None else (a if b is None else max(a, b))
+
+
+class MemoryTracker:
+    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.005, nvml: NvmlProbe | None = None):
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.nvml = nvml if nvml is not None or self.device.type != "cuda" else NvmlProbe(self.device)
+        self.result: MemoryResult | None = None
+
+    def __enter__(self) -> "MemoryTracker":
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._rss_start = psutil.Process().memory_info().rss
+        self._sampler = _PeakSampler(self.interval_s, self.nvml if self.device.type == "cuda" else None)
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.device.type == "cuda" and exc[0] is None:
+            synchronize(self.device)
+        self._sampler.finish()
+        self.result = self._result()
+        return False
+
+    def _result(self) -> MemoryResult:
+        s = self._sampler
+        rss_end = psutil.Process().memory_info().rss
+        common = dict(
+            device=str(self.device),
+            rss_start_bytes=self._rss_start,
+            rss_end_bytes=rss_end,
+            rss_peak_bytes=max(s.rss_peak, rss_end),
+            samples=s.samples,
+        )
+        if self.device.type != "cuda":
+            return MemoryResult(**common)
+        notes = (self.nvml.unavailable,) if self.nvml.unavailable else ()
+        return MemoryResult(
+            **common,
+            allocated_end_bytes=torch.cuda.memory_allocated(self.device),
+            allocated_peak_bytes=torch.cuda.max_memory_allocated(self.device),
+            reserved_end_bytes=torch.cuda.memory_reserved(self.device),
+            reserved_peak_bytes=torch.cuda.max_memory_reserved(self.device),
+            nvml_device_used_end_bytes=self.nvml.device_used(),
+            nvml_device_used_peak_bytes=s.device_peak,
+            nvml_process_used_peak_bytes=s.process_peak,
+            notes=notes,
+        )
+
+
+def memory_snapshot(device: torch.device | str = "cpu", nvml: NvmlProbe | None = None) -> MemoryResult:
+    """The memory in use right now (start = end = peak)."""
+    with MemoryTracker(device, nvml=nvml) as tracker:
+        pass
+    return tracker.result

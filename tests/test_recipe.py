@@ -1,0 +1,110 @@
+"""Recipe validation: every shipped recipe is valid; bad ones fail with a message that says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quantlab.errors import QuantlabError, RecipeError
+from quantlab.plan import make_plan
+from quantlab.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+GOOD = {"name": "ok", "model": {"source": "bundled"}}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate_and_plan(path):
+    loaded = load_recipe(path)
+    plan = make_plan(loaded, for_this_machine=False)
+    assert plan.parameters > 0
+    assert plan.points
+
+
+def test_defaults_fill_the_measurement_plan(write_recipe):
+    recipe = load_recipe(write_recipe(GOOD)).recipe
+    assert recipe.quantization.method == "none"
+    assert recipe.measure.repeats >= 1 and recipe.measure.contexts
+
+
+BAD = [
+    ("unknown top-level key", {**GOOD, "modle": {}}, "modle: unknown key 'modle'; allowed keys here: name, description, model"),
+    ("unknown nested key", {**GOOD, "measure": {"contxts": [8]}}, "measure.contxts: unknown key 'contxts'; allowed keys here: contexts"),
+    ("missing model", {"name": "x"}, "model: required, but missing"),
+    ("unknown source", {"name": "x", "model": {"source": "s3"}}, "model.source: Input should be 'bundled', 'hub', 'local' or 'synthetic' (got 's3')"),
+    ("hub without id", {"name": "x", "model": {"source": "hub"}}, "model: source 'hub' needs model.id"),
+    ("local without path", {"name": "x", "model": {"source": "local"}}, "model: source 'local' needs model.path"),
+    ("path with synthetic", {"name": "x", "model": {"source": "synthetic", "config": "qwen3.6-27b", "path": "/x"}},
+     "model.path is not used with source 'synthetic'; remove it"),
+    ("bad dtype", {"name": "x", "model": {"source": "bundled", "dtype": "int4"}},
+     "model.dtype: Input should be 'bfloat16', 'float16' or 'float32' (got 'int4')"),
+    ("bad device", {"name": "x", "model": {"source": "bundled", "device": "tpu"}}, "model.device: String should match pattern"),
+    ("negative context", {**GOOD, "measure": {"contexts": [128, -5]}}, "each context must be between 1 and 1,048,576 tokens, got -5"),
+    ("absurd context", {**GOOD, "measure": {"contexts": [10**9]}}, "got 1000000000"),
+    ("repeated context", {**GOOD, "measure": {"contexts": [8, 8]}}, "contexts must not repeat"),
+    ("zero repeats", {**GOOD, "measure": {"repeats": 0}}, "measure.repeats: Input should be greater than or equal to 1 (got 0)"),
+    ("string new_tokens", {**GOOD, "measure": {"new_tokens": "many"}}, "measure.new_tokens: Input should be a valid integer"),
+    ("unknown method", {**GOOD, "quantization": {"method": "gptq"}}, "quantization.method: Input should be 'none' (got 'gptq')"),
+    ("bad name", {**GOOD, "name": "has spaces"}, "name: String should match pattern"),
+    ("batch zero", {**GOOD, "measure": {"batch_sizes": [0]}}, "each batch size must be between 1 and 4096, got 0"),
+]
+
+
+@pytest.mark.parametrize("case, data, expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_recipe_names_file_field_value_and_allowed(write_recipe, case, data, expected):
+    path = write_recipe(data)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert expected in message
+
+
+def test_yaml_syntax_error_gives_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nmodel: {source: bundled\n")
+    with pytest.raises(RecipeError, match=r"not valid YAML \(line \d+, column \d+\)"):
+        load_recipe(path)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="must be a YAML mapping"):
+        load_recipe(path)
+
+
+def test_plan_rejects_context_beyond_model_limit(write_recipe, tiny_config_dir):
+    path = write_recipe({"name": "x", "model": {"source": "synthetic", "config": str(tiny_config_dir)},
+                         "measure": {"contexts": [1000], "new_tokens": 100}})
+    with pytest.raises(QuantlabError, match=r"measure.contexts: \[1000\] \+ new_tokens 100 exceed .*max_position_embeddings \(1,024\)"):
+        make_plan(load_recipe(path))
+
+
+def test_plan_rejects_full_variant_of_text_only_model(write_recipe):
+    path = write_recipe({"name": "x", "model": {"source": "bundled", "variant": "full"}})
+    with pytest.raises(QuantlabError, match="variant 'full' needs a checkpoint with a vision tower"):
+        make_plan(load_recipe(path))
+
+
+def test_plan_rejects_cuda_without_gpu(write_recipe):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    path = write_recipe({"name": "x", "model": {"source": "bundled", "device": "cuda"}})
+    with pytest.raises(QuantlabError, match="sees no CUDA GPU"):
+        make_plan(load_recipe(path))
+
+
+def test_plan_refuses_weights_larger_than_host_ram(write_recipe):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the weights go to the GPU")
+    path = write_recipe({"name": "x", "model": {"source": "synthetic", "config": "qwen3.6-27b", "device": "cpu", "dtype": "float32"}})
+    with pytest.raises(QuantlabError, match=r"the weights need 107\.6 GB"):
+        make_plan(load_recipe(path))

@@ -1,0 +1,151 @@
+"""The results store (append-only, atomic, concurrent) and the report rendered from records."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+
+from quantlab.recipe import load_recipe
+from quantlab.report import render_report, write_report
+from quantlab.run import run_recipe
+from quantlab.store import append_record, load_records, records_dir, write_new_file
+
+
+@pytest.fixture(scope="module")
+def cpu_records(tmp_path_factory, tiny_config_dir):
+    import yaml
+
+    folder = tmp_path_factory.mktemp("run")
+    recipe = folder / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "tiny", "model": {"source": "synthetic", "config": str(tiny_config_dir), "device": "cpu"},
+        "measure": {"contexts": [8, 16], "new_tokens": 2, "warmup": 0, "repeats": 2},
+        "output": {"dir": str(folder / "measurements")},
+    }))
+    return run_recipe(load_recipe(recipe), progress=False, echo=lambda s: None).records
+
+
+def _with_id(record, suffix):
+    return record.model_copy(update={"record_id": f"{record.record_id}-{suffix}"})
+
+
+def test_append_never_overwrites(cpu_records, tmp_path):
+    first = append_record(tmp_path, cpu_records[0])
+    before = first.read_bytes()
+    with pytest.raises(FileExistsError):
+        append_record(tmp_path, cpu_records[0])
+    assert first.read_bytes() == before
+    assert [p.name for p in records_dir(tmp_path).iterdir()] == [first.name]  # no temporary file left
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    target = tmp_path / "r.json"
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        write_new_file(target, "{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _writer(args):
+    folder, record_json, worker = args
+    from quantlab.records import Record
+
+    record = Record.model_validate_json(record_json)
+    for i in range(25):
+        append_record(folder, record.model_copy(update={"record_id": f"{record.record_id}-w{worker}-{i}"}))
+
+
+def test_two_concurrent_writers(cpu_records, tmp_path):
+    payload = cpu_records[0].model_dump_json()
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_writer, [(str(tmp_path), payload, w) for w in (0, 1)])
+    records, problems = load_records(tmp_path)
+    assert problems == []
+    assert len(records) == 50
+    assert len({r.record_id for r in records}) == 50
+
+
+def test_unreadable_file_is_reported_not_fatal(cpu_records, tmp_path):
+    append_record(tmp_path, cpu_records[0])
+    (records_dir(tmp_path) / "broken.json").write_text("{not json")
+    records, problems = load_records(tmp_path)
+    assert len(records) == 1
+    assert problems and "broken.json: skipped" in problems[0]
+
+
+def test_cpu_records_are_labelled_as_cpu(cpu_records):
+    r = cpu_records[0]
+    assert r.hardware.kind == "cpu" and r.produced_by.startswith("CPU ")
+    assert r.model.weights == "synthetic" and "synthetic weights" in r.produced_by
+    assert r.load_memory.allocated_end_bytes is None  # never 0 as a stand-in for "no GPU"
+    assert any("CPU run" in n for n in r.notes)
+    assert r.software.packages["torch"] and r.recipe.sha256 and "tiny" in r.recipe.content
+
+
+def _as_gpu_qwen(record, weight_bytes, context, variant="text"):
+    """A CPU record relabelled as a GPU one of Qwen3.6-27B, to test how the report reads GPU figures."""
+    hw = record.hardware.model_copy(update={"kind": "gpu", "name": "NVIDIA H200", "device": "cuda:0"})
+    mem = record.load_memory.model_copy(update={"allocated_end_bytes": weight_bytes, "allocated_peak_bytes": weight_bytes})
+    res = record.result
+    res = res.model_copy(update={
+        "prefill_memory": res.prefill_memory.model_copy(update={"allocated_peak_bytes": weight_bytes + 10**9}),
+        "decode_memory": res.decode_memory.model_copy(update={"allocated_peak_bytes": weight_bytes + 2 * 10**9,
+                                                               "nvml_process_used_peak_bytes": weight_bytes + 3 * 10**9}),
+    })
+    model = record.model.model_copy(update={"name": "Qwen3.6-27B", "variant": variant})
+    point = record.point.model_copy(update={"context": context})
+    return record.model_copy(update={
+        "hardware": hw, "load_memory": mem, "result": res, "model": model, "point": point, "notes": (),
+        "record_id": f"{record.record_id}-gpu-{context}",
+    })
+
+
+def test_report_shows_claim_measurement_hardware_and_delta(cpu_records):
+    gpu = _as_gpu_qwen(cpu_records[0], 53_792_000_000, 1024)
+    text = render_report([*cpu_records, gpu])
+    claims = text.split("## The article's claims")[1].split("\n## ")[0]
+    bf16 = next(line for line in claims.splitlines() if line.startswith("| BF16"))
+    assert "~55–56 GB" in bf16 and "53.79 GB" in bf16 and "NVIDIA H200, synthetic weights, text model" in bf16
+    assert "-2.2% vs low end" in bf16 and "| matches |" in bf16
+    q4 = next(line for line in claims.splitlines() if line.startswith("| Q4_K_M"))
+    assert "no quantlab method yet" in q4
+    gpu_section = text.split("## Qwen3.6-27B · synthetic weights · GPU: NVIDIA H200")[1]
+    row = next(line for line in gpu_section.splitlines() if line.startswith("| BF16 | text | 1,024"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4:8] == ["53.79", "54.79", "55.79", "56.79"]
+
+
+def test_report_verdict_when_far_from_claim(cpu_records):
+    text = render_report([_as_gpu_qwen(cpu_records[0], 70_000_000_000, 1024)])
+    bf16 = next(line for line in text.splitlines() if line.startswith("| BF16 | ~55"))
+    assert "+25.0% vs high end" in bf16 and "higher than claimed" in bf16
+
+
+def test_report_labels_cpu_tables_and_oom_rows(cpu_records):
+    oom = cpu_records[1].model_copy(update={
+        "record_id": "oom", "point": cpu_records[1].point.model_copy(update={"context": 131072}),
+        "result": cpu_records[1].result.model_copy(update={"status": "oom", "error": "OOM at context 131072, batch 1: x"}),
+    })
+    text = render_report([*cpu_records, oom])
+    assert "· CPU: " in text and "host RSS (CPU run)" in text and "n/a (CPU)" in text
+    assert "| 131,072 | 1 |" in text and "**OOM**" in text
+    assert "not measured yet" in text  # no GPU BF16 record of Qwen3.6-27B here
+
+
+def test_write_report_is_regenerated_from_the_store(cpu_records, tmp_path):
+    for r in cpu_records:
+        append_record(tmp_path, r)
+    path = write_report(tmp_path)
+    text = path.read_text()
+    assert text == render_report(load_records(tmp_path)[0])
+    assert "2 record(s)" in text
+
+
+def test_empty_store_report():
+    assert "No records yet" in render_report([])
