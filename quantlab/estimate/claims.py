@@ -1,0 +1,256 @@
+"""The article's claims, one row each: claim | estimate | measured | verdict.
+
+The weight figures are GGUF files and BF16 checkpoints, so the "fits on" and context claims use
+the llama.cpp runtime profile (512-token micro-batches, f16 KV cache, fixed buffers) with its
+stated overheads. Measured figures come from quantlab's GPU records when there are some.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from quantlab.estimate.model import EstimationModel
+from quantlab.estimate.runtime import RuntimeAssumptions, max_context, memory_at, runtime_profile
+from quantlab.estimate.schemes import get_scheme
+from quantlab.estimate.weights import WeightsEstimate, estimate_weights
+from quantlab.records import Record
+
+GIB = 1 << 30
+
+
+class ClaimRow(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    claim: str
+    estimate: str
+    measured: str
+    verdict: str
+    detail: str = ""
+    assumptions: str = ""  # the runtime profile behind the row, shared by several rows
+    estimate_gb: float | None = None  # for the plot
+    claimed_low_gb: float | None = None
+    claimed_high_gb: float | None = None
+    measured_gb: float | None = None
+
+
+@cache
+def claims_data() -> dict[str, Any]:
+    return yaml.safe_load(resources.files("quantlab.data").joinpath("estimate_claims.yaml").read_text())
+
+
+def check_claims(dense: EstimationModel, moe: EstimationModel, records: list[Record]) -> list[ClaimRow]:
+    from quantlab.report import article_claims
+
+    article = article_claims()
+    rt = runtime_profile("llama.cpp")
+    rows = [_weights_row(dense, row, records) for row in article["rows"]]
+    rows += [_fits_row(dense, row, rt) for row in article["rows"]]
+    rows += [_room_for_context(dense, rt), _memory_ratio(dense, moe), _active_params(dense, moe)]
+    rows += [_native_context(dense, rt)]
+    return rows
+
+
+def _weights(model: EstimationModel, precision: str) -> WeightsEstimate:
+    scheme = get_scheme(claims_data()["table"][precision]["scheme"])
+    return estimate_weights(model.inventory, scheme, model.shape.layers)
+
+
+def _weights_row(model: EstimationModel, row: dict, records: list[Record]) -> ClaimRow:
+    precision, low, high = row["precision"], row["low_gb"], row["high_gb"]
+    weights = _weights(model, precision)
+    published = claims_data()["published"]
+    if precision == "BF16":
+        value = weights.bytes(include_vision=True, include_mtp=True) / 1e9
+        text = weights.bytes() / 1e9
+        estimate = f"{value:.2f} GB checkpoint (text model {text:.2f} + vision {_gb(weights, 'vision')} + MTP {_gb(weights, 'mtp')})"
+        detail = f"published checkpoint total_size {published['bf16_checkpoint_gb']:.2f} GB"
+    else:
+        value = weights.bytes() / 1e9
+        estimate = f"{value:.2f} GB of GGUF tensors ({8 * weights.bytes() / weights.parameters():.2f} bits/weight)"
+        file_gb = published["gguf_file_gb"][precision]
+        detail = f"published file {file_gb:.2f} GB ({(value - file_gb) / file_gb:+.1%}); {_mix(weights)}"
+    measured_gb, measured = _measured_weights(records, model.name, row["measured_by"])
+    verdict = range_verdict(value, low, high)
+    return ClaimRow(
+        id=f"weights_{precision.lower()}", claim=f"{precision} weights {row['claimed']}", estimate=estimate,
+        measured=measured, verdict=verdict, detail=detail, estimate_gb=round(value, 3),
+        claimed_low_gb=low, claimed_high_gb=high, measured_gb=measured_gb,
+    )
+
+
+def _gb(weights: WeightsEstimate, role: str) -> str:
+    component = weights.component(role)
+    return f"{component.bytes / 1e9:.2f}" if component else "0"
+
+
+def _mix(weights: WeightsEstimate) -> str:
+    total = sum(weights.formats().values())
+
+    def share(n: int) -> str:
+        return f"{n / total:.1%}" if n / total >= 0.001 else "<0.1%"
+
+    return "mix by parameters: " + ", ".join(f"{fmt} {share(n)}" for fmt, n in weights.formats().items())
+
+
+def _measured_weights(records: list[Record], model: str, match: dict[str, str]) -> tuple[float | None, str]:
+    """The latest GPU measurement of the weights for a claim row: torch allocated after load."""
+    found = [
+        r for r in records
+        if r.model.name == model and r.hardware.kind == "gpu" and r.load_memory.allocated_end_bytes
+        and r.method.name == match["method"] and r.model.dtype == match.get("dtype", r.model.dtype)
+    ]
+    if not found:
+        return None, "no GPU record yet" if match["method"] == "none" else "no quantlab method yet"
+    r = found[-1]
+    value = r.load_memory.allocated_end_bytes / 1e9
+    return value, f"{value:.2f} GB ({r.hardware.name}, {r.model.weights} weights, {r.model.variant} model)"
+
+
+def range_verdict(value: float, low: float, high: float) -> str:
+    tolerance = claims_data()["tolerance"]
+    if low <= value <= high:
+        return "matches (inside the range)"
+    edge = low if value < low else high
+    delta = (value - edge) / edge
+    if abs(delta) <= tolerance:
+        return f"matches ({delta:+.1%} vs {'low' if value < low else 'high'} end)"
+    return f"{'lower' if delta < 0 else 'higher'} than claimed ({delta:+.1%})"
+
+
+def _device(name: str) -> dict:
+    return next(d for d in claims_data()["devices"] if d["name"] == name)
+
+
+def device_budget(name: str, whole: bool = False) -> int:
+    """Bytes the GPU may use: the whole memory, or the default share of a Mac's unified memory."""
+    device = _device(name)
+    return round(device["memory_gib"] * GIB * (1.0 if whole else device.get("usable_fraction", 1.0)))
+
+
+def _fits_row(model: EstimationModel, row: dict, rt: RuntimeAssumptions) -> ClaimRow:
+    precision = row["precision"]
+    weights = _weights(model, precision)
+    context = claims_data()["fits_context"]
+    need = memory_at(weights, weights.bytes(), model.shape, context, 1, rt).total
+    devices = claims_data()["table"][precision]["fits_on"]
+    fits = {name: _device_fit(model, weights, name, rt) for name in devices}
+    problems = [
+        f"{name} only with its GPU memory limit raised" if raised >= context else f"{name} too small"
+        for name, (tokens, raised, _) in fits.items()
+        if tokens < context
+    ]
+    verdict = "matches" if not problems else (
+        ("partly: " if len(problems) < len(devices) else "does not match: ") + "; ".join(problems)
+    )
+    return ClaimRow(
+        id=f"fits_{precision.lower()}", claim=f"{precision} fits on {row['fits_on']}",
+        estimate=f"{need / 1e9:.1f} GB at {context:,} tokens; " + "; ".join(text for _, _, text in fits.values()),
+        measured="—", verdict=verdict, assumptions=_profile_note(rt),
+    )
+
+
+def _device_fit(
+    model: EstimationModel, weights: WeightsEstimate, name: str, rt: RuntimeAssumptions
+) -> tuple[int, int, str]:
+    """(max context, max context with all memory, description); a Mac also says what raising its GPU limit gives."""
+    tokens = max_context(weights, weights.bytes(), model.shape, device_budget(name), 1, rt).tokens
+    raised = max_context(weights, weights.bytes(), model.shape, device_budget(name, whole=True), 1, rt).tokens
+    text = f"{name}: " + (f"up to {tokens:,} tokens" if tokens else "does not fit")
+    if _device(name).get("usable_fraction"):
+        text += f" within the default {_device(name)['usable_fraction']:.0%} GPU share, " + (
+            f"up to {raised:,} if the limit is raised" if raised else "nor with all of it"
+        )
+    return tokens, raised, text
+
+
+def _profile_note(rt: RuntimeAssumptions) -> str:
+    return (
+        f"the fits-on and context rows use the llama.cpp profile: {rt.kv_dtype} KV cache, {rt.state_dtype} DeltaNet "
+        f"state, {rt.prefill_chunk}-token micro-batches, no allocator slack, CUDA context "
+        f"{rt.cuda_context_bytes / 1e9:.1f} GB (assumed); a desktop sharing the GPU takes more"
+    )
+
+
+def _room_for_context(model: EstimationModel, rt: RuntimeAssumptions) -> ClaimRow:
+    weights = _weights(model, "Q4_K_M")
+    budget = device_budget("RTX 3090/4090 (24 GB)")
+    f16 = max_context(weights, weights.bytes(), model.shape, budget, 1, rt).tokens
+    q8 = max_context(weights, weights.bytes(), model.shape, budget, 1, runtime_profile("llama.cpp", kv_dtype="q8_0")).tokens
+    statement = claims_data()["statements"]["room_for_context"]
+    return ClaimRow(
+        id="room_for_context", claim=statement["quote"],
+        estimate=f"Q4_K_M on 24 GiB: up to {f16:,} tokens with an f16 KV cache, {q8:,} with q8_0",
+        measured="—", verdict=f"matches: {f16:,} tokens of room" if f16 >= 32768 else "little room",
+        detail=f"published: {claims_data()['published']['q4_on_24gb']} The estimate leaves out llama.cpp's own "
+        "compute buffers beyond one micro-batch, a larger Q4_K_XL file, and a desktop sharing the GPU.",
+        assumptions=_profile_note(rt),
+    )
+
+
+def _memory_ratio(dense: EstimationModel, moe: EstimationModel) -> ClaimRow:
+    bf16 = get_scheme("bf16")
+    dense_bytes = estimate_weights(dense.inventory, bf16, dense.shape.layers).bytes()
+    moe_bytes = estimate_weights(moe.inventory, bf16, moe.shape.layers).bytes()
+    ratio = moe_bytes / dense_bytes
+    statement = claims_data()["statements"]["memory_ratio"]
+    verdict = "matches" if abs(ratio - statement["claimed"]) / statement["claimed"] <= 0.1 else "does not match"
+    return ClaimRow(
+        id="memory_ratio", claim=statement["quote"],
+        estimate=f"{ratio:.1f}× ({moe_bytes / 1e9:.1f} GB vs {dense_bytes / 1e9:.1f} GB at BF16, text models)",
+        measured="—", verdict=f"{verdict} (within 10% of {statement['claimed']}×)",
+        detail="the same ratio holds at any precision that quantizes both alike; the 397B config is quantlab's shipped, inferred text config",
+    )
+
+
+def active_parameters(model: EstimationModel) -> int:
+    """Parameters a token passes through: everything in the text model, routed experts at top-k of n."""
+    shape = model.shape
+    routed = model.inventory.parameters(["routed_experts"])
+    rest = model.inventory.parameters(set(model.inventory.by_role()) - {"routed_experts", "vision", "mtp"})
+    return rest + (routed * shape.experts_per_token // shape.experts if shape.experts else 0)
+
+
+def _active_params(dense: EstimationModel, moe: EstimationModel) -> ClaimRow:
+    statement = claims_data()["statements"]["active_params"]
+    d, m = active_parameters(dense) / 1e9, active_parameters(moe) / 1e9
+    ok = abs(d - statement["claimed_dense_b"]) <= 1 and abs(m - statement["claimed_moe_b"]) <= 1
+    return ClaimRow(
+        id="active_params", claim=statement["quote"],
+        estimate=f"{d:.2f} B vs {m:.2f} B (embeddings and lm_head included; MoE: {moe.shape.experts_per_token} of "
+        f"{moe.shape.experts} routed experts + shared expert)",
+        measured="—", verdict="matches" if ok else "does not match",
+        detail=f"total stored: {dense.inventory.parameters(set(dense.inventory.by_role()) - {'vision', 'mtp'}) / 1e9:.2f} B vs "
+        f"{moe.inventory.parameters(set(moe.inventory.by_role()) - {'vision', 'mtp'}) / 1e9:.2f} B (text models)",
+    )
+
+
+def _native_context(model: EstimationModel, rt: RuntimeAssumptions) -> ClaimRow:
+    statement = claims_data()["statements"]["native_context"]
+    tokens = statement["tokens"]
+    costs = []
+    for precision in claims_data()["table"]:
+        weights = _weights(model, precision)
+        total = memory_at(weights, weights.bytes(), model.shape, tokens, 1, rt).total
+        costs.append(f"{precision} {total / 1e9:.1f} GB ({_smallest_device(total)})")
+    point = memory_at(_weights(model, "Q4_K_M"), 0, model.shape, tokens, 1, rt)
+    return ClaimRow(
+        id="native_context", claim=statement["quote"],
+        estimate=f"at {tokens:,} tokens: " + "; ".join(costs),
+        measured="—",
+        verdict=f"the window is real, but its KV cache alone is {point.kv_cache / GIB:.0f} GiB ({rt.kv_dtype})",
+        detail=f"KV cache {point.kv_cache / 1e9:.2f} GB + DeltaNet state {point.deltanet_state / 2**20:.1f} MiB",
+        assumptions=_profile_note(rt),
+    )
+
+
+def _smallest_device(total: int) -> str:
+    """The smallest device in estimate_claims.yaml that holds `total` bytes."""
+    fitting = sorted((device_budget(d["name"]), d["name"]) for d in claims_data()["devices"])
+    name = next((n for budget, n in fitting if budget >= total), None)
+    return f"fits a {name}" if name else "more than any listed device"

@@ -1,0 +1,59 @@
+"""The `quantlab estimate` subcommand: its arguments and what it prints and writes."""
+
+from __future__ import annotations
+
+import argparse
+
+from quantlab.estimate import DEFAULT_CONTEXTS as _CONTEXTS
+from quantlab.estimate import DEFAULT_METHODS
+
+DEFAULT_CONTEXTS = ",".join(str(c) for c in _CONTEXTS)
+
+
+def add_estimate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "estimate",
+        help="estimate memory from a config alone, beside the article's claims and the GPU records",
+        description="Weights per component and method, KV cache, DeltaNet state, activations and overheads at each "
+        "context, and the longest context that fits a GPU. Writes OUTPUT/estimates.json and OUTPUT/memory.png "
+        "and regenerates OUTPUT/README.md.",
+    )
+    p.add_argument("--model", default="qwen3.6-27b",
+                   help="qwen3.6-27b (default), qwen3.5-397b-a17b, bundled, a config.json or its folder, or a Hub id")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated, or 'all' (default: {DEFAULT_METHODS})")
+    p.add_argument("--contexts", default=DEFAULT_CONTEXTS, help=f"tokens, comma-separated (default: {DEFAULT_CONTEXTS})")
+    p.add_argument("--batch", type=int, default=1, help="sequences (default: 1)")
+    p.add_argument("--kv-dtype", choices=["bf16", "fp16", "fp8", "q8_0", "f32"],
+                   help="KV cache dtype (default: bf16 on the transformers profile, fp16 on llama.cpp)")
+    p.add_argument("--state-dtype", choices=["float32", "bfloat16", "float16"], help="DeltaNet state dtype (default: float32)")
+    p.add_argument("--prefill-chunk", type=int,
+                   help="tokens per prefill forward (default: the whole prompt on transformers, 512 on llama.cpp)")
+    p.add_argument("--runtime", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="runtime profile (default: transformers, as quantlab measures)")
+    p.add_argument("--gpu-gb", default="24", help="GPU sizes for the longest-context column, comma-separated (default: 24)")
+    p.add_argument("--with-vision", action="store_true", help="count the vision tower as loaded")
+    p.add_argument("--with-mtp", action="store_true", help="count the MTP head as loaded")
+    p.add_argument("--markdown", action="store_true", help="print Markdown instead of aligned text")
+    p.add_argument("--output", default="measurements", help="measurements folder (default: measurements)")
+    p.add_argument("--no-write", action="store_true", help="print only; write nothing")
+    p.set_defaults(func=cmd_estimate)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from quantlab.estimate.command import EstimateOptions, run_estimate, write_outputs
+    from quantlab.estimate.render import markdown_text, terminal_text
+    from quantlab.report import write_report
+
+    options = EstimateOptions(
+        model=args.model, methods=args.methods, contexts=args.contexts, batch=args.batch, gpu_gb=args.gpu_gb,
+        runtime=args.runtime, kv_dtype=args.kv_dtype, state_dtype=args.state_dtype, prefill_chunk=args.prefill_chunk,
+        with_vision=args.with_vision, with_mtp=args.with_mtp, output=args.output,
+    )
+    result = run_estimate(options)
+    print(markdown_text(result) if args.markdown else terminal_text(result), end="")
+    if not args.no_write:
+        for path in write_outputs(result, args.output):
+            print(f"wrote {path}")
+        print(f"report: {write_report(args.output)}")
+    return 0

@@ -1,0 +1,95 @@
+"""`quantlab estimate`: estimate, check the article's claims and the GPU records, write the results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.errors import QuantlabError
+from quantlab.estimate.calibration import calibrate
+from quantlab.estimate.checks import check_records
+from quantlab.estimate.claims import check_claims, claims_data
+from quantlab.estimate import DEFAULT_CONTEXTS, DEFAULT_METHODS
+from quantlab.estimate.estimator import EstimateRequest, EstimateResult, estimate
+from quantlab.estimate.model import EstimationModel, load_model
+from quantlab.estimate.runtime import runtime_profile
+from quantlab.estimate.schemes import parse_schemes
+from quantlab.known_models import KNOWN_MODELS
+from quantlab.store import load_records, replace_file
+
+ESTIMATES_NAME = "estimates.json"
+
+
+@dataclass(frozen=True)
+class EstimateOptions:
+    model: str = "qwen3.6-27b"
+    methods: str = DEFAULT_METHODS
+    contexts: str = ",".join(str(c) for c in DEFAULT_CONTEXTS)
+    batch: int = 1
+    gpu_gb: str = "24"
+    runtime: str = "transformers"
+    kv_dtype: str | None = None
+    state_dtype: str | None = None
+    prefill_chunk: int | None = None
+    with_vision: bool = False
+    with_mtp: bool = False
+    output: str | None = "measurements"  # where GPU records are read from (None: no records)
+
+
+def run_estimate(options: EstimateOptions) -> EstimateResult:
+    """The whole estimate, with the claims (for Qwen3.6-27B) and checks against GPU records."""
+    records, _ = load_records(options.output) if options.output else ([], [])
+    model = load_model(options.model)
+    # The DeltaNet state dtype: the option, else the config's mamba_ssm_dtype, else the profile's (float32).
+    rt = runtime_profile(options.runtime, kv_dtype=options.kv_dtype, state_dtype=options.state_dtype or model.shape.ssm_dtype,
+                         prefill_chunk=options.prefill_chunk)
+    if options.runtime == "transformers":
+        rt = calibrate(rt, records)  # PyTorch records say nothing about llama.cpp's overheads
+    if options.with_vision and not model.has_vision:
+        raise QuantlabError(f"--with-vision: {model.name} has no vision tower")
+    request = EstimateRequest(
+        schemes=parse_schemes(options.methods),
+        contexts=tuple(parse_numbers(options.contexts, "--contexts", int)),
+        batch=options.batch,
+        gpu_gib=tuple(parse_numbers(options.gpu_gb, "--gpu-gb", float)),
+        runtime=rt,
+        include_vision=options.with_vision,
+        include_mtp=options.with_mtp,
+    )
+    result = estimate(model, request)
+    claims = _claims(model, records)
+    checks, _ = check_records(records, calibrate(runtime_profile("transformers"), records))
+    return result.model_copy(
+        update={"claims": [c.model_dump() for c in claims], "checks": [c.model_dump() for c in checks]}
+    )
+
+
+def _claims(model: EstimationModel, records: list) -> list:
+    dense = KNOWN_MODELS[claims_data()["model"]]
+    if model.name != dense.display_name:
+        return []
+    return check_claims(model, load_model(claims_data()["moe_model"]), records)
+
+
+def parse_numbers(text: str, flag: str, kind: type) -> list:
+    values = []
+    for item in (part.strip() for part in str(text).split(",")):
+        try:
+            values.append(kind(item.replace("_", "")))
+        except ValueError:
+            raise QuantlabError(f"{flag}: '{item}' is not a number (give a comma-separated list, e.g. 4096,32768)") from None
+    if kind is float and any(v <= 0 for v in values):
+        raise QuantlabError(f"{flag}: sizes must be positive, got {text}")
+    return values
+
+
+def write_outputs(result: EstimateResult, output_dir: str | Path) -> list[Path]:
+    """estimates.json (read by `quantlab report`) and memory.png, both replaced atomically."""
+    from quantlab.estimate.plot import write_png
+
+    target = Path(output_dir) / ESTIMATES_NAME
+    replace_file(target, result.model_dump_json(indent=1) + "\n")
+    paths = [target]
+    if result.claims:
+        paths.append(write_png(result, output_dir))
+    return paths

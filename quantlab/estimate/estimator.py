@@ -1,0 +1,209 @@
+"""`quantlab estimate`'s computation: weights per method, memory per context, longest context per GPU.
+
+The result is a frozen pydantic model so that it can be written to measurements/estimates.json
+and read back by `quantlab report`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict
+
+import quantlab
+from quantlab.estimate import DEFAULT_CONTEXTS
+from quantlab.estimate.calibration import describe_overheads
+from quantlab.estimate.model import EstimationModel
+from quantlab.estimate.runtime import (
+    RuntimeAssumptions,
+    activation_bytes_per_token,
+    check_point,
+    deltanet_state_bytes,
+    kv_bytes_per_token,
+    max_context,
+    memory_at,
+)
+from quantlab.estimate.schemes import Scheme
+from quantlab.estimate.weights import ROLE_LABELS, WeightsEstimate, estimate_weights
+from quantlab.records import utc_now
+
+SCHEMA_VERSION = 1
+GIB = 1 << 30
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PointEstimate(_Frozen):
+    context: int
+    batch: int
+    weights: int
+    kv_cache: int
+    deltanet_state: int
+    activations: int
+    workspace: int
+    allocator_overhead: int
+    cuda_context: int
+    allocated: int
+    total: int
+
+
+class ContextFitEstimate(_Frozen):
+    gpu_gib: float  # the card's marketed size: "24 GB" cards have 24 GiB
+    budget_bytes: int
+    max_context: int
+    limit: str
+
+
+class MethodEstimate(_Frozen):
+    key: str
+    label: str
+    method: str
+    source: str
+    weights_bytes: int  # what is loaded, in the estimate's scope
+    checkpoint_bytes: int  # every tensor: vision tower and MTP included
+    bits_per_weight: float
+    component_bytes: dict[str, int]
+    formats: dict[str, int]  # storage format → parameters
+    points: list[PointEstimate]
+    fits: list[ContextFitEstimate]
+
+
+class ModelFacts(_Frozen):
+    name: str
+    location: str
+    model_class: str
+    parameters_by_role: dict[str, int]
+    loaded_parameters: int
+    notes: list[str]
+
+
+class Assumptions(_Frozen):
+    profile: str
+    scope: str
+    batch: int
+    kv_dtype: str
+    state_dtype: str
+    prefill_chunk: int | None
+    cuda_context_bytes: int
+    allocator_overhead: float
+    overheads_source: str
+    overheads: str  # one line for people
+    kv_bytes_per_token: float
+    deltanet_state_bytes_per_sequence: float
+    activation_bytes_per_token: int
+
+
+class EstimateResult(_Frozen):
+    schema_version: int = SCHEMA_VERSION
+    created_at: str
+    quantlab_version: str
+    model: ModelFacts
+    assumptions: Assumptions
+    methods: list[MethodEstimate]
+    claims: list[dict] = []  # quantlab.estimate.claims.ClaimRow dumps
+    checks: list[dict] = []  # quantlab.estimate.checks.MeasuredCheck dumps
+
+
+@dataclass(frozen=True)
+class EstimateRequest:
+    schemes: tuple[Scheme, ...]
+    contexts: tuple[int, ...] = DEFAULT_CONTEXTS
+    batch: int = 1
+    gpu_gib: tuple[float, ...] = (24.0,)
+    runtime: RuntimeAssumptions = field(default_factory=RuntimeAssumptions)
+    include_vision: bool = False
+    include_mtp: bool = False
+    dtype: str = "bfloat16"  # what unquantized tensors are kept in
+
+    @property
+    def scope(self) -> str:
+        extras = [name for name, on in (("vision tower", self.include_vision), ("MTP", self.include_mtp)) if on]
+        return "text model" + (f" + {' + '.join(extras)}" if extras else " (no vision tower, no MTP)")
+
+
+def estimate(model: EstimationModel, request: EstimateRequest) -> EstimateResult:
+    for context in request.contexts:
+        check_point(context, request.batch)
+    methods = [_method(model, request, scheme) for scheme in request.schemes]
+    return EstimateResult(
+        created_at=utc_now(),
+        quantlab_version=quantlab.__version__,
+        model=_facts(model, request),
+        assumptions=_assumptions(model, request),
+        methods=methods,
+    )
+
+
+def weights_for(model: EstimationModel, scheme: Scheme, dtype: str = "bfloat16") -> WeightsEstimate:
+    return estimate_weights(model.inventory, scheme, model.shape.layers, dtype)
+
+
+def _method(model: EstimationModel, request: EstimateRequest, scheme: Scheme) -> MethodEstimate:
+    weights = weights_for(model, scheme, request.dtype)
+    loaded = weights.bytes(request.include_vision, request.include_mtp)
+    rt, shape = request.runtime, model.shape
+    points = [memory_at(weights, loaded, shape, c, request.batch, rt) for c in request.contexts]
+    fits = [max_context(weights, loaded, shape, round(g * GIB), request.batch, rt) for g in request.gpu_gib]
+    return MethodEstimate(
+        key=scheme.key,
+        label=scheme.label,
+        method=scheme.method,
+        source=scheme.source,
+        weights_bytes=loaded,
+        checkpoint_bytes=weights.bytes(include_vision=True, include_mtp=True),
+        bits_per_weight=8 * loaded / weights.parameters(request.include_vision, request.include_mtp),
+        component_bytes={c.role: c.bytes for c in weights.components},
+        formats=weights.formats(request.include_vision, request.include_mtp),
+        points=[PointEstimate(**vars(p), allocated=p.allocated, total=p.total) for p in points],
+        fits=[
+            ContextFitEstimate(gpu_gib=g, budget_bytes=f.budget_bytes, max_context=f.tokens, limit=f.limit)
+            for g, f in zip(request.gpu_gib, fits)
+        ],
+    )
+
+
+def _facts(model: EstimationModel, request: EstimateRequest) -> ModelFacts:
+    skip = {r for r, on in (("vision", request.include_vision), ("mtp", request.include_mtp)) if not on}
+    by_role = model.inventory.by_role()
+    return ModelFacts(
+        name=model.name,
+        location=model.location,
+        model_class=model.inventory.model_class,
+        parameters_by_role=by_role,
+        loaded_parameters=sum(n for role, n in by_role.items() if role not in skip),
+        notes=[*model.notes, *_context_notes(model, request)],
+    )
+
+
+def _context_notes(model: EstimationModel, request: EstimateRequest) -> list[str]:
+    native = model.shape.max_positions
+    beyond = [c for c in request.contexts if native and c > native]
+    if not beyond:
+        return []
+    listed = ", ".join(f"{c:,}" for c in beyond)
+    return [f"contexts {listed} exceed the native {native:,} positions: they need RoPE scaling (YaRN)"]
+
+
+def _assumptions(model: EstimationModel, request: EstimateRequest) -> Assumptions:
+    rt, shape = request.runtime, model.shape
+    return Assumptions(
+        profile=rt.profile,
+        scope=request.scope,
+        batch=request.batch,
+        kv_dtype=rt.kv_dtype,
+        state_dtype=rt.state_dtype,
+        prefill_chunk=rt.prefill_chunk,
+        cuda_context_bytes=rt.cuda_context_bytes,
+        allocator_overhead=rt.allocator_overhead,
+        overheads_source=rt.overheads_source,
+        overheads=describe_overheads(rt),
+        kv_bytes_per_token=kv_bytes_per_token(shape, rt.kv_dtype),
+        deltanet_state_bytes_per_sequence=deltanet_state_bytes(shape, rt.state_dtype),
+        activation_bytes_per_token=activation_bytes_per_token(shape, rt.activation_bytes),
+    )
+
+
+def role_label(role: str) -> str:
+    return ROLE_LABELS.get(role, role)

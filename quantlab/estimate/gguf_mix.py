@@ -1,0 +1,85 @@
+"""Per-tensor ggml types of a GGUF file, after llama.cpp's `llama_tensor_get_type_impl`.
+
+Source: ggml-org/llama.cpp `src/llama-quant.cpp` (read in 2026-11). What the Q8_0, Q6_K and
+Q4_K_M file types do to a dense or MoE qwen35 model, and nothing more:
+- output.weight (lm_head): Q6_K, unless the default type is Q8_0 (then Q8_0);
+- token_embd: the default type (the model is untied);
+- "attn_v-like" tensors, attn_v and attn_qkv (qwen35 names DeltaNet's in_proj_qkv
+  `blk.N.attn_qkv`, so every layer has exactly one): Q4_K_M uses Q6_K where
+  use_more_bits(i, n), i counting them in layer order, n their number;
+- ffn_down (dense, routed-expert and shared-expert): Q4_K_M uses Q6_K where
+  use_more_bits(layer, n_layers);
+- everything else: the default type. Rows whose length is not a multiple of the block fall
+  back (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, then F16), as `tensor_type_fallback` does.
+Older llama.cpp builds gave attn_qkv Q5_K under Q4_K_M instead; for Qwen3.6-27B that differs
+by 0.01 GB. Unsloth's published files may add their own per-tensor upgrades on top.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from quantlab.estimate.inventory import TensorGroup
+
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_ATTN_V_LIKE = ("self_attn.v_proj.weight", "linear_attn.in_proj_qkv.weight")
+
+
+@dataclass(frozen=True)
+class MixContext:
+    """What the per-layer rules need to know about the whole model."""
+
+    n_layers: int
+    attn_v_layers: tuple[int, ...]  # layers holding an attn_v-like tensor, in order
+
+
+def mix_context(groups: tuple[TensorGroup, ...], n_layers: int) -> MixContext:
+    layers = sorted({i for g in groups if g.role != "mtp" and g.name.endswith(_ATTN_V_LIKE) for i in g.layers})
+    return MixContext(n_layers, tuple(layers))
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def tensor_types(group: TensorGroup, default: str, mix: str | None, ctx: MixContext) -> Counter[str]:
+    """ggml type → number of tensors of the group stored in it."""
+    return Counter(
+        with_fallback(_chosen_type(group, layer, default, mix, ctx), group.row_length)
+        for layer in (group.layers or (-1,))
+    )
+
+
+def _chosen_type(group: TensorGroup, layer: int, default: str, mix: str | None, ctx: MixContext) -> str:
+    if group.role == "lm_head":
+        return default if default == "Q8_0" else "Q6_K"
+    if mix != "q4_k_m" or group.role == "embed_tokens":
+        return default
+    if group.name.endswith(_ATTN_V_LIKE) and use_more_bits(ctx.attn_v_layers.index(layer), len(ctx.attn_v_layers)):
+        return "Q6_K"
+    if "down_proj" in group.name and use_more_bits(layer, ctx.n_layers):
+        return "Q6_K"
+    return default
+
+
+def with_fallback(ggml_type: str, row_length: int) -> str:
+    if row_length % block_size(ggml_type) == 0:
+        return ggml_type
+    fallback = _FALLBACK.get(ggml_type, "F16")
+    return fallback if row_length % block_size(fallback) == 0 else "F16"
+
+
+def block_size(ggml_type: str) -> int:
+    return _quant_size(ggml_type)[0]
+
+
+def row_bytes(ggml_type: str, row_length: int) -> int:
+    block, type_size = _quant_size(ggml_type)
+    return row_length // block * type_size
+
+
+def _quant_size(ggml_type: str) -> tuple[int, int]:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]

@@ -1,0 +1,79 @@
+"""One model, ready to estimate: its config, every tensor, and its hybrid shape.
+
+`--model` accepts a shipped config name (qwen3.6-27b, qwen3.5-397b-a17b), `bundled`, a
+config.json or its folder, or a Hub id (owner/name: the HF cache, quantlab's shipped copy, then
+the Hub), all through quantlab.sources.resolve_config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.errors import QuantlabError
+from quantlab.estimate.hybrid import HybridShape, check_fields, hybrid_shape
+from quantlab.estimate.inventory import ModelInventory, estimator_class, model_inventory, text_config_of
+from quantlab.known_models import KNOWN_MODELS
+from quantlab.recipe import ModelSpec
+from quantlab.sources import resolve_config
+
+
+@dataclass(frozen=True)
+class EstimationModel:
+    name: str
+    location: str
+    inventory: ModelInventory
+    shape: HybridShape
+    notes: tuple[str, ...] = ()
+
+    @property
+    def has_vision(self) -> bool:
+        return any(g.role == "vision" for g in self.inventory.groups)
+
+
+def load_model(model: str) -> EstimationModel:
+    spec = model_spec(model)
+    try:
+        resolved = resolve_config(spec)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise QuantlabError(f"{model}: not a usable config ({type(exc).__name__}: {_first_line(exc)})") from None
+    estimator_class(resolved.config)  # an unknown architecture is named before any missing field
+    raw = _raw_config(spec)
+    if raw is not None:
+        check_fields(raw, model)
+    shape = hybrid_shape(text_config_of(resolved.config))
+    inventory = model_inventory(resolved.config)
+    return EstimationModel(resolved.name, resolved.location, inventory, shape, resolved.notes)
+
+
+def model_spec(model: str) -> ModelSpec:
+    if model in KNOWN_MODELS or model == "bundled":
+        return ModelSpec(source="synthetic", config=model)
+    path = Path(model).expanduser()
+    if path.exists():
+        return ModelSpec(source="synthetic", config=str(path))
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return ModelSpec(source="hub", id=model)
+    known = ", ".join([*KNOWN_MODELS, "bundled"])
+    raise QuantlabError(
+        f"--model '{model}': not a shipped config ({known}), not an existing config.json or folder, "
+        "and not a Hub id (owner/name)"
+    )
+
+
+def _raw_config(spec: ModelSpec) -> dict | None:
+    """The config.json as written, for a file or folder given by path (shipped configs are complete)."""
+    if spec.source != "synthetic" or spec.config in KNOWN_MODELS or spec.config == "bundled":
+        return None
+    path = Path(spec.config).expanduser()
+    path = path if path.name == "config.json" else path / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # resolve_config gives the precise error
+    return raw if isinstance(raw, dict) else None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]

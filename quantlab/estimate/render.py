@@ -1,0 +1,144 @@
+"""The estimate as text: aligned terminal tables, or Markdown (also used by `quantlab report`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from quantlab.estimate.estimator import EstimateResult, role_label
+
+Table = tuple[list[str], list[list[str]], str]  # headers, rows, alignment per column ("l" / "r")
+
+
+def aligned(table: Table) -> list[str]:
+    headers, rows, align = table
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    pad = lambda cells: "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align))  # noqa: E731
+    return [pad(headers).rstrip(), "  ".join("-" * w for w in widths), *(pad(r).rstrip() for r in rows)]
+
+
+def markdown(table: Table) -> list[str]:
+    headers, rows, align = table
+    rule = ["---" if a == "l" else "--:" for a in align]
+    return [_md_row(headers), _md_row(rule), *(_md_row(r) for r in rows)]
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f}"
+
+
+def _unit(largest: float) -> tuple[str, float]:
+    """GB, or MB for a small model whose weights would all read 0.00 GB."""
+    return ("GB", 1e9) if largest >= 1e9 else ("MB", 1e6)
+
+
+def header_lines(result: EstimateResult) -> list[str]:
+    m, a = result.model, result.assumptions
+    chunk = f"{a.prefill_chunk:,}-token chunks" if a.prefill_chunk else "the whole prompt in one forward"
+    return [
+        f"{m.name} ({m.model_class}, from {m.location}): {m.loaded_parameters:,} parameters loaded, {a.scope}",
+        f"Runtime ({a.profile} profile, batch {a.batch}): KV cache {a.kv_dtype} {a.kv_bytes_per_token / 1024:.1f} KiB/token "
+        f"(full-attention layers only); DeltaNet state {a.state_dtype} {a.deltanet_state_bytes_per_sequence / 2**20:.1f} MiB "
+        f"per sequence; prefill activations {a.activation_bytes_per_token / 1024:.1f} KiB/token ({chunk})",
+        f"Overheads: {a.overheads}. GB = 10⁹ bytes; a 'N GB' GPU is taken as N GiB, as nvidia-smi reports it.",
+        *[f"Note: {n}" for n in m.notes],
+    ]
+
+
+def components_table(result: EstimateResult) -> Table:
+    methods, by_role = result.methods, result.model.parameters_by_role
+    unit, scale = _unit(max((me.checkpoint_bytes for me in methods), default=0))
+
+    def size(n: int) -> str:
+        return f"{n / scale:.2f}"
+
+    rows = [
+        [role_label(role), f"{n:,}", *[size(me.component_bytes.get(role, 0)) for me in methods]]
+        for role, n in by_role.items()
+    ]
+    rows.append([f"loaded: {result.assumptions.scope}", f"{result.model.loaded_parameters:,}",
+                 *[size(me.weights_bytes) for me in methods]])
+    rows.append(["checkpoint (all tensors)", f"{sum(by_role.values()):,}", *[size(me.checkpoint_bytes) for me in methods]])
+    return [f"Component ({unit})", "Parameters", *[me.label for me in methods]], rows, "lr" + "r" * len(methods)
+
+
+def memory_table(result: EstimateResult) -> Table:
+    methods = result.methods
+    contexts = [p.context for p in methods[0].points] if methods else []
+    gpus = [f.gpu_gib for f in methods[0].fits] if methods else []
+    headers = ["Method", "Weights", "bits/w", *[f"@ {c:,}" for c in contexts], *[f"max ctx @ {g:g} GB" for g in gpus]]
+    rows = [
+        [me.label, gb(me.weights_bytes), f"{me.bits_per_weight:.2f}", *[gb(p.total) for p in me.points],
+         *[f"{f.max_context:,}" + ("+" if f.limit != "memory" else "") for f in me.fits]]
+        for me in methods
+    ]
+    return headers, rows, "lrr" + "r" * (len(contexts) + len(gpus))
+
+
+def claims_table(result: EstimateResult) -> Table:
+    rows = [[c["claim"], c["estimate"], c["measured"], c["verdict"]] for c in result.claims]
+    return ["Claim", "Estimate", "Measured", "Verdict"], rows, "llll"
+
+
+def claim_assumptions(result: EstimateResult) -> list[str]:
+    return list(dict.fromkeys(c["assumptions"] for c in result.claims if c.get("assumptions")))
+
+
+def claim_notes(result: EstimateResult) -> list[str]:
+    """Markdown bullets: each row's details, then the shared assumptions once."""
+    notes = [f"- *{c['claim']}*: {c['detail']}" for c in result.claims if c.get("detail")]
+    return notes + [f"- Assumptions: {a}." for a in claim_assumptions(result)]
+
+
+def checks_table(result: EstimateResult) -> Table:
+    unit, scale = _unit(max((c["measured_allocated"] for c in result.checks), default=0))
+
+    def pair(measured: int | None, estimated: int) -> str:
+        return f"{measured / scale:.2f} vs {estimated / scale:.2f}" if measured else "n/a"
+
+    rows = []
+    for c in result.checks:
+        delta = c["estimated_allocated"] / c["measured_allocated"] - 1
+        rows.append([
+            f"{c['model']} {c['method']} ({c['variant']}, {c['weights']})", c["hardware"], f"{c['context']:,}",
+            str(c["batch"]), pair(c["measured_weights"], c["estimated_weights"]),
+            pair(c["measured_allocated"], c["estimated_allocated"]), f"{delta:+.1%}",
+            "yes" if abs(delta) <= 0.05 else "no", pair(c.get("measured_total"), c["estimated_total"]),
+        ])
+    headers = ["Model, method", "GPU", "Context", "Batch", f"Weights {unit} meas. vs est.",
+               f"Prefill peak {unit} meas. vs est.", "Delta", "≤ 5%", f"nvidia-smi {unit} meas. vs est."]
+    return headers, rows, "llrrrrrlr"
+
+
+def terminal_text(result: EstimateResult) -> str:
+    lines = [*header_lines(result), "", "Weights by component", *aligned(components_table(result))]
+    lines += ["", f"Total memory at each context (GB: {_total_formula()}), batch {result.assumptions.batch}"]
+    lines += aligned(memory_table(result))
+    if result.claims:
+        lines += ["", "The article's claims", *[f"({a})" for a in claim_assumptions(result)]]
+        for c in result.claims:
+            lines += [f"- {c['claim']}", f"    estimate: {c['estimate']}", f"    measured: {c['measured']}",
+                      f"    verdict:  {c['verdict']}", *([f"    note:     {c['detail']}"] if c.get("detail") else [])]
+    if result.checks:
+        lines += ["", "Estimate vs quantlab's GPU measurements", *aligned(checks_table(result))]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_text(result: EstimateResult, title_level: str = "##") -> str:
+    lines = [f"{title_level} Estimate: {result.model.name}", "", *[f"{line}  " for line in header_lines(result)], ""]
+    lines += ["Weights by component:", "", *markdown(components_table(result)), ""]
+    lines += [f"Total memory at each context (GB: {_total_formula()}), batch {result.assumptions.batch}:", ""]
+    lines += [*markdown(memory_table(result)), ""]
+    if result.claims:
+        lines += ["The article's claims:", "", *markdown(claims_table(result)), ""]
+        lines += [*claim_notes(result), ""]
+    if result.checks:
+        lines += ["Estimate vs quantlab's GPU measurements:", "", *markdown(checks_table(result)), ""]
+    return "\n".join(lines)
+
+
+def _total_formula() -> str:
+    return "weights + KV cache + DeltaNet state + prefill activations + workspace + allocator overhead + CUDA context"

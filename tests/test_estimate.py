@@ -1,0 +1,364 @@
+"""`quantlab estimate`: counts, bytes and runtime memory checked against the reference facts,
+against the meta-device model, and against checkpoints saved to disk. CPU only, no weights."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+from quantlab.architecture import count_by_role
+from quantlab.cli import main
+from quantlab.errors import QuantlabError
+from quantlab.estimate.calibration import calibrate
+from quantlab.estimate.checks import check_records
+from quantlab.estimate.claims import active_parameters, check_claims
+from quantlab.estimate.estimator import EstimateRequest, estimate, weights_for
+from quantlab.estimate.gguf_mix import tensor_types, mix_context
+from quantlab.estimate.model import load_model
+from quantlab.estimate.runtime import (
+    RuntimeAssumptions,
+    deltanet_state_bytes,
+    kv_bytes_per_token,
+    max_context,
+    memory_at,
+    runtime_profile,
+)
+from quantlab.estimate.schemes import get_scheme, parse_schemes
+
+from conftest import QWEN_CONFIG_DIR, tiny_qwen3_5_config
+
+GIB = 1 << 30
+TEXT_PARAMETERS = 26_895_998_464
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_model("qwen3.6-27b")
+
+
+@pytest.fixture(scope="module")
+def moe():
+    return load_model("qwen3.5-397b-a17b")
+
+
+# ---- weights from a config alone ----------------------------------------------------------------
+
+def test_component_counts_equal_the_meta_device_model(qwen):
+    config = AutoConfig.from_pretrained(QWEN_CONFIG_DIR)
+    with torch.device("meta"):
+        text_model = AutoModelForCausalLM.from_config(config.text_config)
+    meta = count_by_role("Qwen3_5ForCausalLM", ((n, p.numel()) for n, p in text_model.named_parameters()))
+    ours = {role: n for role, n in qwen.inventory.by_role().items() if role not in ("vision", "mtp")}
+    assert ours == meta
+    assert sum(ours.values()) == TEXT_PARAMETERS
+    # The reference's table (shared/reference/models.md).
+    assert ours["mlp"] == 17_112_760_320
+    assert ours["deltanet_linear"] + ours["deltanet_small_linear"] == 5_560_074_240
+    assert ours["full_attention_linear"] == 1_677_721_600
+    assert ours["embed_tokens"] == ours["lm_head"] == 1_271_398_400
+    assert ours["deltanet_conv_and_params"] == 1_970_688
+    assert ours["norm"] == 674_816
+
+
+def test_vision_and_mtp_counts(qwen):
+    by_role = qwen.inventory.by_role()
+    with torch.device("meta"):
+        full = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(QWEN_CONFIG_DIR))
+    assert by_role["vision"] == sum(p.numel() for n, p in full.named_parameters() if ".visual." in n)
+    # one full-attention decoder layer with its MLP, mtp.fc (2h → h) and three norms: ≈ 0.425 B
+    assert by_role["mtp"] == 424_699_392
+
+
+def test_bf16_checkpoint_within_1_percent_of_55_56_gb(qwen):
+    bf16 = weights_for(qwen, get_scheme("bf16"))
+    assert abs(bf16.bytes(include_vision=True, include_mtp=True) / 55.56e9 - 1) < 0.01
+    assert bf16.bytes() == 2 * TEXT_PARAMETERS
+
+
+def test_gguf_totals_against_published_file_sizes(qwen):
+    published = {"q8_0": 28.60e9, "q6_k": 22.52e9, "q4_k_m": 16.82e9}
+    deltas = {k: weights_for(qwen, get_scheme(k)).bytes() / v - 1 for k, v in published.items()}
+    # Q8_0 is exact to the metadata; unsloth's Q6_K / Q4_K_M files carry ~2% more than llama.cpp's standard mix.
+    assert abs(deltas["q8_0"]) < 0.005
+    assert -0.03 < deltas["q6_k"] < 0 and -0.03 < deltas["q4_k_m"] < 0
+
+
+def test_q4_k_m_mix_follows_llama_cpp(qwen):
+    ctx = mix_context(qwen.inventory.groups, qwen.shape.layers)
+    types: dict[str, dict[str, int]] = {}
+    for g in qwen.inventory.groups:
+        if g.role in ("vision", "mtp") or len(g.shape) < 2:
+            continue
+        key = g.name.split(".")[-2] if g.layers else g.role
+        for t, n in tensor_types(g, "Q4_K", "q4_k_m", ctx).items():
+            types.setdefault(key, {}).setdefault(t, 0)
+            types[key][t] += n
+    assert types["lm_head"] == {"Q6_K": 1} and types["embed_tokens"] == {"Q4_K": 1}
+    # use_more_bits over 64 layers: 8 first, 8 last, every third in between → 32 of 64
+    assert types["down_proj"] == {"Q6_K": 32, "Q4_K": 32}
+    v_like = {t: types["v_proj"].get(t, 0) + types["in_proj_qkv"].get(t, 0) for t in ("Q6_K", "Q4_K")}
+    assert v_like == {"Q6_K": 32, "Q4_K": 32}
+    assert types["gate_proj"] == {"Q4_K": 64} and types["in_proj_a"] == {"Q4_K": 48}
+
+
+@pytest.mark.parametrize(
+    ("scheme", "rows", "cols", "expected"),
+    [
+        ("int8", 1024, 512, 1024 * 512 + 4 * 1024 + 1),  # weight I8, SCB F32 per row, weight_format
+        ("nf4", 1024, 512, 1024 * 512 // 2 + 1024 * 512 // 64 * 4 + 64 + 200),
+        ("nf4-dq", 1024, 512, 1024 * 512 // 2 + 1024 * 512 // 64 + 1024 * 512 // 16384 * 4 + 64 + 1024 + 200),
+        ("awq-g128", 1024, 512, 1024 * 512 // 2 + 1024 * 4 * 2 + 1024 * 4 // 2),  # qweight, scales, qzeros
+    ],
+)
+def test_scheme_table_bytes(scheme, rows, cols, expected):
+    assert get_scheme(scheme).quantized_bytes(rows, cols) == expected
+
+
+# ---- runtime memory ---------------------------------------------------------------------------------
+
+def test_kv_cache_is_64_kib_per_token(qwen):
+    assert kv_bytes_per_token(qwen.shape, "bf16") == 16 * 2 * 4 * 256 * 2 == 64 * 1024
+    assert kv_bytes_per_token(qwen.shape, "fp8") == 32 * 1024
+    bf16 = weights_for(qwen, get_scheme("bf16"))
+    rt = RuntimeAssumptions()
+    assert memory_at(bf16, 0, qwen.shape, 32768, 1, rt).kv_cache == 2 * GIB
+    assert memory_at(bf16, 0, qwen.shape, 262144, 1, rt).kv_cache == 16 * GIB
+    assert memory_at(bf16, 0, qwen.shape, 32768, 2, rt).kv_cache == 4 * GIB
+
+
+def test_deltanet_state_is_149_6_mib_in_f32(qwen):
+    per_layer = 48 * 128 * 128 + 3 * 10240  # recurrent + (kernel − 1) × conv_dim
+    assert deltanet_state_bytes(qwen.shape, "float32") == 48 * per_layer * 4
+    assert round(deltanet_state_bytes(qwen.shape, "float32") / 2**20, 1) == 149.6
+    assert deltanet_state_bytes(qwen.shape, "bfloat16") * 2 == deltanet_state_bytes(qwen.shape, "float32")
+
+
+@pytest.mark.parametrize("profile", ["transformers", "llama.cpp"])
+@pytest.mark.parametrize("scheme", ["bf16", "nf4", "q4_k_m"])
+def test_max_context_is_consistent_with_the_forward_estimate(qwen, profile, scheme):
+    weights, rt = weights_for(qwen, get_scheme(scheme)), runtime_profile(profile)
+    loaded = weights.bytes()
+    for gib in (24, 48, 80):
+        budget = gib * GIB
+        fit = max_context(weights, loaded, qwen.shape, budget, 1, rt)
+        if fit.tokens == 0:
+            assert memory_at(weights, loaded, qwen.shape, 1, 1, rt).total > budget
+        else:
+            assert memory_at(weights, loaded, qwen.shape, fit.tokens, 1, rt).total <= budget
+            if fit.limit == "memory":
+                assert memory_at(weights, loaded, qwen.shape, fit.tokens + 1, 1, rt).total > budget
+
+
+def test_max_context_caps_at_one_million_tokens(qwen):
+    weights = weights_for(qwen, get_scheme("q4_k_m"))
+    fit = max_context(weights, weights.bytes(), qwen.shape, 10_000 * GIB, 1, runtime_profile("llama.cpp"))
+    assert fit.tokens == 1_048_576 and fit.limit != "memory"
+
+
+# ---- the 397B MoE and the article's claims -------------------------------------------------------
+
+def test_397b_config_matches_the_reference(moe):
+    text = {r: n for r, n in moe.inventory.by_role().items() if r != "mtp"}
+    assert sum(text.values()) == 396_346_350_336
+    assert text["routed_experts"] == 386_547_056_640
+    assert active_parameters(moe) == 17_349_040_896
+
+
+def test_claims_verdicts(qwen, moe):
+    rows = {r.id: r for r in check_claims(qwen, moe, [])}
+    for precision in ("bf16", "q8_0", "q6_k", "q4_k_m"):
+        assert rows[f"weights_{precision}"].verdict.startswith("matches")
+    assert rows["memory_ratio"].verdict.startswith("matches") and "14.7×" in rows["memory_ratio"].estimate
+    assert rows["active_params"].verdict == "matches"
+    assert rows["room_for_context"].verdict.startswith("matches")
+    assert "16 GiB" in rows["native_context"].verdict
+
+
+# ---- exact bytes of checkpoints saved to disk ---------------------------------------------------
+
+def _save_bf16(model: torch.nn.Module, folder: Path) -> None:
+    model.to(torch.bfloat16).save_pretrained(folder)
+
+
+def _bnb_saver(**qconfig):
+    """bitsandbytes, quantized by transformers at load with quantlab's skip list, as `quantlab build` does."""
+    def save(model: torch.nn.Module, folder: Path) -> None:
+        from quantlab.quantize.bnb import save_quantized_copy
+
+        save_quantized_copy(model, folder, qconfig)
+
+    return save
+
+
+# Estimator scheme → how to save a model with that method. Later methods (awq) add theirs.
+SAVERS = {
+    "bf16": _save_bf16,
+    "int8": _bnb_saver(method="bnb_int8"),
+    "nf4": _bnb_saver(method="bnb_4bit", quant_type="nf4"),
+    "nf4-dq": _bnb_saver(method="bnb_4bit", quant_type="nf4", double_quant=True),
+    "fp4": _bnb_saver(method="bnb_4bit", quant_type="fp4"),
+}
+
+
+def _tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(tiny_qwen3_5_config())
+
+
+def _bundled_model() -> torch.nn.Module:
+    from quantlab.bundled import bundled_model_dir
+
+    try:
+        folder = bundled_model_dir()
+    except FileNotFoundError:
+        pytest.skip("the bundled model is not built yet")
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def safetensors_tensor_bytes(folder: Path) -> int:
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        total += sum(end - start for name, t in header.items() if name != "__metadata__" for start, end in [t["data_offsets"]])
+    return total
+
+
+@pytest.mark.parametrize("scheme", sorted(SAVERS))
+@pytest.mark.parametrize("source", [_tiny_model, _bundled_model], ids=["tiny", "bundled"])
+def test_saved_checkpoint_bytes_equal_the_estimate(tmp_path, scheme, source):
+    SAVERS[scheme](source(), tmp_path)
+    model = load_model(str(tmp_path))
+    weights = weights_for(model, get_scheme(scheme))
+    # save_pretrained never writes mtp.* (transformers does not instantiate it)
+    estimated = weights.bytes(include_vision=model.has_vision, include_mtp=False)
+    assert abs(estimated / safetensors_tensor_bytes(tmp_path) - 1) < 0.005
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+def _write_config(folder: Path, config: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_unknown_architecture(tmp_path):
+    with pytest.raises(QuantlabError, match="unknown architecture for the estimator: LlamaForCausalLM"):
+        load_model(str(_write_config(tmp_path / "llama", {"model_type": "llama", "hidden_size": 64})))
+    with pytest.raises(QuantlabError, match="unknown architecture"):
+        load_model(str(_write_config(tmp_path / "nope", {"model_type": "no_such_arch"})))
+
+
+def test_config_missing_fields(tmp_path):
+    text = tiny_qwen3_5_config().text_config.to_dict()
+    for field in ("hidden_size", "linear_num_value_heads"):
+        del text[field]
+    with pytest.raises(QuantlabError, match="lacks fields the estimator needs: hidden_size, linear_num_value_heads"):
+        load_model(str(_write_config(tmp_path / "partial", text)))
+
+
+@pytest.mark.parametrize("context", [0, -5, 1_048_577])
+def test_bad_context(qwen, context):
+    request = EstimateRequest(schemes=parse_schemes("bf16"), contexts=(context,))
+    with pytest.raises(QuantlabError, match="context must be between 1 and 1,048,576 tokens"):
+        estimate(qwen, request)
+
+
+def test_unknown_method():
+    with pytest.raises(QuantlabError, match="unknown method 'int3'"):
+        parse_schemes("bf16,int3")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--contexts=-5"], "context must be between 1 and 1,048,576 tokens, got -5"),
+        (["--contexts", "2000000"], "context must be between 1 and 1,048,576 tokens"),
+        (["--contexts", "4k"], "--contexts: '4k' is not a number"),
+        (["--methods", "q2_k"], "unknown method 'q2_k'"),
+        (["--model", "/no/such/config.json"], "not a shipped config"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(capsys, argv, message):
+    assert main(["estimate", "--no-write", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# ---- the command, calibration and checks -----------------------------------------------------------
+
+def test_cli_writes_estimates_plot_and_report(tmp_path, capsys):
+    out = tmp_path / "measurements"
+    assert main(["estimate", "--methods", "bf16,q4_k_m", "--contexts", "4096,32768", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "64.0 KiB/token" in printed and "149.6 MiB" in printed and "GGUF Q4_K_M" in printed
+    saved = json.loads((out / "estimates.json").read_text())
+    assert [m["key"] for m in saved["methods"]] == ["bf16", "q4_k_m"]
+    assert (out / "memory.png").read_bytes().startswith(b"\x89PNG")
+    report = (out / "README.md").read_text()
+    assert "quantlab's estimate and measurements" in report and "![claimed vs estimated" in report
+
+
+def _gpu_record(location: str, context: int, allocated: int, reserved: int, nvml: int):
+    memory = SimpleNamespace(allocated_peak_bytes=allocated, reserved_peak_bytes=reserved, nvml_process_used_peak_bytes=nvml)
+    return SimpleNamespace(
+        record_id=f"r{context}", hardware=SimpleNamespace(kind="gpu", name="NVIDIA H200"),
+        result=SimpleNamespace(status="ok", prefill_memory=memory),
+        method=SimpleNamespace(name="none", label="BF16", params={}),
+        model=SimpleNamespace(name="tiny", source="synthetic", location=location, variant="text", dtype="bfloat16",
+                              weights="synthetic"),
+        point=SimpleNamespace(context=context, batch=1),
+        load_memory=SimpleNamespace(allocated_end_bytes=allocated // 2),
+    )
+
+
+def test_overheads_are_fitted_on_gpu_records_and_checked(tiny_config_dir):
+    records = [_gpu_record(str(tiny_config_dir), c, 100_000_000, 110_000_000, 700_000_000) for c in (64, 128)]
+    rt = calibrate(RuntimeAssumptions(), records)
+    assert rt.allocator_overhead == pytest.approx(0.10) and rt.cuda_context_bytes == 590_000_000
+    assert rt.overheads_source == "fitted on 2 GPU record(s)"
+    assert calibrate(RuntimeAssumptions(), []).overheads_source == "assumed"
+    checks, notes = check_records(records, rt)
+    assert [c.context for c in checks] == [64, 128] and not notes
+    assert checks[0].measured_allocated == 100_000_000 and checks[0].estimated_allocated > 0
+
+
+def _profiled_prefill_peak(config, tokens: int) -> int:
+    """Peak live bytes allocated during one prefill forward on the CPU (torch profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, config.vocab_size, (1, tokens))
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_prefill_activation_model_against_the_torch_profiler(tmp_path):
+    """KV cache + DeltaNet state + activations vs the measured peak of a small qwen3_5 (weights excluded)."""
+    config = AutoConfig.from_pretrained(QWEN_CONFIG_DIR).text_config
+    config.update(dict(
+        num_hidden_layers=4, layer_types=config.layer_types[:4], vocab_size=1024, hidden_size=1024,
+        intermediate_size=3456, num_attention_heads=6, num_key_value_heads=1, head_dim=256,
+        linear_num_value_heads=8, linear_num_key_heads=4, linear_key_head_dim=128, linear_value_head_dim=128,
+    ))
+    config.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    point = memory_at(weights_for(model, get_scheme("bf16")), 0, model.shape, 1024, 1, RuntimeAssumptions())
+    measured = _profiled_prefill_peak(config, 1024)
+    assert abs(point.allocated / measured - 1) < 0.05
