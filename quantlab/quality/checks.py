@@ -1,0 +1,126 @@
+"""The quality section's cross-field checks, run by the plan before any weights load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+import torch
+from transformers import PretrainedConfig
+
+from quantlab.errors import QuantlabError
+from quantlab.recipe import ModelSpec, QualitySpec, Recipe
+from quantlab.sources import DTYPES, ResolvedConfig, resolve_config, select_variant
+
+PAIRED_HEADROOM = 1.2  # as the plan's CPU_HEADROOM: activations, allocator slack
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    spec: QualitySpec
+    stride: int
+    reference: ModelSpec
+    reference_resolved: ResolvedConfig
+    reference_label: str  # e.g. "quantlab-bundled BF16 (bundled, bfloat16)"
+    same_model: bool  # the reference is the recipe's own model spec
+    vocab_size: int
+    notes: tuple[str, ...] = ()
+
+
+def plan_quality(
+    recipe: Recipe, resolved: ResolvedConfig, config: PretrainedConfig, device: torch.device, weight_bytes: int,
+    for_this_machine: bool = True, prequantized: str | None = None,
+) -> QualityPlan | None:
+    """`prequantized`: the method label when the recipe's checkpoint is already quantized (it cannot be its own reference)."""
+    spec = recipe.quality
+    if spec is None:
+        return None
+    stride = spec.effective_stride
+    if stride > spec.context:
+        raise QuantlabError(f"quality.stride ({stride:,}) must not exceed quality.context ({spec.context:,})")
+    if spec.tokens < spec.context:
+        raise QuantlabError(
+            f"quality.tokens ({spec.tokens:,}) is shorter than one window (quality.context {spec.context:,}); "
+            "use more tokens or a shorter context"
+        )
+    reference = spec.reference.model or recipe.model
+    for what, model_spec in (("model.source", recipe.model), ("quality.reference.model.source", reference)):
+        if model_spec.source == "synthetic":
+            raise QuantlabError(
+                f"{what} is 'synthetic': random weights have no tokenizer and no meaningful quality. "
+                "Measure quality on real weights (bundled, hub or local), or remove the quality section."
+            )
+    same = reference == recipe.model
+    if same and prequantized:
+        raise QuantlabError(
+            f"quality: {resolved.location} is already quantized ({prequantized}), so it cannot be its own reference; "
+            "name its unquantized base model in quality.reference.model"
+        )
+    ref_resolved = resolved if same else resolve_config(reference)
+    ref_config = select_variant(ref_resolved.config, reference.variant)[0]
+    vocab = _vocab(config)
+    for what, cfg in (("the model", config), ("the reference", ref_config)):
+        limit = getattr(_text(cfg), "max_position_embeddings", None)
+        if limit is not None and spec.context > limit:
+            raise QuantlabError(
+                f"quality.context ({spec.context:,}) exceeds {what}'s max_position_embeddings ({limit:,})"
+            )
+    if _vocab(ref_config) != vocab:
+        raise QuantlabError(
+            f"quality: the reference ({ref_resolved.name}) has a vocabulary of {_vocab(ref_config):,} tokens and the "
+            f"model ({resolved.name}) {vocab:,}: KL and perplexity compare distributions token by token and need "
+            "the same tokenizer and vocabulary"
+        )
+    if spec.mode == "stored" and spec.top_k > vocab:
+        raise QuantlabError(f"quality.top_k ({spec.top_k:,}) exceeds the vocabulary ({vocab:,} tokens)")
+    notes = []
+    if spec.mode == "paired" and for_this_machine:
+        notes += _paired_memory(device, weight_bytes, _reference_bytes(reference, ref_config, weight_bytes, same))
+    from quantlab.quantize.handlers import NoQuantHandler
+
+    label = f"{ref_resolved.name} {NoQuantHandler().label(None, reference.dtype)} ({reference.source}, {reference.dtype})"
+    return QualityPlan(spec, stride, reference, ref_resolved, label, same, vocab, tuple(notes))
+
+
+def _text(config: PretrainedConfig) -> PretrainedConfig:
+    return getattr(config, "text_config", None) or config
+
+
+def _vocab(config: PretrainedConfig) -> int:
+    return int(_text(config).vocab_size)
+
+
+def _reference_bytes(reference: ModelSpec, ref_config: PretrainedConfig, weight_bytes: int, same: bool) -> int:
+    if same:
+        return weight_bytes
+    from quantlab.plan import meta_parameter_count
+
+    auto_class = select_variant(ref_config, reference.variant)[1]
+    return meta_parameter_count(ref_config, auto_class) * DTYPES[reference.dtype].itemsize
+
+
+def _paired_memory(device: torch.device, candidate_bytes: int, reference_bytes: int) -> list[str]:
+    both = candidate_bytes + reference_bytes
+    advice = "use quality.mode: stored (the reference runs first and is freed before the candidate loads)"
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        if both > total:
+            return [f"quality.mode paired keeps the reference and the candidate on {device} together "
+                    f"({both / 1e9:.1f} GB > {total / 1e9:.1f} GB): expect OOM; {advice}"]
+        return []
+    available = psutil.virtual_memory().available
+    if both * PAIRED_HEADROOM > available:
+        raise QuantlabError(
+            f"quality.mode paired keeps the reference and the candidate in host RAM together: "
+            f"{both / 1e9:.1f} GB (+20% headroom) but only {available / 1e9:.1f} GB is available; {advice}"
+        )
+    return []
+
+
+def describe_quality_plan(q: QualityPlan) -> str:
+    s = q.spec
+    where = {"default": "the stdlib held-out split", "file": f"file {s.path}", "folder": f"folder {s.path}",
+             "hub": f"Hub dataset {s.dataset}"}[s.source]
+    mode = "paired (exact KL)" if s.mode == "paired" else f"stored (top-{s.top_k} + tail KL, a lower bound)"
+    return (f"{mode} vs {q.reference_label}: {s.tokens:,} tokens of {where}, "
+            f"context {s.context:,}, stride {q.stride:,}")

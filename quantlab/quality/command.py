@@ -1,0 +1,63 @@
+"""`quantlab quality RECIPE`: quality only (no speed), printed as a table.
+
+A recipe without a quality section gets the defaults: the stdlib held-out text, 4,096 tokens,
+context 512, stride 256, paired mode, against the recipe's model unquantized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from quantlab.errors import QuantlabError
+
+
+def add_quality_parser(sub) -> None:
+    p = sub.add_parser("quality", help="perplexity and KL divergence against the BF16 reference (no speed)")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("--output", help="folder for the stored-mode reference cache (default: the recipe's output.dir)")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quality)
+
+
+def cmd_quality(args: argparse.Namespace) -> int:
+    from quantlab.quality.result import quality_table
+
+    result = run_quality(args.recipe, args.output, progress=not args.no_progress)
+    print(quality_table(result))
+    if args.json:
+        path = Path(args.json)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(result.model_dump_json(indent=1) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise QuantlabError(f"--json {path}: cannot write it: {exc.strerror}") from None
+        print(f"wrote {path}")
+    return 0
+
+
+def run_quality(recipe_path: str | Path, output_dir: str | Path | None = None, progress: bool = True, echo=print):
+    from quantlab.plan import make_plan
+    from quantlab.quality.session import QualitySession
+    from quantlab.recipe import QualitySpec, load_recipe
+
+    loaded = load_recipe(recipe_path)
+    if loaded.recipe.quality is None:
+        loaded = dataclasses.replace(loaded, recipe=loaded.recipe.model_copy(update={"quality": QualitySpec()}))
+    plan = make_plan(loaded)
+    session = QualitySession(plan, output_dir, progress=progress, echo=echo)
+    session.prepare()
+    return session.evaluate(load_candidate(plan))
+
+
+def load_candidate(plan):
+    """The recipe's model, loaded and quantized as `quantlab run` does."""
+    from quantlab.quantize.handlers import handler_for, load_kwargs_for
+    from quantlab.sources import load_model, select_variant
+
+    recipe = plan.recipe
+    config = select_variant(plan.resolved.config, recipe.model.variant)[0]
+    loaded = load_model(recipe.model, plan.resolved, plan.device, load_kwargs_for(recipe.quantization, config))
+    return handler_for(recipe.quantization).apply(loaded.model, recipe.quantization)

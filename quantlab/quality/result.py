@@ -1,0 +1,143 @@
+"""What a quality evaluation found, and the three ways it is shown: records, model cards, the terminal.
+
+Definitions (per scored token t, P = reference, Q = candidate, y = the true next token):
+- KL_t = KL(P_t || Q_t) = Σ_v P_t(v) (log P_t(v) − log Q_t(v)), in nats;
+- top-1 agreement: share of tokens where argmax P_t = argmax Q_t;
+- Δp_t = Q_t(y) − P_t(y): the change in the probability of the correct token;
+- perplexity = exp(mean_t −log P_t(y)), and the same for Q; ratio = candidate / reference.
+
+In stored mode the KL is computed over the reference's top-k tokens plus one bucket for the rest
+(the tail). Merging outcomes never increases a KL divergence (data-processing inequality), so that
+figure is a lower bound on the exact KL: the gap is Σ_t P_t(tail) · KL(P_t(·|tail) || Q_t(·|tail)),
+zero when the reference's tail mass is zero. Perplexity, top-1 agreement and Δp are exact in both modes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class QualityResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["paired", "stored"]
+    kl_exact: bool  # False in stored mode: the KL figures are top-k + tail lower bounds
+    top_k: int | None = None  # stored mode only
+    candidate: str  # e.g. "quantlab-bundled RTN int4 g128 (simulated)"
+    reference: str  # e.g. "quantlab-bundled BF16 (bundled, bfloat16)"
+    reference_model: dict[str, Any]  # the reference's model spec
+    text: dict[str, Any]  # which held-out text: corpus.describe(...) or path/dataset + sha256
+    text_label: str
+    text_tokens: int  # tokens of held-out text used
+    tokens: int  # tokens scored
+    context: int
+    stride: int
+    windows: int
+    device: str
+    ppl_reference: float
+    ppl_candidate: float
+    ppl_ratio: float
+    kl_mean: float
+    kl_median: float
+    kl_p90: float
+    kl_p99: float
+    kl_max: float
+    top1_agreement: float
+    delta_p_mean: float
+    delta_p_rms: float
+    reference_tail_mass_mean: float | None = None  # stored mode: mean P(tail) under the reference
+    reference_cache: str | None = None  # stored mode: the statistics folder
+    reference_cache_reused: bool | None = None
+    reference_seconds: float | None = None  # stored mode: the reference pass (None when the cache was reused)
+    candidate_seconds: float  # paired mode: both models' passes
+    notes: tuple[str, ...] = ()
+
+    @property
+    def kl_kind(self) -> str:
+        return "exact" if self.kl_exact else f"lower bound: top-{self.top_k} + tail"
+
+
+def quality_cell(q: QualityResult | None) -> str:
+    """The report's 'KL mean / PPL ratio' cell; '≥' marks a stored-mode (lower-bound) KL."""
+    if q is None:
+        return "—"
+    return f"{'' if q.kl_exact else '≥'}{q.kl_mean:.4f} / {q.ppl_ratio:.3f}"
+
+
+def _rows(q: QualityResult) -> list[tuple[str, str]]:
+    bound = "" if q.kl_exact else " (lower bound)"
+    return [
+        ("Perplexity, reference", f"{q.ppl_reference:.4f}"),
+        ("Perplexity, candidate", f"{q.ppl_candidate:.4f}"),
+        ("Perplexity ratio", f"{q.ppl_ratio:.4f}"),
+        (f"KL mean, nats/token{bound}", f"{q.kl_mean:.5f}"),
+        (f"KL median{bound}", f"{q.kl_median:.5f}"),
+        (f"KL p90 / p99{bound}", f"{q.kl_p90:.5f} / {q.kl_p99:.5f}"),
+        (f"KL max{bound}", f"{q.kl_max:.5f}"),
+        ("Top-1 agreement", f"{q.top1_agreement:.2%}"),
+        ("Δp of the correct token, mean / RMS", f"{q.delta_p_mean:+.5f} / {q.delta_p_rms:.5f}"),
+    ]
+
+
+def _method_line(q: QualityResult) -> str:
+    if q.kl_exact:
+        how = "paired: reference and candidate on the same windows, exact full-vocabulary KL"
+    else:
+        how = (
+            f"stored: reference statistics first (top-{q.top_k} log-probs + tail mass), then the candidate; "
+            f"KL over the top-{q.top_k} tokens and one tail bucket, a lower bound on the exact KL "
+            f"(mean reference tail mass {q.reference_tail_mass_mean:.2e})"
+        )
+    return how
+
+
+def quality_card_lines(q: QualityResult) -> list[str]:
+    """Markdown for a model card: what was compared, on which text, and the figures."""
+    lines = [
+        "## Quality against the reference",
+        "",
+        f"Candidate **{q.candidate}** against reference **{q.reference}**, measured by quantlab on "
+        f"{q.tokens:,} scored tokens of {q.text_label} (sliding windows of {q.context:,} tokens, "
+        f"stride {q.stride:,}, {q.windows} windows, on {q.device}). Log-softmax in fp32.",
+        "",
+        "| Figure | Value |",
+        "|---|---|",
+        *[f"| {name} | {value} |" for name, value in _rows(q)],
+        "",
+        f"Mode: {_method_line(q)}. KL is KL(reference ‖ candidate) per token, in nats; Δp is the candidate's "
+        "probability of the correct next token minus the reference's.",
+    ]
+    sha = q.text.get("sha256")
+    if sha:
+        lines += ["", f"Held-out text sha256: `{sha}`."]
+    lines += [f"- {n}" for n in q.notes]
+    return lines + [""]
+
+
+def quality_table(q: QualityResult) -> str:
+    """The terminal table of `quantlab quality`."""
+    rows = _rows(q)
+    width = max(len(name) for name, _ in rows)
+    lines = [
+        f"quality: {q.candidate}  vs  reference {q.reference}",
+        f"  text     {q.text_label}",
+        f"  tokens   {q.tokens:,} scored of {q.text_tokens:,} (context {q.context:,}, stride {q.stride:,}, "
+        f"{q.windows} windows, {q.device})",
+        f"  mode     {_method_line(q)}",
+        "",
+        *[f"  {name:<{width}}  {value}" for name, value in rows],
+    ]
+    lines += [f"  note     {n}" for n in q.notes]
+    return "\n".join(lines)
+
+
+def quality_line(q: QualityResult) -> str:
+    """One line for `quantlab run`'s output."""
+    kl = f"{'≥' if not q.kl_exact else ''}{q.kl_mean:.5f}"
+    return (
+        f"quality vs {q.reference}: KL mean {kl} nats (p99 {q.kl_p99:.4f}), PPL {q.ppl_candidate:.3f} vs "
+        f"{q.ppl_reference:.3f} (ratio {q.ppl_ratio:.4f}), top-1 agreement {q.top1_agreement:.2%}, "
+        f"{q.tokens:,} tokens"
+    )

@@ -1,0 +1,286 @@
+"""One quality evaluation: text and tokenizers first, then the reference and candidate passes.
+
+    session = QualitySession(plan, output_dir)   # text, tokenizers, token ids: no weights yet
+    session.prepare()                            # stored mode: the reference pass, then the reference is freed
+    ... load and quantize the candidate ...
+    result = session.evaluate(candidate_model)   # paired mode loads the reference here, beside the candidate
+
+Paired mode is exact (full-vocabulary KL) and needs both models resident: fine for small models.
+Stored mode never holds both: the reference's statistics go to disk first (quality/refstats.py), and
+are reused by every later candidate with the same reference, text and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from quantlab.errors import QuantlabError
+from quantlab.measure import free_memory
+from quantlab.quality import refstats
+from quantlab.quality.metrics import (
+    ROW_BUDGET_BYTES,
+    TokenStats,
+    paired_block,
+    reference_block,
+    rows_per_block,
+    sliding_windows,
+    stored_block,
+    window_logits,
+)
+from quantlab.quality.result import QualityResult
+from quantlab.quality.text import HeldoutText, load_heldout
+from quantlab.recipe import ModelSpec
+from quantlab.sources import ResolvedConfig, load_model
+
+CHARS_PER_TOKEN_BOUND = 16  # text to read per wanted token before tokenizing (doubled until enough)
+
+
+class QualitySession:
+    def __init__(self, plan, output_dir: str | Path | None = None, progress: bool = True,
+                 echo: Callable[[str], None] = print, row_budget_bytes: int | None = None):
+        if plan.quality is None:
+            raise QuantlabError("this recipe has no quality section")
+        self.plan, self.q, self.device = plan, plan.quality, plan.device
+        self.progress, self.echo = progress, echo
+        spec = self.q.spec
+        self.rows = rows_per_block(self.q.vocab_size, row_budget_bytes or ROW_BUDGET_BYTES)  # rows per fp32 block
+        candidate_tok = load_tokenizer(plan.recipe.model, plan.resolved)
+        reference_tok = candidate_tok if self.q.same_model else load_tokenizer(self.q.reference, self.q.reference_resolved)
+        self.tokenizer_sha256 = check_same_tokenizer(reference_tok, candidate_tok, self.q.reference_label, plan.resolved.name)
+        self.text: HeldoutText = load_heldout(spec, min_chars=spec.tokens * CHARS_PER_TOKEN_BOUND)
+        self.ids = tokenize(reference_tok, self.text.text, spec.tokens)
+        if self.ids.numel() < spec.context:
+            raise QuantlabError(
+                f"quality: the held-out text ({self.text.label}) is {self.ids.numel():,} tokens long, shorter than one "
+                f"window (quality.context {spec.context:,}); use a longer text or a shorter context"
+            )
+        self.notes: list[str] = []  # the plan's quality notes are in the plan (and every record)
+        if self.ids.numel() < spec.tokens:
+            self.notes.append(f"the held-out text has {self.ids.numel():,} tokens; quality.tokens asked for {spec.tokens:,}")
+        self.windows = sliding_windows(self.ids.numel(), spec.context, self.q.stride)
+        out = Path(output_dir or plan.recipe.output.dir)
+        self.cache_dir = Path(spec.reference.cache_dir).expanduser() if spec.reference.cache_dir else out / "quality-cache"
+        self.stored: refstats.StoredReference | None = None
+
+    # -- stored mode: the reference pass, before the candidate is loaded --------------------------------
+
+    def prepare(self) -> refstats.StoredReference | None:
+        if self.q.spec.mode != "stored" or self.stored is not None:
+            return self.stored
+        top_k = min(self.q.spec.top_k, self.q.vocab_size)
+        key = refstats.cache_key(self._cache_payload(top_k))
+        folder = refstats.cache_folder(self.cache_dir, self.q.reference_label.split(" (")[0], key)
+        meta = refstats.find_complete(folder, len(self.windows))
+        if meta is not None:
+            self.echo(f"quality: reusing reference statistics {folder}")
+            self.stored = refstats.StoredReference(folder, meta, reused=True, seconds=None)
+            return self.stored
+        if folder.exists():  # unfinished or of another format: quantlab's own cache, safe to redo
+            shutil.rmtree(folder)
+        reference = self._load_reference()
+        writer = refstats.StatsWriter(folder)
+        try:
+            start = time.perf_counter()
+            for index, window in self._bar("quality: reference pass"):
+                logits = window_logits(reference, self.ids, window, self.device)
+                targets = self._targets(window)
+                blocks = [
+                    reference_block(logits[r : r + self.rows], targets[r : r + self.rows], top_k)
+                    for r in range(0, window.scored, self.rows)
+                ]
+                writer.write(index, {name: torch.cat([b[name] for b in blocks]) for name in blocks[0]})
+                del logits, blocks
+            seconds = time.perf_counter() - start
+            meta = {"windows": len(self.windows), "top_k": top_k, "reference": self.q.reference_label,
+                    "text": self.text.description, "seconds": seconds, **self._cache_payload(top_k)}
+            writer.finish(meta)
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            del reference
+            free_memory(self.device)
+        self.stored = refstats.StoredReference(folder, meta, reused=False, seconds=seconds)
+        return self.stored
+
+    # -- the candidate pass --------------------------------------------------------------------------------
+
+    def evaluate(self, candidate: torch.nn.Module, candidate_label: str | None = None) -> QualityResult:
+        candidate_label = candidate_label or f"{self.plan.resolved.name} {self.plan.method_label}"
+        return self.evaluate_many({candidate_label: candidate})[candidate_label]
+
+    def evaluate_many(self, candidates: dict[str, torch.nn.Module]) -> dict[str, QualityResult]:
+        """Several candidates against the same reference; paired mode runs the reference once per window."""
+        stats = {label: TokenStats() for label in candidates}
+        if self.q.spec.mode == "paired":
+            reference = self._load_reference()
+            try:
+                start = time.perf_counter()
+                for _, window in self._bar("quality: reference + candidate"):
+                    ref_logits = window_logits(reference, self.ids, window, self.device)
+                    targets = self._targets(window)
+                    for label, candidate in candidates.items():
+                        cand_logits = self._candidate_logits(candidate, window, ref_logits.shape[-1])
+                        for r in range(0, window.scored, self.rows):
+                            rows = slice(r, r + self.rows)
+                            stats[label].add(*paired_block(ref_logits[rows], cand_logits[rows], targets[rows]))
+                        del cand_logits
+                    del ref_logits
+                seconds = time.perf_counter() - start
+            finally:
+                del reference
+                free_memory(self.device)
+            extra: dict[str, Any] = {}
+        else:
+            stored = self.prepare()
+            start = time.perf_counter()
+            for index, window in self._bar("quality: candidate pass"):
+                ref = {k: v.to(self.device) for k, v in stored.window(index).items()}
+                targets = self._targets(window)
+                if not torch.equal(ref["targets"].long(), targets):
+                    raise QuantlabError(f"{stored.folder}: stored reference statistics do not match this text; delete the folder")
+                for label, candidate in candidates.items():
+                    cand_logits = self._candidate_logits(candidate, window, self.q.vocab_size)
+                    for r in range(0, window.scored, self.rows):
+                        rows = slice(r, r + self.rows)
+                        stats[label].add(*stored_block({k: v[rows] for k, v in ref.items()}, cand_logits[rows], targets[rows]))
+                    del cand_logits
+            seconds = time.perf_counter() - start
+            free_memory(self.device)
+            extra = {
+                "top_k": stored.meta["top_k"],
+                "reference_cache": str(stored.folder),
+                "reference_cache_reused": stored.reused,
+                "reference_seconds": stored.seconds,
+            }
+        return {label: self._result(label, s.summary(), seconds, extra) for label, s in stats.items()}
+
+    def _result(self, label: str, summary: dict[str, float], seconds: float, extra: dict[str, Any]) -> QualityResult:
+        return QualityResult(
+            mode=self.q.spec.mode,
+            kl_exact=self.q.spec.mode == "paired",
+            candidate=label,
+            reference=self.q.reference_label,
+            reference_model=self.q.reference.model_dump(),
+            text=self.text.description,
+            text_label=self.text.label,
+            text_tokens=self.ids.numel(),
+            context=self.q.spec.context,
+            stride=self.q.stride,
+            windows=len(self.windows),
+            device=str(self.device),
+            candidate_seconds=seconds,  # the whole pass: with several candidates, all of them
+            notes=tuple(self.notes),
+            **summary,
+            **extra,
+        )
+
+    # -- helpers -------------------------------------------------------------------------------------------
+
+    def _bar(self, desc: str):
+        return tqdm(list(enumerate(self.windows)), desc=desc, unit="window", leave=False, disable=not self.progress)
+
+    def _targets(self, window) -> torch.Tensor:
+        return self.ids[window.first : window.end].to(self.device)
+
+    def _candidate_logits(self, candidate: torch.nn.Module, window, vocab: int) -> torch.Tensor:
+        logits = window_logits(candidate, self.ids, window, self.device)
+        if logits.shape[-1] != vocab:
+            raise QuantlabError(
+                f"quality: the candidate's logits have {logits.shape[-1]:,} entries per token, the reference's {vocab:,}"
+            )
+        return logits
+
+    def _load_reference(self) -> torch.nn.Module:
+        self.echo(f"quality: loading the reference, {self.q.reference_label}")
+        return load_model(self.q.reference, self.q.reference_resolved, self.device).model
+
+    def _cache_payload(self, top_k: int) -> dict[str, Any]:
+        import transformers
+
+        spec = self.q.spec
+        return {
+            "reference_model": self.q.reference.model_dump(),
+            "weights": weights_fingerprint(self.q.reference, self.q.reference_resolved),
+            "device_type": self.device.type,
+            "text_sha256": self.text.description.get("sha256"),
+            "ids_sha256": hashlib.sha256(self.ids.numpy().tobytes()).hexdigest(),
+            "context": spec.context,
+            "stride": self.q.stride,
+            "top_k": top_k,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
+
+
+def load_tokenizer(spec: ModelSpec, resolved: ResolvedConfig):
+    location = spec.id if spec.source == "hub" else resolved.location
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=spec.revision)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise QuantlabError(f"quality needs the tokenizer of {location}, which could not be loaded: {first}") from None
+    if tokenizer is None or isinstance(tokenizer, bool):
+        raise QuantlabError(f"quality needs the tokenizer of {location}, and it has none")
+    return tokenizer
+
+
+def tokenizer_identity(tokenizer) -> tuple[int, str]:
+    """(number of tokens, sha256 of what decides the ids: vocabulary, merges, added tokens, normalizer, pre-tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        data = json.loads(backend.to_str())
+        data = {k: data.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer")}
+    else:
+        data = sorted(tokenizer.get_vocab().items())
+    blob = json.dumps(data, sort_keys=True, ensure_ascii=False)
+    return len(tokenizer), hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def check_same_tokenizer(reference, candidate, reference_name: str, candidate_name: str) -> str:
+    """The shared tokenizer's sha256; QuantlabError when the two tokenizers differ."""
+    ref_size, ref_hash = tokenizer_identity(reference)
+    if candidate is reference:
+        return ref_hash
+    cand_size, cand_hash = tokenizer_identity(candidate)
+    if ref_size != cand_size or ref_hash != cand_hash:
+        raise QuantlabError(
+            f"quality: the reference ({reference_name}) and the candidate ({candidate_name}) have different tokenizers "
+            f"({ref_size:,} vs {cand_size:,} tokens, sha256 {ref_hash[:12]} vs {cand_hash[:12]}); KL and perplexity "
+            "compare distributions token by token, so both need the same tokenizer"
+        )
+    return ref_hash
+
+
+def tokenize(tokenizer, text: str, tokens: int) -> torch.Tensor:
+    """The first `tokens` ids of `text` (no special tokens), tokenizing only as much text as needed."""
+    chars = tokens * CHARS_PER_TOKEN_BOUND
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if chars >= len(text) or len(ids) > tokens + 64:  # the margin keeps the cut away from the kept ids
+            break
+        chars *= 2
+    return torch.tensor(ids[:tokens], dtype=torch.long)
+
+
+def weights_fingerprint(spec: ModelSpec, resolved: ResolvedConfig) -> dict[str, Any]:
+    """What identifies the reference weights for the cache: file names, sizes and times, or the Hub commit."""
+    if spec.source == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec.id, "config.json", revision=spec.revision)
+        commit = Path(cached).parent.name if isinstance(cached, str) else None
+        return {"hub": spec.id, "revision": spec.revision, "commit": commit}
+    folder = Path(resolved.location)
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
+    return {"files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}

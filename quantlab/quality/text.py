@@ -1,0 +1,219 @@
+"""The held-out text that quality is measured on, and the description a record keeps of it.
+
+- `default`: the Python standard library's "heldout" split, gathered at run time (quantlab.corpus).
+  It is disjoint by construction from the "train" split (the bundled model's training text) and from
+  the "calibration" split (AWQ calibration), and needs no network.
+- `file`: one local file; `folder`: every text file under a folder, in sorted relative-path order.
+- `hub`: a data file of a Hub dataset, fetched with huggingface_hub (the `datasets` library is not needed).
+
+Plain-text files are read whole; .jsonl, .json, .csv and .parquet files give the `column` of each row
+(.parquet needs pyarrow). Rows and files are joined with a blank line.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from quantlab import corpus
+from quantlab.errors import QuantlabError
+from quantlab.recipe import QualitySpec
+
+TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".tex", ".html")
+SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class HeldoutText:
+    text: str
+    description: dict[str, Any] = field(hash=False)
+    label: str
+
+
+def load_heldout(spec: QualitySpec, min_chars: int | None = None) -> HeldoutText:
+    """The text named by `quality.source`; `min_chars` lets a Hub source stop downloading shards early."""
+    if spec.source == "default":
+        return default_text()
+    if spec.source == "file":
+        return _from_file(Path(spec.path).expanduser(), spec.column)
+    if spec.source == "folder":
+        return _from_folder(Path(spec.path).expanduser(), spec.column)
+    if spec.source == "hub":
+        return _from_hub(spec, min_chars)
+    raise QuantlabError(f"quality.source: unknown source {spec.source!r}; allowed: default, file, folder, hub")
+
+
+@functools.lru_cache(maxsize=1)
+def default_text() -> HeldoutText:
+    text = corpus.stdlib_text("heldout")
+    described = corpus.describe("heldout")
+    description = {**described, "sha256": _sha256(text)}
+    label = (
+        f"the Python {described['python']} standard library's held-out split ({described['files']} files, "
+        f"{described['chars']:,} chars; disjoint from the calibration split and the bundled model's training text)"
+    )
+    return HeldoutText(text, description, label)
+
+
+def _from_file(path: Path, column: str) -> HeldoutText:
+    if not path.is_file():
+        raise QuantlabError(f"quality.path: {path}: file not found")
+    text = read_text_file(path, column)
+    sha = _sha256(text)
+    description = {"source": "file", "path": str(path.resolve()), "sha256": sha, "chars": len(text)}
+    return HeldoutText(text, description, f"file {path} ({len(text):,} chars, sha256 {sha[:12]})")
+
+
+def _from_folder(folder: Path, column: str) -> HeldoutText:
+    if not folder.is_dir():
+        raise QuantlabError(f"quality.path: {folder}: folder not found")
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + TABLE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not files:
+        allowed = ", ".join(TEXT_SUFFIXES + TABLE_SUFFIXES)
+        raise QuantlabError(f"quality.path: {folder}: no text files in the folder (looked for {allowed})")
+    text = SEPARATOR.join(read_text_file(p, column) for p in files)
+    sha = _sha256(text)
+    description = {"source": "folder", "path": str(folder.resolve()), "files": len(files), "sha256": sha, "chars": len(text)}
+    return HeldoutText(text, description, f"folder {folder} ({len(files)} files, {len(text):,} chars, sha256 {sha[:12]})")
+
+
+def _from_hub(spec: QualitySpec, min_chars: int | None) -> HeldoutText:
+    files = [spec.path] if spec.path else _split_files(spec)
+    texts, used, commit = [], [], None
+    for name in files:
+        local = _download(spec, name)
+        commit = commit or _commit_of(local)
+        texts.append(read_text_file(local, spec.column))
+        used.append(name)
+        if min_chars is not None and sum(map(len, texts)) >= min_chars:
+            break
+    text = SEPARATOR.join(texts)
+    sha = _sha256(text)
+    description = {
+        "source": "hub", "dataset": spec.dataset, "revision": commit or spec.revision, "files": used,
+        "column": spec.column, "sha256": sha, "chars": len(text),
+    }
+    shown = used[0] if len(used) == 1 else f"{len(used)} files"
+    return HeldoutText(text, description, f"Hub dataset {spec.dataset} ({shown}, {len(text):,} chars, sha256 {sha[:12]})")
+
+
+def _split_files(spec: QualitySpec) -> list[str]:
+    from huggingface_hub import HfApi
+
+    try:
+        names = HfApi().list_repo_files(spec.dataset, repo_type="dataset", revision=spec.revision)
+    except Exception as exc:  # offline, unknown repo, gated, network: all one clear message
+        raise QuantlabError(_hub_message(spec, exc, listing=True)) from None
+    data = [n for n in names if n.lower().endswith(TABLE_SUFFIXES + (".txt",)) and _in_split(n, spec.split)]
+    if not data:
+        some = ", ".join(sorted(names)[:8]) or "none"
+        raise QuantlabError(
+            f"quality.dataset {spec.dataset}: no .parquet/.jsonl/.json/.csv/.txt data file of split '{spec.split}' "
+            f"(files: {some}). Set quality.split, or quality.path to the data file inside the repo."
+        )
+    return sorted(data)
+
+
+def _in_split(name: str, split: str) -> bool:
+    path = PurePosixPath(name)
+    first_word = re.split(r"[-_.]", path.stem)[0]
+    return split in path.parts[:-1] or first_word == split or path.stem == split
+
+
+def _download(spec: QualitySpec, filename: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(spec.dataset, filename, repo_type="dataset", revision=spec.revision))
+    except Exception as exc:
+        raise QuantlabError(_hub_message(spec, exc, listing=False, filename=filename)) from None
+
+
+def _hub_message(spec: QualitySpec, exc: BaseException, listing: bool, filename: str | None = None) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"} or _hub_offline_constant()
+    why = "HF_HUB_OFFLINE is set" if offline else f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    what = "list its data files:" if listing else f"get {filename}: it is not in the Hugging Face cache, and"
+    hint = "" if not listing else (
+        "\n  - if a data file is already in the cache, name it with quality.path (e.g. wikitext-2-raw-v1/test-00000-of-00001.parquet)"
+    )
+    return (
+        f"quality.dataset {spec.dataset}: cannot {what} the Hub cannot be reached ({why}).\nTo measure quality offline:\n"
+        f"  - on a machine with network: hf download {spec.dataset} --repo-type dataset{hint}\n"
+        f"  - or use source: file or folder with a local copy of the text\n"
+        f"  - or use source: default (the Python standard library's held-out split, no network needed)"
+    )
+
+
+def _hub_offline_constant() -> bool:
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _commit_of(local: Path) -> str | None:
+    parts = local.parts
+    if "snapshots" in parts:
+        index = parts.index("snapshots")
+        if index + 1 < len(parts):
+            return parts[index + 1]
+    return None
+
+
+def read_text_file(path: Path, column: str = "text") -> str:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()]
+            return _column(rows, column, path)
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and isinstance(data.get(column), list):
+                return SEPARATOR.join(str(v) for v in data[column])
+            if isinstance(data, list):
+                return _column(data, column, path)
+            raise QuantlabError(f"{path}: a .json file must be a list of rows or a mapping with a '{column}' list")
+        if suffix == ".csv":
+            with path.open(encoding="utf-8", newline="") as f:
+                return _column(list(csv.DictReader(f)), column, path)
+        if suffix == ".parquet":
+            return _parquet(path, column)
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise QuantlabError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise QuantlabError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+
+
+def _column(rows: list[Any], column: str, path: Path) -> str:
+    if rows and not all(isinstance(r, dict) and column in r for r in rows):
+        first = rows[0] if isinstance(rows[0], dict) else {}
+        raise QuantlabError(f"{path}: no column '{column}' in every row (columns: {', '.join(first) or 'none'}); set quality.column")
+    return SEPARATOR.join(str(r[column]) for r in rows if r[column] is not None)
+
+
+def _parquet(path: Path, column: str) -> str:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise QuantlabError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow), or give a .jsonl/.txt copy") from None
+    table = pq.read_table(path)
+    if column not in table.column_names:
+        raise QuantlabError(f"{path}: no column '{column}' (columns: {', '.join(table.column_names)}); set quality.column")
+    return SEPARATOR.join(str(v) for v in table.column(column).to_pylist() if v is not None)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
