@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/bundled-bf16.yaml
 
-.PHONY: setup run test validate report bench-overhead gpu-check bundled-model clean
+.PHONY: setup run test validate report bench-overhead bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb
 
 setup: $(STAMP)
 
@@ -36,8 +36,26 @@ report: setup
 bench-overhead: setup  ## harness decode tok/s vs a bare loop, same model, same run
 	$(BIN)/python scripts/bench_overhead.py
 
+bench-estimate: setup  ## wall time of the full Qwen3.6-27B memory estimate (target < 2 s)
+	$(BIN)/python scripts/bench_estimate.py
+
 gpu-check: setup  ## full-size synthetic Qwen3.6-27B at BF16 on a GPU; records go to measurements/
 	bash scripts/gpu_check.sh
+
+# bitsandbytes builds (quantlab build): the bundled model unless RECIPE is given on the command line,
+# e.g. make quantize-nf4 RECIPE=recipes/qwen3.6-27b-nf4.yaml (a GPU and the downloaded weights).
+# The build folder is builds/<recipe name>; BUILD_ARGS are passed on (default: --force, replace it).
+BUILD_ARGS ?= --force
+build_recipe = $(if $(filter command line environment,$(origin RECIPE)),$(RECIPE),$(1))
+
+quantize-int8: setup  ## bitsandbytes LLM.int8 build: quantize, save, reload, greedy check, measure, card
+	$(BIN)/quantlab build $(call build_recipe,recipes/bundled-int8.yaml) $(BUILD_ARGS)
+
+quantize-nf4: setup  ## bitsandbytes NF4 build: quantize, save, reload, greedy check, measure, card
+	$(BIN)/quantlab build $(call build_recipe,recipes/bundled-nf4.yaml) $(BUILD_ARGS)
+
+gpu-check-bnb: setup  ## full-size synthetic Qwen3.6-27B at int8 and NF4 on a GPU: VRAM and decode tok/s
+	bash scripts/gpu_check_bnb.sh
 
 bundled-model: setup  ## rebuild the bundled model (deterministic, ~8 min on 2 cores)
 	$(BIN)/python -m quantlab.bundled.build

@@ -20,6 +20,9 @@ ROLES = (
     "deltanet_small_linear",
     "deltanet_conv_and_params",
     "mlp",
+    "routed_experts",
+    "shared_expert",
+    "router",
     "norm",
     "vision",
     "mtp",
@@ -43,22 +46,61 @@ _QWEN3_5_FULL = (
     *_QWEN3_5_TEXT,
 )
 
+# Qwen3.5 MoE (e.g. Qwen3.5-397B-A17B): fused 3-D expert tensors, one shared expert with its
+# sigmoid gate, and the top-k router. Checked before the dense rules.
+_QWEN3_5_MOE_MLP = (
+    (r"\.mlp\.experts\.(gate_up_proj|down_proj)$", "routed_experts"),
+    (r"\.mlp\.shared_expert\.(gate|up|down)_proj\.weight$", "shared_expert"),
+    (r"\.mlp\.(gate|shared_expert_gate)\.weight$", "router"),
+)
+
 # Keyed by HF class name. The MTP rule is in every table: the checkpoint carries mtp.* even
 # where the transformers class drops it at load.
 TENSOR_ROLES: Mapping[str, tuple[tuple[str, str], ...]] = {
     "Qwen3_5ForCausalLM": ((r"^mtp\.", "mtp"), *_QWEN3_5_TEXT),
     "Qwen3_5ForConditionalGeneration": _QWEN3_5_FULL,
+    "Qwen3_5MoeForCausalLM": ((r"^mtp\.", "mtp"), *_QWEN3_5_MOE_MLP, *_QWEN3_5_TEXT),
+    "Qwen3_5MoeForConditionalGeneration": (*_QWEN3_5_FULL[:2], *_QWEN3_5_MOE_MLP, *_QWEN3_5_TEXT),
 }
 
 # Roles each method leaves unquantized. `none` quantizes nothing, so it is not listed.
 # in_proj_a/b (out = number of DeltaNet value heads, 48) are kept: too small to matter and,
 # for bitsandbytes 4-bit, not a multiple of 32 (its AVX512 CPU kernel fails on them).
 UNQUANTIZED_ROLES: Mapping[str, frozenset[str]] = {
-    method: frozenset(
-        {"embed_tokens", "lm_head", "deltanet_small_linear", "deltanet_conv_and_params", "norm", "vision", "mtp"}
-    )
-    for method in ("bnb_int8", "bnb_4bit", "awq")
+    **{
+        method: frozenset(
+            {"embed_tokens", "lm_head", "deltanet_small_linear", "deltanet_conv_and_params", "norm", "vision", "mtp"}
+        )
+        for method in ("bnb_int8", "bnb_4bit", "awq", "rtn")
+    },
+    # GGUF (llama.cpp's llama-quantize): every 2-D `.weight` is quantized, embeddings and
+    # in_proj_a/b (ssm_alpha/beta) included, but not norms, 1-D tensors, ssm_conv1d or the MoE
+    # router (ffn_gate_inp). The vision tower lives in a separate mmproj file, and gguf 0.19's
+    # qwen35 tensor map has no MTP tensors: both are kept at the model dtype when counted.
+    **{
+        method: frozenset({"deltanet_conv_and_params", "norm", "router", "vision", "mtp"})
+        for method in ("gguf_q8_0", "gguf_q6_k", "gguf_q4_k_m")
+    },
 }
+
+# Unquantized roles that a method stores in float32 whatever the model dtype: llama.cpp's
+# converter writes 1-D tensors, norms, ssm_conv1d and ffn_gate_inp as F32.
+FLOAT32_ROLES: Mapping[str, frozenset[str]] = {
+    method: frozenset({"deltanet_conv_and_params", "norm", "router"})
+    for method in ("gguf_q8_0", "gguf_q6_k", "gguf_q4_k_m")
+}
+
+
+def quantizable_linears(model, method: str) -> list[tuple[str, "torch.nn.Linear"]]:
+    """The nn.Linear modules a method quantizes: every Linear whose role it does not skip."""
+    import torch
+
+    class_name, skipped = type(model).__name__, UNQUANTIZED_ROLES[method]
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and role_of(class_name, f"{name}.weight") not in skipped
+    ]
 
 
 def supported_classes() -> list[str]:

@@ -1,4 +1,4 @@
-"""The `quantlab` command: run, measure, validate, report."""
+"""The `quantlab` command: run, measure, validate, report, estimate."""
 
 from __future__ import annotations
 
@@ -42,6 +42,18 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="regenerate measurements/README.md from all records")
     report.add_argument("--output", default="measurements", help="measurements folder (default: measurements)")
     report.set_defaults(func=_cmd_report)
+
+    from quantlab.estimate.cli import add_estimate_parser
+
+    add_estimate_parser(sub)
+
+    from quantlab.quality.command import add_quality_parser
+
+    add_quality_parser(sub)
+
+    from quantlab.build.cli import add_build_parsers
+
+    add_build_parsers(sub)
     return parser
 
 
@@ -109,6 +121,9 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|bitsandbytes)\b")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from quantlab.quantize.bnb import quiet_bnb_logs
+
+    quiet_bnb_logs()  # bitsandbytes logs (not warns) a cast per 8-bit matmul: keep the first only
 
 
 if __name__ == "__main__":

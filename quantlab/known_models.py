@@ -17,7 +17,11 @@ class KnownModel:
 
 KNOWN_MODELS = {
     m.key: m
-    for m in (KnownModel("qwen3.6-27b", "Qwen3.6-27B", "Qwen/Qwen3.6-27B", "qwen3.6-27b"),)
+    for m in (
+        KnownModel("qwen3.6-27b", "Qwen3.6-27B", "Qwen/Qwen3.6-27B", "qwen3.6-27b"),
+        # Text config only (the MoE predecessor the article compares against); see its SOURCE.md.
+        KnownModel("qwen3.5-397b-a17b", "Qwen3.5-397B-A17B", "Qwen/Qwen3.5-397B-A17B", "qwen3.5-397b-a17b"),
+    )
 }
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import torch
 from transformers import PretrainedConfig
 
 from quantlab.errors import QuantlabError
+from quantlab.quality.checks import QualityPlan, plan_quality
 from quantlab.quantize.handlers import handler_for
+from quantlab.quantize.prequantized import checkpoint_method
 from quantlab.recipe import LoadedRecipe
 from quantlab.sources import DTYPES, ResolvedConfig, model_class_name, resolve_config, select_variant
 
@@ -28,6 +31,10 @@ class RunPlan:
     method_label: str
     points: tuple[tuple[int, int], ...]  # (context, batch), in measurement order
     notes: tuple[str, ...]
+    quality: QualityPlan | None = None  # the recipe's quality section, checked (quantlab/quality/checks.py)
+    # What records call the method: the recipe's, or the checkpoint's when it is already quantized.
+    method_name: str = "none"
+    method_params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def recipe(self):
@@ -42,12 +49,16 @@ def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True) -> RunPlan:
     config, auto_class = select_variant(resolved.config, recipe.model.variant)
     handler = handler_for(recipe.quantization)
     handler.check(recipe.quantization, config)
+    prequantized = _prequantized(recipe, resolved)
     _check_context(config, recipe.measure.contexts, recipe.measure.new_tokens)
     parameters = meta_parameter_count(config, auto_class)
     weight_bytes = parameters * DTYPES[recipe.model.dtype].itemsize
     notes = list(resolved.notes)
     if for_this_machine:
         notes += _memory_check(device, weight_bytes)
+    quality = plan_quality(recipe, resolved, config, device, weight_bytes, for_this_machine,
+                           prequantized.label if prequantized else None)
+    notes += quality.notes if quality else ()
     points = tuple((c, b) for b in recipe.measure.batch_sizes for c in sorted(recipe.measure.contexts))
     return RunPlan(
         loaded=loaded,
@@ -56,10 +67,26 @@ def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True) -> RunPlan:
         model_class=model_class_name(config, auto_class),
         parameters=parameters,
         weight_bytes=weight_bytes,
-        method_label=handler.label(recipe.quantization, recipe.model.dtype),
+        method_label=prequantized.label if prequantized else handler.label(recipe.quantization, recipe.model.dtype),
         points=points,
         notes=tuple(notes),
+        quality=quality,
+        method_name=prequantized.name if prequantized else recipe.quantization.method,
+        method_params=prequantized.params if prequantized else recipe.quantization.model_dump(),
     )
+
+
+def _prequantized(recipe, resolved: ResolvedConfig):
+    """The checkpoint's own method when its config.json has a quantization_config (e.g. a quantlab build)."""
+    if recipe.model.source == "synthetic":
+        return None  # random weights from a quantized checkpoint's config are created unquantized
+    found = checkpoint_method(resolved.config, resolved.location if recipe.model.source == "local" else None)
+    if found is not None and recipe.quantization.method != "none":
+        raise QuantlabError(
+            f"quantization.method {recipe.quantization.method}: {resolved.location} is already quantized "
+            f"({found.label}, quant_method {found.quant_method}); use quantization: {{method: none}} to measure it as it is"
+        )
+    return found
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,11 +110,16 @@ def _nominal_device(name: str) -> torch.device:
     return torch.device("cuda", 0) if name == "cuda" else torch.device("cpu" if name == "auto" else name)
 
 
-def meta_parameter_count(config: PretrainedConfig, auto_class: type) -> int:
+def meta_model(config: PretrainedConfig, auto_class: type | None = None) -> torch.nn.Module:
     """Instantiate on the meta device: shapes only, no memory, a fraction of a second at 27B."""
+    if auto_class is None:
+        auto_class = select_variant(config, "full" if hasattr(config, "text_config") else "text")[1]
     with torch.device("meta"):
-        model = auto_class.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+        return auto_class.from_config(config)
+
+
+def meta_parameter_count(config: PretrainedConfig, auto_class: type) -> int:
+    return sum(p.numel() for p in meta_model(config, auto_class).parameters())
 
 
 def _check_context(config: PretrainedConfig, contexts: list[int], new_tokens: int) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantlab.errors import RecipeError
-from quantlab.quantize.configs import QuantConfig, NoQuant
+from quantlab.quantize.configs import NoQuant, QuantConfig, config_class, known_methods
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 MAX_CONTEXT = 1_048_576  # ~1M tokens: the YaRN-extended ceiling of Qwen3.6; anything above is a typo
@@ -93,6 +93,64 @@ class OutputSpec(_Strict):
     report: bool = True
 
 
+class BuildSpec(_Strict):
+    """`quantlab build`: the build folder, its model card's metadata and its greedy check."""
+
+    out: str | None = Field(None, description="build folder (default: builds/<recipe name>); --out overrides")
+    base_model: str | None = Field(None, description="the card's base_model (a Hub id); default: the hub source's id")
+    license: str | None = Field(None, description="the card's license; default: the source's model card, else ask")
+    prompt: str = Field("def fibonacci(n):", min_length=1, description="prompt of the recorded greedy generation")
+    check_tokens: int = Field(16, ge=1, le=512, description="greedy tokens recorded at build time, checked by verify")
+    max_shard_size: str = Field("5GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)$")
+
+
+class QualityReference(_Strict):
+    """The model a candidate is compared with. Default: the recipe's model, same dtype, method none."""
+
+    model: ModelSpec | None = Field(None, description="default: the recipe's model spec, unquantized")
+    cache_dir: str | None = Field(
+        None, description="stored mode: folder of cached reference statistics (default: <output dir>/quality-cache)"
+    )
+
+
+class QualitySpec(_Strict):
+    """Quality against the reference on held-out text: perplexity, KL divergence, top-1 agreement, Δp.
+
+    See quantlab/quality/ for the method; the cross-field checks run in the plan, before weights load.
+    """
+
+    source: Literal["default", "file", "folder", "hub"] = "default"
+    path: str | None = Field(None, description="file/folder: a local path; hub: a data file inside the dataset repo")
+    dataset: str | None = Field(None, description="hub: dataset repo id, e.g. Salesforce/wikitext")
+    revision: str | None = Field(None, description="hub: dataset revision")
+    split: str = Field("test", description="hub: the split whose data files are read (when path is not given)")
+    column: str = Field("text", description="the text column of .jsonl/.json/.csv/.parquet files")
+    tokens: int = Field(4096, ge=2, le=100_000_000, description="tokens of held-out text to use")
+    context: int = Field(512, ge=2, le=MAX_CONTEXT, description="window length")
+    stride: int | None = Field(None, ge=1, le=MAX_CONTEXT, description="window step; default: half the context")
+    mode: Literal["paired", "stored"] = "paired"
+    top_k: int = Field(128, ge=1, le=1_000_000, description="stored mode: reference log-probs kept per token")
+    reference: QualityReference = Field(default_factory=QualityReference)
+
+    @model_validator(mode="after")
+    def _fields_match_source(self) -> "QualitySpec":
+        if self.source in ("file", "folder") and self.path is None:
+            raise ValueError(f"source '{self.source}' needs quality.path")
+        if self.source == "hub" and self.dataset is None:
+            raise ValueError("source 'hub' needs quality.dataset (a Hub dataset id)")
+        if self.source != "hub":
+            for name in ("dataset", "revision", "split"):
+                if name in self.model_fields_set:
+                    raise ValueError(f"quality.{name} is only used with source 'hub', not '{self.source}'; remove it")
+        if self.source == "default" and self.path is not None:
+            raise ValueError("quality.path is not used with source 'default'; use source: file or folder")
+        return self
+
+    @property
+    def effective_stride(self) -> int:
+        return self.stride if self.stride is not None else max(1, self.context // 2)
+
+
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     description: str = ""
@@ -100,6 +158,8 @@ class Recipe(_Strict):
     quantization: QuantConfig = Field(default_factory=NoQuant)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    quality: QualitySpec | None = None
+    build: BuildSpec | None = None  # quantlab build: optional; defaults apply without it
 
 
 @dataclass(frozen=True)
@@ -140,7 +200,7 @@ def _parse_yaml(path: Path, text: str) -> dict[str, Any]:
 def format_validation_error(path: Path, exc: ValidationError) -> str:
     lines = [f"{path}: {exc.error_count()} problem(s) in the recipe:"]
     for err in exc.errors():
-        loc = _dotted(err["loc"])
+        loc = _dotted(_without_method_tag(err["loc"]))
         lines.append(f"  - {loc}: {_describe(err)}")
     return "\n".join(lines)
 
@@ -152,6 +212,10 @@ def _describe(err: dict[str, Any]) -> str:
         return f"unknown key '{err['loc'][-1]}'; allowed keys here: {allowed}"
     if kind == "missing":
         return "required, but missing"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        methods = ", ".join(repr(m) for m in known_methods())
+        got = f"unknown method {err['ctx']['tag']!r}" if kind == "union_tag_invalid" else "'method' is missing"
+        return f"{got}; allowed methods: {methods}"
     message = err["msg"].removeprefix("Value error, ")
     if kind == "value_error" or isinstance(value, dict):
         return message
@@ -168,11 +232,22 @@ def _dotted(loc: tuple[Any, ...]) -> str:
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     """The keys a recipe allows at a location, for 'unknown key' messages."""
     model: type[BaseModel] = Recipe
-    for part in loc:
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part)
-        annotation = field.annotation if field else None
+        if model is Recipe and part == "quantization":
+            model = config_class(parts.pop(0)) if parts else NoQuant  # pydantic puts the method tag next
+            continue
+        annotation = model.model_fields[part].annotation
+        annotation = next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
     return list(model.model_fields)
+
+
+def _without_method_tag(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    if len(loc) > 1 and loc[0] == "quantization" and config_class(str(loc[1])):
+        return loc[:1] + loc[2:]
+    return loc

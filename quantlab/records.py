@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from quantlab.fingerprint import Hardware, Software
+from quantlab.quality.result import QualityResult
 from quantlab.measure import PointResult
 from quantlab.roofline import Roofline
 from quantlab.sources import WeightsInfo
@@ -66,6 +67,7 @@ class Record(_Frozen):
     load_memory: MemoryResult
     result: PointResult
     roofline: Roofline | None = None
+    quality: QualityResult | None = None  # once per run, against the reference (recipe's quality section)
     notes: tuple[str, ...] = ()
 
 

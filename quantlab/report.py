@@ -14,10 +14,15 @@ from typing import Any
 
 import yaml
 
+from quantlab.quality.result import quality_cell
 from quantlab.records import Record
 from quantlab.store import load_records, replace_file
 
 REPORT_NAME = "README.md"
+QUALITY_NOTE = (
+    "KL mean / PPL ratio: KL(reference ‖ candidate) in nats per token, and candidate ÷ reference perplexity, on "
+    "held-out text, once per run (the recipe's `quality:` section); ≥ marks a stored-mode top-k lower bound"
+)
 MATCH_TOLERANCE = 0.03  # a measurement within 3% of the claimed range counts as matching a "~" claim
 
 
@@ -29,11 +34,18 @@ def article_claims() -> dict[str, Any]:
 def write_report(output_dir: str | Path) -> Path:
     records, problems = load_records(output_dir)
     target = Path(output_dir) / REPORT_NAME
-    replace_file(target, render_report(records, problems))
+    replace_file(target, render_report(records, problems, _estimate_section(output_dir)))
     return target
 
 
-def render_report(records: list[Record], problems: list[str] = ()) -> str:
+def _estimate_section(output_dir: str | Path) -> list[str]:
+    """The estimator's claims table and checks, when `quantlab estimate` has written estimates.json."""
+    from quantlab.estimate.report_section import estimate_section
+
+    return estimate_section(output_dir)
+
+
+def render_report(records: list[Record], problems: list[str] = (), extra: list[str] = ()) -> str:
     lines = [
         "# quantlab measurements",
         "",
@@ -43,6 +55,7 @@ def render_report(records: list[Record], problems: list[str] = ()) -> str:
         "",
     ]
     lines += _claims_section(records)
+    lines += list(extra)
     lines += _measurement_sections(records)
     if problems:
         lines += ["## Unreadable files", "", *[f"- {p}" for p in problems], ""]
@@ -75,7 +88,7 @@ def _claims_section(records: list[Record]) -> list[str]:
         lines.append(
             f"| {row['precision']} | {row['claimed']} | {row['fits_on']} | {measured:.2f} GB | {where} | {delta} | {verdict} |"
         )
-    lines += ["", *[f"> Claim: “{s}” — see the estimator's context table when it lands." for s in claims["statements"]], ""]
+    lines += ["", *[f"> Claim: “{s}” — `quantlab estimate` checks it (its section, when estimates.json exists)." for s in claims["statements"]], ""]
     return lines
 
 
@@ -127,12 +140,13 @@ def _group_table(model: str, weights: str, kind: str, hardware: str, group: list
         f"transformers {newest.software.packages.get('transformers', '?')}.",
         "",
         "| Method | Variant | Context | Batch | Weights | Peak prefill | Peak decode | nvidia-smi peak | "
-        "Prefill tok/s | TTFT ms | Decode tok/s | ms/token | % of bandwidth bound | Runs |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "Prefill tok/s | TTFT ms | Decode tok/s | ms/token | % of bandwidth bound | KL mean / PPL ratio | Runs |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for key in sorted(latest, key=lambda k: (k[0], k[1], k[3], k[2])):
         lines.append(_row(latest[key], kind, runs[key]))
     notes = sorted({n for r in group for n in r.notes})
+    notes += [QUALITY_NOTE] if any(r.quality for r in group) else []
     lines += ["", *[f"- {n}" for n in notes], ""] if notes else [""]
     return lines
 
@@ -141,7 +155,7 @@ def _row(r: Record, kind: str, runs: int) -> str:
     res = r.result
     head = f"| {r.method.label} | {r.model.variant} | {r.point.context:,} | {r.point.batch} |"
     if res.status != "ok":
-        return head + f" {_gb(_resident(r.load_memory, kind))} | **{res.status.upper()}** | | | | | | | | {runs} |"
+        return head + f" {_gb(_resident(r.load_memory, kind))} | **{res.status.upper()}** | | | | | | | | {quality_cell(r.quality)} | {runs} |"
     roof = f"{r.roofline.fraction_of_bound:.0%} of {r.roofline.bound_tokens_per_s:,.0f}" if r.roofline else "n/a"
     nvml = _gb(res.decode_memory.nvml_process_used_peak_bytes or res.decode_memory.nvml_device_used_peak_bytes)
     return head + " | ".join([
@@ -154,6 +168,7 @@ def _row(r: Record, kind: str, runs: int) -> str:
         _spread(res.decode_tokens_per_s, "{:,.1f}"),
         f"{res.decode_ms_per_token.median:.1f}",
         roof,
+        quality_cell(r.quality),
         f"{runs} |",
     ])
 

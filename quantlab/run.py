@@ -10,13 +10,17 @@ import torch
 from tqdm.auto import tqdm
 
 from quantlab import fingerprint
-from quantlab.measure import PointResult, PointSettings, measure_point
+from quantlab.measure import PointResult, PointSettings, free_memory, measure_point
+from quantlab.quality.checks import describe_quality_plan
+from quantlab.quality.result import QualityResult, quality_line
+from quantlab.quality.session import QualitySession
 from quantlab.plan import RunPlan, make_plan
-from quantlab.quantize.handlers import handler_for
+from quantlab.quantize.bnb import quant_state_bytes
+from quantlab.quantize.handlers import handler_for, load_kwargs_for
 from quantlab.recipe import LoadedRecipe
 from quantlab.records import MethodRef, PointRef, Record, RecipeRef, new_run_id, produced_by, record_id, utc_now
 from quantlab.roofline import decode_roofline, gpu_spec
-from quantlab.sources import load_model
+from quantlab.sources import load_model, select_variant
 from quantlab.store import append_record
 from quantlab.trackers import MemoryTracker, Timer
 from quantlab.trackers.nvml import NvmlProbe
@@ -30,20 +34,27 @@ class RunResult:
 
 
 def run_recipe(
-    loaded: LoadedRecipe, output_dir: str | Path | None = None, progress: bool = True, echo: Callable[[str], None] = print
+    loaded: LoadedRecipe, output_dir: str | Path | None = None, progress: bool = True, echo: Callable[[str], None] = print,
+    append: bool = True,
 ) -> RunResult:
+    """`append=False` returns the records without writing them (quantlab build appends them once its folder exists)."""
     plan = make_plan(loaded)
     recipe, device = plan.recipe, plan.device
     out = Path(output_dir or recipe.output.dir)
     echo(describe_plan(plan))
     hardware, software = fingerprint.hardware(device), fingerprint.software()
     nvml = NvmlProbe(device) if device.type == "cuda" else None
+    quality = QualitySession(plan, out, progress, echo) if plan.quality else None  # text, tokenizers: no weights yet
+    if quality:
+        quality.prepare()  # stored mode: the reference pass runs, and is freed, before the candidate loads
 
     with MemoryTracker(device, nvml=nvml) as load_mem, Timer(device) as load_time:
-        loaded_model = load_model(recipe.model, plan.resolved, device)
+        config = select_variant(plan.resolved.config, recipe.model.variant)[0]
+        loaded_model = load_model(recipe.model, plan.resolved, device, load_kwargs_for(recipe.quantization, config))
         model = handler_for(recipe.quantization).apply(loaded_model.model, recipe.quantization)
     weight_bytes = model_bytes(model)
     echo(f"loaded {loaded_model.info.model_class} in {load_time.result.seconds:.1f} s: {weight_bytes / 1e9:.3f} GB of weights")
+    quality_result = _quality(quality, model, device, echo)
 
     run_id, records, paths = new_run_id(), [], []
     points = tqdm(plan.points, desc="measuring", unit="point", disable=not progress)
@@ -63,7 +74,7 @@ def run_recipe(
             model=loaded_model.info,
             parameters=sum(p.numel() for p in model.parameters()),
             weight_bytes=weight_bytes,
-            method=MethodRef(name=recipe.quantization.method, label=plan.method_label, params=recipe.quantization.model_dump()),
+            method=MethodRef(name=plan.method_name, label=plan.method_label, params=plan.method_params),
             hardware=hardware,
             software=software,
             point=PointRef(context=context, batch=batch, new_tokens=settings.new_tokens, warmup=settings.warmup,
@@ -72,18 +83,30 @@ def run_recipe(
             load_memory=load_mem.result,
             result=result,
             roofline=_roofline(hardware, weight_bytes, batch, result),
+            quality=quality_result,
             notes=plan.notes + _notes(hardware, result),
         )
-        paths.append(append_record(out, record))
+        if append:
+            paths.append(append_record(out, record))
         records.append(record)
         (points.write if progress else echo)(describe_point(record))
     return RunResult(plan, tuple(records), tuple(paths))
 
 
+def _quality(session: QualitySession | None, model: torch.nn.Module, device: torch.device, echo) -> QualityResult | None:
+    """Once per run, before the points: each record is then complete when written (nothing lost on interruption)."""
+    if session is None:
+        return None
+    result = session.evaluate(model)
+    free_memory(device)  # the quality passes' activations must not count in the measured peaks
+    echo(quality_line(result))
+    return result
+
+
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes of every distinct parameter and buffer: what the weights occupy, quantized or not."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + quant_state_bytes(model)
 
 
 def _roofline(hardware, weight_bytes: int, batch: int, result: PointResult):
@@ -107,11 +130,14 @@ def describe_plan(plan: RunPlan) -> str:
         f"recipe {r.name} ({plan.loaded.path})",
         f"  model   {plan.resolved.name} [{r.model.source}, {r.model.variant}] {plan.model_class}, "
         f"{plan.parameters:,} parameters, {plan.weight_bytes / 1e9:.2f} GB in {r.model.dtype}",
-        f"  method  {plan.method_label} ({r.quantization.method})",
+        f"  method  {plan.method_label} ({plan.method_name}"
+        f"{', as quantized in the checkpoint' if plan.method_name != r.quantization.method else ''})",
         f"  device  {plan.device}",
         f"  points  contexts {sorted(r.measure.contexts)} × batch {r.measure.batch_sizes}, {r.measure.new_tokens} new tokens, "
         f"{r.measure.warmup} warm-up + {r.measure.repeats} repeats",
     ]
+    if plan.quality:
+        lines.append(f"  quality {describe_quality_plan(plan.quality)}")
     lines += [f"  note    {n}" for n in plan.notes]
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from quantlab import bundled
+from quantlab.build.manifest import built_from
 from quantlab.checkpoint import check_folder, read_config
 from quantlab.errors import QuantlabError
 from quantlab.known_models import KNOWN_MODELS, known_by_hub_id, known_config_dir
@@ -63,7 +64,9 @@ def resolve_config(spec: ModelSpec) -> ResolvedConfig:
         return ResolvedConfig(_config_from_folder(folder), "quantlab-bundled", str(folder))
     if spec.source == "local":
         folder = Path(spec.path).expanduser()
-        return ResolvedConfig(_config_from_folder(folder), folder.resolve().name, str(folder))
+        # a quantlab build is named after the model it was built from (its quantlab_build.json)
+        name = built_from(folder) or folder.resolve().name
+        return ResolvedConfig(_config_from_folder(folder), name, str(folder))
     if spec.source == "synthetic":
         return _synthetic_config(spec.config)
     return _hub_config(spec.id, spec.revision)
@@ -151,14 +154,18 @@ def model_class_name(config: PretrainedConfig, auto_class: type) -> str:
     return auto_class._model_mapping[type(config)].__name__
 
 
-def load_model(spec: ModelSpec, resolved: ResolvedConfig, device: torch.device) -> LoadedModel:
+def load_model(
+    spec: ModelSpec, resolved: ResolvedConfig, device: torch.device, load_kwargs: dict[str, Any] | None = None
+) -> LoadedModel:
+    """`load_kwargs`: extra from_pretrained arguments from the method's handler (e.g. bitsandbytes'
+    quantization_config); synthetic weights never go through from_pretrained, so they ignore them."""
     config, auto_class = select_variant(resolved.config, spec.variant)
     dtype = DTYPES[spec.dtype]
     if spec.source == "synthetic":
         model, tokenizer, revision = _synthetic(config, auto_class, device, dtype, spec.seed), None, None
     else:
         location = _weights_location(spec, resolved)
-        model = _from_pretrained(auto_class, location, spec.revision, dtype, device)
+        model = _from_pretrained(auto_class, location, spec.revision, dtype, device, **(load_kwargs or {}))
         tokenizer = _tokenizer(location, spec.revision)
         revision = getattr(model.config, "_commit_hash", None) if spec.source == "hub" else None
     info = WeightsInfo(
@@ -181,9 +188,11 @@ def _weights_location(spec: ModelSpec, resolved: ResolvedConfig) -> str:
     return resolved.location
 
 
-def _from_pretrained(auto_class: type, location: str, revision: str | None, dtype: torch.dtype, device: torch.device):
+def _from_pretrained(
+    auto_class: type, location: str, revision: str | None, dtype: torch.dtype, device: torch.device, **extra: Any
+):
     try:
-        return auto_class.from_pretrained(location, revision=revision, dtype=dtype, device_map=str(device))
+        return auto_class.from_pretrained(location, revision=revision, dtype=dtype, device_map=str(device), **extra)
     except OSError as exc:
         if Path(location).exists():
             raise QuantlabError(f"{location}: could not load the weights: {exc}") from None

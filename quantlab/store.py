@@ -31,9 +31,17 @@ def append_record(output_dir: str | Path, record: Record) -> Path:
     return target
 
 
+def _readable_by_all(fd: int) -> None:
+    """mkstemp creates files private to the user; records and reports are meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+
+
 def write_new_file(target: Path, text: str) -> None:
     """Create `target` atomically with `text`; FileExistsError if it exists."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".json")
+    _readable_by_all(fd)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -44,13 +52,15 @@ def write_new_file(target: Path, text: str) -> None:
         os.unlink(tmp)
 
 
-def replace_file(target: Path, text: str) -> None:
-    """Atomically replace a generated file (the report), never leaving it half-written."""
+def replace_file(target: Path, content: str | bytes) -> None:
+    """Atomically replace a generated file (the report, the plot), never leaving it half-written."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
+    _readable_by_all(fd)
+    data = content.encode("utf-8") if isinstance(content, str) else content
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)

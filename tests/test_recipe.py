@@ -45,7 +45,10 @@ BAD = [
     ("repeated context", {**GOOD, "measure": {"contexts": [8, 8]}}, "contexts must not repeat"),
     ("zero repeats", {**GOOD, "measure": {"repeats": 0}}, "measure.repeats: Input should be greater than or equal to 1 (got 0)"),
     ("string new_tokens", {**GOOD, "measure": {"new_tokens": "many"}}, "measure.new_tokens: Input should be a valid integer"),
-    ("unknown method", {**GOOD, "quantization": {"method": "gptq"}}, "quantization.method: Input should be 'none' (got 'gptq')"),
+    ("unknown method", {**GOOD, "quantization": {"method": "gptq"}}, "quantization: unknown method 'gptq'; allowed methods: 'none', 'rtn'"),
+    ("rtn bad bits", {**GOOD, "quantization": {"method": "rtn", "bits": 5}}, "quantization.bits: Input should be 2, 3, 4 or 8 (got 5)"),
+    ("rtn unknown key", {**GOOD, "quantization": {"method": "rtn", "group": 64}},
+     "quantization.group: unknown key 'group'; allowed keys here: method, bits, group_size, zero_point"),
     ("bad name", {**GOOD, "name": "has spaces"}, "name: String should match pattern"),
     ("batch zero", {**GOOD, "measure": {"batch_sizes": [0]}}, "each batch size must be between 1 and 4096, got 0"),
 ]

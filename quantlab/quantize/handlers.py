@@ -7,7 +7,10 @@ from typing import Protocol
 import torch
 from transformers import PretrainedConfig
 
-from quantlab.quantize.configs import NoQuant, QuantConfig
+from quantlab.architecture import quantizable_linears
+from quantlab.quantize.bnb import Bnb4bitHandler, BnbInt8Handler
+from quantlab.quantize.configs import NoQuant, QuantConfig, RtnConfig
+from quantlab.quantize.rtn import apply_rtn, check_group_size
 
 
 class Handler(Protocol):
@@ -21,6 +24,10 @@ class Handler(Protocol):
 
     def apply(self, model: torch.nn.Module, qconfig: QuantConfig) -> torch.nn.Module:
         """Quantize a loaded model in place (or return a new one)."""
+
+    # Optional: `load_kwargs(qconfig, config) -> dict`, extra from_pretrained arguments for methods
+    # that quantize while real weights load (bitsandbytes' quantization_config). Synthetic weights
+    # are created from a config, never from_pretrained: `apply` quantizes those. See load_kwargs_for.
 
 
 class NoQuantHandler:
@@ -36,8 +43,32 @@ class NoQuantHandler:
         return model
 
 
-HANDLERS: dict[str, Handler] = {h.method: h for h in (NoQuantHandler(),)}
+class RtnHandler:
+    """Simulated round-to-nearest: quality moves, memory and speed stay at the model dtype."""
+
+    method = "rtn"
+
+    def check(self, qconfig: RtnConfig, config: PretrainedConfig) -> None:
+        from quantlab.plan import meta_model
+
+        model = meta_model(config)
+        check_group_size([(n, m.in_features) for n, m in quantizable_linears(model, "rtn")], qconfig.group_size)
+
+    def label(self, qconfig: RtnConfig, dtype: str) -> str:
+        return f"RTN int{qconfig.bits} g{qconfig.group_size} (simulated)"
+
+    def apply(self, model: torch.nn.Module, qconfig: RtnConfig) -> torch.nn.Module:
+        return apply_rtn(model, qconfig)
+
+
+HANDLERS: dict[str, Handler] = {h.method: h for h in (NoQuantHandler(), RtnHandler(), BnbInt8Handler(), Bnb4bitHandler())}
 
 
 def handler_for(qconfig: QuantConfig) -> Handler:
     return HANDLERS[qconfig.method]
+
+
+def load_kwargs_for(qconfig: QuantConfig, config: PretrainedConfig) -> dict:
+    """The handler's extra from_pretrained arguments ({} for methods that quantize after loading)."""
+    hook = getattr(handler_for(qconfig), "load_kwargs", None)
+    return hook(qconfig, config) if hook else {}

@@ -1,0 +1,230 @@
+"""The model card of a build: README.md with Hugging Face Hub metadata, written from the build's own
+files and records (nothing typed by hand): method and parameters, every unquantized tensor, the
+bytes on disk against the estimate, measured memory, speed and quality with their hardware."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from quantlab.build.manifest import BuildManifest
+from quantlab.build.tensors import KeptGroup
+from quantlab.records import Record
+
+_ROLE_WHY = {
+    "embed_tokens": "embedding lookup (bitsandbytes quantizes Linear layers only)",
+    "lm_head": "output projection: kept for quality",
+    "deltanet_small_linear": "DeltaNet in_proj_a/b: tiny, and not a multiple of 32 rows (bitsandbytes 4-bit CPU kernel)",
+    "deltanet_conv_and_params": "DeltaNet conv1d, A_log, dt_bias: not Linear layers",
+    "norm": "norms: not Linear layers",
+    "vision": "vision tower: kept at the model dtype",
+    "mtp": "multi-token prediction head: copied unquantized from the source shards",
+    "other": "not a Linear layer known to quantlab's role table",
+}
+
+
+def estimator_scheme_key(method: str, params: dict) -> str | None:
+    """The estimator's scheme for a bitsandbytes method (quantlab/data/quant_schemes.yaml)."""
+    if method == "bnb_int8":
+        return "int8"
+    if method == "bnb_4bit":
+        return f"{params.get('quant_type', 'nf4')}{'-dq' if params.get('double_quant') else ''}"
+    return None
+
+
+def card_text(
+    m: BuildManifest,
+    kept: list[KeptGroup],
+    quantized_weights: int,
+    disk_bytes: int,
+    shards: int,
+    estimate: tuple[int, str] | None,
+    records: list[Record],
+    repo_hint: str,
+) -> str:
+    meta = _metadata(m)
+    params = m.method["params"]
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        f"# {m.name}: {m.base.name}, {m.method['label']}",
+        "",
+        f"{m.base.name} quantized with **bitsandbytes {m.method['label'].removeprefix('bnb ')}** "
+        f"(recipe method `{m.method['name']}`), built by quantlab {m.quantlab}"
+        f"{f' ({m.git_commit[:10]})' if m.git_commit else ''} on {m.built_on}, {m.created_at}.",
+        f"Base weights: {m.base.source} `{m.base.location}`" + (f" at revision `{m.base.revision}`" if m.base.revision else "")
+        + f", {m.base.model_class}, variant `{m.base.variant}`, unquantized tensors in {m.base.dtype}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import " + m.greedy.auto_class + ", AutoTokenizer",
+        "",
+        f'model = {m.greedy.auto_class}.from_pretrained("{repo_hint}", device_map="auto")  # needs bitsandbytes>=0.45',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_hint}")',
+        "```",
+        "",
+        "## Quantization",
+        "",
+        "| Parameter | Value |",
+        "|---|---|",
+        *[f"| {k} | `{v}` |" for k, v in _method_rows(m.method["name"], params)],
+        "",
+        f"The quantization_config in config.json says the same to transformers. {quantized_weights} Linear weights are quantized.",
+        "",
+        "## Left unquantized",
+        "",
+        f"The skip list (`llm_int8_skip_modules`) is `{m.unquantized.skip_modules}`: "
+        f"{_skip_origin(m)} It keeps {len(m.unquantized.kept_linears)} Linear module(s) unquantized. "
+        "Every tensor stored unquantized in this folder:",
+        "",
+        "| Role | Tensors | Count | Parameters | Stored as | Why |",
+        "|---|---|--:|--:|---|---|",
+        *[
+            f"| {g.role} | `{g.pattern}` | {g.count} | {g.parameters:,} | {g.dtype} | {_ROLE_WHY.get(g.role, '')} |"
+            for g in kept
+        ],
+        "",
+        _mtp_line(m),
+        "",
+        "## Files",
+        "",
+        f"{disk_bytes / 1e6:,.2f} MB of tensors in {shards} safetensors shard(s)"
+        + (f"; quantlab's estimate for this method is {estimate[0] / 1e6:,.2f} MB ({estimate[1]})." if estimate else "."),
+        "`SHA256SUMS` lists the SHA-256 of every file; `quantlab verify <folder>` checks them, reloads the model "
+        "and repeats the greedy check below. `quantlab_build.json` holds the build's own record.",
+        "",
+        "## Measured memory and speed",
+        "",
+        *_measurement_lines(records),
+        *_quality_lines(records),
+        "## Greedy check",
+        "",
+        f"After the build was saved it was reloaded from disk and generated {m.greedy.new_tokens} greedy tokens "
+        f"on {m.greedy.device} from the prompt `{m.greedy.prompt!r}` (token ids {m.greedy.prompt_ids}):",
+        "",
+        f"`{m.greedy.tokens}`" + (f", i.e. `{m.greedy.text!r}`" if m.greedy.text is not None else ""),
+        "",
+        "## Recipe",
+        "",
+        f"`{m.recipe['path']}` (sha256 `{m.recipe['sha256'][:16]}…`):",
+        "",
+        "```yaml",
+        m.recipe["content"].rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _metadata(m: BuildManifest) -> dict:
+    params = m.method["params"]
+    bits = "8-bit" if m.method["name"] == "bnb_int8" else "4-bit"
+    kind = "int8" if m.method["name"] == "bnb_int8" else params.get("quant_type", "nf4")
+    meta: dict = {}
+    if m.base.hub_id:
+        meta["base_model"] = m.base.hub_id
+        meta["base_model_relation"] = "quantized"
+    meta["license"] = m.base.license or "other"
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "image-text-to-text" if m.base.variant == "full" else "text-generation"
+    tags = ["quantlab", "bitsandbytes", bits, kind]
+    if params.get("double_quant"):
+        tags.append("double-quant")
+    tags.append(m.base.model_class.split("For")[0].lower() or "model")
+    meta["tags"] = tags
+    return meta
+
+
+def _method_rows(method: str, params: dict) -> list[tuple[str, object]]:
+    rows: list[tuple[str, object]] = [("method", method)]
+    if method == "bnb_int8":
+        rows += [("weights", "int8, one absmax scale per output row (LLM.int8)"), ("threshold", params.get("threshold"))]
+    else:
+        rows += [
+            ("weights", f"4-bit {params.get('quant_type')}, blocks of 64"),
+            ("quant_type", params.get("quant_type")),
+            ("double_quant", params.get("double_quant")),
+            ("compute_dtype", params.get("compute_dtype")),
+            ("quant_storage", params.get("quant_storage")),
+        ]
+    rows.append(("extra skip_modules", params.get("skip_modules") or []))
+    return rows
+
+
+def _skip_origin(m: BuildManifest) -> str:
+    text = (
+        f"`{m.unquantized.rule_patterns}` come from quantlab's skip rules "
+        "(`quantlab/architecture.py`, UNQUANTIZED_ROLES: the same rules its memory estimator uses)"
+    )
+    if m.unquantized.extra_patterns:
+        text += f"; `{m.unquantized.extra_patterns}` from the recipe"
+    return text + "."
+
+
+def _mtp_line(m: BuildManifest) -> str:
+    if m.mtp:
+        return (
+            f"MTP: {m.mtp['tensors']} `mtp.*` tensors ({m.mtp['bytes'] / 1e6:,.2f} MB) copied byte for byte from the "
+            f"source shards into `{m.mtp['file']}`. transformers ignores them at load; engines with speculative "
+            "decoding (vLLM, SGLang) can use them."
+        )
+    return "MTP: the source checkpoint has no `mtp.*` tensors, so this build has none."
+
+
+def _measurement_lines(records: list[Record]) -> list[str]:
+    if not records:
+        return ["Not measured.", ""]
+    lines = [
+        "Measured by quantlab after reloading this folder from disk. Memory: GPU memory allocated by torch "
+        "on a GPU; host RSS on a CPU (a CPU run also counts the Python process).",
+        "",
+        "| Hardware | Context | Batch | Weights resident (GB) | Peak prefill (GB) | Peak decode (GB) | Prefill tok/s | Decode tok/s |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in records:
+        gpu = r.hardware.kind == "gpu"
+        hw = f"{r.hardware.kind.upper()} {r.hardware.name}"
+        res = r.result
+        resident = r.load_memory.allocated_end_bytes if gpu else r.load_memory.rss_end_bytes
+        if res.status != "ok":
+            lines.append(f"| {hw} | {r.point.context:,} | {r.point.batch} | {_gb(resident)} | {res.status.upper()} | | | |")
+            continue
+        pre = res.prefill_memory.allocated_peak_bytes if gpu else res.prefill_memory.rss_peak_bytes
+        dec = res.decode_memory.allocated_peak_bytes if gpu else res.decode_memory.rss_peak_bytes
+        lines.append(
+            f"| {hw} | {r.point.context:,} | {r.point.batch} | {_gb(resident)} | {_gb(pre)} | {_gb(dec)} | "
+            f"{res.prefill_tokens_per_s.median:,.1f} | {res.decode_tokens_per_s.median:,.1f} |"
+        )
+    first = records[0]
+    lines += [
+        "",
+        f"Weights in memory as quantlab counts them (parameters, buffers and bitsandbytes state): "
+        f"{first.weight_bytes / 1e6:,.2f} MB. Speeds are medians over {first.point.repeats} repeat(s) after "
+        f"{first.point.warmup} warm-up; {first.point.new_tokens} greedy decode steps.",
+    ]
+    lines += [f"- {n}" for n in sorted({n for r in records for n in r.notes})]
+    return lines + [""]
+
+
+def _quality_lines(records: list[Record]) -> list[str]:
+    q = next((getattr(r, "quality", None) for r in records if getattr(r, "quality", None) is not None), None)
+    try:
+        from quantlab.quality import quality_card_lines
+    except ImportError:
+        quality_card_lines = None
+    if q is not None and quality_card_lines is not None:
+        return list(quality_card_lines(q))
+    why = "the recipe has no `quality:` section" if records else "the build was not measured (--no-measure)"
+    return ["## Quality", "", f"Quality not measured: {why}.", ""]
+
+
+def _gb(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 1e9:.3f}"
+
+
+def write_card(folder: Path, text: str) -> None:
+    (folder / "README.md").write_text(text, encoding="utf-8")

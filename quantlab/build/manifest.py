@@ -1,0 +1,102 @@
+"""quantlab_build.json: what a build folder records about itself. Plain JSON, no torch imports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from quantlab.errors import QuantlabError
+
+MANIFEST_NAME = "quantlab_build.json"
+CHECKSUMS_NAME = "SHA256SUMS"
+CARD_NAME = "README.md"
+FORMAT = "quantlab-build/1"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BaseModelRef(_Frozen):
+    name: str  # display name, e.g. "Qwen3.6-27B" or "quantlab-bundled"
+    source: str  # bundled | hub | local
+    location: str
+    revision: str | None = None
+    hub_id: str | None = None  # the Hub repo of the base model, when known (the card's base_model)
+    license: str | None = None
+    variant: str
+    dtype: str
+    model_class: str
+
+
+class GreedyCheck(_Frozen):
+    """A short greedy generation recorded after the build was reloaded; `verify` repeats it."""
+
+    prompt: str
+    prompt_ids: list[int]
+    new_tokens: int
+    tokens: list[int]  # the new tokens only
+    text: str | None = None
+    device: str
+    auto_class: str  # AutoModelForCausalLM or AutoModelForImageTextToText
+
+
+class Unquantized(_Frozen):
+    skip_modules: list[str]  # llm_int8_skip_modules, as written in config.json
+    rule_patterns: list[str]  # from quantlab.architecture.UNQUANTIZED_ROLES
+    extra_patterns: list[str]  # from the recipe's quantization.skip_modules
+    kept_linears: list[str]  # Linear modules left unquantized
+    quantized_linears: int
+
+
+class BuildManifest(_Frozen):
+    format: str = FORMAT
+    name: str
+    created_at: str
+    quantlab: str
+    git_commit: str | None = None
+    recipe: dict[str, Any]  # name, path, sha256, content
+    base: BaseModelRef
+    method: dict[str, Any]  # name, label, params
+    unquantized: Unquantized
+    mtp: dict[str, Any] | None = None  # tensors, bytes, file; None when the source had none
+    greedy: GreedyCheck
+    built_on: str  # hardware the build (and its greedy check) ran on
+    record_ids: list[str] = []
+
+
+def write_manifest(folder: Path, manifest: BuildManifest) -> None:
+    (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1) + "\n", encoding="utf-8")
+
+
+def read_manifest(folder: str | Path) -> BuildManifest:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise QuantlabError(f"{folder}: not a quantlab build (no {MANIFEST_NAME})")
+    try:
+        return BuildManifest.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise QuantlabError(f"{path}: not a valid build manifest ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def built_from(folder: str | Path) -> str | None:
+    """The base model's display name, when `folder` is a quantlab build; None otherwise."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return str(data["base"]["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def build_method(folder: str | Path) -> dict[str, Any] | None:
+    """The recipe method a build was made with ({name, label, params}), when `folder` is a build."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        method = json.loads(path.read_text(encoding="utf-8"))["method"]
+        return method if isinstance(method, dict) and {"name", "label", "params"} <= set(method) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

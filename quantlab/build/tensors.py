@@ -1,0 +1,185 @@
+"""safetensors at the byte level: headers, the MTP copy, shard names, and what a build left unquantized.
+
+The MTP tensors (`mtp.*`) are copied byte for byte from the source shards, without torch:
+transformers drops them at load, so a save_pretrained never has them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.architecture import role_of
+from quantlab.checkpoint import INDEX_NAME
+from quantlab.errors import QuantlabError
+
+MTP_PREFIX = "mtp."
+_CHUNK = 16 << 20
+# Tensors bitsandbytes stores beside a quantized `weight`, by the name after the module.
+QUANT_STATE = re.compile(
+    r"\.(SCB|weight_format|weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+))$"
+)
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(data start offset, header) of one safetensors file."""
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise QuantlabError(f"{path}: not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", prefix)
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise QuantlabError(f"{path}: corrupt safetensors header") from None
+    return 8 + length, header
+
+
+def shard_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def folder_tensors(folder: Path) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for path in shard_files(folder):
+        data_start, header = read_header(path)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            tensors[name] = TensorInfo(name, path, info["dtype"], tuple(info["shape"]), data_start + start, end - start)
+    return tensors
+
+
+def payload_bytes(folder: Path, include_mtp: bool = True) -> int:
+    return sum(t.nbytes for t in folder_tensors(folder).values() if include_mtp or not t.name.startswith(MTP_PREFIX))
+
+
+def write_raw(dest: Path, tensors: list[TensorInfo]) -> int:
+    """A safetensors file holding `tensors`, their bytes copied from their source files. Returns payload bytes."""
+    header, offset = {}, 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+    with dest.open("wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for t in tensors:
+            with t.file.open("rb") as src:
+                src.seek(t.start)
+                left = t.nbytes
+                while left:
+                    chunk = src.read(min(_CHUNK, left))
+                    if not chunk:
+                        raise QuantlabError(f"{t.file}: truncated while copying {t.name}")
+                    out.write(chunk)
+                    left -= len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return offset
+
+
+def mtp_tensors(source: Path | None) -> list[TensorInfo]:
+    if source is None or not source.is_dir():
+        return []
+    return sorted((t for t in folder_tensors(source).values() if t.name.startswith(MTP_PREFIX)), key=lambda t: t.name)
+
+
+def add_mtp_shard(build: Path, tensors: list[TensorInfo]) -> dict | None:
+    """Copy the MTP tensors into one more shard and rename every shard model-0000i-of-0000n."""
+    if not tensors:
+        return None
+    shards = shard_files(build)
+    count = len(shards) + 1
+    names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for old, new in zip(shards, names):
+        _, header = read_header(old)
+        for name, info in header.items():
+            if name != "__metadata__":
+                weight_map[name] = new
+                total += info["data_offsets"][1] - info["data_offsets"][0]
+        if old.name != new:
+            old.rename(build / new)
+    mtp_bytes = write_raw(build / names[-1], tensors)
+    weight_map.update({t.name: names[-1] for t in tensors})
+    index = {"metadata": {"total_size": total + mtp_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (build / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return {"tensors": len(tensors), "bytes": mtp_bytes, "file": names[-1]}
+
+
+# ---- what stayed unquantized ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KeptGroup:
+    role: str
+    pattern: str  # e.g. "model.layers.{0-2,4-6}.linear_attn.in_proj_a.weight"
+    count: int
+    parameters: int
+    dtype: str
+
+
+def unquantized_groups(folder: Path, model_class: str) -> tuple[list[KeptGroup], int]:
+    """Every tensor of a build stored unquantized, grouped by role and name pattern, and the
+    number of quantized weights. A quantized weight is one with bitsandbytes state beside it."""
+    tensors = folder_tensors(folder)
+    quantized_modules = {QUANT_STATE.sub("", n) for n in tensors if QUANT_STATE.search(n)}
+    groups: dict[tuple[str, str, str], list[tuple[int | None, int]]] = defaultdict(list)
+    for name, t in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if QUANT_STATE.search(name) or (leaf == "weight" and module in quantized_modules):
+            continue  # a quantized weight or its state; a bias stays unquantized and is listed
+        try:
+            role = role_of(model_class, name)
+        except KeyError:
+            role = "other"
+        match = re.search(r"\.(layers|blocks)\.(\d+)\.", name)
+        pattern = re.sub(r"\.(layers|blocks)\.\d+\.", r".\1.{N}.", name, count=1) if match else name
+        numel = 1
+        for d in t.shape:
+            numel *= d
+        groups[(role, pattern, t.dtype)].append((int(match.group(2)) if match else None, numel))
+    kept = []
+    for (role, pattern, dtype), items in sorted(groups.items()):
+        layers = sorted(i for i, _ in items if i is not None)
+        shown = pattern.replace("{N}", "{" + _ranges(layers) + "}") if layers else pattern
+        kept.append(KeptGroup(role, shown, len(items), sum(n for _, n in items), dtype))
+    return kept, len(quantized_modules)
+
+
+def _ranges(values: list[int]) -> str:
+    out, start, prev = [], None, None
+    for v in values + [None]:
+        if start is None:
+            start = prev = v
+        elif v is not None and v == prev + 1:
+            prev = v
+        else:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = prev = v
+    return ",".join(out)

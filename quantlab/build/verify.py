@@ -1,0 +1,77 @@
+"""`quantlab verify BUILD`: the checksums, then a reload with plain transformers, then the greedy
+tokens recorded at build time, repeated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from quantlab.build.checksums import check_checksums
+from quantlab.build.manifest import read_manifest
+from quantlab.errors import QuantlabError
+
+PROMPT_FALLBACK_TOKENS = 8
+
+
+def prompt_token_ids(tokenizer, prompt: str, vocab_size: int) -> list[int]:
+    """The prompt's token ids; fixed ids when the checkpoint has no tokenizer."""
+    if tokenizer is not None:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if ids:
+            return [int(i) for i in ids]
+    return [(7 * i + 3) % vocab_size for i in range(PROMPT_FALLBACK_TOKENS)]
+
+
+@torch.inference_mode()
+def greedy_tokens(model: torch.nn.Module, prompt_ids: list[int], new_tokens: int, device) -> list[int]:
+    """`new_tokens` greedy tokens from plain `generate` (no sampling, no early stop at EOS)."""
+    ids = torch.tensor([prompt_ids], device=device)
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+    )
+    return out[0, len(prompt_ids):].tolist()
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    problems: tuple[str, ...]
+    files_checked: int
+    expected_tokens: tuple[int, ...] = ()
+    tokens: tuple[int, ...] = ()
+
+
+def verify_build(folder: str | Path, device: str = "cpu", load: bool = True, echo: Callable[[str], None] = print) -> VerifyResult:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise QuantlabError(f"{folder}: build folder not found")
+    manifest = read_manifest(folder)
+    problems, good = check_checksums(folder)
+    for p in problems:
+        echo(f"  FAIL {p}")
+    echo(f"checksums: {len(good)} file(s) match" + (f", {len(problems)} problem(s)" if problems else ""))
+    if problems:
+        return VerifyResult(False, tuple(problems), len(good))
+    if not load:
+        return VerifyResult(True, (), len(good))
+
+    import transformers
+    from quantlab.quantize.bnb import quiet_bnb_logs
+
+    quiet_bnb_logs()
+    g = manifest.greedy
+    auto_class = getattr(transformers, g.auto_class)
+    model = auto_class.from_pretrained(folder, device_map=device)
+    tokens = greedy_tokens(model, g.prompt_ids, g.new_tokens, torch.device(device))
+    del model
+    if tokens != g.tokens:
+        first = next((i for i, (a, b) in enumerate(zip(tokens, g.tokens)) if a != b), min(len(tokens), len(g.tokens)))
+        problem = f"greedy tokens differ from the build's from position {first}: got {tokens}, recorded {g.tokens}"
+        echo(f"  FAIL {problem}")
+        return VerifyResult(False, (problem,), len(good), tuple(g.tokens), tuple(tokens))
+    echo(f"greedy check: {len(tokens)} tokens match the build's record ({g.auto_class} on {device}; built on {g.device})")
+    return VerifyResult(True, (), len(good), tuple(g.tokens), tuple(tokens))

@@ -1,0 +1,345 @@
+"""`quantlab build RECIPE`: a quantized model folder that anyone can load, check and publish.
+
+recipe → plan (every check, the skip list included, before weights load) → load and quantize →
+save → reload → greedy check → measure (quantlab's own loop, on the reloaded build) → card →
+checksums → rename. All of it happens in a hidden folder beside the target
+(`.NAME.partial-PID-RANDOM`), renamed to NAME at the very end, so an interrupted build never
+leaves a complete-looking folder, and a re-run starts clean. Records are appended to the
+measurements store only once the folder exists.
+
+Order matters for bitsandbytes: a 4-bit model that has run a forward pass on the CPU has its
+weights repacked for the CPU kernel, and saving it then writes wrong weights. So the quantized
+model is saved before any forward pass; only then does it generate, and the build must reproduce
+those tokens after a reload from disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+import quantlab
+from quantlab import fingerprint
+from quantlab.build import tensors as T
+from quantlab.build.card import card_text, estimator_scheme_key, write_card
+from quantlab.build.checksums import write_checksums
+from quantlab.build.manifest import BaseModelRef, BuildManifest, GreedyCheck, Unquantized, write_manifest
+from quantlab.build.verify import greedy_tokens, prompt_token_ids
+from quantlab.errors import QuantlabError
+from quantlab.measure import free_memory
+from quantlab.plan import RunPlan, make_plan
+from quantlab.quantize.configs import NoQuant
+from quantlab.quantize.handlers import handler_for, load_kwargs_for
+from quantlab.recipe import BuildSpec, LoadedRecipe, ModelSpec
+from quantlab.records import Record, utc_now
+from quantlab.sources import load_model, select_variant
+from quantlab.store import append_record
+
+BUILD_METHODS = ("bnb_int8", "bnb_4bit")
+# Copied verbatim from the source folder when present: tokenizer, chat template, generation and
+# processor configs, licence.
+EXTRA_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json", "LICENSE",
+)
+_PARTIAL = ".partial-"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    folder: Path
+    manifest: BuildManifest
+    records: tuple[Record, ...]
+    record_paths: tuple[Path, ...]
+    disk_bytes: int
+
+
+def default_target(loaded: LoadedRecipe, out: str | Path | None = None) -> Path:
+    spec = loaded.recipe.build or BuildSpec()
+    return Path(out or spec.out or Path("builds") / loaded.recipe.name)
+
+
+def build_recipe(
+    loaded: LoadedRecipe,
+    out: str | Path | None = None,
+    force: bool = False,
+    output_dir: str | Path | None = None,
+    measure: bool = True,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> BuildResult:
+    recipe = loaded.recipe
+    if recipe.quantization.method not in BUILD_METHODS:
+        raise QuantlabError(
+            f"quantization.method {recipe.quantization.method}: quantlab builds {', '.join(BUILD_METHODS)} "
+            "checkpoints; `quantlab run` measures the others in memory"
+        )
+    if recipe.model.source == "synthetic":
+        raise QuantlabError(
+            "model.source synthetic: a build is a checkpoint for others to use, and random weights are not one. "
+            "`quantlab run` measures synthetic weights in memory; build from bundled, local or hub weights"
+        )
+    target = default_target(loaded, out)
+    if target.exists() and not force:
+        raise QuantlabError(f"{target}: already exists; pass --force to replace it, or --out to build elsewhere")
+    plan = make_plan(loaded)  # every check, the skip list included, before any weights load
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target)
+    tmp = target.parent / f".{target.name}{_PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        manifest, records = _write(plan, loaded, tmp, target, output_dir, measure, progress, echo)
+        disk = T.payload_bytes(tmp)
+        _move_into_place(tmp, target, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    out_dir = Path(output_dir or recipe.output.dir)
+    paths = tuple(append_record(out_dir, r) for r in records)
+    echo(f"built {target}: {disk / 1e6:,.2f} MB of tensors, {len(paths)} record(s) in {out_dir}/records/")
+    return BuildResult(target, manifest, tuple(records), paths, disk)
+
+
+def _write(plan: RunPlan, loaded: LoadedRecipe, tmp: Path, target: Path, output_dir, measure: bool, progress: bool, echo):
+    recipe, device = plan.recipe, plan.device
+    spec = recipe.build or BuildSpec()
+    config, auto_class = select_variant(plan.resolved.config, recipe.model.variant)
+    handler = handler_for(recipe.quantization)
+    skip = handler.skip_plan(recipe.quantization, config)
+    source = source_folder(recipe.model, plan.resolved)
+
+    echo(f"quantizing {plan.resolved.name} ({plan.method_label}) on {device}")
+    loaded_model = load_model(recipe.model, plan.resolved, device, load_kwargs_for(recipe.quantization, config))
+    model = handler.apply(loaded_model.model, recipe.quantization)
+    info = loaded_model.info
+    # Save before any forward pass (see the module docstring).
+    model.save_pretrained(tmp, max_shard_size=spec.max_shard_size)
+    tokenizer = loaded_model.tokenizer
+    prompt_ids = prompt_token_ids(tokenizer, spec.prompt, model.get_input_embeddings().num_embeddings)
+    in_memory = greedy_tokens(model, prompt_ids, spec.check_tokens, device)
+    del model, loaded_model
+    free_memory(device)
+
+    copied = _copy_extras(source, tmp)
+    mtp = T.add_mtp_shard(tmp, T.mtp_tensors(source))
+    echo(f"saved to {tmp.name}: {len(T.shard_files(tmp))} shard(s)"
+         + (f", {mtp['tensors']} mtp.* tensors copied" if mtp else ", no mtp.* tensors in the source")
+         + (f", {len(copied)} tokenizer/config file(s)" if copied else ""))
+
+    reloaded = auto_class.from_pretrained(tmp, device_map=str(device))  # plain transformers, as a user would
+    tokens = greedy_tokens(reloaded, prompt_ids, spec.check_tokens, device)
+    del reloaded
+    free_memory(device)
+    if tokens != in_memory:
+        raise QuantlabError(
+            f"the saved build does not reproduce the quantized model: greedy tokens {tokens} after reload, "
+            f"{in_memory} before saving. The weights on disk differ from those in memory; not keeping this build"
+        )
+    echo(f"greedy check: {len(tokens)} tokens reproduced after reloading from disk")
+
+    hardware = fingerprint.hardware(device)
+    software = fingerprint.software()
+    manifest = BuildManifest(
+        name=target.name,
+        created_at=utc_now(),
+        quantlab=quantlab.__version__,
+        git_commit=software.git_commit,
+        recipe={"name": recipe.name, "path": str(loaded.path), "sha256": loaded.sha256, "content": loaded.text},
+        base=BaseModelRef(
+            name=plan.resolved.name, source=recipe.model.source, location=plan.resolved.location, revision=info.revision,
+            hub_id=_hub_id(recipe.model, spec), license=_license(recipe.model, spec, source), variant=recipe.model.variant,
+            dtype=recipe.model.dtype, model_class=info.model_class,
+        ),
+        method={"name": recipe.quantization.method, "label": plan.method_label, "params": recipe.quantization.model_dump()},
+        unquantized=Unquantized(
+            skip_modules=list(skip.patterns), rule_patterns=list(skip.rule_patterns), extra_patterns=list(skip.extra_patterns),
+            kept_linears=list(skip.kept), quantized_linears=len(skip.quantized),
+        ),
+        mtp=mtp,
+        greedy=GreedyCheck(
+            prompt=spec.prompt if tokenizer is not None else "", prompt_ids=prompt_ids, new_tokens=spec.check_tokens,
+            tokens=tokens, text=tokenizer.decode(tokens) if tokenizer is not None else None, device=str(device),
+            auto_class=auto_class.__name__,
+        ),
+        built_on=f"{hardware.kind.upper()} {hardware.name}",
+    )
+    write_manifest(tmp, manifest)  # before measuring: records name the build after its base model
+
+    records: list[Record] = []
+    if measure:
+        records = _measure(loaded, tmp, target, output_dir, progress, echo)
+        manifest = manifest.model_copy(update={"record_ids": [r.record_id for r in records]})
+        write_manifest(tmp, manifest)
+
+    kept, quantized_weights = T.unquantized_groups(tmp, info.model_class)
+    disk = T.payload_bytes(tmp)
+    write_card(tmp, card_text(
+        manifest, kept, quantized_weights, disk, len(T.shard_files(tmp)),
+        _estimate(tmp, manifest, disk), records, repo_hint=f"<user>/{target.name}",
+    ))
+    _make_readable(tmp)
+    write_checksums(tmp)
+    return manifest, records
+
+
+def _measure(loaded: LoadedRecipe, tmp: Path, target: Path, output_dir, progress: bool, echo) -> list[Record]:
+    """The build measured as any checkpoint is: a local source, reloaded from disk by `quantlab run`'s loop."""
+    from quantlab.run import run_recipe
+
+    recipe = loaded.recipe
+    spec = recipe.model
+    derived = recipe.model_copy(update={
+        "model": ModelSpec(source="local", path=str(tmp), variant=spec.variant, dtype=spec.dtype, device=spec.device,
+                           seed=spec.seed),
+        "quantization": NoQuant(),
+        "quality": _quality_against_base(recipe),
+        "build": None,
+    })
+    result = run_recipe(LoadedRecipe(derived, loaded.path, loaded.text, loaded.sha256), output_dir, progress, echo,
+                        append=False)
+    note = f"measured from the build folder {target} after reloading it from disk"
+    return [
+        r.model_copy(update={"model": r.model.model_copy(update={"location": str(target)}), "notes": (*r.notes, note)})
+        for r in result.records
+    ]
+
+
+def _quality_against_base(recipe):
+    """The quality reference of a build is the base model, not the build itself."""
+    quality = getattr(recipe, "quality", None)
+    if quality is None or quality.reference.model is not None:
+        return quality
+    return quality.model_copy(update={"reference": quality.reference.model_copy(update={"model": recipe.model})})
+
+
+def _estimate(folder: Path, manifest: BuildManifest, disk: int) -> tuple[int, str] | None:
+    """quantlab's estimate of this build's tensor bytes, and the delta to the files."""
+    from quantlab.estimate.estimator import weights_for
+    from quantlab.estimate.model import load_model as load_estimation_model
+    from quantlab.estimate.schemes import get_scheme
+
+    key = estimator_scheme_key(manifest.method["name"], manifest.method["params"])
+    if key is None or manifest.method["params"].get("skip_modules"):
+        return None
+    try:
+        scheme = get_scheme(key)
+        model = load_estimation_model(str(folder))
+    except QuantlabError:
+        return None
+    estimated = weights_for(model, scheme, manifest.base.dtype).bytes(
+        include_vision=model.has_vision, include_mtp=manifest.mtp is not None
+    )
+    return estimated, f"{estimated / disk - 1:+.2%} vs the files"
+
+
+# ---- source folder, extras ------------------------------------------------------------------------------
+
+def source_folder(spec: ModelSpec, resolved) -> Path | None:
+    """The folder of the source checkpoint's files, for tokenizer files and MTP tensors."""
+    if spec.source in ("bundled", "local"):
+        return Path(resolved.location)
+    if spec.source == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec.id, "config.json", revision=spec.revision)
+        return Path(cached).parent if isinstance(cached, str) else None
+    return None
+
+
+def _copy_extras(source: Path | None, dest: Path) -> list[str]:
+    copied = []
+    for name in EXTRA_FILES:
+        path = source / name if source else None
+        if path is not None and path.is_file():
+            shutil.copyfile(path, dest / name)
+            copied.append(name)
+    return copied
+
+
+def _hub_id(spec: ModelSpec, build: BuildSpec) -> str | None:
+    if build.base_model:
+        return build.base_model
+    if spec.source == "hub":
+        return spec.id
+    if spec.source == "local":  # a Hugging Face cache snapshot: .../models--ORG--NAME/snapshots/REV
+        match = re.search(r"models--([^/]+?)--([^/]+)/snapshots/", str(Path(spec.path).expanduser().resolve()))
+        return f"{match.group(1)}/{match.group(2)}" if match else None
+    return None
+
+
+def _license(spec: ModelSpec, build: BuildSpec, source: Path | None) -> str | None:
+    if build.license:
+        return build.license
+    if spec.source == "bundled":
+        return "apache-2.0"  # quantlab's own model, under quantlab's licence
+    card = source / "README.md" if source else None
+    if card is not None and card.is_file():
+        text = card.read_text(encoding="utf-8", errors="replace")
+        match = re.match(r"^---\s*\n(.*?)\n---", text, re.S)
+        if match:
+            try:
+                meta = yaml.safe_load(match.group(1)) or {}
+            except yaml.YAMLError:
+                meta = {}
+            if isinstance(meta, dict) and meta.get("license"):
+                return str(meta["license"])
+    return None
+
+
+# ---- atomic placement -----------------------------------------------------------------------------------
+
+def _make_readable(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # save_pretrained leaves some files 0600
+
+
+def _move_into_place(tmp: Path, target: Path, force: bool) -> None:
+    if target.exists():
+        if not force:
+            raise QuantlabError(f"{target}: appeared while building; the new build is discarded")
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Hidden folders of builds of the same target whose process is gone (killed, power cut)."""
+    for path in target.parent.glob(f".{target.name}{_PARTIAL}*"):
+        match = re.match(rf"\.{re.escape(target.name)}{_PARTIAL}(\d+)-", path.name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
