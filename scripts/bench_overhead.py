@@ -3,12 +3,13 @@
 The two are interleaved round by round so that drift (thermal, other load) hits both alike.
 Prints the medians and their ratio; the target is quantlab / bare >= 0.97.
 
-    python scripts/bench_overhead.py [--recipe recipes/bundled-bf16.yaml] [--rounds 9] [--new-tokens 64]
+    python scripts/bench_overhead.py [--recipe recipes/bundled-bf16.yaml] [--rounds 15] [--new-tokens 128]
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import sys
 import time
@@ -30,7 +31,7 @@ def bare_decode_tokens_per_s(model, ids: torch.Tensor, new_tokens: int, device: 
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        key = "cache" if "cache" in model.forward.__code__.co_varnames else "past_key_values"
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         sync()
         start = time.perf_counter()
@@ -45,14 +46,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/bundled-bf16.yaml")
     parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
 
     plan = make_plan(load_recipe(args.recipe))
     model = load_model(plan.recipe.model, plan.resolved, plan.device).model
-    settings = PointSettings(args.context, 1, args.new_tokens, warmup=0, repeats=1)
+    measure = plan.recipe.measure
+    settings = PointSettings(args.context, 1, args.new_tokens, warmup=0, repeats=1, sample_interval_s=measure.memory_sample_ms / 1000)
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, args.context)).to(plan.device)
 
     bare_decode_tokens_per_s(model, ids, args.new_tokens, plan.device)  # warm-up for both
