@@ -9,14 +9,7 @@
 # they are quantized in place. Uses $PYTHON (default: .venv/bin/python if present, else python3).
 # On a machine without network, carry the missing wheels in .whl/: they are installed first.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/quantlab-site .whl/*.whl
-  export PYTHONPATH="/tmp/quantlab-site:${PYTHONPATH:-}"
-fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+source "$(dirname "$0")/gpu_env.sh"
 OUT=${QUANTLAB_OUTPUT:-measurements}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
