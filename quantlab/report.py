@@ -130,7 +130,7 @@ def _group_table(model: str, weights: str, kind: str, hardware: str, group: list
         latest[key] = r
         runs[key] += 1
     newest = group[-1]
-    mem = "GPU memory, torch allocated" if kind == "gpu" else "host RSS (CPU run)"
+    mem = "GPU memory, torch allocated (after load = the weights)" if kind == "gpu" else "host RSS of the whole process (CPU run; after load includes Python and torch)"
     lines = [
         f"## {model} · {weights} weights · {kind.upper()}: {hardware}",
         "",
@@ -139,7 +139,7 @@ def _group_table(model: str, weights: str, kind: str, hardware: str, group: list
         f"({(newest.software.git_commit or 'no git')[:10]}), torch {newest.software.packages.get('torch', '?')}, "
         f"transformers {newest.software.packages.get('transformers', '?')}.",
         "",
-        "| Method | Variant | Context | Batch | Weights | Peak prefill | Peak decode | nvidia-smi peak | "
+        "| Method | Variant | Context | Batch | After load | Peak prefill | Peak decode | nvidia-smi peak | "
         "Prefill tok/s | TTFT ms | Decode tok/s | ms/token | % of bandwidth bound | KL mean / PPL ratio | Runs |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
