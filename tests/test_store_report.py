@@ -133,7 +133,7 @@ def test_report_labels_cpu_tables_and_oom_rows(cpu_records):
         "result": cpu_records[1].result.model_copy(update={"status": "oom", "error": "OOM at context 131072, batch 1: x"}),
     })
     text = render_report([*cpu_records, oom])
-    assert "· CPU: " in text and "host RSS (CPU run)" in text and "n/a (CPU)" in text
+    assert "· CPU: " in text and "host RSS of the whole process (CPU run" in text and "n/a (CPU)" in text
     assert "| 131,072 | 1 |" in text and "**OOM**" in text
     assert "not measured yet" in text  # no GPU BF16 record of Qwen3.6-27B here
 
