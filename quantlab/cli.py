@@ -75,6 +75,8 @@ def _cmd_run(args) -> int:
         print(describe_plan(make_plan(loaded)))
         print("dry run: nothing loaded, nothing measured")
         return 0
+    if args.no_progress:
+        silence_progress_bars()
     result = run_recipe(loaded, args.output, progress=not args.no_progress)
     output = args.output or loaded.recipe.output.dir
     print(f"wrote {len(result.paths)} record(s) to {output}/records/")
@@ -112,6 +114,13 @@ def _cmd_report(args) -> int:
 
     print(f"wrote {write_report(args.output)}")
     return 0
+
+
+def silence_progress_bars() -> None:
+    """--no-progress: transformers' own loading and saving bars too, not only quantlab's."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _quiet_libraries() -> None:

@@ -40,10 +40,10 @@ def _cmd_build(args) -> int:
     from quantlab.report import write_report
 
     loaded = load_recipe(args.recipe)
-    if args.no_progress:  # transformers' own loading and saving bars too
-        from transformers.utils import logging as hf_logging
+    if args.no_progress:
+        from quantlab.cli import silence_progress_bars
 
-        hf_logging.disable_progress_bar()
+        silence_progress_bars()
     result = build_recipe(loaded, args.out, force=args.force, output_dir=args.output, measure=not args.no_measure,
                           progress=not args.no_progress)
     output = args.output or loaded.recipe.output.dir
