@@ -7,11 +7,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from quantlab.estimate.command import ESTIMATES_NAME
 from quantlab.estimate.estimator import EstimateResult
+from quantlab.estimate.plot import PLOT_NAME
 from quantlab.estimate.render import checks_table, claim_notes, claims_table, header_lines, markdown, memory_table
 
-ESTIMATES_NAME = "estimates.json"
-PLOT_NAME = "memory.png"
 
 
 def estimate_section(output_dir: str | Path) -> list[str]:
