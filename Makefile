@@ -9,7 +9,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/bundled-bf16.yaml
 
-.PHONY: setup run test validate report bench-overhead bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb
+.PHONY: setup run test validate report bench-overhead bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
+	quantize-awq gpu-check-awq bench-awq-memory
 
 setup: $(STAMP)
 
@@ -56,6 +57,19 @@ quantize-nf4: setup  ## bitsandbytes NF4 build: quantize, save, reload, greedy c
 
 gpu-check-bnb: setup  ## full-size synthetic Qwen3.6-27B at int8 and NF4 on a GPU: VRAM and decode tok/s
 	bash scripts/gpu_check_bnb.sh
+
+# AWQ W4A16 g128: Qwen/Qwen3.6-27B where a GPU is visible (nvidia-smi), the bundled model on the CPU otherwise;
+# RECIPE=... on the command line picks another.
+AWQ_DEFAULT := $(if $(shell nvidia-smi -L 2>/dev/null),recipes/qwen3.6-27b-awq.yaml,recipes/bundled-awq.yaml)
+
+quantize-awq: setup  ## AWQ build: calibrate, quantize layer by layer, reload, greedy check, measure, card
+	$(BIN)/quantlab build $(call build_recipe,$(AWQ_DEFAULT)) $(BUILD_ARGS)
+
+gpu-check-awq: setup  ## full-size synthetic Qwen3.6-27B in the AWQ format on a GPU: VRAM and decode tok/s
+	bash scripts/gpu_check_awq.sh
+
+bench-awq-memory: setup  ## peak host RSS while quantizing a 2.4 GB synthetic qwen3_5, as a ratio to its BF16 bytes
+	$(BIN)/python scripts/bench_awq_memory.py --engines quantlab,gptqmodel
 
 bundled-model: setup  ## rebuild the bundled model (deterministic, ~8 min on 2 cores)
 	$(BIN)/python -m quantlab.bundled.build

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -50,10 +51,11 @@ def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True) -> RunPlan:
     handler = handler_for(recipe.quantization)
     handler.check(recipe.quantization, config)
     prequantized = _prequantized(recipe, resolved)
+    source_notes = _check_source(handler, recipe, resolved)
     _check_context(config, recipe.measure.contexts, recipe.measure.new_tokens)
     parameters = meta_parameter_count(config, auto_class)
     weight_bytes = parameters * DTYPES[recipe.model.dtype].itemsize
-    notes = list(resolved.notes)
+    notes = list(resolved.notes) + list(source_notes)
     if for_this_machine:
         notes += _memory_check(device, weight_bytes)
     quality = plan_quality(recipe, resolved, config, device, weight_bytes, for_this_machine,
@@ -87,6 +89,24 @@ def _prequantized(recipe, resolved: ResolvedConfig):
             f"({found.label}, quant_method {found.quant_method}); use quantization: {{method: none}} to measure it as it is"
         )
     return found
+
+
+def _check_source(handler, recipe, resolved: ResolvedConfig) -> tuple[str, ...]:
+    """Method checks that need the source's files but not its weights (AWQ: the calibration text)."""
+    hook = getattr(handler, "check_source", None)
+    if hook is None:
+        return ()
+    location = resolved.location if recipe.model.source in ("bundled", "local") else _cached_folder(recipe.model)
+    return tuple(hook(recipe.quantization, recipe.model, location))
+
+
+def _cached_folder(spec) -> str | None:
+    if spec.source != "hub":
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec.id, "tokenizer.json", revision=spec.revision)
+    return str(Path(cached).parent) if isinstance(cached, str) else None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantlab.errors import RecipeError
 from quantlab.quantize.configs import NoQuant, QuantConfig, config_class, known_methods
+from quantlab.textsource import TextSourceSpec
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 MAX_CONTEXT = 1_048_576  # ~1M tokens: the YaRN-extended ceiling of Qwen3.6; anything above is a typo
@@ -113,38 +114,20 @@ class QualityReference(_Strict):
     )
 
 
-class QualitySpec(_Strict):
+class QualitySpec(TextSourceSpec):
     """Quality against the reference on held-out text: perplexity, KL divergence, top-1 agreement, Δp.
 
     See quantlab/quality/ for the method; the cross-field checks run in the plan, before weights load.
     """
 
-    source: Literal["default", "file", "folder", "hub"] = "default"
-    path: str | None = Field(None, description="file/folder: a local path; hub: a data file inside the dataset repo")
-    dataset: str | None = Field(None, description="hub: dataset repo id, e.g. Salesforce/wikitext")
-    revision: str | None = Field(None, description="hub: dataset revision")
-    split: str = Field("test", description="hub: the split whose data files are read (when path is not given)")
-    column: str = Field("text", description="the text column of .jsonl/.json/.csv/.parquet files")
+    WHERE: ClassVar[str] = "quality"
+
     tokens: int = Field(4096, ge=2, le=100_000_000, description="tokens of held-out text to use")
     context: int = Field(512, ge=2, le=MAX_CONTEXT, description="window length")
     stride: int | None = Field(None, ge=1, le=MAX_CONTEXT, description="window step; default: half the context")
     mode: Literal["paired", "stored"] = "paired"
     top_k: int = Field(128, ge=1, le=1_000_000, description="stored mode: reference log-probs kept per token")
     reference: QualityReference = Field(default_factory=QualityReference)
-
-    @model_validator(mode="after")
-    def _fields_match_source(self) -> "QualitySpec":
-        if self.source in ("file", "folder") and self.path is None:
-            raise ValueError(f"source '{self.source}' needs quality.path")
-        if self.source == "hub" and self.dataset is None:
-            raise ValueError("source 'hub' needs quality.dataset (a Hub dataset id)")
-        if self.source != "hub":
-            for name in ("dataset", "revision", "split"):
-                if name in self.model_fields_set:
-                    raise ValueError(f"quality.{name} is only used with source 'hub', not '{self.source}'; remove it")
-        if self.source == "default" and self.path is not None:
-            raise ValueError("quality.path is not used with source 'default'; use source: file or folder")
-        return self
 
     @property
     def effective_stride(self) -> int:

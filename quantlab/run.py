@@ -39,6 +39,10 @@ def run_recipe(
 ) -> RunResult:
     """`append=False` returns the records without writing them (quantlab build appends them once its folder exists)."""
     plan = make_plan(loaded)
+    if getattr(handler_for(plan.recipe.quantization), "writes_checkpoint", False):
+        from quantlab.run_checkpoint import run_through_checkpoint
+
+        return run_through_checkpoint(plan, output_dir, progress, echo, append)
     recipe, device = plan.recipe, plan.device
     out = Path(output_dir or recipe.output.dir)
     echo(describe_plan(plan))

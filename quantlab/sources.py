@@ -166,7 +166,7 @@ def load_model(
     else:
         location = _weights_location(spec, resolved)
         model = _from_pretrained(auto_class, location, spec.revision, dtype, device, **(load_kwargs or {}))
-        tokenizer = _tokenizer(location, spec.revision)
+        tokenizer = load_tokenizer(location, spec.revision)
         revision = getattr(model.config, "_commit_hash", None) if spec.source == "hub" else None
     info = WeightsInfo(
         name=resolved.name,
@@ -199,7 +199,10 @@ def _from_pretrained(
         raise QuantlabError(hub_unavailable_message(location, exc)) from None
 
 
-def _tokenizer(location: str, revision: str | None):
+def load_tokenizer(location: str | None, revision: str | None = None):
+    """The checkpoint's tokenizer, or None where it has none (a checkpoint without one still measures)."""
+    if location is None:
+        return None
     try:
         return AutoTokenizer.from_pretrained(location, revision=revision)
     except Exception:  # a checkpoint without tokenizer files still measures fine

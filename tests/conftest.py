@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+HF_CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE")
+
+
+@pytest.fixture(autouse=True)
+def _hf_cache_variables_unchanged():
+    """Importing gptqmodel (through transformers' AWQ loading) sets these in os.environ (tokenicer does);
+    tests that start subprocesses with their own HF_HOME must not inherit them."""
+    saved = {k: os.environ.get(k) for k in HF_CACHE_VARIABLES}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -245,7 +245,7 @@ def test_quality_goes_to_the_card_and_is_measured_against_the_base(tmp_path, mon
     assert card._quality_lines([SimpleNamespace(quality=SimpleNamespace(kl=0.01))]) == ["## Quality against the reference", "KL 0.01"]
     assert "Quality not measured: the recipe has no `quality:` section." in card._quality_lines([SimpleNamespace(quality=None)])
     path = recipe_file(tmp_path, "q", {"source": "bundled", "device": "cpu"}, METHODS["nf4"], quality={"tokens": 64, "context": 32})
-    derived = writer._quality_against_base(load_recipe(path).recipe)
+    derived = writer.quality_against_source(load_recipe(path).recipe)
     assert derived.reference.model == load_recipe(path).recipe.model  # the BF16 base, not the build itself
 
 
@@ -309,7 +309,7 @@ def test_ctrl_c_mid_write_cleans_up(tmp_path, monkeypatch):
         assert list(dest.glob("*.safetensors"))  # the shards are already written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer, "_copy_extras", interrupt)
+    monkeypatch.setattr(writer, "copy_extras", interrupt)
     with pytest.raises(KeyboardInterrupt):
         build_recipe(load_recipe(_quick_recipe(tmp_path)), tmp_path / "builds" / "b4", progress=False, echo=quiet)
     assert list((tmp_path / "builds").iterdir()) == []
@@ -317,7 +317,7 @@ def test_ctrl_c_mid_write_cleans_up(tmp_path, monkeypatch):
 
 def test_build_refuses_what_it_cannot_build(tmp_path):
     none = recipe_file(tmp_path, "none", {"source": "bundled"}, {"method": "none"})
-    with pytest.raises(QuantlabError, match="quantlab builds bnb_int8, bnb_4bit checkpoints"):
+    with pytest.raises(QuantlabError, match="quantlab builds bnb_int8, bnb_4bit, awq checkpoints"):
         build_recipe(load_recipe(none), tmp_path / "x", echo=quiet)
     synthetic = recipe_file(tmp_path, "syn", {"source": "synthetic", "config": "bundled"}, METHODS["int8"])
     with pytest.raises(QuantlabError, match="random weights are not one"):

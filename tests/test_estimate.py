@@ -196,13 +196,37 @@ def _bnb_saver(**qconfig):
     return save
 
 
-# Estimator scheme → how to save a model with that method. Later methods (awq) add theirs.
+def _awq_saver(group_size: int):
+    """AWQ GEMM shards as quantlab's engine writes them (round-to-nearest packing: the bytes do not
+    depend on calibration), from the model saved in BF16 beside them."""
+    def save(model: torch.nn.Module, folder: Path) -> None:
+        import tempfile
+
+        from quantlab.quantize.awq import ENGINES
+        from quantlab.quantize.awq.engine import AwqJob
+        from quantlab.quantize.awq.handler import AwqHandler, quantization_config, write_config
+        from quantlab.quantize.configs import AwqConfig
+
+        qconfig = AwqConfig(method="awq", group_size=group_size)
+        with tempfile.TemporaryDirectory() as source:
+            model.to(torch.bfloat16).save_pretrained(source)
+            config = type(model.config).from_pretrained(source)
+            ENGINES["quantlab"].quantize(AwqJob(Path(source), config, folder, qconfig, None, torch.device("cpu"),
+                                                torch.bfloat16, 5 * 10**9, progress=False))
+        write_config(config, quantization_config(qconfig, AwqHandler().skip_plan(qconfig, config).patterns), folder)
+
+    return save
+
+
+# Estimator scheme → how to save a model with that method.
 SAVERS = {
     "bf16": _save_bf16,
     "int8": _bnb_saver(method="bnb_int8"),
     "nf4": _bnb_saver(method="bnb_4bit", quant_type="nf4"),
     "nf4-dq": _bnb_saver(method="bnb_4bit", quant_type="nf4", double_quant=True),
     "fp4": _bnb_saver(method="bnb_4bit", quant_type="fp4"),
+    "awq-g128": _awq_saver(128),
+    "awq-g64": _awq_saver(64),
 }
 
 

@@ -13,9 +13,9 @@ from quantlab.build.tensors import KeptGroup
 from quantlab.records import Record
 
 _ROLE_WHY = {
-    "embed_tokens": "embedding lookup (bitsandbytes quantizes Linear layers only)",
+    "embed_tokens": "embedding lookup (these methods quantize Linear layers only)",
     "lm_head": "output projection: kept for quality",
-    "deltanet_small_linear": "DeltaNet in_proj_a/b: tiny, and not a multiple of 32 rows (bitsandbytes 4-bit CPU kernel)",
+    "deltanet_small_linear": "DeltaNet in_proj_a/b: tiny (one row per value head), and not a multiple of 32 rows (bitsandbytes 4-bit CPU kernel)",
     "deltanet_conv_and_params": "DeltaNet conv1d, A_log, dt_bias: not Linear layers",
     "norm": "norms: not Linear layers",
     "vision": "vision tower: kept at the model dtype",
@@ -25,12 +25,23 @@ _ROLE_WHY = {
 
 
 def estimator_scheme_key(method: str, params: dict) -> str | None:
-    """The estimator's scheme for a bitsandbytes method (quantlab/data/quant_schemes.yaml)."""
+    """The estimator's scheme for a build's method (quantlab/data/quant_schemes.yaml)."""
     if method == "bnb_int8":
         return "int8"
     if method == "bnb_4bit":
         return f"{params.get('quant_type', 'nf4')}{'-dq' if params.get('double_quant') else ''}"
+    if method == "awq":
+        return f"awq-g{params.get('group_size', 128)}"
     return None
+
+
+# Per method: who quantized it, what loading needs, the config.json key of the skip list, Hub tags.
+_METHOD_TEXT = {
+    "bnb_int8": ("bitsandbytes", "needs bitsandbytes>=0.45", "llm_int8_skip_modules", ["bitsandbytes", "8-bit", "int8"]),
+    "bnb_4bit": ("bitsandbytes", "needs bitsandbytes>=0.45", "llm_int8_skip_modules", ["bitsandbytes", "4-bit"]),
+    "awq": ("", "needs gptqmodel (transformers 5 loads AWQ through its kernels)", "modules_to_not_convert",
+            ["awq", "4-bit", "w4a16"]),
+}
 
 
 def card_text(
@@ -45,6 +56,7 @@ def card_text(
 ) -> str:
     meta = _metadata(m)
     params = m.method["params"]
+    engine_name, needs, skip_key, _ = _METHOD_TEXT[m.method["name"]]
     lines = [
         "---",
         yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
@@ -52,7 +64,7 @@ def card_text(
         "",
         f"# {m.name}: {m.base.name}, {m.method['label']}",
         "",
-        f"{m.base.name} quantized with **bitsandbytes {m.method['label'].removeprefix('bnb ')}** "
+        f"{m.base.name} quantized with **{engine_name + ' ' if engine_name else ''}{m.method['label'].removeprefix('bnb ')}** "
         f"(recipe method `{m.method['name']}`), built by quantlab {m.quantlab}"
         f"{f' ({m.git_commit[:10]})' if m.git_commit else ''} on {m.built_on}, {m.created_at}.",
         f"Base weights: {m.base.source} `{m.base.location}`" + (f" at revision `{m.base.revision}`" if m.base.revision else "")
@@ -63,10 +75,11 @@ def card_text(
         "```python",
         "from transformers import " + m.greedy.auto_class + ", AutoTokenizer",
         "",
-        f'model = {m.greedy.auto_class}.from_pretrained("{repo_hint}", device_map="auto")  # needs bitsandbytes>=0.45',
+        f'model = {m.greedy.auto_class}.from_pretrained("{repo_hint}", device_map="auto")  # {needs}',
         f'tokenizer = AutoTokenizer.from_pretrained("{repo_hint}")',
         "```",
         "",
+        *_serving_lines(m, repo_hint),
         "## Quantization",
         "",
         "| Parameter | Value |",
@@ -75,9 +88,11 @@ def card_text(
         "",
         f"The quantization_config in config.json says the same to transformers. {quantized_weights} Linear weights are quantized.",
         "",
+        *_engine_lines(m),
+        *_cost_lines(m),
         "## Left unquantized",
         "",
-        f"The skip list (`llm_int8_skip_modules`) is `{m.unquantized.skip_modules}`: "
+        f"The skip list (`{skip_key}`) is `{m.unquantized.skip_modules}`: "
         f"{_skip_origin(m)} It keeps {len(m.unquantized.kept_linears)} Linear module(s) unquantized. "
         "Every tensor stored unquantized in this folder:",
         "",
@@ -122,8 +137,6 @@ def card_text(
 
 def _metadata(m: BuildManifest) -> dict:
     params = m.method["params"]
-    bits = "8-bit" if m.method["name"] == "bnb_int8" else "4-bit"
-    kind = "int8" if m.method["name"] == "bnb_int8" else params.get("quant_type", "nf4")
     meta: dict = {}
     if m.base.hub_id:
         meta["base_model"] = m.base.hub_id
@@ -131,7 +144,9 @@ def _metadata(m: BuildManifest) -> dict:
     meta["license"] = m.base.license or "other"
     meta["library_name"] = "transformers"
     meta["pipeline_tag"] = "image-text-to-text" if m.base.variant == "full" else "text-generation"
-    tags = ["quantlab", "bitsandbytes", bits, kind]
+    tags = ["quantlab", *_METHOD_TEXT[m.method["name"]][3]]
+    if m.method["name"] == "bnb_4bit":
+        tags.append(params.get("quant_type", "nf4"))
     if params.get("double_quant"):
         tags.append("double-quant")
     tags.append(m.base.model_class.split("For")[0].lower() or "model")
@@ -141,6 +156,14 @@ def _metadata(m: BuildManifest) -> dict:
 
 def _method_rows(method: str, params: dict) -> list[tuple[str, object]]:
     rows: list[tuple[str, object]] = [("method", method)]
+    if method == "awq":
+        rows += [
+            ("weights", f"{params.get('bits')}-bit integers in groups of {params.get('group_size')} along in_features, "
+                        f"{'with' if params.get('zero_point') else 'without'} zero points; AWQ GEMM layout"),
+            ("engine", params.get("engine")),
+            ("clip search", params.get("clip")),
+        ]
+        return rows
     if method == "bnb_int8":
         rows += [("weights", "int8, one absmax scale per output row (LLM.int8)"), ("threshold", params.get("threshold"))]
     else:
@@ -153,6 +176,48 @@ def _method_rows(method: str, params: dict) -> list[tuple[str, object]]:
         ]
     rows.append(("extra skip_modules", params.get("skip_modules") or []))
     return rows
+
+
+def _serving_lines(m: BuildManifest, repo_hint: str) -> list[str]:
+    if m.method["name"] != "awq":
+        return []
+    return [
+        "With vLLM (AWQ is one of its built-in formats; it picks its AWQ kernels itself):",
+        "",
+        "```bash",
+        f"vllm serve {repo_hint} --quantization awq_marlin   # or --quantization awq",
+        "```",
+        "",
+    ]
+
+
+def _engine_lines(m: BuildManifest) -> list[str]:
+    if not m.engine:
+        return []
+    lines = [f"Engine: `{m.engine['name']}`."]
+    if m.engine.get("calibration_label"):
+        lines.append(f"Calibration: {m.engine['calibration_label']}.")
+    lines += [f"- {n}" for n in m.engine.get("notes", [])]
+    return lines + [""]
+
+
+def _cost_lines(m: BuildManifest) -> list[str]:
+    if m.cost is None:
+        return []
+    c = m.cost
+    gpu = ("no GPU (none was used)" if c.gpu_allocated_peak_bytes is None
+           else f"{c.gpu_allocated_peak_bytes / 1e9:,.2f} GB allocated by torch"
+           + (f", {c.gpu_reserved_peak_bytes / 1e9:,.2f} GB reserved" if c.gpu_reserved_peak_bytes is not None else ""))
+    return [
+        "### Cost of quantizing",
+        "",
+        f"Measured around the step \"{c.what}\" on {m.built_on} ({c.device}):",
+        "",
+        "| Wall time | Peak host RSS | Peak GPU memory |",
+        "|--:|--:|---|",
+        f"| {c.seconds:,.1f} s | {c.rss_peak_bytes / 1e9:,.2f} GB | {gpu} |",
+        "",
+    ]
 
 
 def _skip_origin(m: BuildManifest) -> str:
@@ -202,7 +267,7 @@ def _measurement_lines(records: list[Record]) -> list[str]:
     first = records[0]
     lines += [
         "",
-        f"Weights in memory as quantlab counts them (parameters, buffers and bitsandbytes state): "
+        f"Weights in memory as quantlab counts them (parameters, buffers and quantization state): "
         f"{first.weight_bytes / 1e6:,.2f} MB. Speeds are medians over {first.point.repeats} repeat(s) after "
         f"{first.point.warmup} warm-up; {first.point.new_tokens} greedy decode steps.",
     ]

@@ -52,6 +52,19 @@ class Unquantized(_Frozen):
     quantized_linears: int
 
 
+class QuantizeCost(_Frozen):
+    """What making the quantized checkpoint cost, measured around that step alone."""
+
+    what: str  # the steps the figures cover
+    device: str
+    seconds: float  # wall time, CUDA-synchronised
+    rss_start_bytes: int
+    rss_peak_bytes: int  # host RSS, sampled
+    gpu_allocated_peak_bytes: int | None = None  # torch allocator; None without a GPU (never 0)
+    gpu_reserved_peak_bytes: int | None = None
+    nvml_process_peak_bytes: int | None = None
+
+
 class BuildManifest(_Frozen):
     format: str = FORMAT
     name: str
@@ -66,6 +79,8 @@ class BuildManifest(_Frozen):
     greedy: GreedyCheck
     built_on: str  # hardware the build (and its greedy check) ran on
     record_ids: list[str] = []
+    cost: QuantizeCost | None = None
+    engine: dict[str, Any] | None = None  # engine-written methods (AWQ): engine name, calibration, notes
 
 
 def write_manifest(folder: Path, manifest: BuildManifest) -> None:

@@ -31,6 +31,7 @@ from quantlab.build import tensors as T
 from quantlab.build.card import card_text, estimator_scheme_key, write_card
 from quantlab.build.checksums import write_checksums
 from quantlab.build.manifest import BaseModelRef, BuildManifest, GreedyCheck, Unquantized, write_manifest
+from quantlab.build.cost import cost_summary, parse_size, quantize_cost
 from quantlab.build.verify import greedy_tokens, prompt_token_ids
 from quantlab.errors import QuantlabError
 from quantlab.measure import free_memory
@@ -39,10 +40,13 @@ from quantlab.quantize.configs import NoQuant
 from quantlab.quantize.handlers import handler_for, load_kwargs_for
 from quantlab.recipe import BuildSpec, LoadedRecipe, ModelSpec
 from quantlab.records import Record, utc_now
-from quantlab.sources import load_model, select_variant
+from quantlab.run_checkpoint import quality_against_source
+from quantlab.sources import WeightsInfo, load_model, load_tokenizer, model_class_name, select_variant
 from quantlab.store import append_record
+from quantlab.trackers import MemoryTracker, Timer
+from quantlab.trackers.nvml import NvmlProbe
 
-BUILD_METHODS = ("bnb_int8", "bnb_4bit")
+BUILD_METHODS = ("bnb_int8", "bnb_4bit", "awq")
 # Copied verbatim from the source folder when present: tokenizer, chat template, generation and
 # processor configs, licence.
 EXTRA_FILES = (
@@ -117,18 +121,17 @@ def _write(plan: RunPlan, loaded: LoadedRecipe, tmp: Path, target: Path, output_
     source = source_folder(recipe.model, plan.resolved)
 
     echo(f"quantizing {plan.resolved.name} ({plan.method_label}) on {device}")
-    loaded_model = load_model(recipe.model, plan.resolved, device, load_kwargs_for(recipe.quantization, config))
-    model = handler.apply(loaded_model.model, recipe.quantization)
-    info = loaded_model.info
-    # Save before any forward pass (see the module docstring).
-    model.save_pretrained(tmp, max_shard_size=spec.max_shard_size)
-    tokenizer = loaded_model.tokenizer
-    prompt_ids = prompt_token_ids(tokenizer, spec.prompt, model.get_input_embeddings().num_embeddings)
-    in_memory = greedy_tokens(model, prompt_ids, spec.check_tokens, device)
-    del model, loaded_model
-    free_memory(device)
+    nvml = NvmlProbe(device) if device.type == "cuda" else None
+    with MemoryTracker(device, nvml=nvml) as memory, Timer(device) as timer:
+        if getattr(handler, "writes_checkpoint", False):
+            made = _write_checkpoint(plan, tmp, spec, progress, echo)
+        else:
+            made = _quantize_and_save(plan, config, tmp, spec, handler)
+    cost = quantize_cost(made.what, timer.result.seconds, memory.result)
+    echo(f"quantized in {cost.seconds:,.1f} s; {cost_summary(cost)}")
+    tokenizer, info, prompt_ids, in_memory = made.tokenizer, made.info, made.prompt_ids, made.in_memory
 
-    copied = _copy_extras(source, tmp)
+    copied = copy_extras(source, tmp)
     mtp = T.add_mtp_shard(tmp, T.mtp_tensors(source))
     echo(f"saved to {tmp.name}: {len(T.shard_files(tmp))} shard(s)"
          + (f", {mtp['tensors']} mtp.* tensors copied" if mtp else ", no mtp.* tensors in the source")
@@ -138,12 +141,16 @@ def _write(plan: RunPlan, loaded: LoadedRecipe, tmp: Path, target: Path, output_
     tokens = greedy_tokens(reloaded, prompt_ids, spec.check_tokens, device)
     del reloaded
     free_memory(device)
-    if tokens != in_memory:
+    if in_memory is None:
+        echo(f"greedy check: reloaded with plain transformers and generated {len(tokens)} tokens "
+             "(the engine wrote the checkpoint directly: there is no in-memory model to compare with)")
+    elif tokens != in_memory:
         raise QuantlabError(
             f"the saved build does not reproduce the quantized model: greedy tokens {tokens} after reload, "
             f"{in_memory} before saving. The weights on disk differ from those in memory; not keeping this build"
         )
-    echo(f"greedy check: {len(tokens)} tokens reproduced after reloading from disk")
+    else:
+        echo(f"greedy check: {len(tokens)} tokens reproduced after reloading from disk")
 
     hardware = fingerprint.hardware(device)
     software = fingerprint.software()
@@ -170,6 +177,8 @@ def _write(plan: RunPlan, loaded: LoadedRecipe, tmp: Path, target: Path, output_
             auto_class=auto_class.__name__,
         ),
         built_on=f"{hardware.kind.upper()} {hardware.name}",
+        cost=cost,
+        engine=made.engine,
     )
     write_manifest(tmp, manifest)  # before measuring: records name the build after its base model
 
@@ -190,6 +199,57 @@ def _write(plan: RunPlan, loaded: LoadedRecipe, tmp: Path, target: Path, output_
     return manifest, records
 
 
+@dataclass(frozen=True)
+class _Made:
+    """What the quantize-and-save step leaves for the rest of the build."""
+
+    tokenizer: object | None
+    info: WeightsInfo
+    prompt_ids: list[int]
+    in_memory: list[int] | None  # greedy tokens of the in-memory quantized model, when there is one
+    what: str  # what the cost covers
+    engine: dict | None = None
+
+
+def _quantize_and_save(plan: RunPlan, config, tmp: Path, spec: BuildSpec, handler) -> _Made:
+    """Methods that quantize a loaded model (bitsandbytes): load, quantize, save, then generate."""
+    recipe, device = plan.recipe, plan.device
+    loaded_model = load_model(recipe.model, plan.resolved, device, load_kwargs_for(recipe.quantization, config))
+    model = handler.apply(loaded_model.model, recipe.quantization)
+    # Save before any forward pass (see the module docstring).
+    model.save_pretrained(tmp, max_shard_size=spec.max_shard_size)
+    tokenizer = loaded_model.tokenizer
+    prompt_ids = prompt_token_ids(tokenizer, spec.prompt, model.get_input_embeddings().num_embeddings)
+    in_memory = greedy_tokens(model, prompt_ids, spec.check_tokens, device)
+    del model, loaded_model.model
+    free_memory(device)
+    what = f"load, quantize, save, {spec.check_tokens}-token greedy run"
+    return _Made(tokenizer, loaded_model.info, prompt_ids, in_memory, what)
+
+
+def _write_checkpoint(plan: RunPlan, tmp: Path, spec: BuildSpec, progress: bool, echo) -> _Made:
+    """Methods whose engine writes the checkpoint from the source's files (AWQ)."""
+    from quantlab.quantize.awq.handler import write_checkpoint
+
+    recipe = plan.recipe
+    written = write_checkpoint(plan, tmp, parse_size(spec.max_shard_size), progress, echo)
+    config, auto_class = select_variant(plan.resolved.config, recipe.model.variant)
+    folder = source_folder(recipe.model, plan.resolved)
+    tokenizer = load_tokenizer(str(folder) if folder else None)
+    vocab = getattr(config.get_text_config(), "vocab_size")
+    info = WeightsInfo(
+        name=plan.resolved.name, source=recipe.model.source, weights="real", location=plan.resolved.location,
+        revision=None, model_class=model_class_name(config, auto_class), variant=recipe.model.variant,
+        dtype=recipe.model.dtype,
+    )
+    engine = {"name": written.outcome.engine, "quantized_linears": len(written.outcome.quantized),
+              "notes": list(written.outcome.notes),
+              "calibration": written.calibration.description if written.calibration else None,
+              "calibration_label": written.calibration.label if written.calibration else None}
+    return _Made(tokenizer, info, prompt_token_ids(tokenizer, spec.prompt, vocab), None,
+                 f"AWQ engine {written.outcome.engine}: read the source, calibrate, quantize, write", engine)
+
+
 def _measure(loaded: LoadedRecipe, tmp: Path, target: Path, output_dir, progress: bool, echo) -> list[Record]:
     """The build measured as any checkpoint is: a local source, reloaded from disk by `quantlab run`'s loop."""
     from quantlab.run import run_recipe
@@ -200,7 +260,7 @@ def _measure(loaded: LoadedRecipe, tmp: Path, target: Path, output_dir, progress
         "model": ModelSpec(source="local", path=str(tmp), variant=spec.variant, dtype=spec.dtype, device=spec.device,
                            seed=spec.seed),
         "quantization": NoQuant(),
-        "quality": _quality_against_base(recipe),
+        "quality": quality_against_source(recipe),
         "build": None,
     })
     result = run_recipe(LoadedRecipe(derived, loaded.path, loaded.text, loaded.sha256), output_dir, progress, echo,
@@ -210,14 +270,6 @@ def _measure(loaded: LoadedRecipe, tmp: Path, target: Path, output_dir, progress
         r.model_copy(update={"model": r.model.model_copy(update={"location": str(target)}), "notes": (*r.notes, note)})
         for r in result.records
     ]
-
-
-def _quality_against_base(recipe):
-    """The quality reference of a build is the base model, not the build itself."""
-    quality = getattr(recipe, "quality", None)
-    if quality is None or quality.reference.model is not None:
-        return quality
-    return quality.model_copy(update={"reference": quality.reference.model_copy(update={"model": recipe.model})})
 
 
 def _estimate(folder: Path, manifest: BuildManifest, disk: int) -> tuple[int, str] | None:
@@ -254,7 +306,8 @@ def source_folder(spec: ModelSpec, resolved) -> Path | None:
     return None
 
 
-def _copy_extras(source: Path | None, dest: Path) -> list[str]:
+def copy_extras(source: Path | None, dest: Path) -> list[str]:
+    """Tokenizer, chat template, generation and processor configs, licence: copied as they are."""
     copied = []
     for name in EXTRA_FILES:
         path = source / name if source else None

@@ -6,9 +6,11 @@ QuantConfig is their union, discriminated by `method`. Handlers live in quantize
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from quantlab.textsource import TextSourceSpec
 
 
 class _QuantConfigBase(BaseModel):
@@ -60,7 +62,40 @@ class Bnb4bitConfig(_QuantConfigBase):
     skip_modules: list[str] = Field(default_factory=list)
 
 
-CONFIG_CLASSES: tuple[type[_QuantConfigBase], ...] = (NoQuant, RtnConfig, BnbInt8Config, Bnb4bitConfig)
+class CalibrationSpec(TextSourceSpec):
+    """AWQ's calibration text, cut into `samples` windows of `seq_len` tokens drawn with `seed`.
+
+    Default: the Python standard library's "calibration" split, gathered on this machine at run time
+    (source code suits a coding model; nothing is downloaded or copied into the repository).
+    """
+
+    WHERE: ClassVar[str] = "quantization.calibration"
+
+    split: str = Field("train", description="hub: the split whose data files are read (when path is not given)")
+    samples: int = Field(128, ge=1, le=100_000, description="calibration windows")
+    seq_len: int = Field(512, ge=16, le=32_768, description="tokens per window")
+    seed: int = Field(0, ge=0, description="which windows are drawn")
+
+
+class AwqConfig(_QuantConfigBase):
+    """AWQ W4A16: 4-bit weights in groups along in_features, activation-aware scales and clipping
+    searched on calibration text, written as `quant_method: awq`, `version: gemm` checkpoints.
+
+    Which Linears stay unquantized comes from quantlab.architecture (UNQUANTIZED_ROLES["awq"]).
+    `engine` picks the implementation (quantlab/quantize/awq/); the checkpoint format is the same.
+    """
+
+    method: Literal["awq"]
+    bits: Literal[4] = 4
+    group_size: Literal[32, 64, 128] = 128
+    zero_point: bool = True
+    engine: Literal["quantlab", "gptqmodel"] = "quantlab"
+    clip: bool = Field(True, description="search a clipping threshold per group after the scales")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    batch_size: int = Field(8, ge=1, le=1024, description="calibration windows per forward pass")
+
+
+CONFIG_CLASSES: tuple[type[_QuantConfigBase], ...] = (NoQuant, RtnConfig, BnbInt8Config, Bnb4bitConfig, AwqConfig)
 
 QuantConfig = Annotated[Union[CONFIG_CLASSES], Field(discriminator="method")]
 

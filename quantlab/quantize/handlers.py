@@ -8,6 +8,7 @@ import torch
 from transformers import PretrainedConfig
 
 from quantlab.architecture import quantizable_linears
+from quantlab.quantize.awq.handler import AwqHandler
 from quantlab.quantize.bnb import Bnb4bitHandler, BnbInt8Handler
 from quantlab.quantize.configs import NoQuant, QuantConfig, RtnConfig
 from quantlab.quantize.rtn import apply_rtn, check_group_size
@@ -28,6 +29,8 @@ class Handler(Protocol):
     # Optional: `load_kwargs(qconfig, config) -> dict`, extra from_pretrained arguments for methods
     # that quantize while real weights load (bitsandbytes' quantization_config). Synthetic weights
     # are created from a config, never from_pretrained: `apply` quantizes those. See load_kwargs_for.
+    # Optional: `writes_checkpoint = True` (AWQ): the method writes a new checkpoint from the source's
+    # files instead of `apply`; `check_source(qconfig, spec, location) -> notes` runs in the plan.
 
 
 class NoQuantHandler:
@@ -61,7 +64,7 @@ class RtnHandler:
         return apply_rtn(model, qconfig)
 
 
-HANDLERS: dict[str, Handler] = {h.method: h for h in (NoQuantHandler(), RtnHandler(), BnbInt8Handler(), Bnb4bitHandler())}
+HANDLERS: dict[str, Handler] = {h.method: h for h in (NoQuantHandler(), RtnHandler(), BnbInt8Handler(), Bnb4bitHandler(), AwqHandler())}
 
 
 def handler_for(qconfig: QuantConfig) -> Handler:

@@ -45,4 +45,7 @@ def checkpoint_method(config: PretrainedConfig, folder: str | None = None) -> Ch
         qconfig, skip = parsed
         params = {**qconfig.model_dump(), "checkpoint_skip_modules": skip}
         return CheckpointMethod(qconfig.method, bnb.label(qconfig), params, quant_method)
+    if quant_method == "awq":
+        label = f"AWQ W{qc.get('bits', '?')}A16 g{qc.get('group_size', '?')} (pre-quantized)"
+        return CheckpointMethod("awq", label, qc, quant_method)
     return CheckpointMethod(quant_method, f"{quant_method} (pre-quantized)", qc, quant_method)

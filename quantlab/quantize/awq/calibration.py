@@ -1,0 +1,56 @@
+"""AWQ calibration samples: the recipe's text, tokenized, cut into `samples` windows of `seq_len` tokens.
+
+Windows are drawn without overlap where the text is long enough (seeded), else with overlap; a
+text shorter than one window is an error, raised while planning, before any weights load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from quantlab.errors import QuantlabError
+from quantlab.quantize.configs import CalibrationSpec
+
+WHERE = CalibrationSpec.WHERE
+
+
+@dataclass(frozen=True)
+class Calibration:
+    input_ids: torch.Tensor  # [samples, seq_len]
+    description: dict[str, Any]
+    label: str
+    text_tokens: int
+
+
+def calibration_samples(spec: CalibrationSpec, tokenizer) -> Calibration:
+    from quantlab.quality.text import load_text
+
+    if tokenizer is None:
+        raise QuantlabError(f"{WHERE}: the model has no tokenizer files, so calibration text cannot be tokenized")
+    text = load_text(spec, WHERE, "calibration", min_chars=spec.samples * spec.seq_len * 8)
+    ids = tokenizer(text.text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if len(ids) < spec.seq_len:
+        raise QuantlabError(
+            f"{WHERE}: {text.label} is {len(ids):,} tokens long, shorter than one sample "
+            f"({WHERE}.seq_len {spec.seq_len}); use a longer text or a shorter seq_len"
+        )
+    tokens = torch.tensor(ids, dtype=torch.long)
+    starts = _window_starts(len(ids), spec.seq_len, spec.samples, spec.seed)
+    windows = torch.stack([tokens[s:s + spec.seq_len] for s in starts])
+    overlap = len(ids) < spec.samples * spec.seq_len
+    description = {**text.description, "tokens": len(ids), "samples": spec.samples, "seq_len": spec.seq_len,
+                   "seed": spec.seed, "overlapping": overlap}
+    label = (f"{spec.samples} × {spec.seq_len} tokens from {text.label}"
+             + (" (windows overlap: the text is shorter than samples × seq_len)" if overlap else ""))
+    return Calibration(windows, description, label, len(ids))
+
+
+def _window_starts(length: int, seq_len: int, samples: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    slots = length // seq_len
+    if slots >= samples:  # disjoint windows: a random choice of aligned slots
+        return sorted(int(i) * seq_len for i in torch.randperm(slots, generator=generator)[:samples])
+    return sorted(int(i) for i in torch.randint(0, length - seq_len + 1, (samples,), generator=generator))

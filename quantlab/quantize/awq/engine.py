@@ -1,0 +1,49 @@
+"""The engine-neutral AWQ interface: a job in, a folder of `quant_method: awq` GEMM shards out.
+
+An engine reads the source checkpoint (or creates synthetic weights), quantizes, and writes the
+safetensors shards into `job.out`. Everything around it is shared and engine-independent: the
+recipe, the calibration samples, the skip rules, config.json's quantization_config, the build
+folder, measurement and records. Engines register in ENGINES (quantize/awq/__init__.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformers import PretrainedConfig
+
+from quantlab.quantize.configs import AwqConfig
+
+
+@dataclass(frozen=True)
+class AwqJob:
+    source: Path | None  # checkpoint folder; None: synthetic weights (seeded), packed without calibration
+    config: PretrainedConfig  # the checkpoint's own config (a vision-language config keeps its tower)
+    out: Path
+    qconfig: AwqConfig
+    calibration: torch.Tensor | None  # [samples, seq_len] token ids; None only with synthetic weights
+    device: torch.device
+    dtype: torch.dtype
+    max_shard_bytes: int
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class AwqOutcome:
+    engine: str
+    quantized: tuple[str, ...]  # Linear module names written as qweight/qzeros/scales
+    notes: tuple[str, ...] = ()
+
+
+class AwqEngine(Protocol):
+    name: str
+
+    def check(self, qconfig: AwqConfig, config: PretrainedConfig, model_class: str) -> None:
+        """Raise QuantlabError when this engine cannot quantize the model (before any weights load)."""
+
+    def quantize(self, job: AwqJob) -> AwqOutcome:
+        """Write the quantized shards (no config.json: the caller writes it) into job.out."""

@@ -1,0 +1,35 @@
+"""Where a recipe's text comes from (quality's held-out text, AWQ's calibration text): one schema, one loader
+(quantlab/quality/text.py). Subclasses set WHERE, the recipe section named in error messages."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TextSourceSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    WHERE: ClassVar[str] = "text"
+
+    source: Literal["default", "file", "folder", "hub"] = "default"
+    path: str | None = Field(None, description="file/folder: a local path; hub: a data file inside the dataset repo")
+    dataset: str | None = Field(None, description="hub: dataset repo id, e.g. Salesforce/wikitext")
+    revision: str | None = Field(None, description="hub: dataset revision")
+    split: str = Field("test", description="hub: the split whose data files are read (when path is not given)")
+    column: str = Field("text", description="the text column of .jsonl/.json/.csv/.parquet files")
+
+    @model_validator(mode="after")
+    def _fields_match_source(self):
+        where = self.WHERE
+        if self.source in ("file", "folder") and self.path is None:
+            raise ValueError(f"source '{self.source}' needs {where}.path")
+        if self.source == "hub" and self.dataset is None:
+            raise ValueError(f"source 'hub' needs {where}.dataset (a Hub dataset id)")
+        if self.source != "hub":
+            for name in ("dataset", "revision", "split"):
+                if name in self.model_fields_set:
+                    raise ValueError(f"{where}.{name} is only used with source 'hub', not '{self.source}'; remove it")
+        if self.source == "default" and self.path is not None:
+            raise ValueError(f"{where}.path is not used with source 'default'; use source: file or folder")
+        return self
