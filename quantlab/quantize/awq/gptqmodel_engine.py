@@ -60,7 +60,8 @@ class GptqmodelEngine:
         samples = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in job.calibration]
         qc = AWQConfig(bits=job.qconfig.bits, group_size=job.qconfig.group_size, sym=not job.qconfig.zero_point)
         backend = BACKEND.AWQ_TORCH if job.device.type == "cpu" else BACKEND.AUTO
-        with tempfile.TemporaryDirectory(prefix="quantlab-gptqmodel-", dir=job.out.parent) as tmp, _norm_fix():
+        with tempfile.TemporaryDirectory(prefix="quantlab-gptqmodel-", dir=job.out.parent) as tmp, _norm_fix(), \
+                _working_directory(tmp):  # gptqmodel writes logs/awq_log_*.log into the working directory
             model = GPTQModel.load(str(job.source), qc, device=str(job.device))
             model.quantize(samples, batch_size=job.qconfig.batch_size, backend=backend)
             model.save(tmp)
@@ -78,6 +79,16 @@ def _copy_without_mtp(src: Path, out: Path, max_bytes: int) -> list[str]:
             writer.add(name, reader.get(name))
     writer.finish()
     return sorted(n[: -len(".qweight")] for n in reader.names() if n.endswith(".qweight"))
+
+
+@contextlib.contextmanager
+def _working_directory(folder: str):
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 @contextlib.contextmanager
