@@ -294,6 +294,7 @@ def test_build_folder_records_the_cost_and_the_card(tmp_path):
     card = (result.folder / "README.md").read_text()
     assert "Cost of quantizing" in card and "vllm serve" in card and "modules_to_not_convert" in card
     assert "calibration split" in card
+    assert "25 Linear weights are quantized" in card and "| other |" not in card  # qweight/qzeros/scales are not "kept"
     meta = yaml.safe_load(card.split("---\n")[1])
     assert "awq" in meta["tags"]
     assert (result.folder / "SHA256SUMS").is_file() and (result.folder / "tokenizer.json").is_file()

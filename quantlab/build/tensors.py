@@ -24,6 +24,8 @@ _CHUNK = 16 << 20
 QUANT_STATE = re.compile(
     r"\.(SCB|weight_format|weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+))$"
 )
+# What an AWQ GEMM checkpoint stores instead of a quantized Linear's `weight`.
+AWQ_PACKED = re.compile(r"\.(qweight|qzeros|scales)$")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
@@ -146,14 +148,18 @@ class KeptGroup:
 
 def unquantized_groups(folder: Path, model_class: str) -> tuple[list[KeptGroup], int]:
     """Every tensor of a build stored unquantized, grouped by role and name pattern, and the
-    number of quantized weights. A quantized weight is one with bitsandbytes state beside it."""
+    number of quantized weights. A quantized weight is one with bitsandbytes state beside it, or
+    an AWQ module (qweight, qzeros, scales)."""
     tensors = folder_tensors(folder)
     quantized_modules = {QUANT_STATE.sub("", n) for n in tensors if QUANT_STATE.search(n)}
+    awq_modules = {n.removesuffix(".qweight") for n in tensors if n.endswith(".qweight")}
     groups: dict[tuple[str, str, str], list[tuple[int | None, int]]] = defaultdict(list)
     for name, t in tensors.items():
         module, _, leaf = name.rpartition(".")
         if QUANT_STATE.search(name) or (leaf == "weight" and module in quantized_modules):
             continue  # a quantized weight or its state; a bias stays unquantized and is listed
+        if AWQ_PACKED.search(name) and module in awq_modules:
+            continue
         try:
             role = role_of(model_class, name)
         except KeyError:
@@ -169,7 +175,7 @@ def unquantized_groups(folder: Path, model_class: str) -> tuple[list[KeptGroup],
         layers = sorted(i for i, _ in items if i is not None)
         shown = pattern.replace("{N}", "{" + _ranges(layers) + "}") if layers else pattern
         kept.append(KeptGroup(role, shown, len(items), sum(n for _, n in items), dtype))
-    return kept, len(quantized_modules)
+    return kept, len(quantized_modules) + len(awq_modules)
 
 
 def _ranges(values: list[int]) -> str:
