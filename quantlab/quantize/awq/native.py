@@ -81,8 +81,9 @@ class QuantlabEngine:
             _write_rest(model, arch.decoder_layers, reader, job, writer)
         writer.finish()
         notes = () if job.calibration is not None else (
-            "synthetic weights, round-to-nearest packed in the AWQ GEMM format (no calibration): the same memory "
-            "and speed as a calibrated AWQ build, not its quality",
+            ("synthetic weights, " if reader is None else "")
+            + "round-to-nearest packed in the AWQ GEMM format (no calibration): the same memory and speed as a "
+            "calibrated AWQ build, not its quality",
         )
         return AwqOutcome(self.name, tuple(quantized), notes)
 
