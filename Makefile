@@ -68,8 +68,9 @@ quantize-awq: setup  ## AWQ build: calibrate, quantize layer by layer, reload, g
 gpu-check-awq: setup  ## full-size synthetic Qwen3.6-27B in the AWQ format on a GPU: VRAM and decode tok/s
 	bash scripts/gpu_check_awq.sh
 
+ENGINES ?= quantlab
 bench-awq-memory: setup  ## peak host RSS while quantizing a 2.4 GB synthetic qwen3_5, as a ratio to its BF16 bytes
-	$(BIN)/python scripts/bench_awq_memory.py --engines quantlab,gptqmodel
+	$(BIN)/python scripts/bench_awq_memory.py --engines $(ENGINES)
 
 bundled-model: setup  ## rebuild the bundled model (deterministic, ~8 min on 2 cores)
 	$(BIN)/python -m quantlab.bundled.build
