@@ -236,10 +236,11 @@ def _write_checkpoint(plan: RunPlan, tmp: Path, spec: BuildSpec, progress: bool,
     config, auto_class = select_variant(plan.resolved.config, recipe.model.variant)
     folder = source_folder(recipe.model, plan.resolved)
     tokenizer = load_tokenizer(str(folder) if folder else None)
-    vocab = getattr(config.get_text_config(), "vocab_size")
+    vocab = config.get_text_config().vocab_size
+    revision = folder.name if folder is not None and folder.parent.name == "snapshots" else None  # a Hub cache snapshot
     info = WeightsInfo(
         name=plan.resolved.name, source=recipe.model.source, weights="real", location=plan.resolved.location,
-        revision=None, model_class=model_class_name(config, auto_class), variant=recipe.model.variant,
+        revision=revision, model_class=model_class_name(config, auto_class), variant=recipe.model.variant,
         dtype=recipe.model.dtype,
     )
     engine = {"name": written.outcome.engine, "quantized_linears": len(written.outcome.quantized),
