@@ -19,6 +19,7 @@ from transformers import PretrainedConfig
 
 from quantlab.architecture import quantizable_linears
 from quantlab.errors import QuantlabError
+from quantlab.quantize.awq import ENGINES
 from quantlab.quantize.awq.calibration import Calibration, calibration_samples
 from quantlab.quantize.awq.engine import AwqJob, AwqOutcome
 from quantlab.quantize.bnb import SkipPlan, skip_plan
@@ -36,14 +37,8 @@ class WrittenCheckpoint:
     quantization_config: dict
 
 
-def engines() -> dict:
-    from quantlab.quantize.awq import ENGINES
-
-    return ENGINES
-
-
 def engine_for(qconfig: AwqConfig):
-    return engines()[qconfig.engine]
+    return ENGINES[qconfig.engine]
 
 
 def kernels_available() -> bool:
