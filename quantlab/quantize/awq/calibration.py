@@ -22,7 +22,6 @@ class Calibration:
     input_ids: torch.Tensor  # [samples, seq_len]
     description: dict[str, Any]
     label: str
-    text_tokens: int
 
 
 def calibration_samples(spec: CalibrationSpec, tokenizer) -> Calibration:
@@ -45,7 +44,7 @@ def calibration_samples(spec: CalibrationSpec, tokenizer) -> Calibration:
                    "seed": spec.seed, "overlapping": overlap}
     label = (f"{spec.samples} × {spec.seq_len} tokens from {text.label}"
              + (" (windows overlap: the text is shorter than samples × seq_len)" if overlap else ""))
-    return Calibration(windows, description, label, len(ids))
+    return Calibration(windows, description, label)
 
 
 def _window_starts(length: int, seq_len: int, samples: int, seed: int) -> list[int]:

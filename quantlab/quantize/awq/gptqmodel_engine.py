@@ -25,13 +25,11 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
+from quantlab.build.tensors import MTP_PREFIX
 from quantlab.errors import QuantlabError
 from quantlab.quantize.awq.engine import AwqJob, AwqOutcome
 from quantlab.quantize.awq.shards import ShardReader, ShardWriter
 from quantlab.quantize.configs import AwqConfig
-
-MTP_PREFIX = "mtp."
-
 
 class GptqmodelEngine:
     name = "gptqmodel"

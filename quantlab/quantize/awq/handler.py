@@ -34,7 +34,6 @@ PACK_MULTIPLE = 8  # eight 4-bit values per int32 along out_features
 class WrittenCheckpoint:
     outcome: AwqOutcome
     calibration: Calibration | None
-    quantization_config: dict
 
 
 def engine_for(qconfig: AwqConfig):
@@ -60,7 +59,7 @@ class AwqHandler:
 
         model = meta_model(config)
         engine_for(qconfig).check(qconfig, config, type(model).__name__)
-        self.skip_plan(qconfig, config)  # an unknown class fails here with the classes quantlab knows
+        skip_plan(model, self.method)  # an unknown class fails here with the classes quantlab knows
         linears = quantizable_linears(model, self.method)
         check_group_size([(n, m.in_features) for n, m in linears], qconfig.group_size)
         narrow = [n for n, m in linears if m.out_features % PACK_MULTIPLE]
@@ -112,9 +111,8 @@ def write_checkpoint(plan, folder: Path, max_shard_bytes: int, progress: bool = 
     )
     outcome = engine_for(qconfig).quantize(job)
     skip = AwqHandler().skip_plan(qconfig, plan.resolved.config)
-    qc = quantization_config(qconfig, skip.patterns)
-    write_config(plan.resolved.config, qc, folder)
-    return WrittenCheckpoint(outcome, calibration, qc)
+    write_config(plan.resolved.config, quantization_config(qconfig, skip.patterns), folder)
+    return WrittenCheckpoint(outcome, calibration)
 
 
 def quantization_config(qconfig: AwqConfig, skip_patterns) -> dict:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
 from quantlab.architecture import UNQUANTIZED_ROLES, role_of
+from quantlab.build.tensors import MTP_PREFIX
 from quantlab.errors import QuantlabError
 from quantlab.quantize.awq.engine import AwqJob, AwqOutcome
 from quantlab.quantize.awq.mappings import AWQ_ARCHITECTURES, NO_CLIP, AwqMapping
@@ -32,9 +33,6 @@ from quantlab.quantize.awq.search import apply_clip, search_clip, search_scales
 from quantlab.quantize.awq.shards import ShardReader, ShardWriter
 from quantlab.quantize.configs import AwqConfig
 from quantlab.quantize.groupwise import quantize_rows, scale_columns
-
-MTP_PREFIX = "mtp."
-
 
 class _StopForward(Exception):
     pass
