@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 RECIPE ?= recipes/bundled-bf16.yaml
 
 .PHONY: setup run test validate report bench-overhead bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
-	quantize-awq gpu-check-awq bench-awq-memory
+	quantize-awq gpu-check-awq bench-awq-memory gpu-check-all gpu-bundle gpu-rehearse
 
 setup: $(STAMP)
 
@@ -40,8 +40,19 @@ bench-overhead: setup  ## harness decode tok/s vs a bare loop, same model, same 
 bench-estimate: setup  ## wall time of the full Qwen3.6-27B memory estimate (target < 2 s)
 	$(BIN)/python scripts/bench_estimate.py
 
-gpu-check: setup  ## full-size synthetic Qwen3.6-27B at BF16 on a GPU; records go to measurements/
-	bash scripts/gpu_check.sh
+# The GPU check (scripts/gpu_check_all.py): no dependency on setup, which would install torch from a registry;
+# it runs on the GPU box's own Python and torch, plus the bundle (.whl/, from make gpu-bundle) when there is one.
+gpu-check-all:  ## everything, in priority order, within its time budget: BF16 1k/32k/128k, NF4 + AWQ, int8, GPU tests
+	bash scripts/gpu_check_all.sh
+
+gpu-check:  ## the BF16 step and the GPU tests only
+	bash scripts/gpu_check_all.sh --only bf16,tests
+
+gpu-bundle:  ## the wheels an offline GPU box lacks, in .whl/; prints what would travel, fails above 60 MiB
+	$(PYTHON) scripts/gpu_bundle.py
+
+gpu-rehearse: gpu-bundle  ## the GPU check on this CPU: bundled model, a fresh venv like the GPU box, no network
+	bash scripts/gpu_rehearse.sh
 
 # bitsandbytes builds (quantlab build): the bundled model unless RECIPE is given on the command line,
 # e.g. make quantize-nf4 RECIPE=recipes/qwen3.6-27b-nf4.yaml (a GPU and the downloaded weights).
@@ -55,8 +66,8 @@ quantize-int8: setup  ## bitsandbytes LLM.int8 build: quantize, save, reload, gr
 quantize-nf4: setup  ## bitsandbytes NF4 build: quantize, save, reload, greedy check, measure, card
 	$(BIN)/quantlab build $(call build_recipe,recipes/bundled-nf4.yaml) $(BUILD_ARGS)
 
-gpu-check-bnb: setup  ## full-size synthetic Qwen3.6-27B at int8 and NF4 on a GPU: VRAM and decode tok/s
-	bash scripts/gpu_check_bnb.sh
+gpu-check-bnb:  ## the NF4 and int8 steps of the GPU check only
+	bash scripts/gpu_check_all.sh --only nf4,int8
 
 # AWQ W4A16 g128: Qwen/Qwen3.6-27B where a GPU is visible (nvidia-smi), the bundled model on the CPU otherwise;
 # RECIPE=... on the command line picks another.
@@ -65,8 +76,8 @@ AWQ_DEFAULT := $(if $(shell nvidia-smi -L 2>/dev/null),recipes/qwen3.6-27b-awq.y
 quantize-awq: setup  ## AWQ build: calibrate, quantize layer by layer, reload, greedy check, measure, card
 	$(BIN)/quantlab build $(call build_recipe,$(AWQ_DEFAULT)) $(BUILD_ARGS)
 
-gpu-check-awq: setup  ## full-size synthetic Qwen3.6-27B in the AWQ format on a GPU: VRAM and decode tok/s
-	bash scripts/gpu_check_awq.sh
+gpu-check-awq:  ## the AWQ step of the GPU check only
+	bash scripts/gpu_check_all.sh --only awq
 
 ENGINES ?= quantlab
 bench-awq-memory: setup  ## peak host RSS while quantizing a 2.4 GB synthetic qwen3_5, as a ratio to its BF16 bytes

@@ -22,6 +22,10 @@ PACKAGES = (
 )
 
 
+ENVIRONMENT = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
+               "OMP_NUM_THREADS", "HF_HUB_OFFLINE")
+
+
 class Hardware(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -47,6 +51,9 @@ class Software(BaseModel):
     git_dirty: bool | None
     packages: dict[str, str]
     torch_threads: int
+    # Settings that change what the allocator and the kernels do, as set when the run started
+    # (gptqmodel, imported to load AWQ, sets PYTORCH_ALLOC_CONF for later processes' allocators).
+    environment: dict[str, str] | None = None
 
 
 def hardware(device: torch.device) -> Hardware:
@@ -77,6 +84,7 @@ def software() -> Software:
         git_dirty=dirty,
         packages=package_versions(),
         torch_threads=torch.get_num_threads(),
+        environment={k: os.environ[k] for k in ENVIRONMENT if k in os.environ},
     )
 
 
@@ -110,7 +118,9 @@ def git_state(repo: Path) -> tuple[str | None, bool | None]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    if commit is None:
-        return None, None
+    if commit is None:  # a copy of the tree without .git (a GPU box): the commit its sender stated, if any
+        stated = os.environ.get("QUANTLAB_GIT_COMMIT")
+        dirty = os.environ.get("QUANTLAB_GIT_DIRTY")
+        return (stated or None), (None if stated is None or dirty is None else dirty == "1")
     status = git("status", "--porcelain", "--untracked-files=no")
     return commit, (None if status is None else bool(status))

@@ -7,7 +7,6 @@ recorded and the next point is measured.
 
 from __future__ import annotations
 
-import gc
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from quantlab.stats import Summary, summarize
 from quantlab.trackers import MemoryResult, MemoryTracker, Timer
+from quantlab.trackers.memory import settle
 from quantlab.trackers.nvml import NvmlProbe
 
 
@@ -67,10 +67,12 @@ def _measure(model, s: PointSettings, device, nvml, progress) -> PointResult:
     decode_mem: list[MemoryResult] = []
     runs = tqdm(range(s.warmup + s.repeats), desc=f"context {s.context:,} × batch {s.batch}", unit="run", leave=False, disable=not progress)
     for run in runs:
+        # Each phase starts settled (garbage collected, CUDA cache emptied): its reserved and nvidia-smi
+        # peaks are its own, not what the previous phase, repeat or point left cached.
         with torch.inference_mode():
-            with MemoryTracker(device, s.sample_interval_s, nvml) as pm, Timer(device) as pt:
+            with MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True) as pm, Timer(device) as pt:
                 next_ids, cache = prefill(model, ids)
-            with MemoryTracker(device, s.sample_interval_s, nvml) as dm, Timer(device) as dt:
+            with MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True) as dm, Timer(device) as dt:
                 tokens = decode(model, next_ids, cache, s.new_tokens)
         cache_bytes = tensor_bytes(cache)
         del cache
@@ -162,9 +164,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    settle(device)
 
 
 def _first_line(exc: BaseException) -> str:

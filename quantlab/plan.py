@@ -51,6 +51,7 @@ def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True) -> RunPlan:
     handler = handler_for(recipe.quantization)
     handler.check(recipe.quantization, config)
     prequantized = _prequantized(recipe, resolved)
+    _check_awq_kernel(recipe.model.awq_kernel, recipe.quantization.method, prequantized)
     source_notes = _check_source(handler, recipe, resolved)
     _check_context(config, recipe.measure.contexts, recipe.measure.new_tokens)
     parameters = meta_parameter_count(config, auto_class)
@@ -89,6 +90,21 @@ def _prequantized(recipe, resolved: ResolvedConfig):
             f"({found.label}, quant_method {found.quant_method}); use quantization: {{method: none}} to measure it as it is"
         )
     return found
+
+
+def _check_awq_kernel(kernel: str | None, method: str, prequantized) -> None:
+    if kernel is None:
+        return
+    if method != "awq" and (prequantized is None or prequantized.quant_method != "awq"):
+        raise QuantlabError(
+            f"model.awq_kernel {kernel!r}: only AWQ checkpoints take a kernel choice (quantization.method awq, or a "
+            "checkpoint whose quantization_config says awq); remove it"
+        )
+    from transformers.utils.quantization_config import AwqBackend
+
+    allowed = [b.value for b in AwqBackend]
+    if kernel not in allowed:
+        raise QuantlabError(f"model.awq_kernel {kernel!r}: not an AWQ kernel transformers knows; allowed: {', '.join(allowed)}")
 
 
 def _check_source(handler, recipe, resolved: ResolvedConfig) -> tuple[str, ...]:

@@ -40,6 +40,10 @@ class ModelSpec(_Strict):
     dtype: Dtype = "bfloat16"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     seed: int = 0
+    awq_kernel: str | None = Field(
+        None, description="AWQ checkpoints: the kernel transformers loads them with (its AwqConfig backend, e.g. "
+        "gemm_triton, marlin, torch_awq); default: gptqmodel's own choice"
+    )
 
     @model_validator(mode="after")
     def _fields_match_source(self) -> "ModelSpec":

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from quantlab.fingerprint import Hardware, Software
+from quantlab.kernels import Kernels
 from quantlab.quality.result import QualityResult
 from quantlab.measure import PointResult
 from quantlab.roofline import Roofline
@@ -68,6 +69,7 @@ class Record(_Frozen):
     result: PointResult
     roofline: Roofline | None = None
     quality: QualityResult | None = None  # once per run, against the reference (recipe's quality section)
+    kernels: Kernels | None = None  # what really ran: DeltaNet functions, quantized Linear classes, dtype
     notes: tuple[str, ...] = ()
 
 

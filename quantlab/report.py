@@ -23,6 +23,18 @@ QUALITY_NOTE = (
     "KL mean / PPL ratio: KL(reference ‖ candidate) in nats per token, and candidate ÷ reference perplexity, on "
     "held-out text, once per run (the recipe's `quality:` section); ≥ marks a stored-mode top-k lower bound"
 )
+GPU_MEMORY_NOTE = ("Memory in GB: Weights = the bytes of the model's tensors as measured; GPU allocated after load = "
+                   "torch's allocation once loaded; peaks = torch's allocator peak in each phase, which starts after "
+                   "gc.collect() and torch.cuda.empty_cache() (a phase's own, not what the last one left cached); "
+                   "nvidia-smi = NVML, this process's (CUDA context included) or, where that cannot be told apart, "
+                   "the whole device's, as labelled.")
+CPU_MEMORY_NOTE = ("Memory in GB: Weights = the bytes of the model's tensors as measured; RSS growth at load = how "
+                   "much the process's resident memory grew while loading (not the weights alone: allocator slack, "
+                   "and after an earlier step in the same process, less than them); peaks = the process's whole RSS "
+                   "(Python, torch and libraries included).")
+SPEED_NOTE = ("Speeds: median over repeats, with min–max. Decode tok/s counts every sequence of the batch "
+              "(batch × new tokens ÷ time); per sequence it is that ÷ batch; ms/step is one decode step, in which "
+              "every sequence advances one token.")
 MATCH_TOLERANCE = 0.03  # a measurement within 3% of the claimed range counts as matching a "~" claim
 
 
@@ -130,39 +142,49 @@ def _group_table(model: str, weights: str, kind: str, hardware: str, group: list
         latest[key] = r
         runs[key] += 1
     newest = group[-1]
-    mem = "GPU memory, torch allocated (after load = the weights)" if kind == "gpu" else "host RSS of the whole process (CPU run; after load includes Python and torch)"
     lines = [
         f"## {model} · {weights} weights · {kind.upper()}: {hardware}",
         "",
-        f"Memory: {mem}, in GB. Speeds: median over repeats, with min–max. "
+        f"{GPU_MEMORY_NOTE if kind == 'gpu' else CPU_MEMORY_NOTE} {SPEED_NOTE} "
         f"Latest: {newest.created_at}, quantlab {newest.software.quantlab} "
         f"({(newest.software.git_commit or 'no git')[:10]}), torch {newest.software.packages.get('torch', '?')}, "
         f"transformers {newest.software.packages.get('transformers', '?')}.",
         "",
-        "| Method | Variant | Context | Batch | After load | Peak prefill | Peak decode | nvidia-smi peak | "
-        "Prefill tok/s | TTFT ms | Decode tok/s | ms/token | % of bandwidth bound | KL mean / PPL ratio | Runs |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        f"| Method | Variant | Context | Batch | Weights | {'GPU allocated after load' if kind == 'gpu' else 'RSS growth at load'} | "
+        "Peak prefill | Peak decode | nvidia-smi peak | Prefill tok/s | TTFT ms | Decode tok/s, all sequences | "
+        "ms/step | % of bandwidth bound | KL mean / PPL ratio | Runs |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for key in sorted(latest, key=lambda k: (k[0], k[1], k[3], k[2])):
         lines.append(_row(latest[key], kind, runs[key]))
     notes = sorted({n for r in group for n in r.notes})
     notes += [QUALITY_NOTE] if any(r.quality for r in group) else []
-    lines += ["", *[f"- {n}" for n in notes], ""] if notes else [""]
+    lines += ["", *[f"- {n}" for n in notes]] if notes else []
+    lines += ["", "Kernels that ran:", "", *_kernel_lines(latest.values()), ""]
     return lines
+
+
+def _kernel_lines(records) -> list[str]:
+    seen: dict[str, str] = {}
+    for r in sorted(records, key=lambda r: r.created_at):
+        k = r.kernels
+        seen[r.method.label] = ("not recorded (a record from before quantlab recorded kernels)" if k is None else
+                                f"DeltaNet {k.deltanet_summary}; Linear {', '.join(k.linear) or 'torch.nn.Linear'}; "
+                                f"attention {k.attention}; ran in {k.compute_dtype}")
+    return [f"- {label}: {text}" for label, text in sorted(seen.items())]
 
 
 def _row(r: Record, kind: str, runs: int) -> str:
     res = r.result
-    head = f"| {r.method.label} | {r.model.variant} | {r.point.context:,} | {r.point.batch} |"
+    head = (f"| {r.method.label} | {r.model.variant} | {r.point.context:,} | {r.point.batch} | {_gb(r.weight_bytes)} |"
+            f" {_gb(_after_load(r.load_memory, kind))} |")
     if res.status != "ok":
-        return head + f" {_gb(_resident(r.load_memory, kind))} | **{res.status.upper()}** | | | | | | | | {quality_cell(r.quality)} | {runs} |"
+        return head + f" **{res.status.upper()}** | | | | | | | | {quality_cell(r.quality)} | {runs} |"
     roof = f"{r.roofline.fraction_of_bound:.0%} of {r.roofline.bound_tokens_per_s:,.0f}" if r.roofline else "n/a"
-    nvml = _gb(res.decode_memory.nvml_process_used_peak_bytes or res.decode_memory.nvml_device_used_peak_bytes)
     return head + " | ".join([
-        f" {_gb(_resident(r.load_memory, kind))}",
-        _gb(_peak(res.prefill_memory, kind)),
+        f" {_gb(_peak(res.prefill_memory, kind))}",
         _gb(_peak(res.decode_memory, kind)),
-        nvml if kind == "gpu" else "n/a (CPU)",
+        nvml_cell(res.prefill_memory, res.decode_memory) if kind == "gpu" else "n/a (CPU)",
         _spread(res.prefill_tokens_per_s, "{:,.0f}"),
         f"{res.time_to_first_token_s.median * 1000:,.0f}",
         _spread(res.decode_tokens_per_s, "{:,.1f}"),
@@ -173,8 +195,20 @@ def _row(r: Record, kind: str, runs: int) -> str:
     ])
 
 
-def _resident(m, kind: str) -> int | None:
-    return m.allocated_end_bytes if kind == "gpu" else m.rss_end_bytes
+def _after_load(m, kind: str) -> int | None:
+    """GPU: what torch holds once the model is loaded (the weights and buffers). CPU: how much the process's
+    RSS grew while loading; the RSS itself also holds Python, torch and whatever ran before in the process."""
+    return m.allocated_end_bytes if kind == "gpu" else m.rss_growth_bytes
+
+
+def nvml_cell(*phases) -> str:
+    """nvidia-smi's peak over the phases, labelled: this process's (CUDA context included), or the whole
+    device's (every process on it) where this process's own could not be told apart."""
+    process = [m.nvml_process_used_peak_bytes for m in phases if m.nvml_process_used_peak_bytes is not None]
+    if process:
+        return f"{_gb(max(process))} (process)"
+    device = [m.nvml_device_used_peak_bytes for m in phases if m.nvml_device_used_peak_bytes is not None]
+    return f"{_gb(max(device))} (device, all processes)" if device else "n/a"
 
 
 def _peak(m, kind: str) -> int | None:
@@ -182,7 +216,10 @@ def _peak(m, kind: str) -> int | None:
 
 
 def _gb(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 1e9:.2f}"
+    """GB with two decimals, or three significant digits below 1 GB (the bundled model's weights are MB)."""
+    if value is None:
+        return "n/a"
+    return f"{value / 1e9:.2f}" if abs(value) >= 1e9 else f"{value / 1e9:.3g}"
 
 
 def _spread(s, fmt: str) -> str:

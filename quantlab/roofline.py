@@ -1,5 +1,8 @@
-"""Batch-1 decode is memory-bound: each step reads every weight and the whole cache once.
+"""Batch-1 decode is memory-bound: each step reads every weight it uses and the whole cache once.
 
+Bytes read per step = the weights minus the input embedding table (a step looks up one row per
+sequence, not the table; a tied lm_head reads it whole, so then it counts) + the cache at that
+depth (KV of the full-attention layers and the DeltaNet states, as measured after decoding).
 The bound is bandwidth / bytes read per step; the record keeps measured / bound.
 """
 
@@ -29,6 +32,8 @@ class Roofline(BaseModel):
     bytes_per_step: int
     bound_tokens_per_s: float
     fraction_of_bound: float
+    weight_bytes_read: int | None = None  # of bytes_per_step: weights (input embedding table excluded)
+    cache_bytes: int | None = None  # of bytes_per_step: KV cache + DeltaNet state
 
 
 @cache
@@ -42,13 +47,14 @@ def gpu_spec(device_name: str) -> GpuSpec | None:
 
 
 def decode_roofline(
-    device_name: str, weight_bytes: int, cache_bytes: int, batch: int, measured_tokens_per_s: float
+    device_name: str, weight_bytes_read: int, cache_bytes: int, batch: int, measured_tokens_per_s: float
 ) -> Roofline | None:
-    """None when the GPU is not in the table (the record then says so)."""
+    """None when the GPU is not in the table (the record then says so). `weight_bytes_read`: the weights
+    one step reads (without the input embedding table, see the module docstring)."""
     spec = gpu_spec(device_name)
     if spec is None:
         return None
-    bytes_per_step = weight_bytes + cache_bytes
+    bytes_per_step = weight_bytes_read + cache_bytes
     bound = batch * spec.bandwidth_gb_s * 1e9 / bytes_per_step
     return Roofline(
         gpu=spec.name,
@@ -57,4 +63,6 @@ def decode_roofline(
         bytes_per_step=bytes_per_step,
         bound_tokens_per_s=bound,
         fraction_of_bound=measured_tokens_per_s / bound,
+        weight_bytes_read=weight_bytes_read,
+        cache_bytes=cache_bytes,
     )

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quantlab import fingerprint
+from quantlab.kernels import Kernels, kernels_of
 from quantlab.measure import PointResult, PointSettings, free_memory, measure_point
 from quantlab.quality.checks import describe_quality_plan
 from quantlab.quality.result import QualityResult, quality_line
@@ -20,7 +21,7 @@ from quantlab.quantize.handlers import handler_for, load_kwargs_for
 from quantlab.recipe import LoadedRecipe
 from quantlab.records import MethodRef, PointRef, Record, RecipeRef, new_run_id, produced_by, record_id, utc_now
 from quantlab.roofline import decode_roofline, gpu_spec
-from quantlab.sources import load_model, select_variant
+from quantlab.sources import dtype_note, load_model, select_variant
 from quantlab.store import append_record
 from quantlab.trackers import MemoryTracker, Timer
 from quantlab.trackers.nvml import NvmlProbe
@@ -57,7 +58,9 @@ def run_recipe(
         loaded_model = load_model(recipe.model, plan.resolved, device, load_kwargs_for(recipe.quantization, config))
         model = handler_for(recipe.quantization).apply(loaded_model.model, recipe.quantization)
     weight_bytes = model_bytes(model)
-    echo(f"loaded {loaded_model.info.model_class} in {load_time.result.seconds:.1f} s: {weight_bytes / 1e9:.3f} GB of weights")
+    kernels = kernels_of(model)
+    echo(f"loaded {loaded_model.info.model_class} in {load_time.result.seconds:.1f} s: {weight_bytes / 1e9:.3f} GB of weights; "
+         f"{describe_kernels(kernels)}")
     quality_result = _quality(quality, model, device, echo)
 
     run_id, records, paths = new_run_id(), [], []
@@ -86,9 +89,10 @@ def run_recipe(
             load_seconds=load_time.result.seconds,
             load_memory=load_mem.result,
             result=result,
-            roofline=_roofline(hardware, weight_bytes, batch, result),
+            roofline=_roofline(hardware, weight_bytes - lookup_table_bytes(model), batch, result),
             quality=quality_result,
-            notes=plan.notes + _notes(hardware, result),
+            kernels=kernels,
+            notes=plan.notes + dtype_note(loaded_model.info) + _notes(hardware, result),
         )
         if append:
             paths.append(append_record(out, record))
@@ -113,10 +117,27 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values()) + quant_state_bytes(model)
 
 
-def _roofline(hardware, weight_bytes: int, batch: int, result: PointResult):
+def lookup_table_bytes(model: torch.nn.Module) -> int:
+    """The input embedding table, which a decode step reads one row of per sequence, not whole; 0 when
+    lm_head shares it (then every step reads it whole)."""
+    table = getattr(model.get_input_embeddings(), "weight", None)
+    output_layer = getattr(model, "get_output_embeddings", lambda: None)()
+    output = getattr(output_layer, "weight", None)
+    if table is None or table is output or table.device.type == "meta":
+        return 0
+    return table.numel() * table.element_size()
+
+
+def _roofline(hardware, weight_bytes_read: int, batch: int, result: PointResult):
     if hardware.kind != "gpu" or result.status != "ok":
         return None
-    return decode_roofline(hardware.name, weight_bytes, result.cache_bytes or 0, batch, result.decode_tokens_per_s.median)
+    return decode_roofline(hardware.name, weight_bytes_read, result.cache_bytes or 0, batch,
+                           result.decode_tokens_per_s.median)
+
+
+def describe_kernels(k: Kernels) -> str:
+    linear = ", ".join(k.linear) or "torch.nn.Linear"
+    return f"runs in {k.compute_dtype}; DeltaNet: {k.deltanet_summary}; Linear: {linear}; attention: {k.attention}"
 
 
 def _notes(hardware, result: PointResult) -> tuple[str, ...]:

@@ -36,7 +36,7 @@ def run_through_checkpoint(plan: RunPlan, output_dir, progress: bool, echo: Call
         echo(f"checkpoint written in {cost.seconds:,.1f} s; {cost_summary(cost)}")
         derived = recipe.model_copy(update={
             "model": ModelSpec(source="local", path=tmp, variant=recipe.model.variant, dtype=recipe.model.dtype,
-                               device=recipe.model.device, seed=recipe.model.seed),
+                               device=recipe.model.device, seed=recipe.model.seed, awq_kernel=recipe.model.awq_kernel),
             "quantization": NoQuant(),
             "quality": quality_against_source(recipe),
         })

@@ -21,6 +21,7 @@ from quantlab import bundled
 from quantlab.build.manifest import built_from
 from quantlab.checkpoint import check_folder, read_config
 from quantlab.errors import QuantlabError
+from quantlab.kernels import compute_dtype
 from quantlab.known_models import KNOWN_MODELS, known_by_hub_id, known_config_dir
 from quantlab.recipe import ModelSpec
 
@@ -39,7 +40,8 @@ class WeightsInfo(BaseModel):
     revision: str | None = None  # hub commit, when known
     model_class: str
     variant: str
-    dtype: str
+    dtype: str  # the dtype the model really runs in, read from the loaded model
+    requested_dtype: str | None = None  # the recipe's dtype, when the loader changed it (AWQ on CUDA: float16)
 
 
 @dataclass
@@ -165,9 +167,11 @@ def load_model(
         model, tokenizer, revision = _synthetic(config, auto_class, device, dtype, spec.seed), None, None
     else:
         location = _weights_location(spec, resolved)
-        model = _from_pretrained(auto_class, location, spec.revision, dtype, device, **(load_kwargs or {}))
+        kwargs = {**awq_kernel_kwargs(spec, resolved.config), **(load_kwargs or {})}
+        model = _from_pretrained(auto_class, location, spec.revision, dtype, device, **kwargs)
         tokenizer = load_tokenizer(location, spec.revision)
         revision = getattr(model.config, "_commit_hash", None) if spec.source == "hub" else None
+    ran_in = compute_dtype(model)
     info = WeightsInfo(
         name=resolved.name,
         source=spec.source,
@@ -176,9 +180,33 @@ def load_model(
         revision=revision,
         model_class=type(model).__name__,
         variant=spec.variant,
-        dtype=spec.dtype,
+        dtype=ran_in,
+        requested_dtype=spec.dtype if ran_in != spec.dtype else None,
     )
     return LoadedModel(model.eval(), tokenizer, config, info)
+
+
+def awq_kernel_kwargs(spec: ModelSpec, config: PretrainedConfig) -> dict[str, Any]:
+    """from_pretrained's quantization_config that picks the AWQ kernel (transformers takes only its
+    loading attributes, the backend, from it; the checkpoint's own config keeps the rest)."""
+    if spec.awq_kernel is None or not is_awq_checkpoint(config):
+        return {}
+    from transformers import AwqConfig
+
+    return {"quantization_config": AwqConfig(backend=spec.awq_kernel)}
+
+
+def is_awq_checkpoint(config: PretrainedConfig) -> bool:
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
+    return bool(qc) and qc.get("quant_method") == "awq"
+
+
+def dtype_note(info: WeightsInfo) -> tuple[str, ...]:
+    if info.requested_dtype is None:
+        return ()
+    return (f"ran in {info.dtype}, not the recipe's {info.requested_dtype}: transformers changed it while loading "
+            "(its AWQ CUDA kernels take float16)",)
 
 
 def _weights_location(spec: ModelSpec, resolved: ResolvedConfig) -> str:

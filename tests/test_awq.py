@@ -213,7 +213,7 @@ def test_bundled_awq_reloads_with_plain_transformers_and_generates(bundled_awq):
     assert "model.layers.0.linear_attn.in_proj_a.weight" in tensors and "lm_head.weight" in tensors
     qc = json.loads((bundled_awq / "config.json").read_text())["quantization_config"]
     assert qc == {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm",
-                  "modules_to_not_convert": ["in_proj_a", "in_proj_b", "lm_head"]}
+                  "modules_to_not_convert": ["in_proj_a", "in_proj_b", "lm_head", "mtp"]}
     model = AutoModelForCausalLM.from_pretrained(bundled_awq)
     assert not any(isinstance(m, torch.nn.Linear) and name.endswith("down_proj") for name, m in model.named_modules())
     tokenizer = AutoTokenizer.from_pretrained(bundled_awq)
@@ -287,7 +287,7 @@ def test_build_folder_records_the_cost_and_the_card(tmp_path):
     result = build_recipe(load_recipe(path), tmp_path / "builds" / "awq-build", progress=False, echo=quiet)
     manifest = read_manifest(result.folder)
     assert manifest.method["name"] == "awq" and manifest.engine["name"] == "quantlab"
-    assert manifest.unquantized.skip_modules == ["in_proj_a", "in_proj_b", "lm_head"]
+    assert manifest.unquantized.skip_modules == ["in_proj_a", "in_proj_b", "lm_head", "mtp"]
     cost = manifest.cost
     assert cost.seconds > 0 and cost.rss_peak_bytes > cost.rss_start_bytes > 0
     assert cost.gpu_allocated_peak_bytes is None  # no GPU here: None, never 0
@@ -394,7 +394,12 @@ def test_bad_awq_recipes_are_rejected(tmp_path, quantization, message):
 def test_synthetic_awq_on_the_gpu(tmp_path):
     from quantlab.run import run_recipe
 
-    path = _recipe(tmp_path, "gpu-awq", {}, model={"source": "synthetic", "config": str(BUNDLED), "device": "cuda"})
+    # gemm_triton: gptqmodel's default on CUDA first tries kernels that download CUTLASS (the GPU box is offline)
+    path = _recipe(tmp_path, "gpu-awq", {}, model={"source": "synthetic", "config": str(BUNDLED), "device": "cuda",
+                                                   "awq_kernel": "gemm_triton"})
     [record] = run_recipe(load_recipe(path), tmp_path / "m", progress=False, echo=quiet).records
     assert record.hardware.kind == "gpu" and record.load_memory.allocated_end_bytes > 0
     assert record.model.weights == "synthetic" and any("no calibration" in n for n in record.notes)
+    # transformers runs AWQ on CUDA in float16 whatever the recipe asked: the record says so
+    assert record.model.dtype == "float16" and record.model.requested_dtype == "bfloat16"
+    assert record.kernels.linear and all("Triton" in c for c in record.kernels.linear)

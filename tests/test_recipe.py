@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 GOOD = {"name": "ok", "model": {"source": "bundled"}}
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate_and_plan(path):
     loaded = load_recipe(path)
     plan = make_plan(loaded, for_this_machine=False)

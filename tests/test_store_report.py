@@ -118,7 +118,8 @@ def test_report_shows_claim_measurement_hardware_and_delta(cpu_records):
     gpu_section = text.split("## Qwen3.6-27B · synthetic weights · GPU: NVIDIA H200")[1]
     row = next(line for line in gpu_section.splitlines() if line.startswith("| BF16 | text | 1,024"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[4:8] == ["53.79", "54.79", "55.79", "56.79"]
+    # Weights (the record's own tensor bytes), then after load, the phase peaks, nvidia-smi labelled as this process's
+    assert cells[5:9] == ["53.79", "54.79", "55.79", "56.79 (process)"]
 
 
 def test_report_verdict_when_far_from_claim(cpu_records):
@@ -133,7 +134,9 @@ def test_report_labels_cpu_tables_and_oom_rows(cpu_records):
         "result": cpu_records[1].result.model_copy(update={"status": "oom", "error": "OOM at context 131072, batch 1: x"}),
     })
     text = render_report([*cpu_records, oom])
-    assert "· CPU: " in text and "host RSS of the whole process (CPU run" in text and "n/a (CPU)" in text
+    assert "· CPU: " in text and "n/a (CPU)" in text
+    # a CPU table names its memory for what it is: RSS growth at load and the whole process's RSS, not "weights"
+    assert "| RSS growth at load |" in text and "peaks = the process's whole RSS" in text
     assert "| 131,072 | 1 |" in text and "**OOM**" in text
     assert "not measured yet" in text  # no GPU BF16 record of Qwen3.6-27B here
 

@@ -37,8 +37,8 @@ def estimator_scheme_key(method: str, params: dict) -> str | None:
 
 # Per method: who quantized it, what loading needs, the config.json key of the skip list, Hub tags.
 _METHOD_TEXT = {
-    "bnb_int8": ("bitsandbytes", "needs bitsandbytes>=0.45", "llm_int8_skip_modules", ["bitsandbytes", "8-bit", "int8"]),
-    "bnb_4bit": ("bitsandbytes", "needs bitsandbytes>=0.45", "llm_int8_skip_modules", ["bitsandbytes", "4-bit"]),
+    "bnb_int8": ("bitsandbytes", "needs bitsandbytes>=0.46.1", "llm_int8_skip_modules", ["bitsandbytes", "8-bit", "int8"]),
+    "bnb_4bit": ("bitsandbytes", "needs bitsandbytes>=0.46.1", "llm_int8_skip_modules", ["bitsandbytes", "4-bit"]),
     "awq": ("", "needs gptqmodel (transformers 5 loads AWQ through its kernels)", "modules_to_not_convert",
             ["awq", "4-bit", "w4a16"]),
 }
@@ -181,12 +181,21 @@ def _method_rows(method: str, params: dict) -> list[tuple[str, object]]:
 def _serving_lines(m: BuildManifest, repo_hint: str) -> list[str]:
     if m.method["name"] != "awq":
         return []
-    return [
-        "With vLLM (AWQ is one of its built-in formats; it picks its AWQ kernels itself):",
+    lines = [
+        "With vLLM (AWQ is one of its built-in formats; on CUDA it upgrades `awq` to its Marlin kernels itself):",
         "",
         "```bash",
-        f"vllm serve {repo_hint} --quantization awq_marlin   # or --quantization awq",
+        f"vllm serve {repo_hint}",
+    ]
+    if m.mtp:
+        lines.append(f"vllm serve {repo_hint} --speculative-config '{{\"method\": \"mtp\", \"num_speculative_tokens\": 1}}'"
+                     "   # MTP draft, from the bf16 mtp.* tensors")
+    return lines + [
         "```",
+        "",
+        "`modules_to_not_convert` names each unquantized part twice where the two loaders' names differ: "
+        "`model.visual` for transformers (a prefix of its module names) and `visual` for vLLM (a substring of its "
+        "own), and `mtp` so that vLLM builds the MTP draft head unquantized, as its tensors are.",
         "",
     ]
 

@@ -67,19 +67,36 @@ def quiet_bnb_logs() -> None:
     _QUIET = True
 
 
-def bitsandbytes_available() -> bool:
-    return importlib.util.find_spec("bitsandbytes") is not None
+# transformers 5 (BITSANDBYTES_MIN_VERSION) treats an older bitsandbytes as absent: loading would fail there.
+BNB_MIN_VERSION = "0.46.1"
+BNB_INSTALL = f"pip install 'bitsandbytes>={BNB_MIN_VERSION}'"
+
+
+def bitsandbytes_problem() -> str | None:
+    """Why bitsandbytes cannot be used here (missing, or older than transformers accepts); None when it can."""
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return f"bitsandbytes is not installed here: {BNB_INSTALL}"
+    try:
+        found = metadata.version("bitsandbytes")
+    except metadata.PackageNotFoundError:
+        return f"bitsandbytes has no package metadata here (a stray copy?): {BNB_INSTALL}"
+    if Version(found) < Version(BNB_MIN_VERSION):
+        return (f"bitsandbytes {found} is older than {BNB_MIN_VERSION}, the oldest transformers 5 accepts "
+                f"(it treats older releases as absent): {BNB_INSTALL}")
+    return None
 
 
 def import_bnb():
     quiet_bnb_logs()
-    try:
-        import bitsandbytes
-    except ImportError as exc:
-        raise QuantlabError(
-            f"quantization with bitsandbytes needs the bitsandbytes package ({exc}); "
-            "install it with: pip install 'bitsandbytes>=0.45'"
-        ) from None
+    problem = bitsandbytes_problem()
+    if problem:
+        raise QuantlabError(f"quantization with bitsandbytes: {problem}")
+    import bitsandbytes
+
     return bitsandbytes
 
 
@@ -325,11 +342,9 @@ class _BnbHandler:
         return skip_plan(meta_model(config), self.method, qconfig.skip_modules)
 
     def check(self, qconfig: BnbConfig, config: PretrainedConfig) -> None:
-        if not bitsandbytes_available():
-            raise QuantlabError(
-                f"quantization.method {self.method} needs bitsandbytes, which is not installed here: "
-                "pip install 'bitsandbytes>=0.45'"
-            )
+        problem = bitsandbytes_problem()
+        if problem:
+            raise QuantlabError(f"quantization.method {self.method}: {problem}")
         self.skip_plan(qconfig, config)
 
     def label(self, qconfig: BnbConfig, dtype: str) -> str:

@@ -2,10 +2,15 @@
 
 A background thread samples RSS and NVML so that peaks between start and end are caught;
 the torch allocator keeps its own exact peak.
+
+`settle_first=True` starts from a known state: garbage collected and, on CUDA, the allocator's cached
+blocks given back (`torch.cuda.empty_cache`), so that a phase's reserved and nvidia-smi peaks are
+its own and not what an earlier phase left cached. The result says which state it started from.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 import psutil
 import torch
@@ -28,8 +33,14 @@ class MemoryResult(BaseModel):
     reserved_end_bytes: int | None = None
     reserved_peak_bytes: int | None = None
     nvml_device_used_end_bytes: int | None = None
-    nvml_device_used_peak_bytes: int | None = None
-    nvml_process_used_peak_bytes: int | None = None
+    nvml_device_used_peak_bytes: int | None = None  # every process on the GPU (nvidia-smi's Memory-Usage)
+    nvml_process_used_peak_bytes: int | None = None  # this process only, CUDA context included
+    nvml_process_basis: str | None = None  # how this process's NVML figure was found (PID match, sole process)
+    # Where the tracked span started from: the allocator's figures then, and the state it was put in.
+    allocated_start_bytes: int | None = None
+    reserved_start_bytes: int | None = None
+    nvml_device_used_start_bytes: int | None = None
+    start_state: str | None = None  # e.g. "after gc.collect() and torch.cuda.empty_cache()"; None: as found
     samples: int = 0
     notes: tuple[str, ...] = ()
 
@@ -72,17 +83,40 @@ def _max(a: int | None, b: int | None) -> int | None:
     return b if a is None else (a if b is None else max(a, b))
 
 
+SETTLED_CUDA = "after gc.collect() and torch.cuda.empty_cache()"
+SETTLED_CPU = "after gc.collect()"
+
+
+def settle(device: torch.device) -> str:
+    """Collect garbage and, on CUDA, give cached blocks back to the driver. Returns the state reached."""
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.empty_cache()
+        return SETTLED_CUDA
+    return SETTLED_CPU
+
+
 class MemoryTracker:
-    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.005, nvml: NvmlProbe | None = None):
+    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.005, nvml: NvmlProbe | None = None,
+                 settle_first: bool = False):
         self.device = torch.device(device)
         self.interval_s = interval_s
         self.nvml = nvml if nvml is not None or self.device.type != "cuda" else NvmlProbe(self.device)
+        self.settle_first = settle_first
         self.result: MemoryResult | None = None
 
     def __enter__(self) -> "MemoryTracker":
+        self._start_state = settle(self.device) if self.settle_first else None
+        self._cuda_start: dict = {}
         if self.device.type == "cuda":
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._cuda_start = dict(
+                allocated_start_bytes=torch.cuda.memory_allocated(self.device),
+                reserved_start_bytes=torch.cuda.memory_reserved(self.device),
+                nvml_device_used_start_bytes=self.nvml.device_used(),
+            )
         self._rss_start = psutil.Process().memory_info().rss
         self._sampler = _PeakSampler(self.interval_s, self.nvml if self.device.type == "cuda" else None)
         self._sampler.start()
@@ -103,13 +137,15 @@ class MemoryTracker:
             rss_start_bytes=self._rss_start,
             rss_end_bytes=rss_end,
             rss_peak_bytes=max(s.rss_peak, rss_end),
+            start_state=self._start_state,
             samples=s.samples,
         )
         if self.device.type != "cuda":
             return MemoryResult(**common)
-        notes = (self.nvml.unavailable,) if self.nvml.unavailable else ()
+        notes = tuple(n for n in (self.nvml.unavailable, self.nvml.process_unknown) if n)
         return MemoryResult(
             **common,
+            **self._cuda_start,
             allocated_end_bytes=torch.cuda.memory_allocated(self.device),
             allocated_peak_bytes=torch.cuda.max_memory_allocated(self.device),
             reserved_end_bytes=torch.cuda.memory_reserved(self.device),
@@ -117,6 +153,7 @@ class MemoryTracker:
             nvml_device_used_end_bytes=self.nvml.device_used(),
             nvml_device_used_peak_bytes=s.device_peak,
             nvml_process_used_peak_bytes=s.process_peak,
+            nvml_process_basis=self.nvml.process_basis if s.process_peak is not None else None,
             notes=notes,
         )
 

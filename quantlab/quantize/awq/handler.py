@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ from quantlab.quantize.awq.engine import AwqJob, AwqOutcome
 from quantlab.quantize.bnb import SkipPlan, skip_plan
 from quantlab.quantize.configs import AwqConfig
 from quantlab.quantize.rtn import check_group_size
+from quantlab.quantize.vllm_layout import serving_skip_list
 from quantlab.sources import DTYPES, load_tokenizer
 
 PACK_MULTIPLE = 8  # eight 4-bit values per int32 along out_features
@@ -50,9 +51,12 @@ class AwqHandler:
     writes_checkpoint = True
 
     def skip_plan(self, qconfig: AwqConfig, config: PretrainedConfig) -> SkipPlan:
+        """transformers' skip list, plus what vLLM needs to read the same intent under its own names."""
         from quantlab.plan import meta_model
 
-        return skip_plan(meta_model(config), self.method)
+        plan = skip_plan(meta_model(config), self.method)
+        serving = serving_skip_list(plan.model_class, plan.rule_patterns)
+        return replace(plan, patterns=serving + plan.extra_patterns, rule_patterns=serving)
 
     def check(self, qconfig: AwqConfig, config: PretrainedConfig) -> None:
         from quantlab.plan import meta_model
