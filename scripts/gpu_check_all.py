@@ -13,16 +13,18 @@ every point it finished; with $OUT set (the device tool), they are also packed i
 with the log and a summary table, so an interrupted run still returns what it measured.
 
 Time budget (default 500 s of wall time in all, --budget-s): a step starts only when its minimum fits in
-what is left, and is stopped (SIGINT, then SIGKILL) at its cap or at the deadline. Estimated on an H200:
+what is left, and is stopped (SIGINT, then SIGKILL) at its cap or at the deadline. What the CPU side can
+measure (scripts/bench_gpu_check_cpu_side.py, on this project's 2-core CPU machine):
+  plans on the meta device       0.06-1.6 s per recipe (no weights are touched before a step's load)
+  AWQ checkpoint                 18.70 GB to write (VL layout); quantlab's shard writer put 0.26 GB/s on this
+                                 machine's disk (72 s) and 0.5-1.0 GB/s on its /dev/shm (19-37 s): the AWQ step
+                                 writes to /dev/shm when it has room
+  AWQ synthetic packing          5.4 s per full-size layer on 2 CPU threads (343 s for 64): an upper bound; on
+                                 a GPU, initialising and packing a layer is a few hundred milliseconds
+The GPU side is estimated, not measured (no GPU has run it yet): instantiating 54 GB of BF16 on the GPU takes
+seconds; per point, 1 warm-up + 3 repeats of a prefill and 64 decode steps, with the 128k prefill the longest.
   preflight (versions, fla check)    ~25 s   Triton compiles fla's kernels once
-  bf16   cap 240 s   instantiation on the GPU a few s (CPU side: the meta-device plan, 0.3 s); per point
-                      1 warm-up + 3 repeats of prefill and 64 decode steps; 128k prefill dominates
-  nf4    cap 110 s   BF16 weights created on the GPU, each Linear replaced by its 4-bit module
-  awq    cap 150 s   the engine packs 64 layers on the GPU and writes ~17 GB of shards to a tmpfs
-                      (/dev/shm when it has room; on this CPU machine the same write ran at about
-                      1 GB/s to disk), then transformers loads them with gptqmodel's Triton kernel
-  int8   cap  80 s
-  tests  cap  60 s
+  bf16   cap 240 s      nf4   cap 110 s      awq   cap 180 s      int8   cap 80 s      tests   cap 60 s
 The caps add up to more than the budget on purpose: what runs first gets the time it needs.
 
 `--rehearse` runs the same steps, through the same code, on the CPU with the bundled model's config in place
@@ -67,7 +69,7 @@ class Step:
 STEPS = (
     Step("bf16", "BF16, contexts 1k / 32k / 128k", "qwen3.6-27b-bf16.yaml", 240, 90),
     Step("nf4", "bitsandbytes NF4, contexts 1k / 32k", "qwen3.6-27b-nf4.yaml", 110, 60),
-    Step("awq", "AWQ W4A16 g128 (RTN-packed), contexts 1k / 32k", "qwen3.6-27b-awq.yaml", 150, 70),
+    Step("awq", "AWQ W4A16 g128 (RTN-packed), contexts 1k / 32k", "qwen3.6-27b-awq.yaml", 180, 70),
     Step("int8", "bitsandbytes LLM.int8, context 1k", "qwen3.6-27b-int8.yaml", 80, 45),
     Step("tests", "the gpu-marked tests", None, 60, 25),
 )
