@@ -39,8 +39,9 @@ class PointResult(BaseModel):
     error: str | None = None
     prefill_tokens_per_s: Summary | None = None
     time_to_first_token_s: Summary | None = None
-    decode_tokens_per_s: Summary | None = None
-    decode_ms_per_token: Summary | None = None
+    decode_tokens_per_s: Summary | None = None  # aggregate: every sequence of the batch (batch × tokens ÷ seconds)
+    decode_tokens_per_s_per_sequence: Summary | None = None  # what one sequence sees (tokens ÷ seconds)
+    decode_ms_per_token: Summary | None = None  # per decode step, in which every sequence advances one token
     prefill_memory: MemoryResult | None = None  # the repeat with the highest peak
     decode_memory: MemoryResult | None = None
     cache_bytes: int | None = None  # KV cache + DeltaNet states after the last decode step
@@ -62,7 +63,7 @@ def measure_point(
 
 def _measure(model, s: PointSettings, device, nvml, progress) -> PointResult:
     ids = prompt_ids(_vocab_size(model), s.batch, s.context, s.seed, device)
-    prefill_tps, ttft, decode_tps, decode_ms = [], [], [], []
+    prefill_tps, ttft, decode_tps, decode_seq_tps, decode_ms = [], [], [], [], []
     prefill_mem: list[MemoryResult] = []
     decode_mem: list[MemoryResult] = []
     runs = tqdm(range(s.warmup + s.repeats), desc=f"context {s.context:,} × batch {s.batch}", unit="run", leave=False, disable=not progress)
@@ -81,6 +82,7 @@ def _measure(model, s: PointSettings, device, nvml, progress) -> PointResult:
         prefill_tps.append(s.batch * s.context / pt.result.seconds)
         ttft.append(pt.result.seconds)
         decode_tps.append(s.batch * s.new_tokens / dt.result.seconds)
+        decode_seq_tps.append(s.new_tokens / dt.result.seconds)
         decode_ms.append(1000 * dt.result.seconds / s.new_tokens)
         prefill_mem.append(pm.result)
         decode_mem.append(dm.result)
@@ -89,6 +91,7 @@ def _measure(model, s: PointSettings, device, nvml, progress) -> PointResult:
         prefill_tokens_per_s=summarize(prefill_tps),
         time_to_first_token_s=summarize(ttft),
         decode_tokens_per_s=summarize(decode_tps),
+        decode_tokens_per_s_per_sequence=summarize(decode_seq_tps),
         decode_ms_per_token=summarize(decode_ms),
         prefill_memory=_highest_peak(prefill_mem),
         decode_memory=_highest_peak(decode_mem),

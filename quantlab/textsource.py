@@ -11,13 +11,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class TextSourceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     WHERE: ClassVar[str] = "text"
+    DEFAULT_SPLIT: ClassVar[str] = "test"  # hub only; other sources leave `split` unset, so records don't name one
 
     source: Literal["default", "file", "folder", "hub"] = "default"
     path: str | None = Field(None, description="file/folder: a local path; hub: a data file inside the dataset repo")
     dataset: str | None = Field(None, description="hub: dataset repo id, e.g. Salesforce/wikitext")
     revision: str | None = Field(None, description="hub: dataset revision")
-    split: str = Field("test", description="hub: the split whose data files are read (when path is not given)")
+    split: str | None = Field(None, description="hub: the split whose data files are read (when path is not "
+                              "given); default: DEFAULT_SPLIT")
     column: str = Field("text", description="the text column of .jsonl/.json/.csv/.parquet files")
+
+    @property
+    def effective_split(self) -> str:
+        return self.split or self.DEFAULT_SPLIT
 
     @model_validator(mode="after")
     def _fields_match_source(self):

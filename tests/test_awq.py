@@ -298,6 +298,10 @@ def test_build_folder_records_the_cost_and_the_card(tmp_path):
     meta = yaml.safe_load(card.split("---\n")[1])
     assert "awq" in meta["tags"]
     assert (result.folder / "SHA256SUMS").is_file() and (result.folder / "tokenizer.json").is_file()
+    # compared with the BF16 source, not with nothing: the agreement is recorded and shown
+    ref = manifest.greedy.reference
+    assert ref is not None and len(ref.tokens) == 4 and ref.agreement >= ref.threshold == 0.5
+    assert "Against the unquantized source" in card
     [record] = result.records
     assert record.method.name == "awq" and record.method.label == "AWQ W4A16 g128"
     assert record.produced_by.startswith("CPU") and "real weights" in record.produced_by
@@ -403,3 +407,37 @@ def test_synthetic_awq_on_the_gpu(tmp_path):
     # transformers runs AWQ on CUDA in float16 whatever the recipe asked: the record says so
     assert record.model.dtype == "float16" and record.model.requested_dtype == "bfloat16"
     assert record.kernels.linear and all("Triton" in c for c in record.kernels.linear)
+
+
+def test_records_name_no_hub_split_for_a_calibration_text_that_is_not_from_the_hub(tmp_path):
+    """The stdlib calibration split is not the Hub's "train": method params must not say it is."""
+    plan = make_plan(load_recipe(_recipe(tmp_path, "split", {})), for_this_machine=False)
+    assert plan.method_params["calibration"]["source"] == "default"
+    assert plan.method_params["calibration"]["split"] is None
+    hub = AwqConfig(method="awq", calibration={"source": "hub", "dataset": "org/text"})
+    assert hub.calibration.split is None and hub.calibration.effective_split == "train"
+
+
+def test_a_broken_awq_build_is_refused_by_the_reference_check(tmp_path, monkeypatch):
+    """Scales scrambled after writing: the build still loads and generates, but no longer predicts its source."""
+    import quantlab.quantize.awq.handler as handler
+    from safetensors.torch import save_file
+
+    real = handler.write_checkpoint
+
+    def scrambled(plan, folder, *args, **kwargs):
+        written = real(plan, folder, *args, **kwargs)
+        for shard in Path(folder).glob("*.safetensors"):
+            tensors = load_file(str(shard))
+            generator = torch.Generator().manual_seed(0)
+            for name, t in tensors.items():
+                if name.endswith(".scales"):
+                    tensors[name] = (torch.randn(t.shape, generator=generator) * t.float().abs().mean() * 20).to(t.dtype)
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+        return written
+
+    monkeypatch.setattr(handler, "write_checkpoint", scrambled)
+    path = _recipe(tmp_path, "awq-broken", {})
+    with pytest.raises(QuantlabError, match="greedy tokens .below 50%.*broken, not keeping it"):
+        build_recipe(load_recipe(path), tmp_path / "builds" / "awq-broken", progress=False, echo=quiet)
+    assert not (tmp_path / "builds" / "awq-broken").exists()

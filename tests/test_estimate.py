@@ -180,6 +180,27 @@ def test_claims_verdicts(qwen, moe):
     assert "16 GiB" in rows["native_context"].verdict
 
 
+def test_each_verdict_says_what_it_rests_on(qwen, moe):
+    rows = {r.id: r for r in check_claims(qwen, moe, [])}
+    assert rows["weights_bf16"].basis.startswith("estimate") and rows["fits_q4_k_m"].basis.startswith("estimate")
+    assert rows["memory_ratio"].basis == "parameter counts of the configs"
+    room = rows["room_for_context"]
+    # The room claim rests on the published run at 32k, not on a fixed threshold; and the estimate for a q8_0
+    # cache (well over 131,072 tokens on 24 GiB) contradicts the same report's OOM at 128k: that is shown.
+    assert "a published run had 32,768 tokens" in room.verdict and room.basis.startswith("published report")
+    assert "CONTRADICTION" in room.verdict and "131,072 ran out of memory" in room.verdict
+    assert "the estimate contradicts it" in room.basis
+
+
+def test_a_gpu_measurement_decides_the_weights_verdict(qwen, moe):
+    record = _gpu_record("qwen3.6-27b", 1024, 140_000_000_000, 0, 0)  # 70 GB after load: far above ~55-56 GB
+    record.model.name = qwen.name
+    rows = {r.id: r for r in check_claims(qwen, moe, [record])}
+    bf16 = rows["weights_bf16"]
+    assert bf16.measured_gb == 70.0 and bf16.basis.startswith("GPU measurement")
+    assert bf16.verdict.startswith("higher than claimed")  # the estimate alone would say "matches"
+
+
 # ---- exact bytes of checkpoints saved to disk ---------------------------------------------------
 
 def _save_bf16(model: torch.nn.Module, folder: Path) -> None:

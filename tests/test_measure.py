@@ -36,6 +36,8 @@ def test_measure_point_gives_consistent_figures(tiny_model):
     assert r.status == "ok"
     assert r.decode_tokens_per_s.n == 3  # warm-up excluded
     assert r.decode_tokens_per_s.median == pytest.approx(2 * 1000 / r.decode_ms_per_token.median, rel=0.35)
+    # batch 2: the aggregate counts both sequences; one sequence sees half of it
+    assert r.decode_tokens_per_s_per_sequence.median == pytest.approx(r.decode_tokens_per_s.median / 2)
     assert r.prefill_tokens_per_s.median > 0 and r.time_to_first_token_s.min > 0
     assert r.decode_tokens_per_s.min <= r.decode_tokens_per_s.median <= r.decode_tokens_per_s.max
     assert len(r.first_tokens) == 6

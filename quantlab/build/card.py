@@ -123,6 +123,7 @@ def card_text(
         "",
         f"`{m.greedy.tokens}`" + (f", i.e. `{m.greedy.text!r}`" if m.greedy.text is not None else ""),
         "",
+        *_reference_lines(m),
         "## Recipe",
         "",
         f"`{m.recipe['path']}` (sha256 `{m.recipe['sha256'][:16]}…`):",
@@ -196,6 +197,18 @@ def _serving_lines(m: BuildManifest, repo_hint: str) -> list[str]:
         "`modules_to_not_convert` names each unquantized part twice where the two loaders' names differ: "
         "`model.visual` for transformers (a prefix of its module names) and `visual` for vLLM (a substring of its "
         "own), and `mtp` so that vLLM builds the MTP draft head unquantized, as its tensors are.",
+        "",
+    ]
+
+
+def _reference_lines(m: BuildManifest) -> list[str]:
+    ref = m.greedy.reference
+    if ref is None:
+        return [f"No comparison with an unquantized model: {m.greedy.reference_note}.", ""] if m.greedy.reference_note else []
+    return [
+        f"Against {ref.model}: fed the source's own {len(ref.tokens)} greedy tokens `{ref.tokens}`, the build predicts "
+        f"{ref.agreement:.0%} of them (a build below {ref.threshold:.0%} is refused); the two free-running greedy "
+        f"generations share their first {ref.common_prefix} tokens.",
         "",
     ]
 

@@ -32,6 +32,18 @@ class BaseModelRef(_Frozen):
     model_class: str
 
 
+class ReferenceCheck(_Frozen):
+    """The build against its unquantized source on the same prompt: the source's greedy tokens, how many of
+    them the build predicts when fed the source's sequence (teacher-forced top-1 agreement), and how many
+    leading tokens its own greedy run shares. A broken build agrees on next to none."""
+
+    model: str  # e.g. "the BF16 source"
+    tokens: list[int]
+    agreement: float  # share of the positions where the build's argmax is the source's greedy token
+    common_prefix: int  # leading tokens the two free-running greedy generations share
+    threshold: float  # the build was refused below this agreement
+
+
 class GreedyCheck(_Frozen):
     """A short greedy generation recorded after the build was reloaded; `verify` repeats it."""
 
@@ -42,6 +54,8 @@ class GreedyCheck(_Frozen):
     text: str | None = None
     device: str
     auto_class: str  # AutoModelForCausalLM or AutoModelForImageTextToText
+    reference: ReferenceCheck | None = None  # against the unquantized source (methods that write a checkpoint)
+    reference_note: str | None = None  # why there is no reference comparison, when there is none
 
 
 class Unquantized(_Frozen):

@@ -36,6 +36,25 @@ def greedy_tokens(model: torch.nn.Module, prompt_ids: list[int], new_tokens: int
     return out[0, len(prompt_ids):].tolist()
 
 
+@torch.inference_mode()
+def teacher_forced_agreement(model: torch.nn.Module, prompt_ids: list[int], reference: list[int], device) -> float:
+    """The share of `reference`'s tokens that `model` predicts (argmax) when fed the prompt and the reference's
+    own earlier tokens: one forward pass, independent of where two free-running generations part ways."""
+    ids = torch.tensor([prompt_ids + reference[:-1]], device=device)
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, len(prompt_ids) - 1:]
+    predicted = logits.argmax(-1).tolist()
+    return sum(p == r for p, r in zip(predicted, reference)) / len(reference)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass(frozen=True)
 class VerifyResult:
     ok: bool

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 import yaml
 
 import quantlab
@@ -30,9 +31,9 @@ from quantlab import fingerprint
 from quantlab.build import tensors as T
 from quantlab.build.card import card_text, estimator_scheme_key, write_card
 from quantlab.build.checksums import write_checksums
-from quantlab.build.manifest import BaseModelRef, BuildManifest, GreedyCheck, Unquantized, write_manifest
+from quantlab.build.manifest import BaseModelRef, BuildManifest, GreedyCheck, ReferenceCheck, Unquantized, write_manifest
 from quantlab.build.cost import cost_summary, parse_size, quantize_cost
-from quantlab.build.verify import greedy_tokens, prompt_token_ids
+from quantlab.build.verify import common_prefix, greedy_tokens, prompt_token_ids, teacher_forced_agreement
 from quantlab.errors import QuantlabError
 from quantlab.measure import free_memory
 from quantlab.plan import RunPlan, make_plan
@@ -41,7 +42,7 @@ from quantlab.quantize.handlers import handler_for, load_kwargs_for
 from quantlab.recipe import BuildSpec, LoadedRecipe, ModelSpec
 from quantlab.records import Record, utc_now
 from quantlab.run_checkpoint import quality_against_source
-from quantlab.sources import WeightsInfo, load_model, load_tokenizer, model_class_name, select_variant
+from quantlab.sources import DTYPES, WeightsInfo, load_model, load_tokenizer, model_class_name, select_variant
 from quantlab.store import append_record
 from quantlab.trackers import MemoryTracker, Timer
 from quantlab.trackers.nvml import NvmlProbe
@@ -139,11 +140,11 @@ def _write(plan: RunPlan, loaded: LoadedRecipe, tmp: Path, target: Path, output_
 
     reloaded = auto_class.from_pretrained(tmp, device_map=str(device))  # plain transformers, as a user would
     tokens = greedy_tokens(reloaded, prompt_ids, spec.check_tokens, device)
+    reference = _against_source(reloaded, prompt_ids, tokens, made, device, echo)
     del reloaded
     free_memory(device)
     if in_memory is None:
-        echo(f"greedy check: reloaded with plain transformers and generated {len(tokens)} tokens "
-             "(the engine wrote the checkpoint directly: there is no in-memory model to compare with)")
+        echo(f"greedy check: reloaded with plain transformers and generated {len(tokens)} tokens")
     elif tokens != in_memory:
         raise QuantlabError(
             f"the saved build does not reproduce the quantized model: greedy tokens {tokens} after reload, "
@@ -174,7 +175,7 @@ def _write(plan: RunPlan, loaded: LoadedRecipe, tmp: Path, target: Path, output_
         greedy=GreedyCheck(
             prompt=spec.prompt if tokenizer is not None else "", prompt_ids=prompt_ids, new_tokens=spec.check_tokens,
             tokens=tokens, text=tokenizer.decode(tokens) if tokenizer is not None else None, device=str(device),
-            auto_class=auto_class.__name__,
+            auto_class=auto_class.__name__, reference=reference, reference_note=made.reference_note,
         ),
         built_on=f"{hardware.kind.upper()} {hardware.name}",
         cost=cost,
@@ -209,6 +210,29 @@ class _Made:
     in_memory: list[int] | None  # greedy tokens of the in-memory quantized model, when there is one
     what: str  # what the cost covers
     engine: dict | None = None
+    reference: list[int] | None = None  # greedy tokens of the unquantized source, for engines that write a checkpoint
+    reference_note: str | None = None  # why there are none
+
+
+REFERENCE_THRESHOLD = 0.5  # a sound 4-bit build predicts most of its source's greedy tokens; a broken one ~none
+
+
+def _against_source(reloaded, prompt_ids: list[int], tokens: list[int], made: _Made, device, echo) -> ReferenceCheck | None:
+    """The reloaded build against its unquantized source: refused when it predicts too few of its tokens."""
+    if made.reference is None:
+        if made.reference_note:
+            echo(f"reference check: none ({made.reference_note})")
+        return None
+    agreement = teacher_forced_agreement(reloaded, prompt_ids, made.reference, device)
+    check = ReferenceCheck(model="the unquantized source", tokens=made.reference, agreement=agreement,
+                           common_prefix=common_prefix(tokens, made.reference), threshold=REFERENCE_THRESHOLD)
+    if agreement < REFERENCE_THRESHOLD:
+        raise QuantlabError(
+            f"the build predicts {agreement:.0%} of its unquantized source's {len(made.reference)} greedy tokens "
+            f"(below {REFERENCE_THRESHOLD:.0%}; a sound build predicts most of them): it is broken, not keeping it")
+    echo(f"reference check: the build predicts {agreement:.0%} of the unquantized source's {len(made.reference)} greedy "
+         f"tokens; its own greedy run shares the first {check.common_prefix}")
+    return check
 
 
 def _quantize_and_save(plan: RunPlan, config, tmp: Path, spec: BuildSpec, handler) -> _Made:
@@ -247,8 +271,28 @@ def _write_checkpoint(plan: RunPlan, tmp: Path, spec: BuildSpec, progress: bool,
               "notes": list(written.outcome.notes),
               "calibration": written.calibration.description if written.calibration else None,
               "calibration_label": written.calibration.label if written.calibration else None}
-    return _Made(tokenizer, info, prompt_token_ids(tokenizer, spec.prompt, vocab), None,
-                 f"AWQ engine {written.outcome.engine}: read the source, calibrate, quantize, write", engine)
+    prompt_ids = prompt_token_ids(tokenizer, spec.prompt, vocab)
+    reference, note = _source_greedy(plan, folder, auto_class, prompt_ids, spec.check_tokens)
+    return _Made(tokenizer, info, prompt_ids, None,
+                 f"AWQ engine {written.outcome.engine}: read the source, calibrate, quantize, write", engine,
+                 reference, note)
+
+
+def _source_greedy(plan: RunPlan, folder: Path | None, auto_class, prompt_ids: list[int], new_tokens: int):
+    """The unquantized source's greedy tokens: what the build is compared with. A source larger than the free
+    GPU memory is spread by accelerate (device_map auto); synthetic weights have no source to compare with."""
+    if folder is None:
+        return None, "synthetic weights: the engine makes its own random layers, which no unquantized model shares"
+    device = plan.device
+    dtype = DTYPES[plan.recipe.model.dtype]
+    device_map = str(device)
+    if device.type == "cuda" and plan.weight_bytes * 1.1 > torch.cuda.mem_get_info(device)[0]:
+        device_map = "auto"
+    source = auto_class.from_pretrained(folder, dtype=dtype, device_map=device_map)
+    tokens = greedy_tokens(source, prompt_ids, new_tokens, next(source.parameters()).device)
+    del source
+    free_memory(device)
+    return tokens, None
 
 
 def _measure(loaded: LoadedRecipe, tmp: Path, target: Path, output_dir, progress: bool, echo) -> list[Record]:

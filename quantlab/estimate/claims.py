@@ -32,6 +32,9 @@ class ClaimRow(BaseModel):
     measured: str
     verdict: str
     detail: str = ""
+    # What the verdict rests on: a GPU measurement, a runtime's allocation, a published file or report, or
+    # quantlab's estimate; where an estimate contradicts the evidence it cites, the verdict says so.
+    basis: str = "estimate"
     assumptions: str = ""  # the runtime profile behind the row, shared by several rows
     estimate_gb: float | None = None  # for the plot
     claimed_low_gb: float | None = None
@@ -76,10 +79,13 @@ def _weights_row(model: EstimationModel, row: dict, records: list[Record]) -> Cl
         file_gb = published["gguf_file_gb"][precision]
         detail = f"published file {file_gb:.2f} GB ({(value - file_gb) / file_gb:+.1%}); {_mix(weights)}"
     measured_gb, measured = _measured_weights(records, model.name, row["measured_by"])
-    verdict = range_verdict(value, low, high)
+    if measured_gb is not None:  # a measurement, where there is one, decides
+        verdict, basis = range_verdict(measured_gb, low, high), "GPU measurement (torch allocated after load)"
+    else:
+        verdict, basis = range_verdict(value, low, high), "estimate (no GPU measurement yet)"
     return ClaimRow(
         id=f"weights_{precision.lower()}", claim=f"{precision} weights {row['claimed']}", estimate=estimate,
-        measured=measured, verdict=verdict, detail=detail, estimate_gb=round(value, 3),
+        measured=measured, verdict=verdict, detail=detail, basis=basis, estimate_gb=round(value, 3),
         claimed_low_gb=low, claimed_high_gb=high, measured_gb=measured_gb,
     )
 
@@ -151,7 +157,7 @@ def _fits_row(model: EstimationModel, row: dict, rt: RuntimeAssumptions) -> Clai
     return ClaimRow(
         id=f"fits_{precision.lower()}", claim=f"{precision} fits on {row['fits_on']}",
         estimate=f"{need / 1e9:.1f} GB at {context:,} tokens; " + "; ".join(text for _, _, text in fits.values()),
-        measured="—", verdict=verdict, assumptions=_profile_note(rt),
+        measured="—", verdict=verdict, basis="estimate (llama.cpp profile)", assumptions=_profile_note(rt),
     )
 
 
@@ -178,17 +184,33 @@ def _profile_note(rt: RuntimeAssumptions) -> str:
 
 
 def _room_for_context(model: EstimationModel, rt: RuntimeAssumptions) -> ClaimRow:
+    """The verdict rests on the one published run it can (ran_tokens at Q4 on 24 GB); the estimate is set beside
+    that report, and where they disagree (the estimate fits more than ran out of memory), that is said."""
     weights = _weights(model, "Q4_K_M")
     budget = device_budget("RTX 3090/4090 (24 GB)")
+    report = claims_data()["published"]["q4_on_24gb"]
     f16 = max_context(weights, weights.bytes(), model.shape, budget, 1, rt).tokens
-    q8 = max_context(weights, weights.bytes(), model.shape, budget, 1, runtime_profile("llama.cpp", kv_dtype="q8_0")).tokens
+    oom_rt = runtime_profile("llama.cpp", kv_dtype=report["oom_kv_dtype"])
+    at_oom_kv = max_context(weights, weights.bytes(), model.shape, budget, 1, oom_rt).tokens
+    contradictions = []
+    if at_oom_kv >= report["oom_tokens"]:
+        contradictions.append(
+            f"the estimate fits {at_oom_kv:,} tokens with a {report['oom_kv_dtype']} KV cache, but "
+            f"{report['oom_tokens']:,} ran out of memory with one in the report")
+    if f16 < report["ran_tokens"]:
+        contradictions.append(f"the estimate fits only {f16:,} tokens (f16 KV), but {report['ran_tokens']:,} ran")
     statement = claims_data()["statements"]["room_for_context"]
+    verdict = f"matches: a published run had {report['ran_tokens']:,} tokens of context at Q4 on 24 GB"
+    if contradictions:
+        verdict += "; CONTRADICTION between estimate and report: " + "; ".join(contradictions)
     return ClaimRow(
         id="room_for_context", claim=statement["quote"],
-        estimate=f"Q4_K_M on 24 GiB: up to {f16:,} tokens with an f16 KV cache, {q8:,} with q8_0",
-        measured="—", verdict=f"matches: {f16:,} tokens of room" if f16 >= 32768 else "little room",
-        detail=f"published: {claims_data()['published']['q4_on_24gb']} The estimate leaves out llama.cpp's own "
-        "compute buffers beyond one micro-batch, a larger Q4_K_XL file, and a desktop sharing the GPU.",
+        estimate=f"Q4_K_M on 24 GiB: up to {f16:,} tokens with an f16 KV cache, {at_oom_kv:,} with {report['oom_kv_dtype']}",
+        measured="—", verdict=verdict,
+        basis="published report (not measured by quantlab)" + ("; the estimate contradicts it" if contradictions else ""),
+        detail=f"published: {report['text']} The estimate leaves out llama.cpp's compute buffers beyond one "
+        "micro-batch (its KQ mask grows with context), a larger Q4_K_XL file, and a desktop sharing the GPU; "
+        "a contradiction means the estimate misses memory that the real run needed.",
         assumptions=_profile_note(rt),
     )
 
@@ -203,7 +225,7 @@ def _memory_ratio(dense: EstimationModel, moe: EstimationModel) -> ClaimRow:
     return ClaimRow(
         id="memory_ratio", claim=statement["quote"],
         estimate=f"{ratio:.1f}× ({moe_bytes / 1e9:.1f} GB vs {dense_bytes / 1e9:.1f} GB at BF16, text models)",
-        measured="—", verdict=f"{verdict} (within 10% of {statement['claimed']}×)",
+        measured="—", verdict=f"{verdict} (within 10% of {statement['claimed']}×)", basis="parameter counts of the configs",
         detail="the same ratio holds at any precision that quantizes both alike; the 397B config is quantlab's shipped, inferred text config",
     )
 
@@ -224,7 +246,7 @@ def _active_params(dense: EstimationModel, moe: EstimationModel) -> ClaimRow:
         id="active_params", claim=statement["quote"],
         estimate=f"{d:.2f} B vs {m:.2f} B (embeddings and lm_head included; MoE: {moe.shape.experts_per_token} of "
         f"{moe.shape.experts} routed experts + shared expert)",
-        measured="—", verdict="matches" if ok else "does not match",
+        measured="—", verdict="matches" if ok else "does not match", basis="parameter counts of the configs",
         detail=f"total stored: {dense.inventory.parameters(set(dense.inventory.by_role()) - {'vision', 'mtp'}) / 1e9:.2f} B vs "
         f"{moe.inventory.parameters(set(moe.inventory.by_role()) - {'vision', 'mtp'}) / 1e9:.2f} B (text models)",
     )
@@ -244,6 +266,7 @@ def _native_context(model: EstimationModel, rt: RuntimeAssumptions) -> ClaimRow:
         estimate=f"at {tokens:,} tokens: " + "; ".join(costs),
         measured="—",
         verdict=f"the window is real, but its KV cache alone is {point.kv_cache / GIB:.0f} GiB ({rt.kv_dtype})",
+        basis="config (max_position_embeddings) and estimate (llama.cpp profile)",
         detail=f"KV cache {point.kv_cache / 1e9:.2f} GB + DeltaNet state {point.deltanet_state / 2**20:.1f} MiB",
         assumptions=_profile_note(rt),
     )

@@ -79,8 +79,8 @@ def memory_table(result: EstimateResult) -> Table:
 
 
 def claims_table(result: EstimateResult) -> Table:
-    rows = [[c["claim"], c["estimate"], c["measured"], c["verdict"]] for c in result.claims]
-    return ["Claim", "Estimate", "Measured", "Verdict"], rows, "llll"
+    rows = [[c["claim"], c["estimate"], c["measured"], c["verdict"], c.get("basis", "estimate")] for c in result.claims]
+    return ["Claim", "Estimate", "Measured", "Verdict", "Rests on"], rows, "lllll"
 
 
 def claim_assumptions(result: EstimateResult) -> list[str]:
@@ -121,7 +121,8 @@ def terminal_text(result: EstimateResult) -> str:
         lines += ["", "The article's claims", *[f"({a})" for a in claim_assumptions(result)]]
         for c in result.claims:
             lines += [f"- {c['claim']}", f"    estimate: {c['estimate']}", f"    measured: {c['measured']}",
-                      f"    verdict:  {c['verdict']}", *([f"    note:     {c['detail']}"] if c.get("detail") else [])]
+                      f"    verdict:  {c['verdict']}", f"    rests on: {c.get('basis', 'estimate')}",
+                      *([f"    note:     {c['detail']}"] if c.get("detail") else [])]
     if result.checks:
         lines += ["", "Estimate vs quantlab's GPU measurements", *aligned(checks_table(result))]
     return "\n".join(lines) + "\n"

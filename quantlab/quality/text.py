@@ -130,11 +130,11 @@ def _split_files(spec: TextSourceSpec, where: str) -> list[str]:
         names = HfApi().list_repo_files(spec.dataset, repo_type="dataset", revision=spec.revision)
     except Exception as exc:  # offline, unknown repo, gated, network: all one clear message
         raise QuantlabError(_hub_message(spec, exc, where, listing=True)) from None
-    data = [n for n in names if n.lower().endswith(TABLE_SUFFIXES + (".txt",)) and _in_split(n, spec.split)]
+    data = [n for n in names if n.lower().endswith(TABLE_SUFFIXES + (".txt",)) and _in_split(n, spec.effective_split)]
     if not data:
         some = ", ".join(sorted(names)[:8]) or "none"
         raise QuantlabError(
-            f"{where}.dataset {spec.dataset}: no .parquet/.jsonl/.json/.csv/.txt data file of split '{spec.split}' "
+            f"{where}.dataset {spec.dataset}: no .parquet/.jsonl/.json/.csv/.txt data file of split '{spec.effective_split}' "
             f"(files: {some}). Set {where}.split, or {where}.path to the data file inside the repo."
         )
     return sorted(data)

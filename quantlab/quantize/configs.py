@@ -71,7 +71,7 @@ class CalibrationSpec(TextSourceSpec):
 
     WHERE: ClassVar[str] = "quantization.calibration"
 
-    split: str = Field("train", description="hub: the split whose data files are read (when path is not given)")
+    DEFAULT_SPLIT: ClassVar[str] = "train"
     samples: int = Field(128, ge=1, le=100_000, description="calibration windows")
     seq_len: int = Field(512, ge=16, le=32_768, description="tokens per window")
     seed: int = Field(0, ge=0, description="which windows are drawn")
