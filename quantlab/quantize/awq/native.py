@@ -250,11 +250,11 @@ def _balance(layer, mapping: AwqMapping, linears, inputs, calls, qc: AwqConfig) 
     if mapping.inspect and _has(layer, mapping.inspect):
         inspect = layer.get_submodule(mapping.inspect)
 
-        def run():
-            return [_first(inspect(*args, **kw)) for args, kw in calls[mapping.inspect]]
+        def run():  # one chunk at a time: a candidate's outputs are compared as they come
+            return (_first(inspect(*args, **kw)) for args, kw in calls[mapping.inspect])
     else:
         def run():
-            return [torch.cat([fc(chunk) for fc in searched], dim=-1) for chunk in x]
+            return (torch.cat([fc(chunk) for fc in searched], dim=-1) for chunk in x)
 
     scales, _ = search_scales(searched, x, run, qc.bits, qc.group_size, qc.zero_point)
     _fold(smooth, balance, scales)

@@ -5,14 +5,16 @@
 - Clipping: per output row and group, the range kept, shrunk on a grid down to half; keep the one
   whose Linear output on a sample of tokens is closest. AutoAWQ clips at ±max, which for
   zero-point quantization moves only one end of the range; shrinking [min, max] moves both.
-Both run in float32 on the layer's device. With this (AutoAWQ's "duo") formula a = 0 gives
+Both compare in float32 on the layer's device, one chunk of samples at a time: the reference outputs are kept
+in the layer's dtype (they are computed in it, so nothing is lost) and each candidate's outputs are compared
+chunk by chunk as they are made, not all held at once. With this (AutoAWQ's "duo") formula a = 0 gives
 s = 1/w_mean, not 1, so s = 1 (plain rounding) is tried first as one more candidate: the search
 then never does worse than round-to-nearest on the loss it measures.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -52,28 +54,28 @@ def weight_channel_mean(weights: list[torch.Tensor], group_size: int) -> torch.T
 def search_scales(
     linears: list[torch.nn.Linear],
     inputs: list[torch.Tensor],
-    run: Callable[[], list[torch.Tensor]],
+    run: Callable[[], Iterable[torch.Tensor]],
     bits: int,
     group_size: int,
     zero_point: bool,
 ) -> tuple[torch.Tensor, float]:
     """The best per-input-channel scales for `linears` (which share their input) and the relative loss.
 
-    `run()` replays the inspected computation and returns its outputs (one tensor per chunk of samples).
+    `run()` replays the inspected computation and yields its outputs (one tensor per chunk of samples).
     The Linears' weights are restored before returning.
     """
     originals = [fc.weight.data for fc in linears]  # kept aside: candidates go to separate buffers
     x_mean = input_channel_mean(inputs).to(originals[0].device)
     w_mean = weight_channel_mean(originals, group_size)
-    reference = [out.float() for out in run()]
-    norm = sum(float(r.pow(2).sum()) for r in reference) or 1.0
+    reference = list(run())
+    norm = sum(float(r.float().pow(2).sum()) for r in reference) or 1.0
     best, best_loss = None, float("inf")
     buffers = [torch.empty_like(w) for w in originals]
     try:
         for scales in _candidates(x_mean, w_mean):
             for fc, w, buffer in zip(linears, originals, buffers):
                 fc.weight.data = fake_quantize_scaled(w, scales, bits, group_size, zero_point, out=buffer)
-            loss = sum(float((out.float() - ref).pow(2).sum()) for out, ref in zip(run(), reference))
+            loss = sum(float((out.float() - ref.float()).pow(2).sum()) for out, ref in zip(run(), reference))
             if loss < best_loss:
                 best, best_loss = scales.clone(), loss
     finally:
@@ -97,8 +99,7 @@ def search_clip(weight: torch.Tensor, inputs: list[torch.Tensor], bits: int, gro
     them before rounding. Each group's partial output on a sample of tokens is what is compared."""
     out_features, in_features = weight.shape
     groups = in_features // group_size
-    x = torch.cat([t.reshape(-1, in_features) for t in inputs])
-    x = x[:: max(1, x.shape[0] // CLIP_TOKENS)].float()
+    x = _every_nth_row([t.reshape(-1, in_features) for t in inputs], CLIP_TOKENS).float()
     x = x.reshape(-1, groups, group_size).transpose(0, 1)  # [groups, tokens, group_size]
     steps = [1 - i / GRID for i in range(int(CLIP_MAX_SHRINK * GRID))]
     pairs = [(a, b) for a in steps for b in steps] if zero_point else [(a, a) for a in steps]
@@ -119,6 +120,19 @@ def search_clip(weight: torch.Tensor, inputs: list[torch.Tensor], bits: int, gro
             best[better] = torch.tensor([low_factor, high_factor], device=weight.device)
         best_all.append(best)
     return torch.cat(best_all)
+
+
+def _every_nth_row(chunks: list[torch.Tensor], about: int) -> torch.Tensor:
+    """torch.cat(chunks)[::step], step = total rows // about, without concatenating all the rows first (the
+    inputs of a 27B's down_proj at 64 x 512 tokens are 1.1 GB)."""
+    total = sum(c.shape[0] for c in chunks)
+    step = max(1, total // about)
+    picked, offset = [], 0
+    for chunk in chunks:
+        first = (-offset) % step  # the first global multiple of step inside this chunk
+        picked.append(chunk[first::step])
+        offset += chunk.shape[0]
+    return torch.cat(picked)
 
 
 def _group_outputs(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
