@@ -85,6 +85,8 @@ def load_records(output_dir: str | Path) -> tuple[list[Record], list[str]]:
 
 
 def _read_record(path: Path) -> Record:
+    if not path.is_file():  # a folder, a broken link, a pipe that would block the read
+        raise ValueError("not a regular file")
     if path.stat().st_size > MAX_RECORD_BYTES:
         raise ValueError(f"larger than {MAX_RECORD_BYTES:,} bytes")
     return Record.model_validate(json.loads(path.read_text(encoding="utf-8")))

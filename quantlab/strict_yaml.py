@@ -95,6 +95,8 @@ def read_text_file(path: Path, what: str, max_bytes: int) -> str:
     try:
         if path.is_dir():
             raise QuantlabError(f"{path}: is a folder, not a {what} file")
+        if not path.is_file():  # a FIFO or a device would block or never end
+            raise QuantlabError(f"{path}: not a regular file (a device, a pipe or a socket), not a {what} file")
         with path.open("rb") as f:
             raw = f.read(max_bytes + 1)
     except QuantlabError:

@@ -289,8 +289,9 @@ def test_unreadable_records_are_listed_and_skipped_by_every_command(tmp_path, ca
     (records / "broken-link.json").symlink_to(tmp_path / "nowhere.json")
     (records / "nested.json").write_text("[" * 100_000 + "]" * 100_000)
     (records / "huge.json").write_bytes(b" " * (17 << 20))
+    os.mkfifo(records / "pipe.json")  # reading it would block
     found, problems = load_records(meas)
-    assert len(found) == 1 and len(problems) == 4
+    assert len(found) == 1 and len(problems) == 5
     assert all("skipped, not a valid record" in p for p in problems)
     assert main(["report", "--output", str(meas)]) == 0
     report = (meas / "README.md").read_text()
@@ -481,6 +482,9 @@ def _bad_inputs(tmp_path: Path, case: str) -> list[str]:
     if case == "recipe is a folder":
         (tmp_path / "dir.yaml").mkdir()
         return ["run", str(tmp_path / "dir.yaml")]
+    if case == "recipe is a pipe":  # reading it would wait for a writer forever
+        os.mkfifo(tmp_path / "pipe.yaml")
+        return ["run", str(tmp_path / "pipe.yaml")]
     if case == "empty hub id":
         return ["run", write("name: x\nmodel: {source: hub, id: ''}\n")]
     if case == "invalid hub id":
@@ -530,6 +534,7 @@ TRACEBACK_CASES = [
     ("recipe not UTF-8", "not UTF-8 text (invalid continuation byte at byte 9); save it as UTF-8"),
     ("recipe is binary", "a binary file (it holds NUL bytes), not a recipe file"),
     ("recipe is a folder", "is a folder, not a recipe file"),
+    ("recipe is a pipe", "not a regular file (a device, a pipe or a socket), not a recipe file"),
     ("empty hub id", "model.id: not a valid Hugging Face repo id"),
     ("invalid hub id", "model.id: not a valid Hugging Face repo id"),
     ("invalid dataset id", "quality.dataset: not a valid Hugging Face repo id"),
