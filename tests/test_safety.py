@@ -518,6 +518,10 @@ def _bad_inputs(tmp_path: Path, case: str) -> list[str]:
         write("", "cache")
         return ["quality", str(recipe(tmp_path, {"source": "bundled"}, quality={
             "tokens": 64, "context": 32, "mode": "stored", "reference": {"cache_dir": str(tmp_path / "cache")}}))]
+    if case == "quality --json over a file quantlab did not write":
+        write("# my notes\n", "notes.md")
+        return ["quality", str(recipe(tmp_path, {"source": "bundled"}, quality={"tokens": 64, "context": 32})),
+                "--json", str(tmp_path / "notes.md")]
     if case in ("verify on a device that is not there", "verify on a device that does not exist"):
         build = fake_build(tmp_path / "b")
         return ["verify", str(build), "--device", "cuda:7" if case.endswith("not there") else "tpu"]
@@ -551,6 +555,7 @@ TRACEBACK_CASES = [
     ("model folder is a link loop", "model folder not found (a symbolic link to nothing, or a loop of links)"),
     ("fake .parquet text", "held-out.parquet: not a readable Parquet file"),
     ("stored-mode cache path is a file", "is a file; the cache is a folder"),
+    ("quality --json over a file quantlab did not write", "notes.md: exists and is not a quality result quantlab wrote"),
     ("verify on a device that is not there", "--device is 'cuda:7'"),
     ("verify on a device that does not exist", "--device 'tpu': expected cpu, cuda or cuda:N"),
     ("truncated shard behind regenerated checksums", "truncated shard"),
