@@ -23,9 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     except QuantlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system said no (a name too long, a permission, a full disk): one line
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted: records already written are complete; nothing partial was kept", file=sys.stderr)
         return 130
+
+
+def os_error_message(exc: OSError) -> str:
+    from quantlab.strict_yaml import shorten
+
+    what = exc.strerror or type(exc).__name__
+    if exc.filename is None:
+        return shorten(f"{type(exc).__name__}: {exc}")
+    return f"{shorten(str(exc.filename))}: {what}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +90,7 @@ def _cmd_run(args) -> int:
 
     loaded = load_recipe(args.recipe)
     if args.dry_run:
-        print(describe_plan(make_plan(loaded)))
+        print(describe_plan(make_plan(loaded, records_to=args.output or loaded.recipe.output.dir)))
         print("dry run: nothing loaded, nothing measured")
         return 0
     if args.no_progress:
@@ -101,9 +113,11 @@ def _cmd_validate(args) -> int:
             loaded = load_recipe(path)
             detail = "schema ok" if args.schema_only else _plan_line(make_plan(loaded, for_this_machine=False))
             print(f"ok: {path}: {detail}")
-        except QuantlabError as exc:
+        except (QuantlabError, OSError) as exc:
             failed += 1
-            print(f"invalid: {exc}", file=sys.stderr)
+            # a recipe's error names its file; a plan's error is about the model: name the recipe before it
+            message = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
+            print(f"invalid: {message if message.startswith(str(path)) else f'{path}: {message}'}", file=sys.stderr)
     return 1 if failed else 0
 
 

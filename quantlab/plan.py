@@ -10,7 +10,9 @@ import psutil
 import torch
 from transformers import PretrainedConfig
 
-from quantlab.errors import QuantlabError
+from quantlab.checkpoint import check_config_sizes, check_folder, compare_with_model, shard_files
+from quantlab.errors import QuantlabError, summary
+from quantlab.outputs import check_measurements_folder
 from quantlab.quality.checks import QualityPlan, plan_quality
 from quantlab.quantize.handlers import handler_for
 from quantlab.quantize.prequantized import checkpoint_method
@@ -42,21 +44,28 @@ class RunPlan:
         return self.loaded.recipe
 
 
-def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True) -> RunPlan:
-    """`for_this_machine=False` (validate) skips the checks that depend on the local GPU and RAM."""
+def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True, records_to: str | Path | None = None) -> RunPlan:
+    """`for_this_machine=False` (validate) skips the checks that depend on the local GPU, RAM and files written;
+    `records_to`: the measurements folder the run will write, checked before any weights load."""
     recipe = loaded.recipe
     device = resolve_device(recipe.model.device) if for_this_machine else _nominal_device(recipe.model.device)
+    if for_this_machine and records_to is not None:
+        check_measurements_folder(records_to)
     resolved = resolve_config(recipe.model)
     config, auto_class = select_variant(resolved.config, recipe.model.variant)
+    check_config_sizes(config, config_location(recipe.model, resolved))
     handler = handler_for(recipe.quantization)
     handler.check(recipe.quantization, config)
     prequantized = _prequantized(recipe, resolved)
     _check_awq_kernel(recipe.model.awq_kernel, recipe.quantization.method, prequantized)
+    model = meta_model(config, auto_class, where=config_location(recipe.model, resolved))
+    checkpoint_notes = () if prequantized else _check_checkpoint(recipe.model, resolved, model)
     source_notes = _check_source(handler, recipe, resolved)
     _check_context(config, recipe.measure.contexts, recipe.measure.new_tokens)
-    parameters = meta_parameter_count(config, auto_class)
+    parameters = sum(p.numel() for p in model.parameters())
+    del model
     weight_bytes = parameters * DTYPES[recipe.model.dtype].itemsize
-    notes = list(resolved.notes) + list(source_notes)
+    notes = list(resolved.notes) + list(checkpoint_notes) + list(source_notes)
     if for_this_machine:
         notes += _memory_check(device, weight_bytes)
     quality = plan_quality(recipe, resolved, config, device, weight_bytes, for_this_machine,
@@ -125,19 +134,19 @@ def _cached_folder(spec) -> str | None:
     return str(Path(cached).parent) if isinstance(cached, str) else None
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, what: str = "model.device") -> torch.device:
     if name == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise QuantlabError(
-                f"model.device is '{name}' but torch {torch.__version__} sees no CUDA GPU here. "
+                f"{what} is '{name}' but torch {torch.__version__} sees no CUDA GPU here. "
                 "Use device: auto (CPU when there is no GPU) or run on a GPU machine."
             )
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise QuantlabError(f"model.device is '{name}' but only {torch.cuda.device_count()} GPU(s) are visible")
+            raise QuantlabError(f"{what} is '{name}' but only {torch.cuda.device_count()} GPU(s) are visible")
         device = torch.device("cuda", index)
     return device
 
@@ -146,16 +155,56 @@ def _nominal_device(name: str) -> torch.device:
     return torch.device("cuda", 0) if name == "cuda" else torch.device("cpu" if name == "auto" else name)
 
 
-def meta_model(config: PretrainedConfig, auto_class: type | None = None) -> torch.nn.Module:
+def meta_model(config: PretrainedConfig, auto_class: type | None = None, where: str = "the config") -> torch.nn.Module:
     """Instantiate on the meta device: shapes only, no memory, a fraction of a second at 27B."""
     if auto_class is None:
         auto_class = select_variant(config, "full" if hasattr(config, "text_config") else "text")[1]
-    with torch.device("meta"):
-        return auto_class.from_config(config)
+    check_config_sizes(config, where)
+    try:
+        with torch.device("meta"):
+            return auto_class.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - a user's config that transformers cannot build: one message
+        raise QuantlabError(f"{where}: transformers cannot build the model from it ({summary(exc)})") from None
 
 
-def meta_parameter_count(config: PretrainedConfig, auto_class: type) -> int:
-    return sum(p.numel() for p in meta_model(config, auto_class).parameters())
+def config_location(spec, resolved: ResolvedConfig) -> str:
+    """The config file a plan error names."""
+    location = Path(resolved.location)
+    if spec.source == "hub" or not location.exists():
+        return f"the config of {resolved.location}"  # a Hub id, or a config shipped with quantlab
+    return str(location if location.name == "config.json" else location / "config.json")
+
+
+def _check_checkpoint(spec, resolved: ResolvedConfig, model: torch.nn.Module) -> tuple[str, ...]:
+    """The shard headers of a checkpoint on this machine against the model its config describes."""
+    if spec.source == "synthetic":
+        return ()
+    folder = Path(resolved.location) if spec.source in ("bundled", "local") else _cached_snapshot(spec)
+    if folder is None:
+        return (f"{spec.id}: the weights are not (all) in the Hugging Face cache yet; their tensors are checked "
+                "against the config as they load",)
+    check_folder(folder, progress=False)
+    compare_with_model(folder, model)
+    return ()
+
+
+def _cached_snapshot(spec) -> Path | None:
+    """The Hub snapshot folder, when its config and every shard are in the cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec.id, "config.json", revision=spec.revision)
+    if not isinstance(cached, str):
+        return None
+    folder = Path(cached).parent
+    try:
+        shard_files(folder)
+    except QuantlabError:
+        return None  # shards still to download
+    return folder
+
+
+def meta_parameter_count(config: PretrainedConfig, auto_class: type, where: str = "the config") -> int:
+    return sum(p.numel() for p in meta_model(config, auto_class, where).parameters())
 
 
 def _check_context(config: PretrainedConfig, contexts: list[int], new_tokens: int) -> None:
@@ -166,8 +215,8 @@ def _check_context(config: PretrainedConfig, contexts: list[int], new_tokens: in
     too_long = [c for c in contexts if c + new_tokens > limit]
     if too_long:
         raise QuantlabError(
-            f"measure.contexts: {too_long} + new_tokens {new_tokens} exceed the model's "
-            f"max_position_embeddings ({limit:,})"
+            f"measure.contexts: {too_long[:8]}{' ...' if len(too_long) > 8 else ''} + new_tokens {new_tokens} "
+            f"exceed the model's max_position_embeddings ({limit:,})"
         )
 
 

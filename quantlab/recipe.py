@@ -12,37 +12,42 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from quantlab.errors import RecipeError
+from quantlab.errors import QuantlabError, RecipeError
+from quantlab.fields import STRICT, PathText, RepoId, Revision, Seed
 from quantlab.quantize.configs import NoQuant, QuantConfig, config_class, known_methods
+from quantlab.strict_yaml import excerpt, load_strict, read_text_file
 from quantlab.textsource import TextSourceSpec
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 MAX_CONTEXT = 1_048_576  # ~1M tokens: the YaRN-extended ceiling of Qwen3.6; anything above is a typo
+MAX_RECIPE_BYTES = 64 * 1024  # a recipe is a few kilobytes; records keep its text
+MAX_POINTS = 64  # contexts, and batch sizes, measured by one recipe
+MAX_PROBLEMS = 20  # validation problems listed in one error; the rest are counted
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
 
 class ModelSpec(_Strict):
     """Where the weights come from, and how they are laid out in memory."""
 
     source: Literal["bundled", "hub", "local", "synthetic"]
-    id: str | None = Field(None, description="Hub repo id (source: hub)")
-    revision: str | None = Field(None, description="Hub revision (source: hub)")
-    path: str | None = Field(None, description="folder of safetensors shards (source: local)")
-    config: str | None = Field(
+    id: RepoId | None = Field(None, description="Hub repo id (source: hub)")
+    revision: Revision | None = Field(None, description="Hub revision (source: hub)")
+    path: PathText | None = Field(None, description="folder of safetensors shards (source: local)")
+    config: PathText | None = Field(
         None, description="synthetic: 'qwen3.6-27b', 'bundled', or a path to a config.json or its folder"
     )
     variant: Literal["text", "full"] = "text"
     dtype: Dtype = "bfloat16"
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d{1,3})?)$")
+    seed: Seed = 0
     awq_kernel: str | None = Field(
-        None, description="AWQ checkpoints: the kernel transformers loads them with (its AwqConfig backend, e.g. "
-        "gemm_triton, marlin, torch_awq); default: gptqmodel's own choice"
+        None, max_length=40, description="AWQ checkpoints: the kernel transformers loads them with (its AwqConfig "
+        "backend, e.g. gemm_triton, marlin, torch_awq); default: gptqmodel's own choice"
     )
 
     @model_validator(mode="after")
@@ -62,12 +67,12 @@ class ModelSpec(_Strict):
 class MeasureSpec(_Strict):
     """The measurement plan: which points to measure and how often."""
 
-    contexts: list[int] = Field(default_factory=lambda: [128], min_length=1)
+    contexts: list[int] = Field(default_factory=lambda: [128], min_length=1, max_length=MAX_POINTS)
     new_tokens: int = Field(32, ge=1, le=65536)
-    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1, max_length=MAX_POINTS)
     warmup: int = Field(1, ge=0, le=100)
     repeats: int = Field(3, ge=1, le=1000)
-    seed: int = 0
+    seed: Seed = 0
     memory_sample_ms: float = Field(20.0, gt=0, le=1000)  # background RSS/NVML sampling; shorter costs decode speed on the CPU
 
     @field_validator("contexts")
@@ -75,7 +80,7 @@ class MeasureSpec(_Strict):
     def _contexts_in_range(cls, values: list[int]) -> list[int]:
         for v in values:
             if not 1 <= v <= MAX_CONTEXT:
-                raise ValueError(f"each context must be between 1 and {MAX_CONTEXT:,} tokens, got {v}")
+                raise ValueError(f"each context must be between 1 and {MAX_CONTEXT:,} tokens, got {excerpt(v)}")
         if len(set(values)) != len(values):
             raise ValueError(f"contexts must not repeat, got {values}")
         return values
@@ -85,7 +90,7 @@ class MeasureSpec(_Strict):
     def _batches_in_range(cls, values: list[int]) -> list[int]:
         for v in values:
             if not 1 <= v <= 4096:
-                raise ValueError(f"each batch size must be between 1 and 4096, got {v}")
+                raise ValueError(f"each batch size must be between 1 and 4096, got {excerpt(v)}")
         if len(set(values)) != len(values):
             raise ValueError(f"batch_sizes must not repeat, got {values}")
         return values
@@ -94,26 +99,37 @@ class MeasureSpec(_Strict):
 class OutputSpec(_Strict):
     """Where records go, and whether the report is regenerated after the run."""
 
-    dir: str = "measurements"
+    dir: PathText = "measurements"
     report: bool = True
 
 
 class BuildSpec(_Strict):
     """`quantlab build`: the build folder, its model card's metadata and its greedy check."""
 
-    out: str | None = Field(None, description="build folder (default: builds/<recipe name>); --out overrides")
-    base_model: str | None = Field(None, description="the card's base_model (a Hub id); default: the hub source's id")
-    license: str | None = Field(None, description="the card's license; default: the source's model card, else ask")
-    prompt: str = Field("def fibonacci(n):", min_length=1, description="prompt of the recorded greedy generation")
+    out: PathText | None = Field(None, description="build folder (default: builds/<recipe name>); --out overrides")
+    base_model: RepoId | None = Field(None, description="the card's base_model (a Hub id); default: the hub source's id")
+    license: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$",
+                                description="the card's license; default: the source's model card, else ask")
+    prompt: str = Field("def fibonacci(n):", min_length=1, max_length=4096,
+                        description="prompt of the recorded greedy generation")
     check_tokens: int = Field(16, ge=1, le=512, description="greedy tokens recorded at build time, checked by verify")
-    max_shard_size: str = Field("5GB", pattern=r"^\d+(\.\d+)?\s*(KB|MB|GB|KiB|MiB|GiB)$")
+    max_shard_size: str = Field("5GB", pattern=r"^\d{1,12}(\.\d{1,6})?\s*(KB|MB|GB|KiB|MiB|GiB)$")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size_in_range(cls, value: str) -> str:
+        from quantlab.build.cost import parse_size
+
+        if not 10**6 <= parse_size(value) <= 10**12:
+            raise ValueError(f"must be between 1MB and 1000GB, got {value!r}")
+        return value
 
 
 class QualityReference(_Strict):
     """The model a candidate is compared with. Default: the recipe's model, same dtype, method none."""
 
     model: ModelSpec | None = Field(None, description="default: the recipe's model spec, unquantized")
-    cache_dir: str | None = Field(
+    cache_dir: PathText | None = Field(
         None, description="stored mode: folder of cached reference statistics (default: <output dir>/quality-cache)"
     )
 
@@ -160,9 +176,12 @@ class LoadedRecipe:
 def load_recipe(path: str | Path) -> LoadedRecipe:
     """Read and validate a recipe file; raise RecipeError with every problem found."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_text_file(path, "recipe", MAX_RECIPE_BYTES)
+    except QuantlabError as exc:
+        raise RecipeError(str(exc)) from None
     data = _parse_yaml(path, text)
     try:
         recipe = Recipe.model_validate(data)
@@ -173,40 +192,56 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
 
 def _parse_yaml(path: Path, text: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = load_strict(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow: no mark, a position
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise RecipeError(f"{path}: not valid YAML (line {line}, column {column}): character "
+                          f"{excerpt(chr(exc.character) if isinstance(exc.character, int) else exc.character)} "
+                          f"is not allowed in YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise RecipeError(_bounded(f"{path}: not valid YAML{where}: {problem}")) from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys to values, got {type(data).__name__}")
     return data
 
 
 def format_validation_error(path: Path, exc: ValidationError) -> str:
-    lines = [f"{path}: {exc.error_count()} problem(s) in the recipe:"]
-    for err in exc.errors():
+    errors = exc.errors()
+    if len(errors) == 1:  # one problem, one line
+        err = errors[0]
+        return _bounded(f"{path}: {_dotted(_without_method_tag(err['loc']))}: {_describe(err)}", 600)
+    lines = [f"{path}: {len(errors)} problem(s) in the recipe:"]
+    for err in errors[:MAX_PROBLEMS]:
         loc = _dotted(_without_method_tag(err["loc"]))
-        lines.append(f"  - {loc}: {_describe(err)}")
+        lines.append(_bounded(f"  - {loc}: {_describe(err)}"))
+    if len(errors) > MAX_PROBLEMS:
+        lines.append(f"  - ... and {len(errors) - MAX_PROBLEMS} more")
     return "\n".join(lines)
+
+
+def _bounded(line: str, limit: int = 400) -> str:
+    return line if len(line) <= limit else f"{line[:limit - 30]}... ({len(line):,} chars in all)"
 
 
 def _describe(err: dict[str, Any]) -> str:
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
         allowed = ", ".join(_fields_at(err["loc"][:-1]))
-        return f"unknown key '{err['loc'][-1]}'; allowed keys here: {allowed}"
+        return f"unknown key {excerpt(err['loc'][-1])}; allowed keys here: {allowed}"
     if kind == "missing":
         return "required, but missing"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         methods = ", ".join(repr(m) for m in known_methods())
-        got = f"unknown method {err['ctx']['tag']!r}" if kind == "union_tag_invalid" else "'method' is missing"
+        got = f"unknown method {excerpt(err['ctx']['tag'])}" if kind == "union_tag_invalid" else "'method' is missing"
         return f"{got}; allowed methods: {methods}"
     message = err["msg"].removeprefix("Value error, ")
     if kind == "value_error" or isinstance(value, dict):
         return message
-    return f"{message} (got {value!r})"
+    return f"{message} (got {excerpt(value)})"
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quantlab import fingerprint
+from quantlab.finite import describe as describe_nonfinite, model_nonfinite
 from quantlab.kernels import Kernels, kernels_of
 from quantlab.measure import PointResult, PointSettings, free_memory, measure_point
 from quantlab.quality.checks import describe_quality_plan
@@ -39,13 +40,13 @@ def run_recipe(
     append: bool = True,
 ) -> RunResult:
     """`append=False` returns the records without writing them (quantlab build appends them once its folder exists)."""
-    plan = make_plan(loaded)
+    out = Path(output_dir or loaded.recipe.output.dir)
+    plan = make_plan(loaded, records_to=out if append else None)
     if getattr(handler_for(plan.recipe.quantization), "writes_checkpoint", False):
         from quantlab.run_checkpoint import run_through_checkpoint
 
         return run_through_checkpoint(plan, output_dir, progress, echo, append)
     recipe, device = plan.recipe, plan.device
-    out = Path(output_dir or recipe.output.dir)
     echo(describe_plan(plan))
     hardware, software = fingerprint.hardware(device), fingerprint.software()
     nvml = NvmlProbe(device) if device.type == "cuda" else None
@@ -61,6 +62,12 @@ def run_recipe(
     kernels = kernels_of(model)
     echo(f"loaded {loaded_model.info.model_class} in {load_time.result.seconds:.1f} s: {weight_bytes / 1e9:.3f} GB of weights; "
          f"{describe_kernels(kernels)}")
+    broken = model_nonfinite(model)
+    weight_notes: tuple[str, ...] = ()
+    if broken:
+        weight_notes = (f"non-finite weights: {describe_nonfinite(broken)}; the figures measure a broken model",)
+    for note in weight_notes:
+        echo(f"warning: {note}")
     quality_result = _quality(quality, model, device, echo)
 
     run_id, records, paths = new_run_id(), [], []
@@ -92,7 +99,7 @@ def run_recipe(
             roofline=_roofline(hardware, weight_bytes - lookup_table_bytes(model), batch, result),
             quality=quality_result,
             kernels=kernels,
-            notes=plan.notes + dtype_note(loaded_model.info) + _notes(hardware, result),
+            notes=plan.notes + dtype_note(loaded_model.info) + weight_notes + _notes(hardware, result),
         )
         if append:
             paths.append(append_record(out, record))

@@ -19,8 +19,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from quantlab import bundled
 from quantlab.build.manifest import built_from
-from quantlab.checkpoint import check_folder, read_config
-from quantlab.errors import QuantlabError
+from quantlab.build.placement import recover_interrupted_replace
+from quantlab.checkpoint import check_config_sizes, check_folder, read_config
+from quantlab.errors import QuantlabError, summary
 from quantlab.kernels import compute_dtype
 from quantlab.known_models import KNOWN_MODELS, known_by_hub_id, known_config_dir
 from quantlab.recipe import ModelSpec
@@ -66,9 +67,11 @@ def resolve_config(spec: ModelSpec) -> ResolvedConfig:
         return ResolvedConfig(_config_from_folder(folder), "quantlab-bundled", str(folder))
     if spec.source == "local":
         folder = Path(spec.path).expanduser()
+        notes = recover_interrupted_replace(folder)  # a `build --force` killed between its two renames
+        config = _config_from_folder(folder)
         # a quantlab build is named after the model it was built from (its quantlab_build.json)
         name = built_from(folder) or folder.resolve().name
-        return ResolvedConfig(_config_from_folder(folder), name, str(folder))
+        return ResolvedConfig(config, name, str(folder), tuple(notes))
     if spec.source == "synthetic":
         return _synthetic_config(spec.config)
     return _hub_config(spec.id, spec.revision)
@@ -83,14 +86,27 @@ def _bundled_dir() -> Path:
 
 def _config_from_folder(folder: Path) -> PretrainedConfig:
     if not folder.is_dir():
-        raise QuantlabError(f"{folder}: model folder not found")
-    model_type = read_config(folder)["model_type"]
+        raise QuantlabError(f"{folder}: model folder not found{_why_missing(folder)}")
+    raw = read_config(folder)
+    model_type = raw["model_type"]
+    check_config_sizes(raw, str(folder / "config.json"))  # before transformers: it names the field, not the value
     if model_type not in CONFIG_MAPPING:
         raise QuantlabError(
-            f"{folder}/config.json: unknown architecture (model_type '{model_type}'): transformers "
+            f"{folder}/config.json: unknown architecture (model_type {model_type[:100]!r}): transformers "
             f"{_transformers_version()} does not know it. Upgrade transformers, or check the config."
         )
-    return AutoConfig.from_pretrained(folder)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - any way transformers rejects a user's config is one message
+        raise QuantlabError(f"{folder}/config.json: transformers cannot read it ({summary(exc)})") from None
+
+
+def _why_missing(path: Path) -> str:
+    if path.is_symlink():
+        return " (a symbolic link to nothing, or a loop of links)"
+    if path.exists():
+        return " (it is a file, not a folder)"
+    return ""
 
 
 def _synthetic_config(name: str) -> ResolvedConfig:
@@ -101,10 +117,17 @@ def _synthetic_config(name: str) -> ResolvedConfig:
         return ResolvedConfig(AutoConfig.from_pretrained(_bundled_dir()), "quantlab-bundled", "bundled")
     path = Path(name).expanduser()
     folder = path.parent if path.name == "config.json" else path
-    if not (folder / "config.json").is_file():
+    if not _is_file(folder / "config.json"):
         known = ", ".join([*KNOWN_MODELS, "bundled"])
         raise QuantlabError(f"model.config: '{name}' is neither a shipped config ({known}) nor a config.json or its folder")
     return ResolvedConfig(_config_from_folder(folder), folder.resolve().name, str(path))
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long, a path through a file
+        return False
 
 
 def _hub_config(repo_id: str, revision: str | None) -> ResolvedConfig:
@@ -112,7 +135,7 @@ def _hub_config(repo_id: str, revision: str | None) -> ResolvedConfig:
     display = repo_id.rsplit("/", 1)[-1]
     cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     if isinstance(cached, str):
-        return ResolvedConfig(AutoConfig.from_pretrained(Path(cached).parent), display, repo_id)
+        return ResolvedConfig(_config_from_folder(Path(cached).parent), display, repo_id)
     known = known_by_hub_id(repo_id)
     if known is not None:
         note = f"plan uses quantlab's shipped config of {repo_id} (not in the HF cache yet); loading uses the Hub's"
@@ -220,11 +243,53 @@ def _from_pretrained(
     auto_class: type, location: str, revision: str | None, dtype: torch.dtype, device: torch.device, **extra: Any
 ):
     try:
-        return auto_class.from_pretrained(location, revision=revision, dtype=dtype, device_map=str(device), **extra)
+        return load_pretrained(auto_class, location, revision=revision, dtype=dtype, device_map=str(device), **extra)
     except OSError as exc:
         if Path(location).exists():
             raise QuantlabError(f"{location}: could not load the weights: {exc}") from None
         raise QuantlabError(hub_unavailable_message(location, exc)) from None
+
+
+def load_pretrained(auto_class: type, location: str | Path, **kwargs: Any) -> torch.nn.Module:
+    """`auto_class.from_pretrained`, where every tensor of the model must come from the checkpoint: transformers
+    fills a missing tensor at random and drops an unexpected one, with a warning that is easy to miss (and that
+    quantlab quiets). Either is an error here, naming the tensors; so is a shape mismatch."""
+    try:
+        # mismatched shapes come back in the loading info, named, instead of as "look at the above report"
+        model, info = auto_class.from_pretrained(location, output_loading_info=True, ignore_mismatched_sizes=True,
+                                                 **kwargs)
+    except RuntimeError as exc:
+        if not str(exc).startswith("Error(s) in loading state_dict"):
+            raise
+        raise QuantlabError(f"{location}: the checkpoint does not load: {_error_summary(str(exc))}") from None
+    problems = loading_problems(info)
+    if problems:
+        raise QuantlabError(f"{location}: the checkpoint does not match the model; not measuring a model whose "
+                            f"weights transformers made up or dropped: {problems}")
+    return model
+
+
+def loading_problems(info: dict) -> str:
+    """The missing, unexpected and misshapen tensors of transformers' loading info, in one line ('' when none)."""
+    parts = []
+    for key, what in (("missing_keys", "missing from the checkpoint (filled in at random)"),
+                      ("unexpected_keys", "in the checkpoint but not in the model (dropped)")):
+        names = sorted(info.get(key) or ())
+        if names:
+            parts.append(f"{len(names)} tensor(s) {what}: {', '.join(names[:8])}" + (" ..." if len(names) > 8 else ""))
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        shown = ", ".join(f"{n}: checkpoint {list(a)}, model {list(b)}" for n, a, b in mismatched[:8])
+        parts.append(f"{len(mismatched)} tensor(s) of another shape: {shown}")
+    errors = info.get("error_msgs") or []
+    if errors:
+        parts.append(f"{len(errors)} loading error(s): {str(errors[0]).splitlines()[0][:200]}")
+    return "; ".join(parts)
+
+
+def _error_summary(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    return "; ".join(lines[:5])[:600]
 
 
 def load_tokenizer(location: str | None, revision: str | None = None):

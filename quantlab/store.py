@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from quantlab.records import Record
 
 RECORDS_SUBDIR = "records"
+MAX_RECORD_BYTES = 16 << 20  # a record is a few kilobytes (its recipe text is at most 64 KiB)
 
 
 def records_dir(output_dir: str | Path) -> Path:
@@ -70,13 +71,22 @@ def replace_file(target: Path, content: str | bytes) -> None:
 
 
 def load_records(output_dir: str | Path) -> tuple[list[Record], list[str]]:
-    """All readable records, oldest first, and one problem line per unreadable file."""
+    """All readable records, oldest first, and one problem line per unreadable entry (a folder or a broken
+    link named *.json, a file too large or nested too deeply to be a record, invalid JSON): listed, skipped."""
     records, problems = [], []
     directory = records_dir(output_dir)
     for path in sorted(directory.glob("[!.]*.json")) if directory.is_dir() else []:
         try:
-            records.append(Record.model_validate(json.loads(path.read_text(encoding="utf-8"))))
-        except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as exc:
+            records.append(_read_record(path))
+        except (OSError, ValueError, RecursionError) as exc:  # ValidationError, JSONDecodeError, UnicodeDecodeError
             problems.append(f"{path}: skipped, not a valid record ({type(exc).__name__})")
     records.sort(key=lambda r: (r.created_at, r.record_id))
     return records, problems
+
+
+def _read_record(path: Path) -> Record:
+    if not path.is_file():  # a folder, a broken link, a pipe that would block the read
+        raise ValueError("not a regular file")
+    if path.stat().st_size > MAX_RECORD_BYTES:
+        raise ValueError(f"larger than {MAX_RECORD_BYTES:,} bytes")
+    return Record.model_validate(json.loads(path.read_text(encoding="utf-8")))

@@ -5,21 +5,24 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from quantlab.fields import STRICT, PathText, RepoId, Revision
 
 
 class TextSourceSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     WHERE: ClassVar[str] = "text"
     DEFAULT_SPLIT: ClassVar[str] = "test"  # hub only; other sources leave `split` unset, so records don't name one
 
     source: Literal["default", "file", "folder", "hub"] = "default"
-    path: str | None = Field(None, description="file/folder: a local path; hub: a data file inside the dataset repo")
-    dataset: str | None = Field(None, description="hub: dataset repo id, e.g. Salesforce/wikitext")
-    revision: str | None = Field(None, description="hub: dataset revision")
-    split: str | None = Field(None, description="hub: the split whose data files are read (when path is not "
-                              "given); default: DEFAULT_SPLIT")
-    column: str = Field("text", description="the text column of .jsonl/.json/.csv/.parquet files")
+    path: PathText | None = Field(None, description="file/folder: a local path; hub: a data file inside the dataset repo")
+    dataset: RepoId | None = Field(None, description="hub: dataset repo id, e.g. Salesforce/wikitext")
+    revision: Revision | None = Field(None, description="hub: dataset revision")
+    split: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                              description="hub: the split whose data files are read (when path is not given); "
+                              "default: DEFAULT_SPLIT")
+    column: str = Field("text", min_length=1, max_length=200, description="the text column of .jsonl/.json/.csv/.parquet files")
 
     @property
     def effective_split(self) -> str:

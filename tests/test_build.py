@@ -293,17 +293,6 @@ def test_interrupted_build_leaves_no_complete_looking_folder_and_a_rerun_works(t
         build_recipe(load_recipe(_quick_recipe(tmp_path)), target, echo=quiet)
 
 
-def test_force_replaces_a_build_in_one_rename(tmp_path):
-    old, new = tmp_path / "b4", tmp_path / ".b4.partial-1-x"
-    for folder, text in ((old, "old"), (new, "new")):
-        folder.mkdir()
-        (folder / "README.md").write_text(text)
-    with pytest.raises(QuantlabError, match="appeared while building"):
-        writer._move_into_place(new, old, force=False)
-    writer._move_into_place(new, old, force=True)
-    assert (old / "README.md").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["b4"]
-
-
 def test_ctrl_c_mid_write_cleans_up(tmp_path, monkeypatch):
     def interrupt(source, dest):
         assert list(dest.glob("*.safetensors"))  # the shards are already written

@@ -13,6 +13,7 @@ from typing import Callable
 
 from quantlab.build.checksums import build_files, check_checksums
 from quantlab.build.manifest import read_manifest
+from quantlab.build.placement import recover_interrupted_replace
 from quantlab.errors import QuantlabError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -31,6 +32,7 @@ def publish_build(
     folder = Path(folder)
     if not _REPO_ID.match(repo_id or ""):
         raise QuantlabError(f"--repo-id {repo_id!r}: expected OWNER/NAME, e.g. my-user/Qwen3.6-27B-bnb-nf4")
+    recover_interrupted_replace(folder, lambda line: echo(f"note: {line}"))
     manifest = read_manifest(folder)
     problems, good = check_checksums(folder)
     if problems:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.architecture import role_of
-from quantlab.checkpoint import INDEX_NAME
+from quantlab.checkpoint import INDEX_NAME, HeaderTensor, header_tensors, inside, read_json_file, read_shard_header
 from quantlab.errors import QuantlabError
 
 MTP_PREFIX = "mtp."
@@ -26,52 +26,27 @@ QUANT_STATE = re.compile(
 )
 # What an AWQ GEMM checkpoint stores instead of a quantized Linear's `weight`.
 AWQ_PACKED = re.compile(r"\.(qweight|qzeros|scales)$")
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset of the data in `file`
-    nbytes: int
+TensorInfo = HeaderTensor  # name, file, dtype, shape, start (absolute offset in file), nbytes
 
 
 def read_header(path: Path) -> tuple[int, dict]:
-    """(data start offset, header) of one safetensors file."""
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise QuantlabError(f"{path}: not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", prefix)
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise QuantlabError(f"{path}: corrupt safetensors header") from None
-    return 8 + length, header
+    """(data start offset, header) of one safetensors file, every entry checked."""
+    return read_shard_header(path)
 
 
 def shard_files(folder: Path) -> list[Path]:
     index = folder / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        weight_map = read_json_file(index, "a safetensors index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise QuantlabError(f"{index}: not a valid safetensors index (no 'weight_map' mapping)")
+        return [inside(folder, name, str(index)) for name in sorted(set(weight_map.values()))]
     return sorted(folder.glob("*.safetensors"))
 
 
 def folder_tensors(folder: Path) -> dict[str, TensorInfo]:
-    tensors: dict[str, TensorInfo] = {}
-    for path in shard_files(folder):
-        data_start, header = read_header(path)
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            tensors[name] = TensorInfo(name, path, info["dtype"], tuple(info["shape"]), data_start + start, end - start)
-    return tensors
+    return header_tensors(folder, shard_files(folder))
 
 
 def payload_bytes(folder: Path, include_mtp: bool = True) -> int:

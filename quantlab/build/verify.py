@@ -3,6 +3,7 @@ tokens recorded at build time, repeated."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -11,6 +12,7 @@ import torch
 
 from quantlab.build.checksums import check_checksums
 from quantlab.build.manifest import read_manifest
+from quantlab.build.placement import recover_interrupted_replace
 from quantlab.errors import QuantlabError
 
 PROMPT_FALLBACK_TOKENS = 8
@@ -66,8 +68,11 @@ class VerifyResult:
 
 def verify_build(folder: str | Path, device: str = "cpu", load: bool = True, echo: Callable[[str], None] = print) -> VerifyResult:
     folder = Path(folder)
+    recover_interrupted_replace(folder, lambda line: echo(f"note: {line}"))
     if not folder.is_dir():
         raise QuantlabError(f"{folder}: build folder not found")
+    if load:
+        torch_device = verify_device(device)
     manifest = read_manifest(folder)
     problems, good = check_checksums(folder)
     for p in problems:
@@ -79,13 +84,23 @@ def verify_build(folder: str | Path, device: str = "cpu", load: bool = True, ech
         return VerifyResult(True, (), len(good))
 
     import transformers
+    from quantlab.checkpoint import check_folder
     from quantlab.quantize.bnb import quiet_bnb_logs
+    from quantlab.sources import load_pretrained
 
     quiet_bnb_logs()
+    check_folder(folder, progress=False)  # truncated or corrupt shards, even behind checksums made after the damage
     g = manifest.greedy
+    if g.auto_class not in ("AutoModelForCausalLM", "AutoModelForImageTextToText"):
+        raise QuantlabError(f"{folder}/quantlab_build.json: greedy.auto_class {g.auto_class[:60]!r} is not a class "
+                            "quantlab builds")
     auto_class = getattr(transformers, g.auto_class)
-    model = auto_class.from_pretrained(folder, device_map=device)
-    tokens = greedy_tokens(model, g.prompt_ids, g.new_tokens, torch.device(device))
+    vocab = _vocab_size(folder)
+    if not g.prompt_ids or any(not 0 <= i < vocab for i in g.prompt_ids) or not 1 <= g.new_tokens <= 4096:
+        raise QuantlabError(f"{folder}/quantlab_build.json: the greedy check's prompt ids or token count are not ones "
+                            f"this model can run (vocabulary {vocab:,})")
+    model = load_pretrained(auto_class, folder, device_map=str(torch_device))
+    tokens = greedy_tokens(model, g.prompt_ids, g.new_tokens, torch_device)
     del model
     if tokens != g.tokens:
         first = next((i for i, (a, b) in enumerate(zip(tokens, g.tokens)) if a != b), min(len(tokens), len(g.tokens)))
@@ -94,3 +109,23 @@ def verify_build(folder: str | Path, device: str = "cpu", load: bool = True, ech
         return VerifyResult(False, (problem,), len(good), tuple(g.tokens), tuple(tokens))
     echo(f"greedy check: {len(tokens)} tokens match the build's record ({g.auto_class} on {device}; built on {g.device})")
     return VerifyResult(True, (), len(good), tuple(g.tokens), tuple(tokens))
+
+
+def verify_device(name: str) -> torch.device:
+    """`--device`: cpu, cuda or cuda:N, and there on this machine."""
+    from quantlab.plan import resolve_device
+
+    if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", name or ""):
+        raise QuantlabError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    return resolve_device(name, "--device")
+
+
+def _vocab_size(folder: Path) -> int:
+    from quantlab.checkpoint import read_config
+
+    config = read_config(folder)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    vocab = text.get("vocab_size")
+    if type(vocab) is not int or vocab < 1:
+        raise QuantlabError(f"{folder}/config.json: no valid vocab_size")
+    return vocab

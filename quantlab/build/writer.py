@@ -32,17 +32,21 @@ from quantlab.build import tensors as T
 from quantlab.build.card import card_text, estimator_scheme_key, write_card
 from quantlab.build.checksums import write_checksums
 from quantlab.build.manifest import BaseModelRef, BuildManifest, GreedyCheck, ReferenceCheck, Unquantized, write_manifest
+from quantlab.build.placement import PARTIAL as _PARTIAL
+from quantlab.build.placement import check_target, move_into_place, recover_interrupted_replace, remove_stale_partials
 from quantlab.build.cost import cost_summary, parse_size, quantize_cost
 from quantlab.build.verify import common_prefix, greedy_tokens, prompt_token_ids, teacher_forced_agreement
 from quantlab.errors import QuantlabError
+from quantlab.finite import checkpoint_nonfinite, describe as describe_nonfinite, model_nonfinite
 from quantlab.measure import free_memory
+from quantlab.outputs import check_measurements_folder
 from quantlab.plan import RunPlan, make_plan
 from quantlab.quantize.configs import NoQuant
 from quantlab.quantize.handlers import handler_for, load_kwargs_for
 from quantlab.recipe import BuildSpec, LoadedRecipe, ModelSpec
 from quantlab.records import Record, utc_now
 from quantlab.run_checkpoint import quality_against_source
-from quantlab.sources import DTYPES, WeightsInfo, load_model, load_tokenizer, model_class_name, select_variant
+from quantlab.sources import DTYPES, WeightsInfo, load_model, load_pretrained, load_tokenizer, model_class_name, select_variant
 from quantlab.store import append_record
 from quantlab.trackers import MemoryTracker, Timer
 from quantlab.trackers.nvml import NvmlProbe
@@ -55,7 +59,6 @@ EXTRA_FILES = (
     "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
     "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json", "LICENSE",
 )
-_PARTIAL = ".partial-"
 
 
 @dataclass(frozen=True)
@@ -93,21 +96,28 @@ def build_recipe(
             "`quantlab run` measures synthetic weights in memory; build from bundled, local or hub weights"
         )
     target = default_target(loaded, out)
-    if target.exists() and not force:
-        raise QuantlabError(f"{target}: already exists; pass --force to replace it, or --out to build elsewhere")
-    plan = make_plan(loaded)  # every check, the skip list included, before any weights load
+    out_dir = Path(output_dir or recipe.output.dir)
+    recover_interrupted_replace(target, lambda line: echo(f"note: {line}"))
+    # before the plan, the cheap refusals; after it, again with the source folder the plan resolved (a Hub snapshot)
+    check_target(target, force, {"the source model's folder": _local_source(recipe.model), "the measurements folder": out_dir})
+    # every check, the skip list and the measurements folder included, before any weights load
+    plan = make_plan(loaded, records_to=out_dir if measure else None)
+    source = source_folder(recipe.model, plan.resolved)
+    check_target(target, force, {"the source model's folder": source, "the measurements folder": out_dir})
+    _check_finite_source(source, progress, echo)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(target)
+    remove_stale_partials(target)
     tmp = target.parent / f".{target.name}{_PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         manifest, records = _write(plan, loaded, tmp, target, output_dir, measure, progress, echo)
         disk = T.payload_bytes(tmp)
-        _move_into_place(tmp, target, force)
+        if records:
+            check_measurements_folder(out_dir)  # again: the records must be written once the folder is in place
+        move_into_place(tmp, target, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    out_dir = Path(output_dir or recipe.output.dir)
     paths = tuple(append_record(out_dir, r) for r in records)
     echo(f"built {target}: {disk / 1e6:,.2f} MB of tensors, {len(paths)} record(s) in {out_dir}/records/")
     return BuildResult(target, manifest, tuple(records), paths, disk)
@@ -138,7 +148,10 @@ def _write(plan: RunPlan, loaded: LoadedRecipe, tmp: Path, target: Path, output_
          + (f", {mtp['tensors']} mtp.* tensors copied" if mtp else ", no mtp.* tensors in the source")
          + (f", {len(copied)} tokenizer/config file(s)" if copied else ""))
 
-    reloaded = auto_class.from_pretrained(tmp, device_map=str(device))  # plain transformers, as a user would
+    reloaded = load_pretrained(auto_class, tmp, device_map=str(device))  # plain transformers, as a user would
+    broken = model_nonfinite(reloaded)
+    if broken:
+        raise QuantlabError(f"the saved build holds non-finite weights, {describe_nonfinite(broken)}; not keeping it")
     tokens = greedy_tokens(reloaded, prompt_ids, spec.check_tokens, device)
     reference = _against_source(reloaded, prompt_ids, tokens, made, device, echo)
     del reloaded
@@ -288,7 +301,7 @@ def _source_greedy(plan: RunPlan, folder: Path | None, auto_class, prompt_ids: l
     device_map = str(device)
     if device.type == "cuda" and plan.weight_bytes * 1.1 > torch.cuda.mem_get_info(device)[0]:
         device_map = "auto"
-    source = auto_class.from_pretrained(folder, dtype=dtype, device_map=device_map)
+    source = load_pretrained(auto_class, folder, dtype=dtype, device_map=device_map)
     tokens = greedy_tokens(source, prompt_ids, new_tokens, next(source.parameters()).device)
     del source
     free_memory(device)
@@ -351,6 +364,16 @@ def source_folder(spec: ModelSpec, resolved) -> Path | None:
     return None
 
 
+def _local_source(spec: ModelSpec) -> Path | None:
+    if spec.source == "local":
+        return Path(spec.path).expanduser()
+    if spec.source == "bundled":
+        from quantlab.bundled import BUNDLED_MODEL_DIR
+
+        return BUNDLED_MODEL_DIR
+    return None
+
+
 def copy_extras(source: Path | None, dest: Path) -> list[str]:
     """Tokenizer, chat template, generation and processor configs, licence: copied as they are."""
     copied = []
@@ -392,52 +415,19 @@ def _license(spec: ModelSpec, build: BuildSpec, source: Path | None) -> str | No
     return None
 
 
-# ---- atomic placement -----------------------------------------------------------------------------------
+# ---- checks before quantizing ---------------------------------------------------------------------------
+
+def _check_finite_source(source: Path | None, progress: bool, echo) -> None:
+    """A build refuses a source checkpoint with NaN or inf weights (a Hub source not in the cache yet is
+    checked after quantizing, on the reloaded build)."""
+    if source is None:
+        return
+    broken = checkpoint_nonfinite(source, progress)
+    if broken:
+        raise QuantlabError(f"{source}: the source checkpoint holds non-finite weights, {describe_nonfinite(broken)}; "
+                            "a build of it would be broken. Re-download or re-copy the checkpoint")
+
 
 def _make_readable(folder: Path) -> None:
     for path in folder.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)  # save_pretrained leaves some files 0600
-
-
-def _move_into_place(tmp: Path, target: Path, force: bool) -> None:
-    if target.exists():
-        if not force:
-            raise QuantlabError(f"{target}: appeared while building; the new build is discarded")
-        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_partials(target: Path) -> None:
-    """Hidden folders of builds of the same target whose process is gone (killed, power cut)."""
-    for path in target.parent.glob(f".{target.name}{_PARTIAL}*"):
-        match = re.match(rf"\.{re.escape(target.name)}{_PARTIAL}(\d+)-", path.name)
-        if match and not _alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,15 +79,17 @@ def parse_numbers(text: str, flag: str, kind: type) -> list:
             values.append(kind(item.replace("_", "")))
         except ValueError:
             raise QuantlabError(f"{flag}: '{item}' is not a number (give a comma-separated list, e.g. 4096,32768)") from None
-    if kind is float and any(v <= 0 for v in values):
-        raise QuantlabError(f"{flag}: sizes must be positive, got {text}")
+    if kind is float and any(not math.isfinite(v) or v <= 0 for v in values):
+        raise QuantlabError(f"{flag}: sizes must be positive finite numbers, got {text}")
     return values
 
 
 def write_outputs(result: EstimateResult, output_dir: str | Path) -> list[Path]:
     """estimates.json (read by `quantlab report`) and memory.png, both replaced atomically."""
     from quantlab.estimate.plot import write_png
+    from quantlab.outputs import check_measurements_folder
 
+    check_measurements_folder(output_dir)
     target = Path(output_dir) / ESTIMATES_NAME
     replace_file(target, result.model_dump_json(indent=1) + "\n")
     paths = [target]

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from quantlab.errors import QuantlabError
 from quantlab.estimate.hybrid import HybridShape, check_fields, hybrid_shape
 from quantlab.estimate.inventory import ModelInventory, estimator_class, model_inventory, text_config_of
@@ -48,16 +50,20 @@ def load_model(model: str) -> EstimationModel:
 
 
 def model_spec(model: str) -> ModelSpec:
-    if model in KNOWN_MODELS or model == "bundled":
-        return ModelSpec(source="synthetic", config=model)
-    path = Path(model).expanduser()
-    if path.exists():
-        return ModelSpec(source="synthetic", config=str(path))
-    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        return ModelSpec(source="hub", id=model)
+    try:
+        if model in KNOWN_MODELS or model == "bundled":
+            return ModelSpec(source="synthetic", config=model)
+        path = Path(model).expanduser()
+        if path.exists():
+            return ModelSpec(source="synthetic", config=str(path))
+        if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+            return ModelSpec(source="hub", id=model)
+    except (ValidationError, RuntimeError) as exc:  # not a valid path or Hub id; ~user of an unknown user
+        why = exc.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(exc, ValidationError) else str(exc)
+        raise QuantlabError(f"--model {model[:200]!r}: {why[:300]}") from None
     known = ", ".join([*KNOWN_MODELS, "bundled"])
     raise QuantlabError(
-        f"--model '{model}': not a shipped config ({known}), not an existing config.json or folder, "
+        f"--model '{model[:200]}': not a shipped config ({known}), not an existing config.json or folder, "
         "and not a Hub id (owner/name)"
     )
 

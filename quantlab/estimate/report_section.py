@@ -21,7 +21,7 @@ def estimate_section(output_dir: str | Path) -> list[str]:
         return []
     try:
         result = EstimateResult.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as exc:
+    except (OSError, RecursionError, json.JSONDecodeError, ValidationError, UnicodeDecodeError) as exc:
         return ["## Estimates", "", f"- {path}: skipped, not a valid estimate ({type(exc).__name__}); rerun `quantlab estimate`", ""]
     return _section(result, (Path(output_dir) / PLOT_NAME).is_file())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -43,6 +44,7 @@ def plan_quality(
             f"quality.tokens ({spec.tokens:,}) is shorter than one window (quality.context {spec.context:,}); "
             "use more tokens or a shorter context"
         )
+    _check_text_path(spec)
     reference = spec.reference.model or recipe.model
     for what, model_spec in (("model.source", recipe.model), ("quality.reference.model.source", reference)):
         if model_spec.source == "synthetic":
@@ -80,6 +82,17 @@ def plan_quality(
 
     label = f"{ref_resolved.name} {NoQuantHandler().label(None, reference.dtype)} ({reference.source}, {reference.dtype})"
     return QualityPlan(spec, stride, reference, ref_resolved, label, same, vocab, tuple(notes))
+
+
+def _check_text_path(spec: QualitySpec) -> None:
+    """A local held-out text must be there: found in the plan, not after the model is planned and measured."""
+    if spec.source not in ("file", "folder"):
+        return
+    path = Path(spec.path).expanduser()
+    if spec.source == "file" and not path.is_file():
+        raise QuantlabError(f"quality.path: {path}: " + ("a folder; use source: folder" if path.is_dir() else "file not found"))
+    if spec.source == "folder" and not path.is_dir():
+        raise QuantlabError(f"quality.path: {path}: " + ("a file; use source: file" if path.exists() else "folder not found"))
 
 
 def _text(config: PretrainedConfig) -> PretrainedConfig:

@@ -25,6 +25,8 @@ def add_quality_parser(sub) -> None:
 def cmd_quality(args: argparse.Namespace) -> int:
     from quantlab.quality.result import quality_table
 
+    if args.json:
+        check_json_target(Path(args.json))  # before the passes, not after them
     result = run_quality(args.recipe, args.output, progress=not args.no_progress)
     print(quality_table(result))
     if args.json:
@@ -36,6 +38,21 @@ def cmd_quality(args: argparse.Namespace) -> int:
             raise QuantlabError(f"--json {path}: cannot write it: {exc.strerror}") from None
         print(f"wrote {path}")
     return 0
+
+
+def check_json_target(path: Path) -> None:
+    """--json replaces a file only when it is a quality result quantlab wrote."""
+    from quantlab.quality.result import QualityResult
+
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 20:
+            raise ValueError("not a quality result")
+        QualityResult.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise QuantlabError(f"--json {path}: exists and is not a quality result quantlab wrote; "
+                            "give a new file name") from None
 
 
 def run_quality(recipe_path: str | Path, output_dir: str | Path | None = None, progress: bool = True, echo=print):

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from quantlab.errors import QuantlabError
+
 FORMAT = 1
 META = "meta.json"
 
@@ -41,6 +43,22 @@ def cache_key(payload: dict[str, Any]) -> str:
 def cache_folder(cache_dir: Path, name: str, key: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower() or "reference"
     return Path(cache_dir) / f"{slug}-{key}"
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """The stored-mode cache must be a folder that exists or can be made, and be writable."""
+    cache_dir = Path(cache_dir)
+    where = f"quality cache {cache_dir}"
+    if cache_dir.is_symlink() and not cache_dir.exists():
+        raise QuantlabError(f"{where}: a symbolic link to nothing (or a loop of links)")
+    existing = cache_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == cache_dir else f"cannot be made: {existing} is a file"
+        raise QuantlabError(f"{where}: {what}; the cache is a folder (quality.reference.cache_dir)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise QuantlabError(f"{where}: {existing} is not writable")
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,10 @@ class QualitySession:
         self.plan, self.q, self.device = plan, plan.quality, plan.device
         self.progress, self.echo = progress, echo
         spec = self.q.spec
+        out = Path(output_dir or plan.recipe.output.dir)
+        self.cache_dir = Path(spec.reference.cache_dir).expanduser() if spec.reference.cache_dir else out / "quality-cache"
+        if spec.mode == "stored":
+            refstats.check_cache_dir(self.cache_dir)  # before the text, the tokenizers and any weights
         self.rows = rows_per_block(self.q.vocab_size, row_budget_bytes or ROW_BUDGET_BYTES)  # rows per fp32 block
         candidate_tok = load_tokenizer(plan.recipe.model, plan.resolved)
         reference_tok = candidate_tok if self.q.same_model else load_tokenizer(self.q.reference, self.q.reference_resolved)
@@ -67,8 +71,6 @@ class QualitySession:
         if self.ids.numel() < spec.tokens:
             self.notes.append(f"the held-out text has {self.ids.numel():,} tokens; quality.tokens asked for {spec.tokens:,}")
         self.windows = sliding_windows(self.ids.numel(), spec.context, self.q.stride)
-        out = Path(output_dir or plan.recipe.output.dir)
-        self.cache_dir = Path(spec.reference.cache_dir).expanduser() if spec.reference.cache_dir else out / "quality-cache"
         self.stored: refstats.StoredReference | None = None
 
     # -- stored mode: the reference pass, before the candidate is loaded --------------------------------

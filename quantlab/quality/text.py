@@ -209,6 +209,12 @@ def read_text_file(path: Path, column: str = "text", where: str = "quality") -> 
         raise QuantlabError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise QuantlabError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    except RecursionError:
+        raise QuantlabError(f"{path}: not valid JSON (nested too deeply)") from None
+    except csv.Error as exc:
+        raise QuantlabError(f"{path}: not valid CSV ({exc})") from None
+    except OSError as exc:
+        raise QuantlabError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
 
 
 def _column(rows: list[Any], column: str, path: Path, where: str) -> str:
@@ -223,7 +229,13 @@ def _parquet(path: Path, column: str, where: str) -> str:
         import pyarrow.parquet as pq
     except ImportError:
         raise QuantlabError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow), or give a .jsonl/.txt copy") from None
-    table = pq.read_table(path)
+    from pyarrow import ArrowException
+
+    try:
+        table = pq.read_table(path)
+    except ArrowException as exc:  # ArrowInvalid and the rest: a file that is not Parquet
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise QuantlabError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {first})") from None
     if column not in table.column_names:
         raise QuantlabError(f"{path}: no column '{column}' (columns: {', '.join(table.column_names)}); set {where}.column")
     return SEPARATOR.join(str(v) for v in table.column(column).to_pylist() if v is not None)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from quantlab.fields import STRICT, IntOnly, Seed
 from quantlab.textsource import TextSourceSpec
 
 
 class _QuantConfigBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
 
 class NoQuant(_QuantConfigBase):
@@ -30,8 +31,8 @@ class RtnConfig(_QuantConfigBase):
     """
 
     method: Literal["rtn"]
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: Literal[32, 64, 128] = 128
+    bits: Annotated[Literal[2, 3, 4, 8], IntOnly] = 4
+    group_size: Annotated[Literal[32, 64, 128], IntOnly] = 128
     zero_point: bool = True
 
 
@@ -45,7 +46,7 @@ class BnbInt8Config(_QuantConfigBase):
 
     method: Literal["bnb_int8"]
     threshold: float = Field(6.0, ge=0.0, le=1000.0)
-    skip_modules: list[str] = Field(default_factory=list)
+    skip_modules: list[Annotated[str, Field(max_length=200)]] = Field(default_factory=list, max_length=64)
 
 
 class Bnb4bitConfig(_QuantConfigBase):
@@ -59,7 +60,7 @@ class Bnb4bitConfig(_QuantConfigBase):
     double_quant: bool = False
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
-    skip_modules: list[str] = Field(default_factory=list)
+    skip_modules: list[Annotated[str, Field(max_length=200)]] = Field(default_factory=list, max_length=64)
 
 
 class CalibrationSpec(TextSourceSpec):
@@ -74,7 +75,7 @@ class CalibrationSpec(TextSourceSpec):
     DEFAULT_SPLIT: ClassVar[str] = "train"
     samples: int = Field(128, ge=1, le=100_000, description="calibration windows")
     seq_len: int = Field(512, ge=16, le=32_768, description="tokens per window")
-    seed: int = Field(0, ge=0, description="which windows are drawn")
+    seed: Seed = Field(0, description="which windows are drawn")
 
 
 class AwqConfig(_QuantConfigBase):
@@ -86,8 +87,8 @@ class AwqConfig(_QuantConfigBase):
     """
 
     method: Literal["awq"]
-    bits: Literal[4] = 4
-    group_size: Literal[32, 64, 128] = 128
+    bits: Annotated[Literal[4], IntOnly] = 4
+    group_size: Annotated[Literal[32, 64, 128], IntOnly] = 128
     zero_point: bool = True
     engine: Literal["quantlab", "gptqmodel"] = "quantlab"
     clip: bool = Field(True, description="search a clipping threshold per group after the scales")

@@ -1,0 +1,72 @@
+"""Field types shared by the recipe's sections: strict, bounded, and named in their error messages.
+
+Every recipe model is strict (a boolean is not a number, "5" is not an integer) and finite (no NaN
+or infinity); these types add what a plain `str` or `int` lets through.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pathlib import Path
+
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field
+
+from quantlab.strict_yaml import excerpt
+
+# What every recipe model shares: unknown keys are errors, values keep their YAML type, floats are finite.
+STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+SEED_MAX = 2**32 - 1  # torch accepts more; numpy and most tools stop here
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control_characters(value: str) -> str:
+    match = _CONTROL.search(value)
+    if match:
+        raise ValueError(f"must not contain control characters, found {match.group()!r} at position {match.start()}")
+    return value
+
+
+def _home_known(value: str) -> str:
+    if value.startswith("~"):
+        try:
+            Path(value).expanduser()
+        except RuntimeError:
+            user = value.split("/", 1)[0]
+            raise ValueError(f"{excerpt(value)}: the home folder of {excerpt(user)} is not known here") from None
+    return value
+
+
+def _int_only(value: object) -> object:
+    """Literal[2, 4] accepts 4.0 and True == 1 even in strict mode; a choice of integers takes integers."""
+    if type(value) is not int:
+        raise ValueError(f"must be an integer, got {excerpt(value)}")
+    return value
+
+
+def _repo_id(value: str) -> str:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise ValueError(
+            "not a valid Hugging Face repo id: expected NAME or OWNER/NAME, 1 to 96 characters of letters, digits, "
+            "'-', '_' and '.', not starting or ending with '-' or '.', without '--' or '..'; got " + excerpt(value)
+        ) from None
+    return value
+
+
+# A file or folder: not empty (an empty path would mean the working directory), one line, of sane length.
+PathText = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_no_control_characters),
+                     AfterValidator(_home_known)]
+# A Hugging Face repo id (a model or a dataset), checked with huggingface_hub's own rules.
+RepoId = Annotated[str, AfterValidator(_repo_id)]
+# A Hub revision: a branch, tag or commit (refs/pr/1 included).
+Revision = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+# For a Literal of integers: Annotated[Literal[32, 64, 128], IntOnly].
+IntOnly = BeforeValidator(_int_only)
