@@ -357,14 +357,15 @@ def _summary(output: Path, started_utc: str, outcomes: list[Outcome], rehearse: 
     lines += [_summary_row(r) for r in records]
     hardware = sorted({f"{r.hardware.kind.upper()} {r.hardware.name}, {r.model.weights} weights" for r in records})
     lines += ["", f"Records: {len(records)} in {output}/records/ ({'; '.join(hardware) or 'none'}). GB = 1e9 bytes; "
-              "memory = torch allocated (GPU) or process RSS (CPU); nvidia-smi = NVML, labelled process or device; "
+              "GPU: torch allocated (after load) and allocator peaks; CPU: RSS growth while loading and the "
+              "process's RSS peaks; nvidia-smi = NVML, labelled process or device; "
               "peaks are each phase's own (it starts after gc.collect() and torch.cuda.empty_cache())."]
     return lines
 
 
 def _summary_row(r) -> str:
     res, kind = r.result, r.hardware.kind
-    after = r.load_memory.allocated_end_bytes if kind == "gpu" else r.load_memory.rss_end_bytes
+    after = r.load_memory.allocated_end_bytes if kind == "gpu" else r.load_memory.rss_growth_bytes
     kernels = r.kernels
     tail = (f" {kernels.deltanet_summary} | {', '.join(kernels.linear) or 'nn.Linear'} | {kernels.compute_dtype} |"
             if kernels else " ? | ? | ? |")
