@@ -24,6 +24,7 @@ from quantlab.records import MethodRef, PointRef, Record, RecipeRef, new_run_id,
 from quantlab.roofline import decode_roofline, gpu_spec
 from quantlab.sources import dtype_note, load_model, select_variant
 from quantlab.store import append_record
+from quantlab.threads import fit_threads
 from quantlab.trackers import MemoryTracker, Timer
 from quantlab.trackers.nvml import NvmlProbe
 
@@ -42,6 +43,7 @@ def run_recipe(
     """`append=False` returns the records without writing them (quantlab build appends them once its folder exists)."""
     out = Path(output_dir or loaded.recipe.output.dir)
     plan = make_plan(loaded, records_to=out if append else None)
+    thread_note = fit_threads() if plan.device.type == "cpu" else None  # before any CPU work, the engine's too
     if getattr(handler_for(plan.recipe.quantization), "writes_checkpoint", False):
         from quantlab.run_checkpoint import run_through_checkpoint
 
@@ -99,7 +101,8 @@ def run_recipe(
             roofline=_roofline(hardware, weight_bytes - lookup_table_bytes(model), batch, result),
             quality=quality_result,
             kernels=kernels,
-            notes=plan.notes + dtype_note(loaded_model.info) + weight_notes + _notes(hardware, result),
+            notes=plan.notes + dtype_note(loaded_model.info) + weight_notes + ((thread_note,) if thread_note else ())
+            + _notes(hardware, result),
         )
         if append:
             paths.append(append_record(out, record))

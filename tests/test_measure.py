@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantlab.errors import QuantlabError
 from quantlab.measure import PointSettings, decode, measure_point, prefill, prompt_ids, tensor_bytes
 from quantlab.recipe import ModelSpec, load_recipe
 from quantlab.run import run_recipe
@@ -130,3 +131,30 @@ def test_gpu_run_records_allocator_nvml_and_roofline(write_recipe, tiny_config_d
         assert decode.nvml_device_used_peak_bytes >= decode.reserved_peak_bytes
     if record.roofline is not None:
         assert 0 < record.roofline.fraction_of_bound
+
+
+def test_threads_fit_the_cores_other_processes_leave_idle(monkeypatch):
+    import os
+
+    import psutil
+
+    from quantlab import threads
+
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    monkeypatch.delenv("QUANTLAB_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: [100.0] + [0.0] * (cores - 1))
+        note = threads.fit_threads()
+        if cores > 1:  # one core busy elsewhere: one thread fewer, and the records say why
+            assert torch.get_num_threads() == cores - 1 and "other processes kept 1 core(s) busy" in note
+        monkeypatch.setattr(psutil, "cpu_percent", lambda interval, percpu: [0.0] * cores)
+        assert threads.fit_threads() is None and torch.get_num_threads() == cores
+        monkeypatch.setenv("QUANTLAB_THREADS", "1")
+        assert threads.fit_threads() == "CPU threads: 1 (QUANTLAB_THREADS)" and torch.get_num_threads() == 1
+        monkeypatch.setenv("QUANTLAB_THREADS", "many")
+        with pytest.raises(QuantlabError, match="QUANTLAB_THREADS='many': must be a whole number"):
+            threads.fit_threads()
+    finally:
+        torch.set_num_threads(before)

@@ -48,6 +48,7 @@ from quantlab.records import Record, utc_now
 from quantlab.run_checkpoint import quality_against_source
 from quantlab.sources import DTYPES, WeightsInfo, load_model, load_pretrained, load_tokenizer, model_class_name, select_variant
 from quantlab.store import append_record
+from quantlab.threads import fit_threads
 from quantlab.trackers import MemoryTracker, Timer
 from quantlab.trackers.nvml import NvmlProbe
 
@@ -102,6 +103,8 @@ def build_recipe(
     check_target(target, force, {"the source model's folder": _local_source(recipe.model), "the measurements folder": out_dir})
     # every check, the skip list and the measurements folder included, before any weights load
     plan = make_plan(loaded, records_to=out_dir if measure else None)
+    if plan.device.type == "cpu":
+        fit_threads()  # before quantizing; the records' note comes from the run that measures the build
     source = source_folder(recipe.model, plan.resolved)
     check_target(target, force, {"the source model's folder": source, "the measurements folder": out_dir})
     _check_finite_source(source, progress, echo)
