@@ -79,9 +79,9 @@ quantize-awq: setup  ## AWQ build: calibrate, quantize layer by layer, reload, g
 gpu-check-awq:  ## the AWQ step of the GPU check only
 	bash scripts/gpu_check_all.sh --only awq
 
-ENGINES ?= quantlab
-bench-awq-memory: setup  ## peak host RSS while quantizing a 2.4 GB synthetic qwen3_5, as a ratio to its BF16 bytes
-	$(BIN)/python scripts/bench_awq_memory.py --engines $(ENGINES)
+AWQ_BENCH_ARGS ?= --recipe recipes/qwen3.6-27b-awq.yaml --grid 2
+bench-awq-memory: setup  ## peak host RSS to AWQ-quantize the 27B on a CPU, from a full-width slice (about an hour on 2 cores)
+	$(BIN)/python scripts/bench_awq_memory.py $(AWQ_BENCH_ARGS)
 
 bundled-model: setup  ## rebuild the bundled model (deterministic, ~8 min on 2 cores)
 	$(BIN)/python -m quantlab.bundled.build

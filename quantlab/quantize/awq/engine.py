@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from transformers import PretrainedConfig
@@ -30,6 +30,10 @@ class AwqJob:
     max_shard_bytes: int
     seed: int = 0
     progress: bool = True
+    on_layer: Callable[[int], None] | None = None  # called after each decoder layer is written (benchmarks)
+    # Points of the scale and clip grids (search.GRID when None). Not a recipe setting: the searches try the
+    # points one after another, so the grid sets the time, not the memory (scripts/bench_awq_memory.py).
+    search_grid: int | None = None
 
 
 @dataclass(frozen=True)

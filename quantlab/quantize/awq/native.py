@@ -29,7 +29,7 @@ from quantlab.errors import QuantlabError
 from quantlab.quantize.awq.engine import AwqJob, AwqOutcome
 from quantlab.quantize.awq.mappings import AWQ_ARCHITECTURES, NO_CLIP, AwqMapping
 from quantlab.quantize.awq.pack import pack_gemm
-from quantlab.quantize.awq.search import apply_clip, search_clip, search_scales
+from quantlab.quantize.awq.search import GRID, apply_clip, search_clip, search_scales
 from quantlab.quantize.awq.shards import ShardReader, ShardWriter
 from quantlab.quantize.configs import AwqConfig
 from quantlab.quantize.groupwise import quantize_rows, scale_columns
@@ -76,6 +76,8 @@ class QuantlabEngine:
                 layers[index] = layer.to("meta")
                 del layer
                 _empty_cache(job.device)
+                if job.on_layer is not None:
+                    job.on_layer(index)
             _write_rest(model, arch.decoder_layers, reader, job, writer)
         writer.finish()
         notes = () if job.calibration is not None else (
@@ -191,12 +193,13 @@ def _quantize_layer(model, layer, prefix: str, mappings: tuple[AwqMapping, ...],
         inputs, calls, outputs = _capture(layer, hidden, kwargs, linears, mappings)
         with torch.no_grad():
             for mapping in mappings:
-                _balance(layer, mapping, linears, inputs, calls, qc)
+                _balance(layer, mapping, linears, inputs, calls, qc, job.search_grid or GRID)
                 _empty_cache(job.device)
             if qc.clip:
                 for name, fc in linears.items():
                     if not name.endswith(NO_CLIP):
-                        factor = search_clip(fc.weight.data, inputs[name], qc.bits, qc.group_size, qc.zero_point)
+                        factor = search_clip(fc.weight.data, inputs[name], qc.bits, qc.group_size, qc.zero_point,
+                                             job.search_grid or GRID)
                         apply_clip(fc, factor, qc.group_size, qc.zero_point)
         del inputs, calls
     for name, tensor in layer.state_dict().items():
@@ -235,7 +238,7 @@ def _capture(layer, hidden, kwargs, linears, mappings):
     return inputs, calls, outputs
 
 
-def _balance(layer, mapping: AwqMapping, linears, inputs, calls, qc: AwqConfig) -> None:
+def _balance(layer, mapping: AwqMapping, linears, inputs, calls, qc: AwqConfig, grid: int = GRID) -> None:
     present = [name for name in mapping.balance if _has(layer, name)]
     if not present or not _has(layer, mapping.smooth):
         return
@@ -256,7 +259,7 @@ def _balance(layer, mapping: AwqMapping, linears, inputs, calls, qc: AwqConfig) 
         def run():
             return (torch.cat([fc(chunk) for fc in searched], dim=-1) for chunk in x)
 
-    scales, _ = search_scales(searched, x, run, qc.bits, qc.group_size, qc.zero_point)
+    scales, _ = search_scales(searched, x, run, qc.bits, qc.group_size, qc.zero_point, grid)
     _fold(smooth, balance, scales)
     divided = set()
     for name in present:

@@ -58,6 +58,7 @@ def search_scales(
     bits: int,
     group_size: int,
     zero_point: bool,
+    grid: int = GRID,
 ) -> tuple[torch.Tensor, float]:
     """The best per-input-channel scales for `linears` (which share their input) and the relative loss.
 
@@ -72,7 +73,7 @@ def search_scales(
     best, best_loss = None, float("inf")
     buffers = [torch.empty_like(w) for w in originals]
     try:
-        for scales in _candidates(x_mean, w_mean):
+        for scales in _candidates(x_mean, w_mean, grid):
             for fc, w, buffer in zip(linears, originals, buffers):
                 fc.weight.data = fake_quantize_scaled(w, scales, bits, group_size, zero_point, out=buffer)
             loss = sum(float((out.float() - ref.float()).pow(2).sum()) for out, ref in zip(run(), reference))
@@ -84,16 +85,17 @@ def search_scales(
     return best, best_loss / norm
 
 
-def _candidates(x_mean: torch.Tensor, w_mean: torch.Tensor):
+def _candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, grid: int = GRID):
     yield torch.ones_like(x_mean)
-    for step in range(GRID):
-        ratio = step / GRID
+    for step in range(grid):
+        ratio = step / grid
         scales = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
         yield scales / (scales.max() * scales.min()).sqrt()
 
 
 @torch.no_grad()
-def search_clip(weight: torch.Tensor, inputs: list[torch.Tensor], bits: int, group_size: int, zero_point: bool) -> torch.Tensor:
+def search_clip(weight: torch.Tensor, inputs: list[torch.Tensor], bits: int, group_size: int, zero_point: bool,
+                grid: int = GRID) -> torch.Tensor:
     """The best shrink factors per (output row, group), [out, in / group_size, 2]: the lower and upper
     end of the group's range [min, max] (symmetric: one factor on [-absmax, absmax]) are multiplied by
     them before rounding. Each group's partial output on a sample of tokens is what is compared."""
@@ -101,7 +103,7 @@ def search_clip(weight: torch.Tensor, inputs: list[torch.Tensor], bits: int, gro
     groups = in_features // group_size
     x = _every_nth_row([t.reshape(-1, in_features) for t in inputs], CLIP_TOKENS).float()
     x = x.reshape(-1, groups, group_size).transpose(0, 1)  # [groups, tokens, group_size]
-    steps = [1 - i / GRID for i in range(int(CLIP_MAX_SHRINK * GRID))]
+    steps = [1 - i / grid for i in range(max(1, int(CLIP_MAX_SHRINK * grid)))]
     pairs = [(a, b) for a in steps for b in steps] if zero_point else [(a, a) for a in steps]
     rows = max(1, min(out_features, CLIP_CHUNK_BYTES // (x.shape[1] * groups * 4), row_step(weight)))
     best_all = []
