@@ -10,9 +10,9 @@ from pathlib import Path
 
 import psutil
 import torch
-from pydantic import BaseModel, ConfigDict
 
 import quantlab
+from quantlab.schema.environment import Hardware, Software
 from quantlab.trackers.nvml import NvmlProbe
 
 PACKAGES = (
@@ -24,36 +24,6 @@ PACKAGES = (
 
 ENVIRONMENT = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
                "OMP_NUM_THREADS", "HF_HUB_OFFLINE")
-
-
-class Hardware(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    kind: str  # "gpu" or "cpu": what ran the model
-    device: str
-    name: str  # the GPU's name, or the CPU model on a CPU run
-    gpu_memory_bytes: int | None = None
-    gpu_driver: str | None = None
-    cuda_version: str | None = None
-    cpu_model: str
-    cpu_cores: int
-    ram_bytes: int
-    notes: tuple[str, ...] = ()
-
-
-class Software(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    python: str
-    platform: str
-    quantlab: str
-    git_commit: str | None
-    git_dirty: bool | None
-    packages: dict[str, str]
-    torch_threads: int
-    # Settings that change what the allocator and the kernels do, as set when the run started
-    # (gptqmodel, imported to load AWQ, sets PYTORCH_ALLOC_CONF for later processes' allocators).
-    environment: dict[str, str] | None = None
 
 
 def hardware(device: torch.device) -> Hardware:

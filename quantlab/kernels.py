@@ -12,7 +12,7 @@ import inspect
 import sys
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from quantlab.schema.measurement import TORCH_FALLBACK, Kernels
 
 # The functions transformers' qwen3_5 modeling resolves, at import, to an optimised package or to its
 # own torch reference (`use_kernel_func_from_hub_with_fallback`).
@@ -22,31 +22,6 @@ DELTANET_FUNCTIONS = (
     "causal_conv1d_fn",
     "causal_conv1d_update",
 )
-TORCH_FALLBACK = "torch fallback (transformers' reference implementation)"
-
-
-class Kernels(BaseModel):
-    """What ran: recorded beside every measurement."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    deltanet: dict[str, str]  # function -> implementation ("fla.ops...." or the torch fallback); {} without DeltaNet
-    linear: tuple[str, ...]  # classes of the quantized Linear modules (e.g. AwqGEMMTritonLinear); () when none
-    attention: str | None  # transformers' attention implementation (sdpa, eager, flash_attention_2)
-    compute_dtype: str  # dtype of the model's floating-point weights as loaded (AWQ on CUDA: float16)
-
-    @property
-    def deltanet_summary(self) -> str:
-        if not self.deltanet:
-            return "no DeltaNet layers"
-        packages = sorted({_package(impl) for impl in self.deltanet.values()})
-        return " + ".join(packages)
-
-
-def _package(implementation: str) -> str:
-    if implementation == TORCH_FALLBACK:
-        return "torch fallback"
-    return implementation.split(".", 1)[0]
 
 
 def kernels_of(model: torch.nn.Module) -> Kernels:

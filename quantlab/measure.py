@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
-from quantlab.stats import Summary, summarize
-from quantlab.trackers import MemoryResult, MemoryTracker, Timer
+from quantlab.schema.measurement import MemoryResult, PointResult
+from quantlab.stats import summarize
+from quantlab.trackers import MemoryTracker, Timer
 from quantlab.trackers.memory import settle
 from quantlab.trackers.nvml import NvmlProbe
 
@@ -30,22 +30,6 @@ class PointSettings:
     repeats: int
     seed: int = 0
     sample_interval_s: float = 0.005
-
-
-class PointResult(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    status: str  # "ok" or "oom"
-    error: str | None = None
-    prefill_tokens_per_s: Summary | None = None
-    time_to_first_token_s: Summary | None = None
-    decode_tokens_per_s: Summary | None = None  # aggregate: every sequence of the batch (batch × tokens ÷ seconds)
-    decode_tokens_per_s_per_sequence: Summary | None = None  # what one sequence sees (tokens ÷ seconds)
-    decode_ms_per_token: Summary | None = None  # per decode step, in which every sequence advances one token
-    prefill_memory: MemoryResult | None = None  # the repeat with the highest peak
-    decode_memory: MemoryResult | None = None
-    cache_bytes: int | None = None  # KV cache + DeltaNet states after the last decode step
-    first_tokens: list[int] | None = None  # greedy tokens of sequence 0, for reproducibility checks
 
 
 def measure_point(

@@ -16,7 +16,7 @@ import yaml
 
 from quantlab.outputs import REPORT_MARKER, check_measurements_folder
 from quantlab.quality.result import quality_cell
-from quantlab.records import Record
+from quantlab.schema.record import Record
 from quantlab.store import load_records, replace_file
 
 REPORT_NAME = "README.md"

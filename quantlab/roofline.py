@@ -15,6 +15,8 @@ from importlib import resources
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from quantlab.schema.measurement import Roofline
+
 
 class GpuSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -22,18 +24,6 @@ class GpuSpec(BaseModel):
     name: str
     bandwidth_gb_s: float
     source: str
-
-
-class Roofline(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    gpu: str
-    bandwidth_gb_s: float
-    bandwidth_source: str
-    bytes_per_step: int
-    bound_tokens_per_s: float
-    fraction_of_bound: float
-    weight_bytes_read: int | None = None  # of bytes_per_step: weights (input embedding table excluded)
-    cache_bytes: int | None = None  # of bytes_per_step: KV cache + DeltaNet state
 
 
 @cache

@@ -11,8 +11,9 @@ from tqdm.auto import tqdm
 
 from quantlab import fingerprint
 from quantlab.finite import describe as describe_nonfinite, model_nonfinite
-from quantlab.kernels import Kernels, kernels_of
-from quantlab.measure import PointResult, PointSettings, free_memory, measure_point
+from quantlab.kernels import kernels_of
+from quantlab.schema.measurement import Kernels, PointResult
+from quantlab.measure import PointSettings, free_memory, measure_point
 from quantlab.quality.checks import describe_quality_plan
 from quantlab.quality.result import QualityResult, quality_line
 from quantlab.quality.session import QualitySession
@@ -20,7 +21,7 @@ from quantlab.plan import RunPlan, make_plan
 from quantlab.quantize.bnb import quant_state_bytes
 from quantlab.quantize.handlers import handler_for, load_kwargs_for
 from quantlab.recipe import LoadedRecipe
-from quantlab.records import MethodRef, PointRef, Record, RecipeRef, new_run_id, produced_by, record_id, utc_now
+from quantlab.schema.record import MethodRef, PointRef, Record, RecipeRef, new_run_id, produced_by, record_id, utc_now
 from quantlab.roofline import decode_roofline, gpu_spec
 from quantlab.sources import dtype_note, load_model, select_variant
 from quantlab.store import append_record

@@ -11,7 +11,7 @@ from typing import Callable
 from quantlab.build.cost import cost_summary, parse_size, quantize_cost
 from quantlab.plan import RunPlan
 from quantlab.quantize.configs import NoQuant
-from quantlab.records import MethodRef
+from quantlab.schema.record import MethodRef
 from quantlab.recipe import BuildSpec, LoadedRecipe, ModelSpec
 from quantlab.store import append_record
 from quantlab.trackers import MemoryTracker, Timer

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from huggingface_hub import try_to_load_from_cache
-from pydantic import BaseModel, ConfigDict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -23,26 +22,11 @@ from quantlab.build.placement import recover_interrupted_replace
 from quantlab.checkpoint import check_config_sizes, check_folder, read_config
 from quantlab.errors import QuantlabError, summary
 from quantlab.kernels import compute_dtype
+from quantlab.schema.environment import WeightsInfo
 from quantlab.known_models import KNOWN_MODELS, known_by_hub_id, known_config_dir
 from quantlab.recipe import ModelSpec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class WeightsInfo(BaseModel):
-    """What a record says about the weights it measured."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str  # display name, e.g. "Qwen3.6-27B"
-    source: str  # bundled | hub | local | synthetic
-    weights: str  # "real" or "synthetic"
-    location: str  # hub id, folder, or config used for synthetic weights
-    revision: str | None = None  # hub commit, when known
-    model_class: str
-    variant: str
-    dtype: str  # the dtype the model really runs in, read from the loaded model
-    requested_dtype: str | None = None  # the recipe's dtype, when the loader changed it (AWQ on CUDA: float16)
 
 
 @dataclass

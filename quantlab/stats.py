@@ -5,21 +5,9 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict
+from quantlab.schema.measurement import Summary
 
 MIN_RUNS_FOR_P90 = 10
-
-
-class Summary(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    n: int
-    median: float
-    min: float
-    max: float
-    mean: float
-    stdev: float | None = None
-    p90: float | None = None
 
 
 def summarize(values: Sequence[float]) -> Summary:

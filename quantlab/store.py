@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from quantlab.records import Record
+from quantlab.schema.record import Record
 
 RECORDS_SUBDIR = "records"
 MAX_RECORD_BYTES = 16 << 20  # a record is a few kilobytes (its recipe text is at most 64 KiB)

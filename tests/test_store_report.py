@@ -54,7 +54,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 def _writer(args):
     folder, record_json, worker = args
-    from quantlab.records import Record
+    from quantlab.schema.record import Record
 
     record = Record.model_validate_json(record_json)
     for i in range(25):

@@ -10,7 +10,7 @@ import yaml
 
 from quantlab.build.manifest import BuildManifest
 from quantlab.build.tensors import KeptGroup
-from quantlab.records import Record
+from quantlab.schema.record import Record
 
 _ROLE_WHY = {
     "embed_tokens": "embedding lookup (these methods quantize Linear layers only)",

@@ -6,7 +6,7 @@ import re
 
 from quantlab.build.manifest import QuantizeCost
 from quantlab.errors import QuantlabError
-from quantlab.trackers.memory import MemoryResult
+from quantlab.schema.measurement import MemoryResult
 
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 

@@ -44,9 +44,10 @@ from quantlab.plan import RunPlan, make_plan
 from quantlab.quantize.configs import NoQuant
 from quantlab.quantize.handlers import handler_for, load_kwargs_for
 from quantlab.recipe import BuildSpec, LoadedRecipe, ModelSpec
-from quantlab.records import Record, utc_now
+from quantlab.schema.record import Record, utc_now
 from quantlab.run_checkpoint import quality_against_source
-from quantlab.sources import DTYPES, WeightsInfo, load_model, load_pretrained, load_tokenizer, model_class_name, select_variant
+from quantlab.schema.environment import WeightsInfo
+from quantlab.sources import DTYPES, load_model, load_pretrained, load_tokenizer, model_class_name, select_variant
 from quantlab.store import append_record
 from quantlab.threads import fit_threads
 from quantlab.trackers import MemoryTracker, Timer

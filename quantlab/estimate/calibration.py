@@ -13,7 +13,7 @@ import statistics
 from dataclasses import replace
 
 from quantlab.estimate.runtime import RuntimeAssumptions
-from quantlab.records import Record
+from quantlab.schema.record import Record
 
 
 def overhead_samples(records: list[Record]) -> list[tuple[float, int]]:

@@ -18,7 +18,7 @@ from quantlab.estimate.model import EstimationModel, load_model
 from quantlab.estimate.runtime import RuntimeAssumptions, memory_at
 from quantlab.estimate.schemes import Scheme, get_scheme
 from quantlab.estimate.weights import estimate_weights
-from quantlab.records import Record
+from quantlab.schema.record import Record
 
 GOAL = 0.05
 

@@ -18,7 +18,7 @@ from quantlab.estimate.model import EstimationModel
 from quantlab.estimate.runtime import RuntimeAssumptions, max_context, memory_at, runtime_profile
 from quantlab.estimate.schemes import get_scheme
 from quantlab.estimate.weights import WeightsEstimate, estimate_weights
-from quantlab.records import Record
+from quantlab.schema.record import Record
 
 GIB = 1 << 30
 

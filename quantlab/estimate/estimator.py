@@ -25,7 +25,7 @@ from quantlab.estimate.runtime import (
 )
 from quantlab.estimate.schemes import Scheme
 from quantlab.estimate.weights import ROLE_LABELS, WeightsEstimate, estimate_weights
-from quantlab.records import utc_now
+from quantlab.schema.record import utc_now
 
 SCHEMA_VERSION = 1
 GIB = 1 << 30

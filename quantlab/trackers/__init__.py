@@ -5,7 +5,7 @@
     mem.result.peak_allocated_bytes, t.result.seconds
 """
 
-from quantlab.trackers.memory import MemoryResult, MemoryTracker, memory_snapshot
-from quantlab.trackers.timing import Timer, TimingResult
+from quantlab.trackers.memory import MemoryTracker, memory_snapshot
+from quantlab.trackers.timing import Timer
 
-__all__ = ["MemoryResult", "MemoryTracker", "memory_snapshot", "Timer", "TimingResult"]
+__all__ = ["MemoryTracker", "memory_snapshot", "Timer"]

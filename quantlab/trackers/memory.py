@@ -14,39 +14,10 @@ import gc
 import threading
 import psutil
 import torch
-from pydantic import BaseModel, ConfigDict
 
+from quantlab.schema.measurement import MemoryResult
 from quantlab.trackers.nvml import NvmlProbe
 from quantlab.trackers.timing import synchronize
-
-
-class MemoryResult(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    device: str
-    rss_start_bytes: int
-    rss_end_bytes: int
-    rss_peak_bytes: int  # sampled, so a spike shorter than the interval can be missed
-    # CUDA only; None on the CPU (never 0 as a stand-in).
-    allocated_end_bytes: int | None = None
-    allocated_peak_bytes: int | None = None
-    reserved_end_bytes: int | None = None
-    reserved_peak_bytes: int | None = None
-    nvml_device_used_end_bytes: int | None = None
-    nvml_device_used_peak_bytes: int | None = None  # every process on the GPU (nvidia-smi's Memory-Usage)
-    nvml_process_used_peak_bytes: int | None = None  # this process only, CUDA context included
-    nvml_process_basis: str | None = None  # how this process's NVML figure was found (PID match, sole process)
-    # Where the tracked span started from: the allocator's figures then, and the state it was put in.
-    allocated_start_bytes: int | None = None
-    reserved_start_bytes: int | None = None
-    nvml_device_used_start_bytes: int | None = None
-    start_state: str | None = None  # e.g. "after gc.collect() and torch.cuda.empty_cache()"; None: as found
-    samples: int = 0
-    notes: tuple[str, ...] = ()
-
-    @property
-    def rss_growth_bytes(self) -> int:
-        return self.rss_end_bytes - self.rss_start_bytes
 
 
 class _PeakSampler(threading.Thread):

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import time
 import torch
-from pydantic import BaseModel, ConfigDict
-
-
-class TimingResult(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    seconds: float
-    synchronized: bool  # True when CUDA work was waited for at both ends
+from quantlab.schema.measurement import TimingResult
 
 
 def synchronize(device: torch.device) -> bool:

@@ -1,4 +1,4 @@
-"""Measurement records: frozen, self-describing, one per (run, context, batch).
+"""Measurement records: frozen, self-describing, one per (run, context, batch). Pure data: no torch.
 
 Each record carries everything needed to read it alone: the recipe, the weights (real or
 synthetic), the hardware (GPU or CPU), the software, and the results.
@@ -13,13 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from quantlab.fingerprint import Hardware, Software
-from quantlab.kernels import Kernels
 from quantlab.quality.result import QualityResult
-from quantlab.measure import PointResult
-from quantlab.roofline import Roofline
-from quantlab.sources import WeightsInfo
-from quantlab.trackers import MemoryResult
+from quantlab.schema.environment import Hardware, Software, WeightsInfo
+from quantlab.schema.measurement import Kernels, MemoryResult, PointResult, Roofline
 
 SCHEMA_VERSION = 1
 

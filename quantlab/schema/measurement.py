@@ -1,0 +1,107 @@
+"""What a measurement found, as data: no torch, so records, the store and the report read it anywhere."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+TORCH_FALLBACK = "torch fallback (transformers' reference implementation)"
+
+
+class Summary(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n: int
+    median: float
+    min: float
+    max: float
+    mean: float
+    stdev: float | None = None
+    p90: float | None = None
+
+
+class TimingResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seconds: float
+    synchronized: bool  # True when CUDA work was waited for at both ends
+
+
+class MemoryResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: str
+    rss_start_bytes: int
+    rss_end_bytes: int
+    rss_peak_bytes: int  # sampled, so a spike shorter than the interval can be missed
+    # CUDA only; None on the CPU (never 0 as a stand-in).
+    allocated_end_bytes: int | None = None
+    allocated_peak_bytes: int | None = None
+    reserved_end_bytes: int | None = None
+    reserved_peak_bytes: int | None = None
+    nvml_device_used_end_bytes: int | None = None
+    nvml_device_used_peak_bytes: int | None = None  # every process on the GPU (nvidia-smi's Memory-Usage)
+    nvml_process_used_peak_bytes: int | None = None  # this process only, CUDA context included
+    nvml_process_basis: str | None = None  # how this process's NVML figure was found (PID match, sole process)
+    # Where the tracked span started from: the allocator's figures then, and the state it was put in.
+    allocated_start_bytes: int | None = None
+    reserved_start_bytes: int | None = None
+    nvml_device_used_start_bytes: int | None = None
+    start_state: str | None = None  # e.g. "after gc.collect() and torch.cuda.empty_cache()"; None: as found
+    samples: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def rss_growth_bytes(self) -> int:
+        return self.rss_end_bytes - self.rss_start_bytes
+
+
+class PointResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    status: str  # "ok" or "oom"
+    error: str | None = None
+    prefill_tokens_per_s: Summary | None = None
+    time_to_first_token_s: Summary | None = None
+    decode_tokens_per_s: Summary | None = None  # aggregate: every sequence of the batch (batch × tokens ÷ seconds)
+    decode_tokens_per_s_per_sequence: Summary | None = None  # what one sequence sees (tokens ÷ seconds)
+    decode_ms_per_token: Summary | None = None  # per decode step, in which every sequence advances one token
+    prefill_memory: MemoryResult | None = None  # the repeat with the highest peak
+    decode_memory: MemoryResult | None = None
+    cache_bytes: int | None = None  # KV cache + DeltaNet states after the last decode step
+    first_tokens: list[int] | None = None  # greedy tokens of sequence 0, for reproducibility checks
+
+
+class Roofline(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    gpu: str
+    bandwidth_gb_s: float
+    bandwidth_source: str
+    bytes_per_step: int
+    bound_tokens_per_s: float
+    fraction_of_bound: float
+    weight_bytes_read: int | None = None  # of bytes_per_step: weights (input embedding table excluded)
+    cache_bytes: int | None = None  # of bytes_per_step: KV cache + DeltaNet state
+
+
+class Kernels(BaseModel):
+    """What ran: recorded beside every measurement."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    deltanet: dict[str, str]  # function -> implementation ("fla.ops...." or the torch fallback); {} without DeltaNet
+    linear: tuple[str, ...]  # classes of the quantized Linear modules (e.g. AwqGEMMTritonLinear); () when none
+    attention: str | None  # transformers' attention implementation (sdpa, eager, flash_attention_2)
+    compute_dtype: str  # dtype of the model's floating-point weights as loaded (AWQ on CUDA: float16)
+
+    @property
+    def deltanet_summary(self) -> str:
+        if not self.deltanet:
+            return "no DeltaNet layers"
+        packages = sorted({_package(impl) for impl in self.deltanet.values()})
+        return " + ".join(packages)
+
+
+def _package(implementation: str) -> str:
+    if implementation == TORCH_FALLBACK:
+        return "torch fallback"
+    return implementation.split(".", 1)[0]
