@@ -84,7 +84,7 @@ bench-awq-memory: setup  ## peak host RSS to AWQ-quantize the 27B on a CPU, from
 	$(BIN)/python scripts/bench_awq_memory.py $(AWQ_BENCH_ARGS)
 
 bundled-model: setup  ## rebuild the bundled model (deterministic, ~8 min on 2 cores)
-	$(BIN)/python -m quantlab.bundled.build
+	$(BIN)/python -m quantlab.bundled.train
 
 clean:
 	rm -rf $(VENV) .pytest_cache

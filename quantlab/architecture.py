@@ -11,6 +11,8 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
+MTP_PREFIX = "mtp."  # the multi-token-prediction head's tensors: in checkpoints, dropped by transformers at load
+
 # Roles, in report order.
 ROLES = (
     "embed_tokens",

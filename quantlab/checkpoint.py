@@ -335,3 +335,15 @@ def _tied_to_found(model: torch.nn.Module, name: str, found: dict) -> bool:
 def _names(items: list[str]) -> str:
     shown = ", ".join(items[:SHOWN])
     return shown + (f" and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
+
+
+def folder_tensors(folder: Path) -> dict[str, HeaderTensor]:
+    """Every tensor of a checkpoint folder, by name, from its shard headers (no tensor data is read)."""
+    return header_tensors(folder, shard_files(folder))
+
+
+def payload_bytes(folder: Path, include_mtp: bool = True) -> int:
+    """Bytes of tensor data in a checkpoint folder, the MTP head's included or not."""
+    from quantlab.architecture import MTP_PREFIX
+
+    return sum(t.nbytes for t in folder_tensors(folder).values() if include_mtp or not t.name.startswith(MTP_PREFIX))

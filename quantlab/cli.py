@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_quality_parser(sub)
 
-    from quantlab.build.cli import add_build_parsers
+    from quantlab.artifact.cli import add_build_parsers
 
     add_build_parsers(sub)
     return parser

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field
 
+from quantlab.errors import QuantlabError
 from quantlab.strict_yaml import excerpt
 
 # What every recipe model shares: unknown keys are errors, values keep their YAML type, floats are finite.
@@ -70,3 +71,14 @@ Revision = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 # For a Literal of integers: Annotated[Literal[32, 64, 128], IntOnly].
 IntOnly = BeforeValidator(_int_only)
+
+
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500 MiB' -> bytes (the build spec's max_shard_size)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", text, re.I)
+    if not match:
+        raise QuantlabError(f"build.max_shard_size: {text!r} is not a size like 5GB or 500MiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])

@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 from quantlab.checkpoint import check_config_sizes, check_folder, compare_with_model, shard_files
 from quantlab.errors import QuantlabError, summary
 from quantlab.outputs import check_measurements_folder
-from quantlab.quality.checks import QualityPlan, plan_quality
+from quantlab.quality.plan import QualityPlan, plan_quality
 from quantlab.quantize.handlers import handler_for
 from quantlab.quantize.prequantized import checkpoint_method
 from quantlab.recipe import LoadedRecipe
@@ -34,7 +34,7 @@ class RunPlan:
     method_label: str
     points: tuple[tuple[int, int], ...]  # (context, batch), in measurement order
     notes: tuple[str, ...]
-    quality: QualityPlan | None = None  # the recipe's quality section, checked (quantlab/quality/checks.py)
+    quality: QualityPlan | None = None  # the recipe's quality section, checked (quantlab/quality/plan.py)
     # What records call the method: the recipe's, or the checkpoint's when it is already quantized.
     method_name: str = "none"
     method_params: dict[str, Any] = field(default_factory=dict)

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from quantlab.errors import QuantlabError, RecipeError
-from quantlab.fields import STRICT, PathText, RepoId, Revision, Seed
+from quantlab.fields import parse_size, STRICT, PathText, RepoId, Revision, Seed
 from quantlab.quantize.configs import NoQuant, QuantConfig, config_class, known_methods
 from quantlab.strict_yaml import excerpt, load_strict, read_text_file
 from quantlab.textsource import TextSourceSpec
@@ -118,8 +118,6 @@ class BuildSpec(_Strict):
     @field_validator("max_shard_size")
     @classmethod
     def _shard_size_in_range(cls, value: str) -> str:
-        from quantlab.build.cost import parse_size
-
         if not 10**6 <= parse_size(value) <= 10**12:
             raise ValueError(f"must be between 1MB and 1000GB, got {value!r}")
         return value

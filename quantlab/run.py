@@ -14,7 +14,7 @@ from quantlab.finite import describe as describe_nonfinite, model_nonfinite
 from quantlab.kernels import kernels_of
 from quantlab.schema.measurement import Kernels, PointResult
 from quantlab.measure import PointSettings, free_memory, measure_point
-from quantlab.quality.checks import describe_quality_plan
+from quantlab.quality.plan import describe_quality_plan
 from quantlab.quality.result import QualityResult, quality_line
 from quantlab.quality.session import QualitySession
 from quantlab.plan import RunPlan, make_plan

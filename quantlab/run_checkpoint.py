@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from quantlab.build.cost import cost_summary, parse_size, quantize_cost
+from quantlab.artifact.cost import cost_summary, quantize_cost
+from quantlab.fields import parse_size
 from quantlab.plan import RunPlan
 from quantlab.quantize.configs import NoQuant
 from quantlab.schema.record import MethodRef
@@ -19,7 +20,7 @@ from quantlab.trackers.nvml import NvmlProbe
 
 
 def run_through_checkpoint(plan: RunPlan, output_dir, progress: bool, echo: Callable[[str], None], append: bool):
-    from quantlab.build.writer import copy_extras, source_folder
+    from quantlab.artifact.writer import copy_extras, source_folder
     from quantlab.quantize.awq.handler import write_checkpoint
     from quantlab.run import RunResult, run_recipe
 

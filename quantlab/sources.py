@@ -17,8 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from quantlab import bundled
-from quantlab.build.manifest import built_from
-from quantlab.build.placement import recover_interrupted_replace
+from quantlab.schema.build import built_from
+from quantlab.placement import recover_interrupted_replace
 from quantlab.checkpoint import check_config_sizes, check_folder, read_config
 from quantlab.errors import QuantlabError, summary
 from quantlab.kernels import compute_dtype

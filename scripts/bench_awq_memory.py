@@ -170,7 +170,7 @@ def main() -> int:
 
 
 def report(r: dict, args, out: Path) -> None:
-    from quantlab.build.tensors import payload_bytes
+    from quantlab.checkpoint import payload_bytes
 
     marks = {index + 1: peak for index, peak, _ in r["marks"]}
     times = [t for _, _, t in r["marks"]]

@@ -11,9 +11,9 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from quantlab.build.manifest import read_manifest
-from quantlab.build.tensors import folder_tensors
-from quantlab.build.writer import build_recipe
+from quantlab.schema.build import read_manifest
+from quantlab.checkpoint import folder_tensors
+from quantlab.artifact.writer import build_recipe
 from quantlab.errors import QuantlabError, RecipeError
 from quantlab.plan import make_plan
 from quantlab.quantize.awq import ENGINES
@@ -336,7 +336,7 @@ def no_weight_loading(monkeypatch):
 
     monkeypatch.setattr("quantlab.quantize.awq.shards.ShardReader.__init__", refuse)
     monkeypatch.setattr("quantlab.sources.load_model", refuse)
-    monkeypatch.setattr("quantlab.build.writer.load_model", refuse)
+    monkeypatch.setattr("quantlab.artifact.writer.load_model", refuse)
 
 
 def test_missing_calibration_file(tmp_path, no_weight_loading):

@@ -13,7 +13,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from quantlab.bundled import bundled_model_dir
 from quantlab.errors import QuantlabError, RecipeError
-from quantlab.estimate.checks import scheme_for
+from quantlab.estimate.against_records import scheme_for
 from quantlab.plan import make_plan, meta_model
 from quantlab.quantize import bnb
 from quantlab.quantize.configs import Bnb4bitConfig, BnbInt8Config
@@ -211,7 +211,7 @@ def test_cast_warning_is_logged_once_and_kernel_message_never():
 def test_gpu_recipes_plan_without_a_gpu(name, label):
     from pathlib import Path
 
-    from quantlab.build.writer import default_target
+    from quantlab.artifact.writer import default_target
 
     loaded = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / f"{name}.yaml")
     plan = make_plan(loaded, for_this_machine=False)

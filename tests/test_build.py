@@ -14,12 +14,12 @@ import yaml
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from quantlab.build import writer
-from quantlab.build.manifest import read_manifest
-from quantlab.build.publish import publish_build
-from quantlab.build.tensors import folder_tensors, payload_bytes
-from quantlab.build.verify import verify_build
-from quantlab.build.writer import build_recipe
+from quantlab.artifact import writer
+from quantlab.schema.build import read_manifest
+from quantlab.artifact.publish import publish_build
+from quantlab.checkpoint import folder_tensors, payload_bytes
+from quantlab.artifact.verify import verify_build
+from quantlab.artifact.writer import build_recipe
 from quantlab.cli import main
 from quantlab.errors import QuantlabError
 from quantlab.estimate.estimator import weights_for
@@ -239,7 +239,7 @@ def test_quality_goes_to_the_card_and_is_measured_against_the_base(tmp_path, mon
     from types import SimpleNamespace
 
     import quantlab.quality
-    from quantlab.build import card
+    from quantlab.artifact import card
 
     monkeypatch.setattr(quantlab.quality, "quality_card_lines", lambda q: ["## Quality against the reference", f"KL {q.kl}"])
     assert card._quality_lines([SimpleNamespace(quality=SimpleNamespace(kl=0.01))]) == ["## Quality against the reference", "KL 0.01"]

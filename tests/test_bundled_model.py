@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from quantlab import bundled, corpus
-from quantlab.bundled import build
+from quantlab.bundled import train as build
 from quantlab.bundled.evaluate import perplexity
 
 
@@ -44,7 +44,7 @@ def test_folder_exists_and_is_small(model_dir):
 
 def test_missing_folder_says_how_to_build(monkeypatch, tmp_path):
     monkeypatch.setattr(bundled, "BUNDLED_MODEL_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match="quantlab.bundled.build"):
+    with pytest.raises(FileNotFoundError, match="quantlab.bundled.train"):
         bundled.bundled_model_dir()
 
 

@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from quantlab.architecture import count_by_role
 from quantlab.cli import main
 from quantlab.errors import QuantlabError
-from quantlab.estimate.calibration import calibrate
-from quantlab.estimate.checks import check_records
+from quantlab.estimate.overheads import calibrate
+from quantlab.estimate.against_records import check_records
 from quantlab.estimate.claims import active_parameters, check_claims
 from quantlab.estimate.estimator import EstimateRequest, estimate, weights_for
 from quantlab.estimate.gguf_mix import tensor_types, mix_context

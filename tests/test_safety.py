@@ -20,9 +20,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from quantlab.build.checksums import sha256_file, write_checksums
-from quantlab.build.manifest import BaseModelRef, BuildManifest, GreedyCheck, Unquantized, write_manifest
-from quantlab.build.placement import move_into_place, recover_interrupted_replace
+from quantlab.checksums import sha256_file, write_checksums
+from quantlab.schema.build import BaseModelRef, BuildManifest, GreedyCheck, Unquantized, write_manifest
+from quantlab.placement import move_into_place, recover_interrupted_replace
 from quantlab.cli import main
 from quantlab.errors import QuantlabError, RecipeError
 from quantlab.outputs import REPORT_MARKER, is_quantlab_report
@@ -95,11 +95,11 @@ def no_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the check")
 
-    import quantlab.build.writer
+    import quantlab.artifact.writer
     import quantlab.run
 
     monkeypatch.setattr(quantlab.run, "load_model", refuse)
-    monkeypatch.setattr(quantlab.build.writer, "load_model", refuse)
+    monkeypatch.setattr(quantlab.artifact.writer, "load_model", refuse)
 
 
 def one_error(capsys) -> str:
@@ -207,7 +207,7 @@ def test_reports_quantlab_wrote_are_replaced_old_and_new(tmp_path, capsys):
 _KILL_AT = """
 import os, shutil, signal, sys
 from pathlib import Path
-from quantlab.build import placement
+from quantlab import placement
 real_rename, calls = Path.rename, []
 def rename(self, target):
     calls.append(self)

@@ -2,7 +2,7 @@
 
 It mirrors the layer pattern of Qwen3.6-27B (three Gated DeltaNet layers, then
 one gated full-attention layer) at a size that runs in seconds on a CPU. Build
-it with ``python -m quantlab.bundled.build``.
+it with ``python -m quantlab.bundled.train``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,6 @@ def bundled_model_dir() -> pathlib.Path:
     if missing:
         raise FileNotFoundError(
             f"bundled model folder {BUNDLED_MODEL_DIR} lacks {', '.join(missing)}; "
-            "build it with `python -m quantlab.bundled.build`"
+            "build it with `python -m quantlab.bundled.train`"
         )
     return BUNDLED_MODEL_DIR

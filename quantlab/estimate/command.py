@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import QuantlabError
-from quantlab.estimate.calibration import calibrate
-from quantlab.estimate.checks import check_records
+from quantlab.estimate.overheads import calibrate
+from quantlab.estimate.against_records import check_records
 from quantlab.estimate.claims import check_claims, claims_data
 from quantlab.estimate import DEFAULT_CONTEXTS, DEFAULT_METHODS
 from quantlab.estimate.estimator import EstimateRequest, EstimateResult, estimate

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 import quantlab
 from quantlab.estimate import DEFAULT_CONTEXTS
-from quantlab.estimate.calibration import describe_overheads
+from quantlab.estimate.overheads import describe_overheads
 from quantlab.estimate.model import EstimationModel
 from quantlab.estimate.runtime import (
     RuntimeAssumptions,
@@ -103,7 +103,7 @@ class EstimateResult(_Frozen):
     assumptions: Assumptions
     methods: list[MethodEstimate]
     claims: list[dict] = []  # quantlab.estimate.claims.ClaimRow dumps
-    checks: list[dict] = []  # quantlab.estimate.checks.MeasuredCheck dumps
+    checks: list[dict] = []  # quantlab.estimate.against_records.MeasuredCheck dumps
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from quantlab.build.manifest import build_method
+from quantlab.schema.build import build_method
 from quantlab.quantize import bnb
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from quantlab.build.tensors import MTP_PREFIX
+from quantlab.architecture import MTP_PREFIX
 from quantlab.errors import QuantlabError
 from quantlab.quantize.awq.engine import AwqJob, AwqOutcome
 from quantlab.quantize.awq.shards import ShardReader, ShardWriter

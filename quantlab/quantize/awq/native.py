@@ -23,8 +23,7 @@ from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
-from quantlab.architecture import UNQUANTIZED_ROLES, role_of
-from quantlab.build.tensors import MTP_PREFIX
+from quantlab.architecture import MTP_PREFIX, UNQUANTIZED_ROLES, role_of
 from quantlab.errors import QuantlabError
 from quantlab.quantize.awq.engine import AwqJob, AwqOutcome
 from quantlab.quantize.awq.mappings import AWQ_ARCHITECTURES, NO_CLIP, AwqMapping

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from quantlab.build.tensors import folder_tensors
+from quantlab.checkpoint import folder_tensors
 from quantlab.checkpoint import INDEX_NAME
 from quantlab.errors import QuantlabError
 

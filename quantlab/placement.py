@@ -20,8 +20,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from quantlab.build.checksums import build_files, read_checksums
-from quantlab.build.manifest import CHECKSUMS_NAME, MANIFEST_NAME, read_manifest
+from quantlab.checksums import build_files, read_checksums
+from quantlab.schema.build import CHECKSUMS_NAME, MANIFEST_NAME, read_manifest
 from quantlab.errors import QuantlabError
 
 PARTIAL = ".partial-"

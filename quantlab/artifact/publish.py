@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from quantlab.build.checksums import build_files, check_checksums
-from quantlab.build.manifest import read_manifest
-from quantlab.build.placement import recover_interrupted_replace
+from quantlab.checksums import build_files, check_checksums
+from quantlab.schema.build import read_manifest
+from quantlab.placement import recover_interrupted_replace
 from quantlab.errors import QuantlabError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from quantlab.build.manifest import BuildManifest
-from quantlab.build.tensors import KeptGroup
+from quantlab.schema.build import BuildManifest
+from quantlab.artifact.tensors import KeptGroup
 from quantlab.schema.record import Record
 
 _ROLE_WHY = {

@@ -10,9 +10,9 @@ from typing import Callable
 
 import torch
 
-from quantlab.build.checksums import check_checksums
-from quantlab.build.manifest import read_manifest
-from quantlab.build.placement import recover_interrupted_replace
+from quantlab.checksums import check_checksums
+from quantlab.schema.build import read_manifest
+from quantlab.placement import recover_interrupted_replace
 from quantlab.errors import QuantlabError
 
 PROMPT_FALLBACK_TOKENS = 8

@@ -14,11 +14,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantlab.architecture import role_of
-from quantlab.checkpoint import INDEX_NAME, HeaderTensor, header_tensors, inside, read_json_file, read_shard_header
+from quantlab.architecture import MTP_PREFIX, role_of
+from quantlab.checkpoint import INDEX_NAME, HeaderTensor, folder_tensors, read_shard_header, shard_files
 from quantlab.errors import QuantlabError
 
-MTP_PREFIX = "mtp."
 _CHUNK = 16 << 20
 # Tensors bitsandbytes stores beside a quantized `weight`, by the name after the module.
 QUANT_STATE = re.compile(
@@ -27,30 +26,6 @@ QUANT_STATE = re.compile(
 # What an AWQ GEMM checkpoint stores instead of a quantized Linear's `weight`.
 AWQ_PACKED = re.compile(r"\.(qweight|qzeros|scales)$")
 TensorInfo = HeaderTensor  # name, file, dtype, shape, start (absolute offset in file), nbytes
-
-
-def read_header(path: Path) -> tuple[int, dict]:
-    """(data start offset, header) of one safetensors file, every entry checked."""
-    return read_shard_header(path)
-
-
-def shard_files(folder: Path) -> list[Path]:
-    index = folder / INDEX_NAME
-    if index.is_file():
-        weight_map = read_json_file(index, "a safetensors index")
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict):
-            raise QuantlabError(f"{index}: not a valid safetensors index (no 'weight_map' mapping)")
-        return [inside(folder, name, str(index)) for name in sorted(set(weight_map.values()))]
-    return sorted(folder.glob("*.safetensors"))
-
-
-def folder_tensors(folder: Path) -> dict[str, TensorInfo]:
-    return header_tensors(folder, shard_files(folder))
-
-
-def payload_bytes(folder: Path, include_mtp: bool = True) -> int:
-    return sum(t.nbytes for t in folder_tensors(folder).values() if include_mtp or not t.name.startswith(MTP_PREFIX))
 
 
 def write_raw(dest: Path, tensors: list[TensorInfo]) -> int:
@@ -96,7 +71,7 @@ def add_mtp_shard(build: Path, tensors: list[TensorInfo]) -> dict | None:
     weight_map: dict[str, str] = {}
     total = 0
     for old, new in zip(shards, names):
-        _, header = read_header(old)
+        _, header = read_shard_header(old)
         for name, info in header.items():
             if name != "__metadata__":
                 weight_map[name] = new

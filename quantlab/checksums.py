@@ -6,7 +6,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from quantlab.build.manifest import CHECKSUMS_NAME
+from quantlab.schema.build import CHECKSUMS_NAME
 from quantlab.checkpoint import inside
 from quantlab.errors import QuantlabError
 

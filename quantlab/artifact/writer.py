@@ -28,14 +28,16 @@ import yaml
 
 import quantlab
 from quantlab import fingerprint
-from quantlab.build import tensors as T
-from quantlab.build.card import card_text, estimator_scheme_key, write_card
-from quantlab.build.checksums import write_checksums
-from quantlab.build.manifest import BaseModelRef, BuildManifest, GreedyCheck, ReferenceCheck, Unquantized, write_manifest
-from quantlab.build.placement import PARTIAL as _PARTIAL
-from quantlab.build.placement import check_target, move_into_place, recover_interrupted_replace, remove_stale_partials
-from quantlab.build.cost import cost_summary, parse_size, quantize_cost
-from quantlab.build.verify import common_prefix, greedy_tokens, prompt_token_ids, teacher_forced_agreement
+from quantlab.artifact import tensors as T
+from quantlab.artifact.card import card_text, estimator_scheme_key, write_card
+from quantlab.checkpoint import payload_bytes, shard_files
+from quantlab.checksums import write_checksums
+from quantlab.schema.build import BaseModelRef, BuildManifest, GreedyCheck, ReferenceCheck, Unquantized, write_manifest
+from quantlab.placement import PARTIAL as _PARTIAL
+from quantlab.placement import check_target, move_into_place, recover_interrupted_replace, remove_stale_partials
+from quantlab.artifact.cost import cost_summary, quantize_cost
+from quantlab.fields import parse_size
+from quantlab.artifact.verify import common_prefix, greedy_tokens, prompt_token_ids, teacher_forced_agreement
 from quantlab.errors import QuantlabError
 from quantlab.finite import checkpoint_nonfinite, describe as describe_nonfinite, model_nonfinite
 from quantlab.measure import free_memory
@@ -115,7 +117,7 @@ def build_recipe(
     tmp.mkdir()
     try:
         manifest, records = _write(plan, loaded, tmp, target, output_dir, measure, progress, echo)
-        disk = T.payload_bytes(tmp)
+        disk = payload_bytes(tmp)
         if records:
             check_measurements_folder(out_dir)  # again: the records must be written once the folder is in place
         move_into_place(tmp, target, force)
@@ -148,7 +150,7 @@ def _write(plan: RunPlan, loaded: LoadedRecipe, tmp: Path, target: Path, output_
 
     copied = copy_extras(source, tmp)
     mtp = T.add_mtp_shard(tmp, T.mtp_tensors(source))
-    echo(f"saved to {tmp.name}: {len(T.shard_files(tmp))} shard(s)"
+    echo(f"saved to {tmp.name}: {len(shard_files(tmp))} shard(s)"
          + (f", {mtp['tensors']} mtp.* tensors copied" if mtp else ", no mtp.* tensors in the source")
          + (f", {len(copied)} tokenizer/config file(s)" if copied else ""))
 
@@ -207,9 +209,9 @@ def _write(plan: RunPlan, loaded: LoadedRecipe, tmp: Path, target: Path, output_
         write_manifest(tmp, manifest)
 
     kept, quantized_weights = T.unquantized_groups(tmp, info.model_class)
-    disk = T.payload_bytes(tmp)
+    disk = payload_bytes(tmp)
     write_card(tmp, card_text(
-        manifest, kept, quantized_weights, disk, len(T.shard_files(tmp)),
+        manifest, kept, quantized_weights, disk, len(shard_files(tmp)),
         _estimate(tmp, manifest, disk), records, repo_hint=f"<user>/{target.name}",
     ))
     _make_readable(tmp)

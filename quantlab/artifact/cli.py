@@ -35,7 +35,7 @@ def add_build_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_build(args) -> int:
-    from quantlab.build.writer import build_recipe
+    from quantlab.artifact.writer import build_recipe
     from quantlab.recipe import load_recipe
     from quantlab.report import write_report
 
@@ -55,7 +55,7 @@ def _cmd_build(args) -> int:
 def _cmd_verify(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from quantlab.build.verify import verify_build
+    from quantlab.artifact.verify import verify_build
 
     hf_logging.disable_progress_bar()  # one load: its bar would only interleave with the checks
     result = verify_build(args.build, device=args.device, load=not args.checksums_only)
@@ -64,7 +64,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_publish(args) -> int:
-    from quantlab.build.publish import publish_build
+    from quantlab.artifact.publish import publish_build
 
     publish_build(args.build, args.repo_id, private=args.private, dry_run=args.dry_run)
     return 0

@@ -1,6 +1,6 @@
 """Build the bundled model: train a tokenizer and a small qwen3_5 model on stdlib Python source.
 
-Run ``python -m quantlab.bundled.build [--out DIR] [--max-minutes 8] [--seed 0]``.
+Run ``python -m quantlab.bundled.train [--out DIR] [--max-minutes 8] [--seed 0]``.
 The build is deterministic for a given seed, machine and library versions: it
 trains for a fixed number of steps unless the wall-clock budget runs out first
 (``build_info.json`` records which). The output folder is written atomically.
@@ -313,7 +313,7 @@ def write_json(path: pathlib.Path, payload: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m quantlab.bundled.build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m quantlab.bundled.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=BUNDLED_MODEL_DIR, help="output model folder")
     parser.add_argument("--max-minutes", type=float, default=8.0, help="wall-clock budget of the whole build")
     parser.add_argument("--seed", type=int, default=0)
@@ -388,7 +388,7 @@ def build_record(
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
-        "command": shlex.join(["python", "-m", "quantlab.bundled.build", *args.argv]),
+        "command": shlex.join(["python", "-m", "quantlab.bundled.train", *args.argv]),
     }
 
 
