@@ -10,6 +10,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 MTP_PREFIX = "mtp."  # the multi-token-prediction head's tensors: in checkpoints, dropped by transformers at load
 
@@ -29,6 +33,23 @@ ROLES = (
     "vision",
     "mtp",
 )
+
+ROLE_LABELS = {
+    "embed_tokens": "embeddings",
+    "lm_head": "lm_head",
+    "full_attention_linear": "full-attention projections",
+    "deltanet_linear": "DeltaNet projections",
+    "deltanet_small_linear": "DeltaNet in_proj_a/b",
+    "deltanet_conv_and_params": "DeltaNet conv1d, A_log, dt_bias",
+    "mlp": "MLP",
+    "routed_experts": "routed experts",
+    "shared_expert": "shared expert",
+    "router": "router",
+    "norm": "norms",
+    "vision": "vision tower",
+    "mtp": "MTP",
+}
+
 
 _QWEN3_5_TEXT = (
     (r"(^|\.)embed_tokens\.weight$", "embed_tokens"),
@@ -136,3 +157,7 @@ def layer_pattern(layer_types: Iterable[str]) -> str:
             inner = " + ".join(f"{n} {kind}" for kind, n in parts.items())
             return f"{len(types) // period} × ({inner})"
     return " + ".join(types)  # unreachable: period == len(types) always matches
+
+
+def role_label(role: str) -> str:
+    return ROLE_LABELS.get(role, role)

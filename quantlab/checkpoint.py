@@ -26,6 +26,13 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig
 
+# Copied verbatim from the source folder when present: tokenizer, chat template, generation and
+# processor configs, licence.
+EXTRA_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json", "LICENSE",
+)
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config.json, the shard index: a few kilobytes to a few megabytes

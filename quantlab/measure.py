@@ -7,7 +7,6 @@ recorded and the next point is measured.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +32,12 @@ class PointSettings:
 
 
 def measure_point(
-    model: torch.nn.Module, settings: PointSettings, device: torch.device, nvml: NvmlProbe | None = None, progress: bool = True
+    runtime: Any, model: Any, settings: PointSettings, device: torch.device, nvml: NvmlProbe | None = None,
+    progress: bool = True,
 ) -> PointResult:
+    """One (context, batch) point of `model`, run through `runtime` (quantlab/runtimes/)."""
     try:
-        return _measure(model, settings, device, nvml, progress)
+        return _measure(model, runtime, settings, device, nvml, progress)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
@@ -45,8 +46,8 @@ def measure_point(
     return PointResult(status="oom", error=error)
 
 
-def _measure(model, s: PointSettings, device, nvml, progress) -> PointResult:
-    ids = prompt_ids(_vocab_size(model), s.batch, s.context, s.seed, device)
+def _measure(model, runtime, s: PointSettings, device, nvml, progress) -> PointResult:
+    ids = prompt_ids(runtime.vocab_size(model), s.batch, s.context, s.seed, device)
     prefill_tps, ttft, decode_tps, decode_seq_tps, decode_ms = [], [], [], [], []
     prefill_mem: list[MemoryResult] = []
     decode_mem: list[MemoryResult] = []
@@ -56,10 +57,10 @@ def _measure(model, s: PointSettings, device, nvml, progress) -> PointResult:
         # peaks are its own, not what the previous phase, repeat or point left cached.
         with torch.inference_mode():
             with MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True) as pm, Timer(device) as pt:
-                next_ids, cache = prefill(model, ids)
+                next_ids, cache = runtime.prefill(model, ids)
             with MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True) as dm, Timer(device) as dt:
-                tokens = decode(model, next_ids, cache, s.new_tokens)
-        cache_bytes = tensor_bytes(cache)
+                tokens = runtime.decode(model, next_ids, cache, s.new_tokens)
+        cache_bytes = runtime.cache_bytes(cache)
         del cache
         if run < s.warmup:
             continue
@@ -88,55 +89,6 @@ def prompt_ids(vocab_size: int, batch: int, context: int, seed: int, device: tor
     """Seeded random token ids: speed and memory do not depend on which tokens they are."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, context), generator=generator).to(device)
-
-
-def prefill(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """One forward over the prompt; only the last position's logits are computed, as servers do."""
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].argmax(-1, keepdim=True), _cache_of(out)
-
-
-def decode(model: torch.nn.Module, next_ids: torch.Tensor, cache: Any, steps: int) -> torch.Tensor:
-    """`steps` greedy tokens, one forward each, reusing the cache. Returns (batch, steps + 1) tokens."""
-    key = cache_argument(model)
-    generated = [next_ids]
-    for _ in range(steps):
-        out = model(input_ids=next_ids, use_cache=True, **{key: cache})
-        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-        generated.append(next_ids)
-    return torch.cat(generated, dim=1).cpu()
-
-
-def cache_argument(model: torch.nn.Module) -> str:
-    """transformers 5.24 renamed `past_key_values` to `cache`; accept either."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def tensor_bytes(obj: Any, _seen: set[int] | None = None) -> int:
-    """Bytes of all distinct tensors reachable from a cache object."""
-    seen = set() if _seen is None else _seen
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v, seen) for v in obj)
-    if hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
-        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
-    return 0
-
-
-def _vocab_size(model: torch.nn.Module) -> int:
-    return model.get_input_embeddings().num_embeddings
 
 
 def _highest_peak(results: list[MemoryResult]) -> MemoryResult:

@@ -16,11 +16,13 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from quantlab.errors import QuantlabError, RecipeError
 from quantlab.fields import parse_size, STRICT, PathText, RepoId, Revision, Seed
-from quantlab.quantize.configs import NoQuant, QuantConfig, config_class, known_methods
+from quantlab.methods import NoQuant, QuantConfig, config_class, known_methods
+from quantlab.runtimes import RUNTIME_NAMES
 from quantlab.strict_yaml import excerpt, load_strict, read_text_file
 from quantlab.textsource import TextSourceSpec
 
 Dtype = Literal["bfloat16", "float16", "float32"]
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 MAX_CONTEXT = 1_048_576  # ~1M tokens: the YaRN-extended ceiling of Qwen3.6; anything above is a typo
 MAX_RECIPE_BYTES = 64 * 1024  # a recipe is a few kilobytes; records keep its text
 MAX_POINTS = 64  # contexts, and batch sizes, measured by one recipe
@@ -74,6 +76,8 @@ class MeasureSpec(_Strict):
     repeats: int = Field(3, ge=1, le=1000)
     seed: Seed = 0
     memory_sample_ms: float = Field(20.0, gt=0, le=1000)  # background RSS/NVML sampling; shorter costs decode speed on the CPU
+    runtime: Literal[RUNTIME_NAMES] = Field("transformers", description="how the model is loaded and run "
+                                            "(quantlab/runtimes/)")
 
     @field_validator("contexts")
     @classmethod

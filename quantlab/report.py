@@ -7,13 +7,10 @@ per model and hardware with memory and speed per method, context and batch.
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import cache
-from importlib import resources
 from pathlib import Path
-from typing import Any
 
-import yaml
 
+from quantlab.claims import article_claims, judge, latest_gpu_weights, tolerance
 from quantlab.outputs import REPORT_MARKER, check_measurements_folder
 from quantlab.quality.result import quality_cell
 from quantlab.schema.record import Record
@@ -36,12 +33,6 @@ CPU_MEMORY_NOTE = ("Memory in GB: Weights = the bytes of the model's tensors as 
 SPEED_NOTE = ("Speeds: median over repeats, with min–max. Decode tok/s counts every sequence of the batch "
               "(batch × new tokens ÷ time); per sequence it is that ÷ batch; ms/step is one decode step, in which "
               "every sequence advances one token.")
-MATCH_TOLERANCE = 0.03  # a measurement within 3% of the claimed range counts as matching a "~" claim
-
-
-@cache
-def article_claims() -> dict[str, Any]:
-    return yaml.safe_load(resources.files("quantlab.data").joinpath("article_claims.yaml").read_text())
 
 
 def write_report(output_dir: str | Path) -> Path:
@@ -86,45 +77,25 @@ def _claims_section(records: list[Record]) -> list[str]:
         f"Claims from *{src['title']}* (`{src['file']}`, section “{src['section']}”, citing {src['cites']}). "
         f"Claimed: {claims['quantity']}. Measured: weights resident on the GPU after load "
         f"(`torch.cuda.memory_allocated`). Verdict “matches” means inside the claimed range, give or take "
-        f"{MATCH_TOLERANCE:.0%}.",
+        f"{tolerance():.0%}.",
         "",
         "| Precision | Claimed | Fits on (claimed) | Measured | Measured on | Delta | Verdict |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in claims["rows"]:
-        record = _latest_claim_measurement(records, claims["model"], row["measured_by"])
+        record = latest_gpu_weights(records, claims["model"], row["measured_by"])
         if record is None:
             reason = "not measured yet" if row["measured_by"]["method"] == "none" else "no quantlab method yet"
             lines.append(f"| {row['precision']} | {row['claimed']} | {row['fits_on']} | — | — | — | {reason} |")
             continue
         measured = record.load_memory.allocated_end_bytes / 1e9
-        delta, verdict = _verdict(measured, row["low_gb"], row["high_gb"])
+        judged = judge(measured, row["low_gb"], row["high_gb"])
         where = f"{record.hardware.name}, {record.model.weights} weights, {record.model.variant} model"
         lines.append(
-            f"| {row['precision']} | {row['claimed']} | {row['fits_on']} | {measured:.2f} GB | {where} | {delta} | {verdict} |"
+            f"| {row['precision']} | {row['claimed']} | {row['fits_on']} | {measured:.2f} GB | {where} | {judged.delta} | {judged.verdict} |"
         )
     lines += ["", *[f"> Claim: “{s}” — `quantlab estimate` checks it (its section, when estimates.json exists)." for s in claims["statements"]], ""]
     return lines
-
-
-def _latest_claim_measurement(records: list[Record], model: str, match: dict[str, str]) -> Record | None:
-    found = [
-        r for r in records
-        if r.model.name == model and r.hardware.kind == "gpu" and r.load_memory.allocated_end_bytes
-        and r.method.name == match["method"] and r.model.dtype == match.get("dtype", r.model.dtype)
-    ]
-    return found[-1] if found else None
-
-
-def _verdict(measured: float, low: float, high: float) -> tuple[str, str]:
-    if measured < low:
-        delta = (measured - low) / low
-    elif measured > high:
-        delta = (measured - high) / high
-    else:
-        return "inside range", "matches"
-    verdict = "matches" if abs(delta) <= MATCH_TOLERANCE else ("lower than claimed" if delta < 0 else "higher than claimed")
-    return f"{delta:+.1%} vs {'low' if delta < 0 else 'high'} end", verdict
 
 
 def _measurement_sections(records: list[Record]) -> list[str]:

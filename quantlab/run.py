@@ -1,29 +1,42 @@
-"""One run, as the recipe says: plan → load → quantize → measure → record → report."""
+"""One run, as the recipe says: plan → load → quantize → measure → record.
+
+What is measured is a Candidate: the source to load, and how its method quantizes it once loaded; or, for a
+method whose engine writes a checkpoint (AWQ), that checkpoint, loaded back from disk as any checkpoint is,
+with the records naming the recipe's model and method. `quantlab build` measures its build folder the same
+way (`measure_candidate`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from quantlab import fingerprint
+from quantlab.checkpoint import EXTRA_FILES
+from quantlab.cost import cost_summary, quantize_cost
+from quantlab.fields import parse_size
 from quantlab.finite import describe as describe_nonfinite, model_nonfinite
-from quantlab.kernels import kernels_of
-from quantlab.schema.measurement import Kernels, PointResult
 from quantlab.measure import PointSettings, free_memory, measure_point
+from quantlab.methods import method_for
+from quantlab.methods.base import Method, WrittenCheckpoint
+from quantlab.plan import RunPlan, make_plan
 from quantlab.quality.plan import describe_quality_plan
 from quantlab.quality.result import QualityResult, quality_line
 from quantlab.quality.session import QualitySession
-from quantlab.plan import RunPlan, make_plan
-from quantlab.quantize.bnb import quant_state_bytes
-from quantlab.quantize.handlers import handler_for, load_kwargs_for
-from quantlab.recipe import LoadedRecipe
-from quantlab.schema.record import MethodRef, PointRef, Record, RecipeRef, new_run_id, produced_by, record_id, utc_now
+from quantlab.recipe import BuildSpec, LoadedRecipe
 from quantlab.roofline import decode_roofline, gpu_spec
-from quantlab.sources import dtype_note, load_model, select_variant
+from quantlab.runtimes import runtime_for
+from quantlab.schema.build import QuantizeCost
+from quantlab.schema.environment import WeightsInfo
+from quantlab.schema.measurement import Kernels, MemoryResult, PointResult
+from quantlab.schema.record import MethodRef, PointRef, Record, RecipeRef, new_run_id, produced_by, record_id, utc_now
+from quantlab.sources import ModelSource, resolve
 from quantlab.store import append_record
 from quantlab.threads import fit_threads
 from quantlab.trackers import MemoryTracker, Timer
@@ -37,79 +50,164 @@ class RunResult:
     paths: tuple[Path, ...]
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """What a run measures: the source it loads, what quantizes it once loaded, and what the records call it."""
+
+    source: ModelSource
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+    quantize: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    names: dict[str, str] = field(default_factory=dict)  # WeightsInfo fields the records state instead of the loaded ones
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    model: torch.nn.Module
+    info: WeightsInfo
+    memory: MemoryResult
+    seconds: float
+    weight_bytes: int
+    weight_bytes_per_step: int
+    kernels: Kernels
+    notes: tuple[str, ...]
+
+
 def run_recipe(
     loaded: LoadedRecipe, output_dir: str | Path | None = None, progress: bool = True, echo: Callable[[str], None] = print,
     append: bool = True,
 ) -> RunResult:
-    """`append=False` returns the records without writing them (quantlab build appends them once its folder exists)."""
+    """`append=False` returns the records without writing them."""
     out = Path(output_dir or loaded.recipe.output.dir)
     plan = make_plan(loaded, records_to=out if append else None)
-    thread_note = fit_threads() if plan.device.type == "cpu" else None  # before any CPU work, the engine's too
-    if getattr(handler_for(plan.recipe.quantization), "writes_checkpoint", False):
-        from quantlab.run_checkpoint import run_through_checkpoint
-
-        return run_through_checkpoint(plan, output_dir, progress, echo, append)
-    recipe, device = plan.recipe, plan.device
+    thread_note = fit_threads() if plan.device.type == "cpu" else None  # before any CPU work, an engine's too
+    notes = (thread_note,) if thread_note else ()
     echo(describe_plan(plan))
+    qconfig = plan.recipe.quantization
+    method = method_for(qconfig)
+    if not method.writes_checkpoint:
+        candidate = Candidate(plan.source, method.load_kwargs(qconfig, plan.source),
+                              lambda model: method.apply(model, qconfig), notes=notes)
+        return measure_candidate(plan, candidate, out, progress, echo, append)
+    with tempfile.TemporaryDirectory(prefix=f"quantlab-{method.name}-") as tmp:
+        echo(f"writing the {plan.method_label} checkpoint to a temporary folder ({tmp})")
+        written, cost = write_checkpoint(plan, method, Path(tmp), progress, echo)
+        notes += written.notes + (
+            f"{plan.method_label} checkpoint written by engine {written.engine} in {cost.seconds:,.1f} s "
+            f"({cost_summary(cost)}), then reloaded from disk by transformers and measured",
+            *([f"calibration: {written.calibration_label}"] if written.calibration_label else []),
+        )
+        source = plan.source  # the records name the recipe's model, not the temporary folder
+        names = {"name": source.name, "source": source.spec.source, "location": source.location, "weights": source.weights}
+        candidate = checkpoint_candidate(plan, Path(tmp), names, notes)
+        return measure_candidate(plan, candidate, out, progress, echo, append)
+
+
+def write_checkpoint(plan: RunPlan, method: Method, folder: Path, progress: bool, echo) -> tuple[WrittenCheckpoint, QuantizeCost]:
+    """The method's engine writes the checkpoint into `folder` (with the source's tokenizer and config files);
+    what it cost, in time and memory, is measured around it."""
+    recipe, device = plan.recipe, plan.device
+    nvml = NvmlProbe(device) if device.type == "cuda" else None
+    shard_bytes = parse_size((recipe.build or BuildSpec()).max_shard_size)
+    with MemoryTracker(device, nvml=nvml) as memory, Timer(device) as timer:
+        written = method.write_checkpoint(recipe.quantization, plan.source, folder, device, shard_bytes, progress, echo)
+    copy_side_files(plan.source.files(), folder)
+    cost = quantize_cost(f"{method.name} engine {written.engine}: read the source, quantize, write", timer.result.seconds,
+                         memory.result)
+    echo(f"checkpoint written in {cost.seconds:,.1f} s; {cost_summary(cost)}")
+    return written, cost
+
+
+def checkpoint_candidate(plan: RunPlan, folder: Path, names: dict[str, str], notes: tuple[str, ...] = ()) -> Candidate:
+    """A checkpoint written for the plan's model, measured as it loads from `folder`, with the plan's method in its
+    records and `names` (WeightsInfo fields) in place of the loaded folder's."""
+    spec = plan.recipe.model
+    local = spec.model_copy(update={"source": "local", "path": str(folder), "id": None, "revision": None, "config": None})
+    return Candidate(resolve(local), names=names, notes=notes)
+
+
+def copy_side_files(source: Path | None, dest: Path) -> list[str]:
+    """Tokenizer, chat template, generation and processor configs, licence: copied as they are."""
+    copied = []
+    for name in EXTRA_FILES:
+        path = source / name if source else None
+        if path is not None and path.is_file():
+            shutil.copyfile(path, dest / name)
+            copied.append(name)
+    return copied
+
+
+def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: bool, echo: Callable[[str], None],
+                      append: bool) -> RunResult:
+    """Load the candidate, score its quality once (when the recipe asks), then measure every point of the plan."""
+    runtime = runtime_for(plan.recipe.measure.runtime)
+    device = plan.device
     hardware, software = fingerprint.hardware(device), fingerprint.software()
     nvml = NvmlProbe(device) if device.type == "cuda" else None
     quality = QualitySession(plan, out, progress, echo) if plan.quality else None  # text, tokenizers: no weights yet
     if quality:
         quality.prepare()  # stored mode: the reference pass runs, and is freed, before the candidate loads
-
-    with MemoryTracker(device, nvml=nvml) as load_mem, Timer(device) as load_time:
-        config = select_variant(plan.resolved.config, recipe.model.variant)[0]
-        loaded_model = load_model(recipe.model, plan.resolved, device, load_kwargs_for(recipe.quantization, config))
-        model = handler_for(recipe.quantization).apply(loaded_model.model, recipe.quantization)
-    weight_bytes = model_bytes(model)
-    kernels = kernels_of(model)
-    echo(f"loaded {loaded_model.info.model_class} in {load_time.result.seconds:.1f} s: {weight_bytes / 1e9:.3f} GB of weights; "
-         f"{describe_kernels(kernels)}")
-    broken = model_nonfinite(model)
-    weight_notes: tuple[str, ...] = ()
-    if broken:
-        weight_notes = (f"non-finite weights: {describe_nonfinite(broken)}; the figures measure a broken model",)
-    for note in weight_notes:
-        echo(f"warning: {note}")
-    quality_result = _quality(quality, model, device, echo)
-
+    loaded = _load(runtime, candidate, device, nvml, echo)
+    quality_result = _quality(quality, loaded.model, device, echo)
     run_id, records, paths = new_run_id(), [], []
     points = tqdm(plan.points, desc="measuring", unit="point", disable=not progress)
     for context, batch in points:
-        settings = PointSettings(
-            context, batch, recipe.measure.new_tokens, recipe.measure.warmup, recipe.measure.repeats,
-            recipe.measure.seed, recipe.measure.memory_sample_ms / 1000,
-        )
-        result = measure_point(model, settings, device, nvml, progress)
-        created = utc_now()
-        record = Record(
-            record_id=record_id(created, loaded_model.info.name, plan.method_label, context, batch, run_id),
-            run_id=run_id,
-            created_at=created,
-            produced_by=produced_by(hardware, loaded_model.info),
-            recipe=RecipeRef(name=recipe.name, path=str(loaded.path), sha256=loaded.sha256, content=loaded.text),
-            model=loaded_model.info,
-            parameters=sum(p.numel() for p in model.parameters()),
-            weight_bytes=weight_bytes,
-            method=MethodRef(name=plan.method_name, label=plan.method_label, params=plan.method_params),
-            hardware=hardware,
-            software=software,
-            point=PointRef(context=context, batch=batch, new_tokens=settings.new_tokens, warmup=settings.warmup,
-                           repeats=settings.repeats, seed=settings.seed),
-            load_seconds=load_time.result.seconds,
-            load_memory=load_mem.result,
-            result=result,
-            roofline=_roofline(hardware, weight_bytes - lookup_table_bytes(model), batch, result),
-            quality=quality_result,
-            kernels=kernels,
-            notes=plan.notes + dtype_note(loaded_model.info) + weight_notes + ((thread_note,) if thread_note else ())
-            + _notes(hardware, result),
-        )
+        m = plan.recipe.measure
+        settings = PointSettings(context, batch, m.new_tokens, m.warmup, m.repeats, m.seed, m.memory_sample_ms / 1000)
+        result = measure_point(runtime, loaded.model, settings, device, nvml, progress)
+        record = _record(plan, loaded, (hardware, software), settings, result, run_id, quality_result,
+                         candidate.notes)
         if append:
             paths.append(append_record(out, record))
         records.append(record)
         (points.write if progress else echo)(describe_point(record))
     return RunResult(plan, tuple(records), tuple(paths))
+
+
+def _load(runtime, candidate: Candidate, device: torch.device, nvml, echo) -> _Loaded:
+    with MemoryTracker(device, nvml=nvml) as memory, Timer(device) as timer:
+        loaded = runtime.load(candidate.source, device, candidate.load_kwargs)
+        model = candidate.quantize(loaded.model) if candidate.quantize else loaded.model
+    kernels = runtime.kernels(model)
+    weight_bytes = runtime.weight_bytes(model)
+    echo(f"loaded {loaded.info.model_class} in {timer.result.seconds:.1f} s: {weight_bytes / 1e9:.3f} GB of weights; "
+         f"{describe_kernels(kernels)}")
+    notes = dtype_note(loaded.info)
+    broken = model_nonfinite(model)
+    if broken:
+        notes += (f"non-finite weights: {describe_nonfinite(broken)}; the figures measure a broken model",)
+        echo(f"warning: {notes[-1]}")
+    info = loaded.info.model_copy(update=candidate.names)
+    return _Loaded(model, info, memory.result, timer.result.seconds, weight_bytes,
+                   runtime.weight_bytes_per_step(model), kernels, notes)
+
+
+def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, result: PointResult, run_id: str,
+            quality: QualityResult | None, notes: tuple[str, ...]) -> Record:
+    hardware, software = machine
+    recipe, created = plan.loaded, utc_now()
+    return Record(
+        record_id=record_id(created, loaded.info.name, plan.method_label, settings.context, settings.batch, run_id),
+        run_id=run_id,
+        created_at=created,
+        produced_by=produced_by(hardware, loaded.info),
+        recipe=RecipeRef(name=recipe.recipe.name, path=str(recipe.path), sha256=recipe.sha256, content=recipe.text),
+        model=loaded.info,
+        parameters=sum(p.numel() for p in loaded.model.parameters()),
+        weight_bytes=loaded.weight_bytes,
+        method=MethodRef(name=plan.method_name, label=plan.method_label, params=plan.method_params),
+        hardware=hardware,
+        software=software,
+        point=PointRef(context=settings.context, batch=settings.batch, new_tokens=settings.new_tokens,
+                       warmup=settings.warmup, repeats=settings.repeats, seed=settings.seed),
+        load_seconds=loaded.seconds,
+        load_memory=loaded.memory,
+        result=result,
+        roofline=_roofline(hardware, loaded.weight_bytes_per_step, settings.batch, result),
+        quality=quality,
+        kernels=loaded.kernels,
+        notes=plan.notes + loaded.notes + notes + _notes(hardware),
+    )
 
 
 def _quality(session: QualitySession | None, model: torch.nn.Module, device: torch.device, echo) -> QualityResult | None:
@@ -122,21 +220,11 @@ def _quality(session: QualitySession | None, model: torch.nn.Module, device: tor
     return result
 
 
-def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every distinct parameter and buffer: what the weights occupy, quantized or not."""
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values()) + quant_state_bytes(model)
-
-
-def lookup_table_bytes(model: torch.nn.Module) -> int:
-    """The input embedding table, which a decode step reads one row of per sequence, not whole; 0 when
-    lm_head shares it (then every step reads it whole)."""
-    table = getattr(model.get_input_embeddings(), "weight", None)
-    output_layer = getattr(model, "get_output_embeddings", lambda: None)()
-    output = getattr(output_layer, "weight", None)
-    if table is None or table is output or table.device.type == "meta":
-        return 0
-    return table.numel() * table.element_size()
+def dtype_note(info: WeightsInfo) -> tuple[str, ...]:
+    if info.requested_dtype is None:
+        return ()
+    return (f"ran in {info.dtype}, not the recipe's {info.requested_dtype}: transformers changed it while loading "
+            "(its AWQ CUDA kernels take float16)",)
 
 
 def _roofline(hardware, weight_bytes_read: int, batch: int, result: PointResult):
@@ -151,7 +239,7 @@ def describe_kernels(k: Kernels) -> str:
     return f"runs in {k.compute_dtype}; DeltaNet: {k.deltanet_summary}; Linear: {linear}; attention: {k.attention}"
 
 
-def _notes(hardware, result: PointResult) -> tuple[str, ...]:
+def _notes(hardware) -> tuple[str, ...]:
     notes = list(hardware.notes)
     if hardware.kind == "cpu":
         notes.append("CPU run: timings are CPU timings and memory is host RSS; no GPU figures were measured")
@@ -164,7 +252,7 @@ def describe_plan(plan: RunPlan) -> str:
     r = plan.recipe
     lines = [
         f"recipe {r.name} ({plan.loaded.path})",
-        f"  model   {plan.resolved.name} [{r.model.source}, {r.model.variant}] {plan.model_class}, "
+        f"  model   {plan.source.name} [{r.model.source}, {r.model.variant}] {plan.model_class}, "
         f"{plan.parameters:,} parameters, {plan.weight_bytes / 1e9:.2f} GB in {r.model.dtype}",
         f"  method  {plan.method_label} ({plan.method_name}"
         f"{', as quantized in the checkpoint' if plan.method_name != r.quantization.method else ''})",

@@ -1,149 +1,183 @@
-"""Three sources of weights behind one interface: the Hub, a local folder, and synthetic.
-
-`resolve_config` finds a model's config without touching weights (used by the plan's dry run);
-`load_model` materialises the model on the target device in the target dtype.
+"""Where a model's weights come from: the bundled model, a local folder, the Hub, or random weights of a config's
+shapes. `resolve(spec)` returns a ModelSource: its config, name and location, where its files are, its
+tokenizer, a fingerprint for caches, and its instance on the meta device. This is the only module that tells
+the four apart; everything after it asks the source.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from huggingface_hub import try_to_load_from_cache
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from quantlab import bundled
-from quantlab.schema.build import built_from
-from quantlab.placement import recover_interrupted_replace
-from quantlab.checkpoint import check_config_sizes, check_folder, read_config
+from quantlab.checkpoint import check_config_sizes, check_folder, compare_with_model, read_config, shard_files
 from quantlab.errors import QuantlabError, summary
-from quantlab.kernels import compute_dtype
-from quantlab.schema.environment import WeightsInfo
 from quantlab.known_models import KNOWN_MODELS, known_by_hub_id, known_config_dir
-from quantlab.recipe import ModelSpec
+from quantlab.placement import recover_interrupted_replace
+from quantlab.schema.build import built_from
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+if TYPE_CHECKING:
+    import torch
 
+    from quantlab.recipe import ModelSpec
 
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: Any | None
-    config: PretrainedConfig
-    info: WeightsInfo
+HUB_SNAPSHOT = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/([^/]+)")  # the Hugging Face cache's layout
 
 
 @dataclass(frozen=True)
-class ResolvedConfig:
-    config: PretrainedConfig  # the whole checkpoint's config (VL config for Qwen3.6-27B)
-    name: str
-    location: str
+class ModelSource:
+    """One recipe's model source, resolved before any weights load."""
+
+    spec: ModelSpec
+    config: PretrainedConfig  # the whole checkpoint's config (the VL config for Qwen3.6-27B)
+    name: str  # display name, e.g. "Qwen3.6-27B"
+    location: str  # Hub id, folder, or the config behind synthetic weights
     notes: tuple[str, ...] = ()
 
+    @property
+    def synthetic(self) -> bool:
+        return self.spec.source == "synthetic"
 
-def resolve_config(spec: ModelSpec) -> ResolvedConfig:
+    @property
+    def weights(self) -> str:
+        return "synthetic" if self.synthetic else "real"
+
+    @property
+    def hub_id(self) -> str | None:
+        """The Hub repository of the weights: a Hub source's id, or the repo of a local Hub-cache snapshot."""
+        if self.spec.source == "hub":
+            return self.spec.id
+        snapshot = HUB_SNAPSHOT.search(str(Path(self.location).resolve())) if self.spec.source == "local" else None
+        return f"{snapshot.group(1)}/{snapshot.group(2)}" if snapshot else None
+
+    @property
+    def revision(self) -> str | None:
+        """The Hub commit of the files, when known (the recipe's revision, or a cache snapshot's folder name)."""
+        folder = self.files()
+        snapshot = HUB_SNAPSHOT.search(str(folder.resolve())) if folder is not None else None
+        return snapshot.group(3) if snapshot else (self.spec.revision if self.spec.source == "hub" else None)
+
+    @property
+    def config_file(self) -> str:
+        """The config a plan error names."""
+        location = Path(self.location)
+        if self.spec.source == "hub" or not location.exists():
+            return f"the config of {self.location}"  # a Hub id, or a config shipped with quantlab
+        return str(location if location.name == "config.json" else location / "config.json")
+
+    def variant(self) -> tuple[PretrainedConfig, type]:
+        """The config the recipe's variant instantiates, and the auto class that loads it."""
+        return select_variant(self.config, self.spec.variant)
+
+    @cached_property
+    def meta(self) -> torch.nn.Module:
+        """The recipe's variant on the meta device: shapes only, a fraction of a second at 27B."""
+        config, auto_class = self.variant()
+        return meta_model(config, auto_class, self.config_file)
+
+    @cached_property
+    def checkpoint_meta(self) -> torch.nn.Module:
+        """The whole checkpoint's model on the meta device (the VL class where the config has a vision tower)."""
+        return meta_model(self.config, where=self.config_file)
+
+    def files(self, download: bool = False) -> Path | None:
+        """The folder of the source's files (tokenizer, shards, MTP tensors): a Hub source's cache snapshot, fetched
+        first when `download`; None for synthetic weights, or a Hub model not in the cache."""
+        if self.spec.source in ("bundled", "local"):
+            return Path(self.location)
+        if self.spec.source != "hub":
+            return None
+        if download:
+            return _download(self.spec)
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(self.spec.id, "config.json", revision=self.spec.revision)
+        return Path(cached).parent if isinstance(cached, str) else None
+
+    def load_location(self) -> str:
+        """What from_pretrained is given: the Hub id, or the checked folder."""
+        if self.spec.source == "hub":
+            return self.spec.id
+        check_folder(self.location)
+        return self.location
+
+    def tokenizer(self, required: bool = False, what: str = "this run"):
+        """The source's tokenizer; None where it has none, unless `required` (then a clear error)."""
+        location = self.spec.id if self.spec.source == "hub" else (None if self.synthetic else self.location)
+        tokenizer, why = None, "random weights have no tokenizer"
+        if location is not None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(location, revision=self.spec.revision)
+            except Exception as exc:  # noqa: BLE001 - a checkpoint without tokenizer files still measures fine
+                why = summary(exc)
+        if tokenizer is None or isinstance(tokenizer, bool):
+            if required:
+                raise QuantlabError(f"{what} needs the tokenizer of {location or self.name}, which could not be "
+                                    f"loaded: {why}")
+            return None
+        return tokenizer
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the weights for a cache: the Hub commit, or file names, sizes and times."""
+        if self.spec.source == "hub":
+            folder = self.files()
+            return {"hub": self.spec.id, "revision": self.spec.revision, "commit": folder.name if folder else None}
+        if self.synthetic:
+            return {"synthetic": self.location, "seed": self.spec.seed}
+        folder = Path(self.location)
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
+        return {"files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+    def license(self) -> str | None:
+        """The licence in the source's model card (quantlab's own for the bundled model), when it says one."""
+        if self.spec.source == "bundled":
+            return "apache-2.0"
+        folder = self.files()
+        card = folder / "README.md" if folder else None
+        if card is None or not card.is_file():
+            return None
+        match = re.match(r"^---\s*\n(.*?)\n---", card.read_text(encoding="utf-8", errors="replace"), re.S)
+        try:
+            meta = yaml.safe_load(match.group(1)) if match else None
+        except yaml.YAMLError:
+            meta = None
+        return str(meta["license"]) if isinstance(meta, dict) and meta.get("license") else None
+
+    def check_files(self) -> tuple[str, ...]:
+        """The shard headers against the model the config describes (names, shapes, dtypes), before any load."""
+        if self.synthetic:
+            return ()
+        folder = self.files() if self.spec.source != "hub" else _complete_snapshot(self.files())
+        if folder is None:
+            return (f"{self.spec.id}: the weights are not (all) in the Hugging Face cache yet; their tensors are "
+                    "checked against the config as they load",)
+        check_folder(folder, progress=False)
+        compare_with_model(folder, self.meta)
+        return ()
+
+
+def resolve(spec: ModelSpec) -> ModelSource:
     if spec.source == "bundled":
         folder = _bundled_dir()
-        return ResolvedConfig(_config_from_folder(folder), "quantlab-bundled", str(folder))
+        return ModelSource(spec, _config_from_folder(folder), "quantlab-bundled", str(folder))
     if spec.source == "local":
         folder = Path(spec.path).expanduser()
         notes = recover_interrupted_replace(folder)  # a `build --force` killed between its two renames
         config = _config_from_folder(folder)
         # a quantlab build is named after the model it was built from (its quantlab_build.json)
-        name = built_from(folder) or folder.resolve().name
-        return ResolvedConfig(config, name, str(folder), tuple(notes))
+        return ModelSource(spec, config, built_from(folder) or folder.resolve().name, str(folder), tuple(notes))
     if spec.source == "synthetic":
-        return _synthetic_config(spec.config)
-    return _hub_config(spec.id, spec.revision)
-
-
-def _bundled_dir() -> Path:
-    try:
-        return bundled.bundled_model_dir()
-    except FileNotFoundError as exc:
-        raise QuantlabError(str(exc)) from None
-
-
-def _config_from_folder(folder: Path) -> PretrainedConfig:
-    if not folder.is_dir():
-        raise QuantlabError(f"{folder}: model folder not found{_why_missing(folder)}")
-    raw = read_config(folder)
-    model_type = raw["model_type"]
-    check_config_sizes(raw, str(folder / "config.json"))  # before transformers: it names the field, not the value
-    if model_type not in CONFIG_MAPPING:
-        raise QuantlabError(
-            f"{folder}/config.json: unknown architecture (model_type {model_type[:100]!r}): transformers "
-            f"{_transformers_version()} does not know it. Upgrade transformers, or check the config."
-        )
-    try:
-        return AutoConfig.from_pretrained(folder)
-    except Exception as exc:  # noqa: BLE001 - any way transformers rejects a user's config is one message
-        raise QuantlabError(f"{folder}/config.json: transformers cannot read it ({summary(exc)})") from None
-
-
-def _why_missing(path: Path) -> str:
-    if path.is_symlink():
-        return " (a symbolic link to nothing, or a loop of links)"
-    if path.exists():
-        return " (it is a file, not a folder)"
-    return ""
-
-
-def _synthetic_config(name: str) -> ResolvedConfig:
-    if name in KNOWN_MODELS:
-        folder = known_config_dir(name)
-        return ResolvedConfig(AutoConfig.from_pretrained(folder), KNOWN_MODELS[name].display_name, name)
-    if name == "bundled":
-        return ResolvedConfig(AutoConfig.from_pretrained(_bundled_dir()), "quantlab-bundled", "bundled")
-    path = Path(name).expanduser()
-    folder = path.parent if path.name == "config.json" else path
-    if not _is_file(folder / "config.json"):
-        known = ", ".join([*KNOWN_MODELS, "bundled"])
-        raise QuantlabError(f"model.config: '{name}' is neither a shipped config ({known}) nor a config.json or its folder")
-    return ResolvedConfig(_config_from_folder(folder), folder.resolve().name, str(path))
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except OSError:  # a name too long, a path through a file
-        return False
-
-
-def _hub_config(repo_id: str, revision: str | None) -> ResolvedConfig:
-    """The cached config if there is one; else quantlab's shipped copy for a known model; else the Hub."""
-    display = repo_id.rsplit("/", 1)[-1]
-    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    if isinstance(cached, str):
-        return ResolvedConfig(_config_from_folder(Path(cached).parent), display, repo_id)
-    known = known_by_hub_id(repo_id)
-    if known is not None:
-        note = f"plan uses quantlab's shipped config of {repo_id} (not in the HF cache yet); loading uses the Hub's"
-        return ResolvedConfig(AutoConfig.from_pretrained(known_config_dir(known.key)), display, repo_id, (note,))
-    try:
-        return ResolvedConfig(AutoConfig.from_pretrained(repo_id, revision=revision), display, repo_id)
-    except (OSError, ValueError) as exc:
-        raise QuantlabError(hub_unavailable_message(repo_id, exc)) from None
-
-
-def hub_unavailable_message(repo_id: str, exc: BaseException) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-    why = "HF_HUB_OFFLINE is set" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    known = known_by_hub_id(repo_id)
-    synthetic = f"\n  - or measure with random weights of the exact shapes: model: {{source: synthetic, config: {known.key}}}" if known else ""
-    from huggingface_hub import constants
-
-    return (
-        f"{repo_id}: the weights are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
-        f"cannot be reached ({why}).\nTo get them:\n"
-        f"  - on a machine with network: hf download {repo_id}   (HF_HOME decides where the cache is)\n"
-        f"  - or copy a downloaded folder here and use model: {{source: local, path: /that/folder}}"
-        f"{synthetic}"
-    )
+        config, name, location = _synthetic_config(spec.config)
+        return ModelSource(spec, config, name, location)
+    return _hub_source(spec)
 
 
 def select_variant(config: PretrainedConfig, variant: str) -> tuple[PretrainedConfig, type]:
@@ -163,137 +197,127 @@ def model_class_name(config: PretrainedConfig, auto_class: type) -> str:
     return auto_class._model_mapping[type(config)].__name__
 
 
-def load_model(
-    spec: ModelSpec, resolved: ResolvedConfig, device: torch.device, load_kwargs: dict[str, Any] | None = None
-) -> LoadedModel:
-    """`load_kwargs`: extra from_pretrained arguments from the method's handler (e.g. bitsandbytes'
-    quantization_config); synthetic weights never go through from_pretrained, so they ignore them."""
-    config, auto_class = select_variant(resolved.config, spec.variant)
-    dtype = DTYPES[spec.dtype]
-    if spec.source == "synthetic":
-        model, tokenizer, revision = _synthetic(config, auto_class, device, dtype, spec.seed), None, None
-    else:
-        location = _weights_location(spec, resolved)
-        kwargs = {**awq_kernel_kwargs(spec, resolved.config), **(load_kwargs or {})}
-        model = _from_pretrained(auto_class, location, spec.revision, dtype, device, **kwargs)
-        tokenizer = load_tokenizer(location, spec.revision)
-        revision = getattr(model.config, "_commit_hash", None) if spec.source == "hub" else None
-    ran_in = compute_dtype(model)
-    info = WeightsInfo(
-        name=resolved.name,
-        source=spec.source,
-        weights="synthetic" if spec.source == "synthetic" else "real",
-        location=resolved.location,
-        revision=revision,
-        model_class=type(model).__name__,
-        variant=spec.variant,
-        dtype=ran_in,
-        requested_dtype=spec.dtype if ran_in != spec.dtype else None,
+def meta_model(config: PretrainedConfig, auto_class: type | None = None, where: str = "the config") -> torch.nn.Module:
+    """Instantiate on the meta device: shapes only, no memory, a fraction of a second at 27B."""
+    import torch
+
+    if auto_class is None:
+        auto_class = select_variant(config, "full" if hasattr(config, "text_config") else "text")[1]
+    check_config_sizes(config, where)
+    try:
+        with torch.device("meta"):
+            return auto_class.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - a user's config that transformers cannot build: one message
+        raise QuantlabError(f"{where}: transformers cannot build the model from it ({summary(exc)})") from None
+
+
+def hub_unavailable_message(repo_id: str, exc: BaseException) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    why = "HF_HUB_OFFLINE is set" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    known = known_by_hub_id(repo_id)
+    synthetic = f"\n  - or measure with random weights of the exact shapes: model: {{source: synthetic, config: {known.key}}}" if known else ""
+    from huggingface_hub import constants
+
+    return (
+        f"{repo_id}: the weights are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
+        f"cannot be reached ({why}).\nTo get them:\n"
+        f"  - on a machine with network: hf download {repo_id}   (HF_HOME decides where the cache is)\n"
+        f"  - or copy a downloaded folder here and use model: {{source: local, path: /that/folder}}"
+        f"{synthetic}"
     )
-    return LoadedModel(model.eval(), tokenizer, config, info)
 
 
-def awq_kernel_kwargs(spec: ModelSpec, config: PretrainedConfig) -> dict[str, Any]:
-    """from_pretrained's quantization_config that picks the AWQ kernel (transformers takes only its
-    loading attributes, the backend, from it; the checkpoint's own config keeps the rest)."""
-    if spec.awq_kernel is None or not is_awq_checkpoint(config):
-        return {}
-    from transformers import AwqConfig
+# ---- resolving ---------------------------------------------------------------------------------------------
 
-    return {"quantization_config": AwqConfig(backend=spec.awq_kernel)}
-
-
-def is_awq_checkpoint(config: PretrainedConfig) -> bool:
-    qc = getattr(config, "quantization_config", None)
-    qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
-    return bool(qc) and qc.get("quant_method") == "awq"
-
-
-def dtype_note(info: WeightsInfo) -> tuple[str, ...]:
-    if info.requested_dtype is None:
-        return ()
-    return (f"ran in {info.dtype}, not the recipe's {info.requested_dtype}: transformers changed it while loading "
-            "(its AWQ CUDA kernels take float16)",)
-
-
-def _weights_location(spec: ModelSpec, resolved: ResolvedConfig) -> str:
-    if spec.source == "hub":
-        return spec.id
-    check_folder(resolved.location)
-    return resolved.location
-
-
-def _from_pretrained(
-    auto_class: type, location: str, revision: str | None, dtype: torch.dtype, device: torch.device, **extra: Any
-):
+def _bundled_dir() -> Path:
     try:
-        return load_pretrained(auto_class, location, revision=revision, dtype=dtype, device_map=str(device), **extra)
-    except OSError as exc:
-        if Path(location).exists():
-            raise QuantlabError(f"{location}: could not load the weights: {exc}") from None
-        raise QuantlabError(hub_unavailable_message(location, exc)) from None
+        return bundled.bundled_model_dir()
+    except FileNotFoundError as exc:
+        raise QuantlabError(str(exc)) from None
 
 
-def load_pretrained(auto_class: type, location: str | Path, **kwargs: Any) -> torch.nn.Module:
-    """`auto_class.from_pretrained`, where every tensor of the model must come from the checkpoint: transformers
-    fills a missing tensor at random and drops an unexpected one, with a warning that is easy to miss (and that
-    quantlab quiets). Either is an error here, naming the tensors; so is a shape mismatch."""
+def _config_from_folder(folder: Path) -> PretrainedConfig:
+    if not folder.is_dir():
+        raise QuantlabError(f"{folder}: model folder not found{_why_missing(folder)}")
+    raw = read_config(folder)
+    model_type = raw["model_type"]
+    check_config_sizes(raw, str(folder / "config.json"))  # before transformers: it names the field, not the value
+    if model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise QuantlabError(
+            f"{folder}/config.json: unknown architecture (model_type {model_type[:100]!r}): transformers "
+            f"{transformers.__version__} does not know it. Upgrade transformers, or check the config."
+        )
     try:
-        # mismatched shapes come back in the loading info, named, instead of as "look at the above report"
-        model, info = auto_class.from_pretrained(location, output_loading_info=True, ignore_mismatched_sizes=True,
-                                                 **kwargs)
-    except RuntimeError as exc:
-        if not str(exc).startswith("Error(s) in loading state_dict"):
-            raise
-        raise QuantlabError(f"{location}: the checkpoint does not load: {_error_summary(str(exc))}") from None
-    problems = loading_problems(info)
-    if problems:
-        raise QuantlabError(f"{location}: the checkpoint does not match the model; not measuring a model whose "
-                            f"weights transformers made up or dropped: {problems}")
-    return model
+        return AutoConfig.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - any way transformers rejects a user's config is one message
+        raise QuantlabError(f"{folder}/config.json: transformers cannot read it ({summary(exc)})") from None
 
 
-def loading_problems(info: dict) -> str:
-    """The missing, unexpected and misshapen tensors of transformers' loading info, in one line ('' when none)."""
-    parts = []
-    for key, what in (("missing_keys", "missing from the checkpoint (filled in at random)"),
-                      ("unexpected_keys", "in the checkpoint but not in the model (dropped)")):
-        names = sorted(info.get(key) or ())
-        if names:
-            parts.append(f"{len(names)} tensor(s) {what}: {', '.join(names[:8])}" + (" ..." if len(names) > 8 else ""))
-    mismatched = sorted(info.get("mismatched_keys") or ())
-    if mismatched:
-        shown = ", ".join(f"{n}: checkpoint {list(a)}, model {list(b)}" for n, a, b in mismatched[:8])
-        parts.append(f"{len(mismatched)} tensor(s) of another shape: {shown}")
-    errors = info.get("error_msgs") or []
-    if errors:
-        parts.append(f"{len(errors)} loading error(s): {str(errors[0]).splitlines()[0][:200]}")
-    return "; ".join(parts)
+def _why_missing(path: Path) -> str:
+    if path.is_symlink():
+        return " (a symbolic link to nothing, or a loop of links)"
+    if path.exists():
+        return " (it is a file, not a folder)"
+    return ""
 
 
-def _error_summary(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
-    return "; ".join(lines[:5])[:600]
+def _synthetic_config(name: str) -> tuple[PretrainedConfig, str, str]:
+    if name in KNOWN_MODELS:
+        return AutoConfig.from_pretrained(known_config_dir(name)), KNOWN_MODELS[name].display_name, name
+    if name == "bundled":
+        return AutoConfig.from_pretrained(_bundled_dir()), "quantlab-bundled", "bundled"
+    path = Path(name).expanduser()
+    folder = path.parent if path.name == "config.json" else path
+    if not _is_file(folder / "config.json"):
+        known = ", ".join([*KNOWN_MODELS, "bundled"])
+        raise QuantlabError(f"model.config: '{name}' is neither a shipped config ({known}) nor a config.json or its folder")
+    return _config_from_folder(folder), folder.resolve().name, str(path)
 
 
-def load_tokenizer(location: str | None, revision: str | None = None):
-    """The checkpoint's tokenizer, or None where it has none (a checkpoint without one still measures)."""
-    if location is None:
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long, a path through a file
+        return False
+
+
+def _hub_source(spec: ModelSpec) -> ModelSource:
+    """The cached config if there is one; else quantlab's shipped copy for a known model; else the Hub."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, revision = spec.id, spec.revision
+    display = repo_id.rsplit("/", 1)[-1]
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return ModelSource(spec, _config_from_folder(Path(cached).parent), display, repo_id)
+    known = known_by_hub_id(repo_id)
+    if known is not None:
+        note = f"plan uses quantlab's shipped config of {repo_id} (not in the HF cache yet); loading uses the Hub's"
+        return ModelSource(spec, AutoConfig.from_pretrained(known_config_dir(known.key)), display, repo_id, (note,))
+    try:
+        return ModelSource(spec, AutoConfig.from_pretrained(repo_id, revision=revision), display, repo_id)
+    except (OSError, ValueError) as exc:
+        raise QuantlabError(hub_unavailable_message(repo_id, exc)) from None
+
+
+def _complete_snapshot(folder: Path | None) -> Path | None:
+    """A Hub snapshot folder whose shards are all in the cache; None while some are still to download."""
+    if folder is None:
         return None
     try:
-        return AutoTokenizer.from_pretrained(location, revision=revision)
-    except Exception:  # a checkpoint without tokenizer files still measures fine
+        shard_files(folder)
+    except QuantlabError:
         return None
+    return folder
 
 
-def _synthetic(config: PretrainedConfig, auto_class: type, device: torch.device, dtype: torch.dtype, seed: int):
-    """Random weights with the config's exact shapes, created directly on the device in the dtype."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        return auto_class.from_config(config, dtype=dtype)
+def _download(spec: ModelSpec) -> Path:
+    from huggingface_hub import snapshot_download
 
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
+    try:
+        return Path(snapshot_download(spec.id, revision=spec.revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]))
+    except Exception as exc:  # noqa: BLE001 - offline, gated, not found: one clear message
+        raise QuantlabError(hub_unavailable_message(spec.id, exc)) from None

@@ -12,7 +12,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from pydantic import ValidationError
 
 from quantlab.schema.record import Record
 

@@ -78,3 +78,54 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+def forbid_weight_loads(monkeypatch) -> None:
+    """The one seam for "no weights may load": every load of real or random weights goes through the transformers
+    runtime's two loaders or the AWQ engine's shard reader; each fails the test when called."""
+    import quantlab.quantize.awq.shards as shards
+    import quantlab.runtimes.transformers as runtime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the check")
+
+    monkeypatch.setattr(runtime, "load_pretrained", refuse)
+    monkeypatch.setattr(runtime, "_synthetic", refuse)
+    monkeypatch.setattr(shards.ShardReader, "get", refuse)
+
+
+@pytest.fixture
+def no_weights_load(monkeypatch):
+    forbid_weight_loads(monkeypatch)
+
+
+def load_source(spec, device="cpu"):
+    """The model a ModelSpec names, loaded as a run loads it (the transformers runtime)."""
+    import torch
+
+    from quantlab.runtimes.transformers import load_model
+    from quantlab.sources import resolve
+
+    return load_model(resolve(spec), torch.device(device))
+
+
+def save_bnb_copy(model, folder, method: str, **params) -> None:
+    """Save `model` quantized the way `quantlab build` does: through transformers' from_pretrained with quantlab's
+    skip list, saved before any forward pass."""
+    import tempfile
+
+    import torch
+
+    from quantlab.methods import METHODS
+    from quantlab.quantize.skips import skip_plan
+
+    bnb_method = METHODS[method]
+    qconfig = bnb_method.config.model_validate({"method": method, **params})
+    plan = skip_plan(model, method, qconfig.skip_modules)
+    with tempfile.TemporaryDirectory(prefix="quantlab-bnb-") as tmp:
+        model.to(torch.bfloat16).save_pretrained(tmp)
+        quantized = type(model).from_pretrained(
+            tmp, dtype=torch.bfloat16, device_map="cpu",
+            quantization_config=bnb_method.transformers_config(qconfig, plan.patterns),
+        )
+        quantized.save_pretrained(folder)

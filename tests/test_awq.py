@@ -21,15 +21,15 @@ from quantlab.quantize.awq.engine import AwqJob
 from quantlab.quantize.awq.native import _adds_one, _fold
 from quantlab.quantize.awq.pack import pack_gemm, unpack_gemm
 from quantlab.quantize.awq.search import apply_clip, search_clip, search_scales
-from quantlab.quantize.configs import AwqConfig
+from quantlab.methods.awq import AwqConfig, AwqMethod
 from quantlab.quantize.groupwise import dequantize_groups, fake_quantize, quantize_groups
 from quantlab.recipe import load_recipe
-from quantlab.sources import resolve_config
+from quantlab.sources import resolve
 from quantlab.recipe import ModelSpec
 
 from conftest import tiny_qwen3_5_config
 
-BUNDLED = Path(resolve_config(ModelSpec(source="bundled")).location)
+BUNDLED = Path(resolve(ModelSpec(source="bundled")).location)
 SMALL_CALIBRATION = {"samples": 8, "seq_len": 128}
 
 
@@ -181,9 +181,11 @@ def _job(source: Path | None, out: Path, config, engine="quantlab", calibration=
 
 
 def _finish(out: Path, config, source: Path | None = None) -> None:
-    from quantlab.quantize.awq.handler import AwqHandler, quantization_config, write_config
+    from quantlab.methods.awq import quantization_config, write_config
+    from quantlab.sources import ModelSource
 
-    skip = AwqHandler().skip_plan(AwqConfig(method="awq"), config)
+    spec = ModelSpec(source="synthetic", config="bundled")  # only the config matters to the skip list
+    skip = AwqMethod().skip_rules(AwqConfig(method="awq"), ModelSource(spec, config, "x", "x"))
     write_config(config, quantization_config(AwqConfig(method="awq"), skip.patterns), out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if source is not None and (source / name).is_file():
@@ -228,16 +230,15 @@ def test_awq_beats_round_to_nearest_on_held_out_text(bundled_awq):
     """Same bits, same groups, same packing: AWQ's KL to the BF16 model is lower than plain rounding's.
     (The full measurement, `quantlab quality`, is in the records; this is a fast, smaller version.)"""
     from quantlab.quality.text import default_text
-    from quantlab.quantize.configs import RtnConfig
-    from quantlab.quantize.rtn import apply_rtn
+    from quantlab.methods.rtn import RtnConfig, RtnMethod
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic enough, and fast on a busy 2-core machine
     tokenizer = AutoTokenizer.from_pretrained(BUNDLED)
     ids = torch.tensor(tokenizer(default_text("heldout").text[:60_000]).input_ids[:2048]).view(4, 512)
     reference = AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.bfloat16)
-    rtn = apply_rtn(AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.bfloat16),
-                    RtnConfig(method="rtn", bits=4, group_size=128))
+    rtn = RtnMethod().apply(AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.bfloat16),
+                            RtnConfig(method="rtn", bits=4, group_size=128))
     awq = AutoModelForCausalLM.from_pretrained(bundled_awq)
     try:
         kl_rtn, kl_awq = _kl(reference, rtn, ids), _kl(reference, awq, ids)
@@ -286,7 +287,7 @@ def test_build_folder_records_the_cost_and_the_card(tmp_path):
     path = _recipe(tmp_path, "awq-build", {})
     result = build_recipe(load_recipe(path), tmp_path / "builds" / "awq-build", progress=False, echo=quiet)
     manifest = read_manifest(result.folder)
-    assert manifest.method["name"] == "awq" and manifest.engine["name"] == "quantlab"
+    assert manifest.method.name == "awq" and manifest.engine["name"] == "quantlab"
     assert manifest.unquantized.skip_modules == ["in_proj_a", "in_proj_b", "lm_head", "mtp"]
     cost = manifest.cost
     assert cost.seconds > 0 and cost.rss_peak_bytes > cost.rss_start_bytes > 0
@@ -330,13 +331,8 @@ def test_quantlab_run_measures_through_a_temporary_checkpoint(tmp_path, capsys):
 # ---- bad input, before any weights load -----------------------------------------------------------------------
 
 @pytest.fixture
-def no_weight_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were loaded")
-
-    monkeypatch.setattr("quantlab.quantize.awq.shards.ShardReader.__init__", refuse)
-    monkeypatch.setattr("quantlab.sources.load_model", refuse)
-    monkeypatch.setattr("quantlab.artifact.writer.load_model", refuse)
+def no_weight_loading(no_weights_load):
+    """conftest's one seam."""
 
 
 def test_missing_calibration_file(tmp_path, no_weight_loading):
@@ -420,13 +416,12 @@ def test_records_name_no_hub_split_for_a_calibration_text_that_is_not_from_the_h
 
 def test_a_broken_awq_build_is_refused_by_the_reference_check(tmp_path, monkeypatch):
     """Scales scrambled after writing: the build still loads and generates, but no longer predicts its source."""
-    import quantlab.quantize.awq.handler as handler
     from safetensors.torch import save_file
 
-    real = handler.write_checkpoint
+    real = AwqMethod.write_checkpoint
 
-    def scrambled(plan, folder, *args, **kwargs):
-        written = real(plan, folder, *args, **kwargs)
+    def scrambled(self, qconfig, source, folder, *args, **kwargs):
+        written = real(self, qconfig, source, folder, *args, **kwargs)
         for shard in Path(folder).glob("*.safetensors"):
             tensors = load_file(str(shard))
             generator = torch.Generator().manual_seed(0)
@@ -436,7 +431,7 @@ def test_a_broken_awq_build_is_refused_by_the_reference_check(tmp_path, monkeypa
             save_file(tensors, str(shard), metadata={"format": "pt"})
         return written
 
-    monkeypatch.setattr(handler, "write_checkpoint", scrambled)
+    monkeypatch.setattr(AwqMethod, "write_checkpoint", scrambled)
     path = _recipe(tmp_path, "awq-broken", {})
     with pytest.raises(QuantlabError, match="greedy tokens .below 50%.*broken, not keeping it"):
         build_recipe(load_recipe(path), tmp_path / "builds" / "awq-broken", progress=False, echo=quiet)

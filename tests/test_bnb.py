@@ -14,12 +14,14 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from quantlab.bundled import bundled_model_dir
 from quantlab.errors import QuantlabError, RecipeError
 from quantlab.estimate.against_records import scheme_for
-from quantlab.plan import make_plan, meta_model
-from quantlab.quantize import bnb
-from quantlab.quantize.configs import Bnb4bitConfig, BnbInt8Config
+from quantlab.methods import METHODS, bnb
+from quantlab.methods.bnb import Bnb4bitConfig, BnbInt8Config
+from quantlab.plan import make_plan
+from quantlab.quantize.skips import skip_pattern_matches, skip_plan
+from quantlab.sources import meta_model
 from quantlab.recipe import load_recipe
 
-from conftest import QWEN_CONFIG_DIR
+from conftest import QWEN_CONFIG_DIR, save_bnb_copy
 
 BUNDLED = {"source": "bundled", "dtype": "bfloat16", "device": "cpu"}
 SMALL = {"contexts": [16], "new_tokens": 2, "warmup": 0, "repeats": 1}
@@ -63,7 +65,7 @@ def test_unsupported_options_are_recipe_errors(write_recipe, quantization, messa
 def test_qwen3_6_27b_skip_list_matches_the_rules_with_transformers_matching(variant, expected):
     config = AutoConfig.from_pretrained(QWEN_CONFIG_DIR)
     model = meta_model(config.text_config if variant == "text" else config)
-    plan = bnb.skip_plan(model, "bnb_4bit")
+    plan = skip_plan(model, "bnb_4bit")
     assert plan.patterns == expected
     # transformers' own rule converts exactly the Linears the rules quantize: 400 in 64 layers
     linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
@@ -78,14 +80,11 @@ def test_our_matching_is_transformers_matching():
              "model.language_model.layers.0.linear_attn.in_proj_a", "model.mlp.gate"]
     for pattern in ["model.layers.1", "layers.*.mlp", "in_proj_a", "lm_head", "model.visual", "mlp.gate", "gate_proj"]:
         for name in names:
-            assert bnb.skip_pattern_matches(pattern, name) == (not should_convert_module(name, [pattern])), (pattern, name)
+            assert skip_pattern_matches(pattern, name) == (not should_convert_module(name, [pattern])), (pattern, name)
 
 
-def test_skip_list_that_leaves_nothing_to_quantize_fails_in_the_plan(write_recipe, monkeypatch):
+def test_skip_list_that_leaves_nothing_to_quantize_fails_in_the_plan(write_recipe, no_weights_load):
     path = write_recipe({"name": "x", "model": BUNDLED, "quantization": {"method": "bnb_int8", "skip_modules": ["model.layers"]}})
-    import quantlab.sources
-
-    monkeypatch.setattr(quantlab.sources, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(QuantlabError, match=r"nothing left to quantize: the skip list \['in_proj_a', 'in_proj_b', "
                                             r"'lm_head', 'model.layers'\] covers all 32 Linear modules"):
         make_plan(load_recipe(path))
@@ -104,7 +103,7 @@ def test_rules_themselves_leaving_nothing_is_an_error(monkeypatch):
     monkeypatch.setitem(arch.UNQUANTIZED_ROLES, "bnb_4bit", everything)
     model = meta_model(AutoConfig.from_pretrained(bundled_model_dir()))
     with pytest.raises(QuantlabError, match="nothing left to quantize"):
-        bnb.skip_plan(model, "bnb_4bit")
+        skip_plan(model, "bnb_4bit")
 
 
 def test_plan_labels_and_extra_skips(write_recipe):
@@ -113,8 +112,9 @@ def test_plan_labels_and_extra_skips(write_recipe):
     plan = make_plan(load_recipe(path))
     assert plan.method_label == "bnb nf4 + double quant (+1 skip pattern(s))"
     assert plan.method_name == "bnb_4bit" and plan.method_params["skip_modules"] == ["mlp.down_proj"]
-    assert bnb.label(BnbInt8Config(method="bnb_int8")) == "bnb int8"
-    assert bnb.label(Bnb4bitConfig(method="bnb_4bit", quant_type="fp4", compute_dtype="float32")) == "bnb fp4 (compute float32)"
+    assert METHODS["bnb_int8"].label(BnbInt8Config(method="bnb_int8"), "bfloat16") == "bnb int8"
+    assert METHODS["bnb_4bit"].label(Bnb4bitConfig(method="bnb_4bit", quant_type="fp4", compute_dtype="float32"),
+                                     "bfloat16") == "bnb fp4 (compute float32)"
 
 
 # ---- estimator alignment -----------------------------------------------------------------------------------
@@ -140,14 +140,15 @@ def test_in_place_quantization_equals_transformers_at_load(qconfig):
     folder = bundled_model_dir()
     ids = torch.randint(0, 2048, (1, 12), generator=torch.Generator().manual_seed(0))
     ours = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    plan = bnb.skip_plan(ours, qconfig.method)
-    ours = bnb.quantize_in_place(ours, qconfig, plan)
+    method = METHODS[qconfig.method]
+    plan = skip_plan(ours, qconfig.method)
+    ours = method.apply(ours, qconfig)
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu",
-                                                  quantization_config=bnb.bnb_config(qconfig, plan.patterns))
+                                                  quantization_config=method.transformers_config(qconfig, plan.patterns))
     assert bnb.is_bnb_quantized(ours) and not ours.training
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, theirs(ids).logits)
-    from quantlab.run import model_bytes
+    from quantlab.runtimes.transformers import model_bytes
 
     assert model_bytes(ours) == model_bytes(theirs) > sum(p.numel() * p.element_size() for p in ours.parameters())
 
@@ -168,7 +169,7 @@ def test_synthetic_run_quantizes_in_place(write_recipe, tmp_path):
 
 def test_a_foreign_bnb_checkpoint_is_labelled_from_its_quantization_config(tmp_path, write_recipe):
     model = AutoModelForCausalLM.from_pretrained(bundled_model_dir(), dtype=torch.bfloat16)
-    bnb.save_quantized_copy(model, tmp_path / "ckpt", {"method": "bnb_4bit", "quant_type": "fp4"})
+    save_bnb_copy(model, tmp_path / "ckpt", "bnb_4bit", quant_type="fp4")
     path = write_recipe({"name": "x", "model": {"source": "local", "path": str(tmp_path / "ckpt")}, "measure": SMALL})
     plan = make_plan(load_recipe(path))
     assert (plan.method_name, plan.method_label) == ("bnb_4bit", "bnb fp4")

@@ -25,6 +25,7 @@ from quantlab.errors import QuantlabError
 from quantlab.estimate.estimator import weights_for
 from quantlab.estimate.model import load_model as load_estimation_model
 from quantlab.estimate.schemes import get_scheme
+from quantlab.plan import make_plan
 from quantlab.recipe import load_recipe
 from quantlab.report import write_report
 from quantlab.store import load_records
@@ -104,7 +105,7 @@ def test_build_folder_is_complete(built):
     assert "Quality not measured" in card and "quantlab 0.1.0" in card and "CPU " in card
     assert "source checkpoint has no `mtp.*` tensors" in card
     manifest = read_manifest(folder)
-    assert manifest.method["label"] == LABELS[key] and manifest.unquantized.quantized_linears == 25
+    assert manifest.method.label == LABELS[key] and manifest.unquantized.quantized_linears == 25
     kept = [f"model.layers.{i}.linear_attn.in_proj_{x}" for i in range(3) for x in "ab"] + ["lm_head"]
     assert sorted(manifest.unquantized.kept_linears) == sorted(kept)
 
@@ -245,8 +246,9 @@ def test_quality_goes_to_the_card_and_is_measured_against_the_base(tmp_path, mon
     assert card._quality_lines([SimpleNamespace(quality=SimpleNamespace(kl=0.01))]) == ["## Quality against the reference", "KL 0.01"]
     assert "Quality not measured: the recipe has no `quality:` section." in card._quality_lines([SimpleNamespace(quality=None)])
     path = recipe_file(tmp_path, "q", {"source": "bundled", "device": "cpu"}, METHODS["nf4"], quality={"tokens": 64, "context": 32})
-    derived = writer.quality_against_source(load_recipe(path).recipe)
-    assert derived.reference.model == load_recipe(path).recipe.model  # the BF16 base, not the build itself
+    plan = make_plan(load_recipe(path), for_this_machine=False)
+    # the build is measured with the recipe's plan: its quality reference is the BF16 base, not the build itself
+    assert plan.quality.reference == load_recipe(path).recipe.model and plan.quality.same_model
 
 
 # ---- failures ------------------------------------------------------------------------------------------
@@ -298,7 +300,7 @@ def test_ctrl_c_mid_write_cleans_up(tmp_path, monkeypatch):
         assert list(dest.glob("*.safetensors"))  # the shards are already written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer, "copy_extras", interrupt)
+    monkeypatch.setattr(writer, "copy_side_files", interrupt)
     with pytest.raises(KeyboardInterrupt):
         build_recipe(load_recipe(_quick_recipe(tmp_path)), tmp_path / "builds" / "b4", progress=False, echo=quiet)
     assert list((tmp_path / "builds").iterdir()) == []

@@ -210,9 +210,9 @@ def _save_bf16(model: torch.nn.Module, folder: Path) -> None:
 def _bnb_saver(**qconfig):
     """bitsandbytes, quantized by transformers at load with quantlab's skip list, as `quantlab build` does."""
     def save(model: torch.nn.Module, folder: Path) -> None:
-        from quantlab.quantize.bnb import save_quantized_copy
+        from conftest import save_bnb_copy
 
-        save_quantized_copy(model, folder, qconfig)
+        save_bnb_copy(model, folder, **qconfig)
 
     return save
 
@@ -223,10 +223,11 @@ def _awq_saver(group_size: int):
     def save(model: torch.nn.Module, folder: Path) -> None:
         import tempfile
 
+        from quantlab.methods.awq import AwqConfig, AwqMethod, quantization_config, write_config
         from quantlab.quantize.awq import ENGINES
         from quantlab.quantize.awq.engine import AwqJob
-        from quantlab.quantize.awq.handler import AwqHandler, quantization_config, write_config
-        from quantlab.quantize.configs import AwqConfig
+        from quantlab.recipe import ModelSpec
+        from quantlab.sources import ModelSource
 
         qconfig = AwqConfig(method="awq", group_size=group_size)
         with tempfile.TemporaryDirectory() as source:
@@ -234,7 +235,8 @@ def _awq_saver(group_size: int):
             config = type(model.config).from_pretrained(source)
             ENGINES["quantlab"].quantize(AwqJob(Path(source), config, folder, qconfig, None, torch.device("cpu"),
                                                 torch.bfloat16, 5 * 10**9, progress=False))
-        write_config(config, quantization_config(qconfig, AwqHandler().skip_plan(qconfig, config).patterns), folder)
+        source = ModelSource(ModelSpec(source="synthetic", config="bundled"), config, "x", "x")
+        write_config(config, quantization_config(qconfig, AwqMethod().skip_rules(qconfig, source).patterns), folder)
 
     return save
 

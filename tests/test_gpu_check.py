@@ -20,16 +20,18 @@ from quantlab.bundled import bundled_model_dir
 from quantlab.errors import QuantlabError
 from quantlab.kernels import TORCH_FALLBACK, _implementation_name, kernels_of
 from quantlab.measure import PointSettings, measure_point
-from quantlab.plan import make_plan, meta_model
-from quantlab.quantize import bnb
-from quantlab.quantize.awq.handler import AwqHandler
-from quantlab.quantize.configs import AwqConfig
+from quantlab.methods import bnb
+from quantlab.methods.awq import AwqConfig, AwqMethod
+from quantlab.plan import make_plan
 from quantlab.quantize.vllm_layout import VLLM_NAMING, vllm_layers, vllm_skips_layer
 from quantlab.recipe import ModelSpec, load_recipe
-from quantlab.run import lookup_table_bytes, run_recipe
-from quantlab.sources import load_model, resolve_config
+from quantlab.run import run_recipe
+from quantlab.runtimes.transformers import TransformersRuntime, lookup_table_bytes
+from quantlab.sources import meta_model, resolve
 from quantlab.trackers import memory as memory_module
 from quantlab.trackers.nvml import PID_MATCH, SOLE_PROCESS, process_figure
+
+from conftest import load_source
 
 REPO = Path(__file__).resolve().parent.parent
 QWEN = REPO / "quantlab" / "data" / "qwen3.6-27b"
@@ -53,7 +55,7 @@ def test_awq_skip_list_means_the_same_to_transformers_and_vllm(config_dir):
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     config = AutoConfig.from_pretrained(config_dir)
-    skips = AwqHandler().skip_plan(AwqConfig(method="awq"), config).patterns
+    skips = AwqMethod().skip_rules(AwqConfig(method="awq"), resolve(ModelSpec(source="synthetic", config=str(config_dir)))).patterns
     model = meta_model(config)
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     intended = {n for n, _ in quantizable_linears(model, "awq")}
@@ -106,7 +108,7 @@ def test_implementation_name_reads_transformers_kernel_resolution(monkeypatch):
 
 def test_kernels_of_the_bundled_model_on_this_cpu():
     spec = ModelSpec(source="bundled", device="cpu")
-    model = load_model(spec, resolve_config(spec), torch.device("cpu")).model
+    model = load_source(spec, torch.device("cpu")).model
     k = kernels_of(model)
     assert set(k.deltanet) >= {"torch_chunk_gated_delta_rule", "causal_conv1d_fn"}
     assert k.deltanet_summary == "torch fallback"  # flash-linear-attention must never be installed on a CPU machine
@@ -115,14 +117,14 @@ def test_kernels_of_the_bundled_model_on_this_cpu():
 
 def test_records_say_the_dtype_the_model_ran_in(write_recipe, monkeypatch):
     """transformers turns an AWQ model's bf16 into fp16 on CUDA; here a loader that does the same stands in."""
-    import quantlab.sources as sources
+    import quantlab.runtimes.transformers as runtime
 
-    real = sources._from_pretrained
+    real = runtime._from_pretrained
 
     def loads_in_fp16(auto_class, location, revision, dtype, device, **extra):
         return real(auto_class, location, revision, torch.float16, device, **extra)
 
-    monkeypatch.setattr(sources, "_from_pretrained", loads_in_fp16)
+    monkeypatch.setattr(runtime, "_from_pretrained", loads_in_fp16)
     path = write_recipe({"name": "dtype", "model": {"source": "bundled", "device": "cpu", "dtype": "bfloat16"},
                          "measure": {"contexts": [16], "new_tokens": 2, "warmup": 0, "repeats": 1}})
     (record,) = run_recipe(load_recipe(path), progress=False, echo=quiet).records
@@ -143,19 +145,19 @@ def test_awq_kernel_is_checked_before_any_load(write_recipe):
 
 
 def test_awq_kernel_reaches_from_pretrained_for_awq_checkpoints_only():
-    from quantlab.sources import awq_kernel_kwargs
+    from quantlab.runtimes.transformers import awq_kernel_kwargs
 
     config = AutoConfig.from_pretrained(bundled_model_dir())
     spec = ModelSpec(source="local", path="/x", awq_kernel="gemm_triton")
-    assert awq_kernel_kwargs(spec, config) == {}
+    assert awq_kernel_kwargs(spec.awq_kernel, config) == {}
     config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": 128}
-    (qc,) = awq_kernel_kwargs(spec, config).values()
+    (qc,) = awq_kernel_kwargs(spec.awq_kernel, config).values()
     assert str(getattr(qc.backend, "value", qc.backend)) == "gemm_triton"
 
 
 def test_lookup_table_is_not_read_whole_per_decode_step(tiny_config_dir):
     spec = ModelSpec(source="bundled", device="cpu")
-    model = load_model(spec, resolve_config(spec), torch.device("cpu")).model
+    model = load_source(spec, torch.device("cpu")).model
     table = model.get_input_embeddings().weight
     assert lookup_table_bytes(model) == table.numel() * table.element_size()
     model.lm_head.weight = table  # tied: lm_head reads the whole table every step
@@ -227,12 +229,13 @@ class _FakeNvml:
 
 def test_every_phase_starts_after_empty_cache(monkeypatch, tiny_config_dir):
     spec = ModelSpec(source="synthetic", config=str(tiny_config_dir), device="cpu", dtype="float32")
-    model = load_model(spec, resolve_config(spec), torch.device("cpu")).model
+    model = load_source(spec, torch.device("cpu")).model
     fake = _FakeCuda()
     fake.install(monkeypatch)
     monkeypatch.setattr("quantlab.measure.prompt_ids",
                         lambda vocab, batch, context, seed, device: torch.randint(0, vocab, (batch, context)))
-    result = measure_point(model, PointSettings(16, 1, 2, 1, 2), torch.device("cuda", 0), _FakeNvml(), progress=False)
+    result = measure_point(TransformersRuntime(), model, PointSettings(16, 1, 2, 1, 2), torch.device("cuda", 0),
+                           _FakeNvml(), progress=False)
     assert result.status == "ok"
     phases = 2 * (1 + 2)  # prefill and decode, warm-up and repeats
     resets = [i for i, c in enumerate(fake.calls) if c == "reset_peak_memory_stats"]
@@ -263,7 +266,7 @@ def test_gpu_check_steps_are_in_priority_order_and_fit_the_device_budget(check):
         assert step.min_s <= step.cap_s
         if step.recipe:
             plan = make_plan(load_recipe(check.RECIPES / step.recipe), for_this_machine=False)
-            assert plan.resolved.name == "Qwen3.6-27B" and plan.recipe.model.source == "synthetic"
+            assert plan.source.name == "Qwen3.6-27B" and plan.recipe.model.source == "synthetic"
     defaults = check._parser().parse_args([])
     assert defaults.budget_s <= 9 * 60  # the issue's ceiling for one call of the lent GPU
     with pytest.raises(SystemExit, match="unknown step"):

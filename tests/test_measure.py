@@ -6,17 +6,21 @@ import pytest
 import torch
 
 from quantlab.errors import QuantlabError
-from quantlab.measure import PointSettings, decode, measure_point, prefill, prompt_ids, tensor_bytes
+from quantlab.measure import PointSettings, measure_point, prompt_ids
 from quantlab.recipe import ModelSpec, load_recipe
 from quantlab.run import run_recipe
-from quantlab.sources import load_model, resolve_config
+from quantlab.runtimes.transformers import TransformersRuntime, decode, prefill, tensor_bytes
 from quantlab.store import load_records
+
+from conftest import load_source
+
+RUNTIME = TransformersRuntime()
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_config_dir):
     spec = ModelSpec(source="synthetic", config=str(tiny_config_dir), device="cpu", dtype="float32")
-    return load_model(spec, resolve_config(spec), torch.device("cpu")).model
+    return load_source(spec, torch.device("cpu")).model
 
 
 def test_cached_decode_equals_uncached_greedy(tiny_model):
@@ -33,7 +37,7 @@ def test_cached_decode_equals_uncached_greedy(tiny_model):
 
 def test_measure_point_gives_consistent_figures(tiny_model):
     s = PointSettings(context=32, batch=2, new_tokens=5, warmup=1, repeats=3)
-    r = measure_point(tiny_model, s, torch.device("cpu"), progress=False)
+    r = measure_point(RUNTIME, tiny_model, s, torch.device("cpu"), progress=False)
     assert r.status == "ok"
     assert r.decode_tokens_per_s.n == 3  # warm-up excluded
     assert r.decode_tokens_per_s.median == pytest.approx(2 * 1000 / r.decode_ms_per_token.median, rel=0.35)
@@ -77,10 +81,10 @@ class _OomAbove(torch.nn.Module):
 
 def test_oom_is_a_finding_not_a_crash(tiny_model):
     wrapped = _OomAbove(tiny_model, limit=40)
-    oom = measure_point(wrapped, PointSettings(64, 1, 3, 0, 1), torch.device("cpu"), progress=False)
+    oom = measure_point(RUNTIME, wrapped, PointSettings(64, 1, 3, 0, 1), torch.device("cpu"), progress=False)
     assert oom.status == "oom"
     assert oom.error.startswith("OOM at context 64, batch 1: CUDA out of memory")
-    ok = measure_point(wrapped, PointSettings(16, 1, 3, 0, 1), torch.device("cpu"), progress=False)
+    ok = measure_point(RUNTIME, wrapped, PointSettings(16, 1, 3, 0, 1), torch.device("cpu"), progress=False)
     assert ok.status == "ok"
 
 
@@ -90,22 +94,25 @@ def test_other_errors_are_not_swallowed(tiny_model):
             raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        measure_point(Broken(tiny_model, 0), PointSettings(8, 1, 2, 0, 1), torch.device("cpu"), progress=False)
+        measure_point(RUNTIME, Broken(tiny_model, 0), PointSettings(8, 1, 2, 0, 1), torch.device("cpu"), progress=False)
 
 
 def test_run_records_oom_and_goes_on(write_recipe, tiny_config_dir, monkeypatch, tmp_path):
     import quantlab.run as run_module
 
-    real_apply = run_module.handler_for
+    real_method_for = run_module.method_for
 
-    class OomHandler:
-        def __init__(self, handler):
-            self.handler = handler
+    class OomMethod:
+        def __init__(self, method):
+            self.method = method
+
+        def __getattr__(self, name):
+            return getattr(self.method, name)
 
         def apply(self, model, qconfig):
-            return _OomAbove(self.handler.apply(model, qconfig), limit=40)
+            return _OomAbove(self.method.apply(model, qconfig), limit=40)
 
-    monkeypatch.setattr(run_module, "handler_for", lambda q: OomHandler(real_apply(q)))
+    monkeypatch.setattr(run_module, "method_for", lambda q: OomMethod(real_method_for(q)))
     path = write_recipe({"name": "oom-test", "model": {"source": "synthetic", "config": str(tiny_config_dir), "device": "cpu"},
                          "measure": {"contexts": [64, 16], "new_tokens": 3, "warmup": 0, "repeats": 1}})
     result = run_recipe(load_recipe(path), progress=False, echo=lambda s: None)

@@ -27,12 +27,12 @@ from quantlab.quality.metrics import sliding_windows
 from quantlab.quality.result import quality_cell, quality_table
 from quantlab.quality.session import QualitySession
 from quantlab.quality.text import load_heldout
-from quantlab.quantize.configs import RtnConfig
-from quantlab.quantize.rtn import apply_rtn
+from quantlab.methods.rtn import RtnConfig, RtnMethod
 from quantlab.recipe import ModelSpec, QualitySpec, load_recipe
 from quantlab.report import render_report
 from quantlab.run import run_recipe
-from quantlab.sources import load_model, resolve_config
+
+from conftest import load_source
 from quantlab.store import load_records
 
 CPU = torch.device("cpu")
@@ -75,7 +75,7 @@ def session(folder: Path, name: str, quality: dict, **kw) -> QualitySession:
 
 def bundled_model(dtype: str = "bfloat16") -> torch.nn.Module:
     spec = ModelSpec(source="bundled", device="cpu", dtype=dtype)
-    return load_model(spec, resolve_config(spec), CPU).model
+    return load_source(spec, CPU).model
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,8 @@ def candidates() -> dict[str, torch.nn.Module]:
     base = bundled_model()
     return {
         "bf16": base,
-        "rtn4": apply_rtn(copy.deepcopy(base), RtnConfig(method="rtn", bits=4, group_size=128)),
-        "rtn8": apply_rtn(copy.deepcopy(base), RtnConfig(method="rtn", bits=8, group_size=128)),
+        "rtn4": RtnMethod().apply(copy.deepcopy(base), RtnConfig(method="rtn", bits=4, group_size=128)),
+        "rtn8": RtnMethod().apply(copy.deepcopy(base), RtnConfig(method="rtn", bits=8, group_size=128)),
     }
 
 
@@ -205,7 +205,7 @@ def _direct(reference, candidate, ids, windows):
 @pytest.mark.parametrize("context, stride", [(300, 300), (128, 64)])
 def test_streaming_matches_a_direct_full_sequence_computation(work, context, stride):
     reference = bundled_model("float32")
-    candidate = apply_rtn(copy.deepcopy(reference), RtnConfig(method="rtn", bits=4))
+    candidate = RtnMethod().apply(copy.deepcopy(reference), RtnConfig(method="rtn", bits=4))
     model = {**BUNDLED, "dtype": "float32"}
     s = session(work, f"direct-{context}", {"tokens": 300, "context": context, "stride": stride}, model=model)
     s.rows = 7  # many small blocks of rows per window: the streaming path, not one big block

@@ -29,7 +29,7 @@ from quantlab.outputs import REPORT_MARKER, is_quantlab_report
 from quantlab.recipe import MAX_PROBLEMS, MAX_RECIPE_BYTES, load_recipe
 from quantlab.store import load_records
 
-from conftest import REPO
+from conftest import forbid_weight_loads, REPO
 
 BUNDLED = REPO / "quantlab" / "bundled" / "model"
 ROOT = os.geteuid() == 0  # root writes through chmod: the permission cases need another user
@@ -63,7 +63,7 @@ def fake_build(folder: Path) -> Path:
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen3_5_text"}))
     save_file({"w": torch.zeros(4, dtype=torch.bfloat16)}, folder / "model.safetensors", metadata={"format": "pt"})
     manifest = BuildManifest(
-        name=folder.name, created_at="2026-01-01T00:00:00+00:00", quantlab="0.1.0", recipe={},
+        name=folder.name, created_at="2026-01-01T00:00:00+00:00", quantlab="0.1.0", recipe={"name": "x", "path": "x.yaml", "sha256": "0", "content": ""},
         base=BaseModelRef(name="m", source="bundled", location="x", variant="text", dtype="bfloat16", model_class="C"),
         method={"name": "bnb_int8", "label": "bnb int8", "params": {}},
         unquantized=Unquantized(skip_modules=[], rule_patterns=[], extra_patterns=[], kept_linears=[], quantized_linears=1),
@@ -90,16 +90,7 @@ def measurements_folder(root: Path) -> Path:
     return root
 
 
-def no_load(monkeypatch):
-    """Fail the test if any weights load: the refusals below must come from the plan."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were loaded before the check")
-
-    import quantlab.artifact.writer
-    import quantlab.run
-
-    monkeypatch.setattr(quantlab.run, "load_model", refuse)
-    monkeypatch.setattr(quantlab.artifact.writer, "load_model", refuse)
+no_load = forbid_weight_loads  # conftest's one seam: the refusals below must come from the plan
 
 
 def one_error(capsys) -> str:
@@ -351,7 +342,7 @@ def test_load_time_check_names_tensors_transformers_would_fill_at_random(tmp_pat
     """The backstop behind the plan, for checkpoints the plan cannot compare (already quantized, not yet downloaded)."""
     from transformers import AutoModelForCausalLM
 
-    from quantlab.sources import load_pretrained
+    from quantlab.runtimes.transformers import load_pretrained
 
     folder = local_model(tmp_path, _drop("model.norm.weight"))
     with pytest.raises(QuantlabError, match=r"1 tensor\(s\) missing from the checkpoint \(filled in at random\): model.norm.weight"):

@@ -14,11 +14,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from quantlab.architecture import count_by_role, layer_pattern
 from quantlab.errors import QuantlabError
-from quantlab.plan import make_plan, meta_parameter_count
+from quantlab.plan import make_plan
 from quantlab.recipe import ModelSpec, load_recipe
-from quantlab.sources import load_model, resolve_config
+from quantlab.sources import meta_model
 
-from conftest import QWEN_CONFIG_DIR, REPO
+from conftest import load_source, QWEN_CONFIG_DIR, REPO
 
 QWEN_TEXT_PARAMETERS = 26_895_998_464
 # shared/reference/models.md, measured by instantiating the config on the meta device.
@@ -35,7 +35,7 @@ REFERENCE_COMPONENTS = {
 
 def test_full_size_qwen_on_meta_has_exact_parameter_count():
     config = AutoConfig.from_pretrained(QWEN_CONFIG_DIR)
-    assert meta_parameter_count(config.text_config, AutoModelForCausalLM) == QWEN_TEXT_PARAMETERS
+    assert sum(p.numel() for p in meta_model(config.text_config, AutoModelForCausalLM).parameters()) == QWEN_TEXT_PARAMETERS
 
 
 def test_full_size_qwen_components_match_reference():
@@ -62,7 +62,7 @@ def test_synthetic_plan_on_meta_counts_real_shapes(write_recipe):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_synthetic_tiny_has_config_shapes_dtype_and_label(tiny_config_dir, variant, cls, dtype):
     spec = ModelSpec(source="synthetic", config=str(tiny_config_dir), variant=variant, dtype=dtype, device="cpu")
-    loaded = load_model(spec, resolve_config(spec), torch.device("cpu"))
+    loaded = load_source(spec, torch.device("cpu"))
     assert type(loaded.model).__name__ == cls
     assert loaded.info.weights == "synthetic"
     params = list(loaded.model.parameters())
@@ -76,7 +76,7 @@ def test_synthetic_tiny_has_config_shapes_dtype_and_label(tiny_config_dir, varia
 def test_synthetic_weights_depend_on_seed(tiny_config_dir):
     def first_weight(seed):
         spec = ModelSpec(source="synthetic", config=str(tiny_config_dir), device="cpu", seed=seed)
-        return load_model(spec, resolve_config(spec), torch.device("cpu")).model.lm_head.weight.clone()
+        return load_source(spec, torch.device("cpu")).model.lm_head.weight.clone()
 
     assert torch.equal(first_weight(1), first_weight(1))
     assert not torch.equal(first_weight(1), first_weight(2))
@@ -102,7 +102,7 @@ def test_local_folder_loads_the_saved_weights(saved_tiny, layout):
     if layout == "sharded":
         assert (folder / "model.safetensors.index.json").is_file()
     spec = ModelSpec(source="local", path=str(folder), device="cpu")
-    loaded = load_model(spec, resolve_config(spec), torch.device("cpu"))
+    loaded = load_source(spec, torch.device("cpu"))
     assert loaded.info.weights == "real" and loaded.info.source == "local"
     assert torch.equal(loaded.model.lm_head.weight, model.lm_head.weight)
 
@@ -116,7 +116,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def _load_local(folder: Path):
     spec = ModelSpec(source="local", path=str(folder), device="cpu")
-    return load_model(spec, resolve_config(spec), torch.device("cpu"))
+    return load_source(spec, torch.device("cpu"))
 
 
 def test_truncated_shard_is_named_with_missing_bytes(saved_tiny, tmp_path):
@@ -192,11 +192,12 @@ def test_hub_load_offline_for_known_model_fails_cleanly(tmp_path, tiny_config_di
     code = (
         "import torch\n"
         "from quantlab.recipe import ModelSpec\n"
-        "from quantlab.sources import load_model, resolve_config\n"
+        "from quantlab.runtimes.transformers import load_model\n"
+        "from quantlab.sources import resolve\n"
         "from quantlab.errors import QuantlabError\n"
         "spec = ModelSpec(source='hub', id='Qwen/Qwen3.6-27B', device='cpu')\n"
         "try:\n"
-        "    load_model(spec, resolve_config(spec), torch.device('meta'))\n"
+        "    load_model(resolve(spec), torch.device('meta'))\n"
         "except QuantlabError as e:\n"
         "    print(e)\n"
     )

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from quantlab.schema.build import BuildManifest
 from quantlab.artifact.tensors import KeptGroup
+from quantlab.methods import METHODS
+from quantlab.schema.build import BuildManifest
 from quantlab.schema.record import Record
 
 _ROLE_WHY = {
@@ -24,48 +25,39 @@ _ROLE_WHY = {
 }
 
 
-def estimator_scheme_key(method: str, params: dict) -> str | None:
-    """The estimator's scheme for a build's method (quantlab/data/quant_schemes.yaml)."""
-    if method == "bnb_int8":
-        return "int8"
-    if method == "bnb_4bit":
-        return f"{params.get('quant_type', 'nf4')}{'-dq' if params.get('double_quant') else ''}"
-    if method == "awq":
-        return f"awq-g{params.get('group_size', 128)}"
-    return None
-
-
-# Per method: who quantized it, what loading needs, the config.json key of the skip list, Hub tags.
-_METHOD_TEXT = {
-    "bnb_int8": ("bitsandbytes", "needs bitsandbytes>=0.46.1", "llm_int8_skip_modules", ["bitsandbytes", "8-bit", "int8"]),
-    "bnb_4bit": ("bitsandbytes", "needs bitsandbytes>=0.46.1", "llm_int8_skip_modules", ["bitsandbytes", "4-bit"]),
-    "awq": ("", "needs gptqmodel (transformers 5 loads AWQ through its kernels)", "modules_to_not_convert",
-            ["awq", "4-bit", "w4a16"]),
-}
-
-
 def card_text(
-    m: BuildManifest,
-    kept: list[KeptGroup],
-    quantized_weights: int,
-    disk_bytes: int,
-    shards: int,
-    estimate: tuple[int, str] | None,
-    records: list[Record],
-    repo_hint: str,
+    m: BuildManifest, kept: list[KeptGroup], quantized_weights: int, disk_bytes: int, shards: int,
+    estimate: tuple[int, str] | None, records: list[Record], repo_hint: str,
 ) -> str:
-    meta = _metadata(m)
-    params = m.method["params"]
-    engine_name, needs, skip_key, _ = _METHOD_TEXT[m.method["name"]]
+    method = METHODS[m.method.name]
     lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
-        "---",
+        "---", yaml.safe_dump(_metadata(m, method), sort_keys=False, allow_unicode=True).rstrip(), "---", "",
+        *_intro_lines(m, method, repo_hint),
+        *method.serving_lines(m.mtp is not None, repo_hint),
+        *_quantization_lines(m, method, quantized_weights),
+        *_engine_lines(m),
+        *_cost_lines(m),
+        *_unquantized_lines(m, method, kept),
+        *_files_lines(disk_bytes, shards, estimate),
+        "## Measured memory and speed", "",
+        *_measurement_lines(records),
+        *_quality_lines(records),
+        *_greedy_lines(m),
+        *_reference_lines(m),
+        "## Recipe", "",
+        f"`{m.recipe.path}` (sha256 `{m.recipe.sha256[:16]}…`):", "",
+        "```yaml", m.recipe.content.rstrip(), "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _intro_lines(m: BuildManifest, method, repo_hint: str) -> list[str]:
+    by = method.card.by
+    return [
+        f"# {m.name}: {m.base.name}, {m.method.label}",
         "",
-        f"# {m.name}: {m.base.name}, {m.method['label']}",
-        "",
-        f"{m.base.name} quantized with **{engine_name + ' ' if engine_name else ''}{m.method['label'].removeprefix('bnb ')}** "
-        f"(recipe method `{m.method['name']}`), built by quantlab {m.quantlab}"
+        f"{m.base.name} quantized with **{by + ' ' if by else ''}{m.method.label.removeprefix('bnb ')}** "
+        f"(recipe method `{m.method.name}`), built by quantlab {m.quantlab}"
         f"{f' ({m.git_commit[:10]})' if m.git_commit else ''} on {m.built_on}, {m.created_at}.",
         f"Base weights: {m.base.source} `{m.base.location}`" + (f" at revision `{m.base.revision}`" if m.base.revision else "")
         + f", {m.base.model_class}, variant `{m.base.variant}`, unquantized tensors in {m.base.dtype}.",
@@ -75,36 +67,44 @@ def card_text(
         "```python",
         "from transformers import " + m.greedy.auto_class + ", AutoTokenizer",
         "",
-        f'model = {m.greedy.auto_class}.from_pretrained("{repo_hint}", device_map="auto")  # {needs}',
+        f'model = {m.greedy.auto_class}.from_pretrained("{repo_hint}", device_map="auto")  # {method.card.loading_needs}',
         f'tokenizer = AutoTokenizer.from_pretrained("{repo_hint}")',
         "```",
         "",
-        *_serving_lines(m, repo_hint),
-        "## Quantization",
-        "",
-        "| Parameter | Value |",
-        "|---|---|",
-        *[f"| {k} | `{v}` |" for k, v in _method_rows(m.method["name"], params)],
+    ]
+
+
+def _quantization_lines(m: BuildManifest, method, quantized_weights: int) -> list[str]:
+    return [
+        "## Quantization", "",
+        "| Parameter | Value |", "|---|---|",
+        *[f"| {k} | `{v}` |" for k, v in method.card_rows(m.method.params)],
         "",
         f"The quantization_config in config.json says the same to transformers. {quantized_weights} Linear weights are quantized.",
         "",
-        *_engine_lines(m),
-        *_cost_lines(m),
+    ]
+
+
+def _unquantized_lines(m: BuildManifest, method, kept: list[KeptGroup]) -> list[str]:
+    return [
         "## Left unquantized",
         "",
-        f"The skip list (`{skip_key}`) is `{m.unquantized.skip_modules}`: "
+        f"The skip list (`{method.card.skip_key}`) is `{m.unquantized.skip_modules}`: "
         f"{_skip_origin(m)} It keeps {len(m.unquantized.kept_linears)} Linear module(s) unquantized. "
         "Every tensor stored unquantized in this folder:",
         "",
         "| Role | Tensors | Count | Parameters | Stored as | Why |",
         "|---|---|--:|--:|---|---|",
-        *[
-            f"| {g.role} | `{g.pattern}` | {g.count} | {g.parameters:,} | {g.dtype} | {_ROLE_WHY.get(g.role, '')} |"
-            for g in kept
-        ],
+        *[f"| {g.role} | `{g.pattern}` | {g.count} | {g.parameters:,} | {g.dtype} | {_ROLE_WHY.get(g.role, '')} |"
+          for g in kept],
         "",
         _mtp_line(m),
         "",
+    ]
+
+
+def _files_lines(disk_bytes: int, shards: int, estimate: tuple[int, str] | None) -> list[str]:
+    return [
         "## Files",
         "",
         f"{disk_bytes / 1e6:,.2f} MB of tensors in {shards} safetensors shard(s)"
@@ -112,10 +112,11 @@ def card_text(
         "`SHA256SUMS` lists the SHA-256 of every file; `quantlab verify <folder>` checks them, reloads the model "
         "and repeats the greedy check below. `quantlab_build.json` holds the build's own record.",
         "",
-        "## Measured memory and speed",
-        "",
-        *_measurement_lines(records),
-        *_quality_lines(records),
+    ]
+
+
+def _greedy_lines(m: BuildManifest) -> list[str]:
+    return [
         "## Greedy check",
         "",
         f"After the build was saved it was reloaded from disk and generated {m.greedy.new_tokens} greedy tokens "
@@ -123,21 +124,10 @@ def card_text(
         "",
         f"`{m.greedy.tokens}`" + (f", i.e. `{m.greedy.text!r}`" if m.greedy.text is not None else ""),
         "",
-        *_reference_lines(m),
-        "## Recipe",
-        "",
-        f"`{m.recipe['path']}` (sha256 `{m.recipe['sha256'][:16]}…`):",
-        "",
-        "```yaml",
-        m.recipe["content"].rstrip(),
-        "```",
-        "",
     ]
-    return "\n".join(lines)
 
 
-def _metadata(m: BuildManifest) -> dict:
-    params = m.method["params"]
+def _metadata(m: BuildManifest, method) -> dict:
     meta: dict = {}
     if m.base.hub_id:
         meta["base_model"] = m.base.hub_id
@@ -145,60 +135,8 @@ def _metadata(m: BuildManifest) -> dict:
     meta["license"] = m.base.license or "other"
     meta["library_name"] = "transformers"
     meta["pipeline_tag"] = "image-text-to-text" if m.base.variant == "full" else "text-generation"
-    tags = ["quantlab", *_METHOD_TEXT[m.method["name"]][3]]
-    if m.method["name"] == "bnb_4bit":
-        tags.append(params.get("quant_type", "nf4"))
-    if params.get("double_quant"):
-        tags.append("double-quant")
-    tags.append(m.base.model_class.split("For")[0].lower() or "model")
-    meta["tags"] = tags
+    meta["tags"] = ["quantlab", *method.card_tags(m.method.params), m.base.model_class.split("For")[0].lower() or "model"]
     return meta
-
-
-def _method_rows(method: str, params: dict) -> list[tuple[str, object]]:
-    rows: list[tuple[str, object]] = [("method", method)]
-    if method == "awq":
-        rows += [
-            ("weights", f"{params.get('bits')}-bit integers in groups of {params.get('group_size')} along in_features, "
-                        f"{'with' if params.get('zero_point') else 'without'} zero points; AWQ GEMM layout"),
-            ("engine", params.get("engine")),
-            ("clip search", params.get("clip")),
-        ]
-        return rows
-    if method == "bnb_int8":
-        rows += [("weights", "int8, one absmax scale per output row (LLM.int8)"), ("threshold", params.get("threshold"))]
-    else:
-        rows += [
-            ("weights", f"4-bit {params.get('quant_type')}, blocks of 64"),
-            ("quant_type", params.get("quant_type")),
-            ("double_quant", params.get("double_quant")),
-            ("compute_dtype", params.get("compute_dtype")),
-            ("quant_storage", params.get("quant_storage")),
-        ]
-    rows.append(("extra skip_modules", params.get("skip_modules") or []))
-    return rows
-
-
-def _serving_lines(m: BuildManifest, repo_hint: str) -> list[str]:
-    if m.method["name"] != "awq":
-        return []
-    lines = [
-        "With vLLM (AWQ is one of its built-in formats; on CUDA it upgrades `awq` to its Marlin kernels itself):",
-        "",
-        "```bash",
-        f"vllm serve {repo_hint}",
-    ]
-    if m.mtp:
-        lines.append(f"vllm serve {repo_hint} --speculative-config '{{\"method\": \"mtp\", \"num_speculative_tokens\": 1}}'"
-                     "   # MTP draft, from the bf16 mtp.* tensors")
-    return lines + [
-        "```",
-        "",
-        "`modules_to_not_convert` names each unquantized part twice where the two loaders' names differ: "
-        "`model.visual` for transformers (a prefix of its module names) and `visual` for vLLM (a substring of its "
-        "own), and `mtp` so that vLLM builds the MTP draft head unquantized, as its tensors are.",
-        "",
-    ]
 
 
 def _reference_lines(m: BuildManifest) -> list[str]:

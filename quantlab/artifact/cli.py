@@ -41,7 +41,7 @@ def _cmd_build(args) -> int:
 
     loaded = load_recipe(args.recipe)
     if args.no_progress:
-        from quantlab.cli import silence_progress_bars
+        from quantlab.console import silence_progress_bars
 
         silence_progress_bars()
     result = build_recipe(loaded, args.out, force=args.force, output_dir=args.output, measure=not args.no_measure,

@@ -40,7 +40,7 @@ def publish_build(
     if manifest.base.source == "synthetic":
         raise QuantlabError(f"{folder}: built from synthetic weights; not published")
     files = build_files(folder) + ["SHA256SUMS"]
-    echo(f"{folder}: {len(files)} file(s), checksums ok, {manifest.method['label']} of {manifest.base.name}")
+    echo(f"{folder}: {len(files)} file(s), checksums ok, {manifest.method.label} of {manifest.base.name}")
     if dry_run:
         for name in files:
             echo(f"  would upload {name}")
@@ -60,7 +60,7 @@ def publish_build(
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), repo_type="model",
-            commit_message=f"quantlab {manifest.quantlab}: {manifest.method['label']} of {manifest.base.name}",
+            commit_message=f"quantlab {manifest.quantlab}: {manifest.method.label} of {manifest.base.name}",
         )
     except HfHubHTTPError as exc:
         raise QuantlabError(f"cannot publish to {repo_id}: the Hub refused ({_first_line(exc)})") from None

@@ -85,8 +85,8 @@ def verify_build(folder: str | Path, device: str = "cpu", load: bool = True, ech
 
     import transformers
     from quantlab.checkpoint import check_folder
-    from quantlab.quantize.bnb import quiet_bnb_logs
-    from quantlab.sources import load_pretrained
+    from quantlab.methods.bnb import quiet_bnb_logs
+    from quantlab.runtimes.transformers import load_pretrained
 
     quiet_bnb_logs()
     check_folder(folder, progress=False)  # truncated or corrupt shards, even behind checksums made after the damage

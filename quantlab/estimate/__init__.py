@@ -4,10 +4,14 @@
 - schemes.py + data/quant_schemes.yaml: bytes per tensor per quantization scheme; gguf_mix.py: Q4_K_M;
 - weights.py: bytes per component and method;
 - hybrid.py + runtime.py: KV cache, DeltaNet state, activations, overheads; the longest context;
-- calibration.py: overheads fitted on GPU records; checks.py: the estimate vs those records;
-- claims.py + data/estimate_claims.yaml: the article's claims; estimator.py / command.py / cli.py: the command;
+- overheads.py: overheads fitted on GPU records; against_records.py: the estimate vs those records;
+- claims.py (with quantlab/claims.py and data/estimate_claims.yaml): the article's claims;
+  estimator.py / command.py / cli.py: the command; its result is quantlab/schema/estimate.py;
 - render.py, plot.py, report_section.py: text, Markdown, memory.png and the report's section.
 """
+
+ESTIMATES_NAME = "estimates.json"  # what `quantlab estimate` writes beside the records
+PLOT_NAME = "memory.png"
 
 DEFAULT_CONTEXTS = (4096, 32768, 65536, 131072, 262144)
 DEFAULT_METHODS = "bf16,int8,nf4,nf4-dq,awq-g128,q8_0,q6_k,q4_k_m"

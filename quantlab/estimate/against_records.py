@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from quantlab.errors import QuantlabError
 from quantlab.estimate.model import EstimationModel, load_model
 from quantlab.estimate.runtime import RuntimeAssumptions, memory_at
+from quantlab.methods import method_named
 from quantlab.estimate.schemes import Scheme, get_scheme
 from quantlab.estimate.weights import estimate_weights
 from quantlab.schema.record import Record
@@ -52,22 +53,9 @@ class MeasuredCheck(BaseModel):
 
 def scheme_for(record: Record) -> Scheme | None:
     """The estimator scheme of a record's method, or None when the table has no such scheme."""
-    method, params = record.method.name, record.method.params
-    if params.get("skip_modules"):
-        return None  # the recipe kept extra modules unquantized: the scheme table cannot price that
-    if method == "none":
-        return {"bfloat16": get_scheme("bf16"), "float16": get_scheme("fp16")}.get(record.model.dtype)
-    if method.startswith("gguf_"):
-        return _maybe(method.removeprefix("gguf_"))
-    if method == "bnb_int8":
-        return get_scheme("int8")
-    if method == "bnb_4bit":
-        kind = str(params.get("quant_type") or params.get("bnb_4bit_quant_type") or "nf4")
-        double = any(params.get(k) for k in ("double_quant", "use_double_quant", "bnb_4bit_use_double_quant"))
-        return _maybe(f"{kind}-dq" if double else kind)
-    if method == "awq":
-        return _maybe(f"awq-g{params.get('group_size', 128)}")
-    return None
+    method = method_named(record.method.name)
+    key = method.estimator_scheme(record.method.params, record.model.dtype) if method else None
+    return _maybe(key) if key else None
 
 
 def _maybe(name: str) -> Scheme | None:

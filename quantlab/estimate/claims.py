@@ -7,13 +7,10 @@ stated overheads. Measured figures come from quantlab's GPU records when there a
 
 from __future__ import annotations
 
-from functools import cache
-from importlib import resources
-from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict
 
+from quantlab.claims import article_claims, claims_data, judge, latest_gpu_weights
 from quantlab.estimate.model import EstimationModel
 from quantlab.estimate.runtime import RuntimeAssumptions, max_context, memory_at, runtime_profile
 from quantlab.estimate.schemes import get_scheme
@@ -42,14 +39,7 @@ class ClaimRow(BaseModel):
     measured_gb: float | None = None
 
 
-@cache
-def claims_data() -> dict[str, Any]:
-    return yaml.safe_load(resources.files("quantlab.data").joinpath("estimate_claims.yaml").read_text())
-
-
 def check_claims(dense: EstimationModel, moe: EstimationModel, records: list[Record]) -> list[ClaimRow]:
-    from quantlab.report import article_claims
-
     article = article_claims()
     rt = runtime_profile("llama.cpp")
     rows = [_weights_row(dense, row, records) for row in article["rows"]]
@@ -80,9 +70,9 @@ def _weights_row(model: EstimationModel, row: dict, records: list[Record]) -> Cl
         detail = f"published file {file_gb:.2f} GB ({(value - file_gb) / file_gb:+.1%}); {_mix(weights)}"
     measured_gb, measured = _measured_weights(records, model.name, row["measured_by"])
     if measured_gb is not None:  # a measurement, where there is one, decides
-        verdict, basis = range_verdict(measured_gb, low, high), "GPU measurement (torch allocated after load)"
+        verdict, basis = judge(measured_gb, low, high).text, "GPU measurement (torch allocated after load)"
     else:
-        verdict, basis = range_verdict(value, low, high), "estimate (no GPU measurement yet)"
+        verdict, basis = judge(value, low, high).text, "estimate (no GPU measurement yet)"
     return ClaimRow(
         id=f"weights_{precision.lower()}", claim=f"{precision} weights {row['claimed']}", estimate=estimate,
         measured=measured, verdict=verdict, detail=detail, basis=basis, estimate_gb=round(value, 3),
@@ -106,27 +96,11 @@ def _mix(weights: WeightsEstimate) -> str:
 
 def _measured_weights(records: list[Record], model: str, match: dict[str, str]) -> tuple[float | None, str]:
     """The latest GPU measurement of the weights for a claim row: torch allocated after load."""
-    found = [
-        r for r in records
-        if r.model.name == model and r.hardware.kind == "gpu" and r.load_memory.allocated_end_bytes
-        and r.method.name == match["method"] and r.model.dtype == match.get("dtype", r.model.dtype)
-    ]
-    if not found:
+    r = latest_gpu_weights(records, model, match)
+    if r is None:
         return None, "no GPU record yet" if match["method"] == "none" else "no quantlab method yet"
-    r = found[-1]
     value = r.load_memory.allocated_end_bytes / 1e9
     return value, f"{value:.2f} GB ({r.hardware.name}, {r.model.weights} weights, {r.model.variant} model)"
-
-
-def range_verdict(value: float, low: float, high: float) -> str:
-    tolerance = claims_data()["tolerance"]
-    if low <= value <= high:
-        return "matches (inside the range)"
-    edge = low if value < low else high
-    delta = (value - edge) / edge
-    if abs(delta) <= tolerance:
-        return f"matches ({delta:+.1%} vs {'low' if value < low else 'high'} end)"
-    return f"{'lower' if delta < 0 else 'higher'} than claimed ({delta:+.1%})"
 
 
 def _device(name: str) -> dict:

@@ -9,8 +9,9 @@ from pathlib import Path
 from quantlab.errors import QuantlabError
 from quantlab.estimate.overheads import calibrate
 from quantlab.estimate.against_records import check_records
-from quantlab.estimate.claims import check_claims, claims_data
-from quantlab.estimate import DEFAULT_CONTEXTS, DEFAULT_METHODS
+from quantlab.claims import claims_data
+from quantlab.estimate.claims import check_claims
+from quantlab.estimate import DEFAULT_CONTEXTS, DEFAULT_METHODS, ESTIMATES_NAME
 from quantlab.estimate.estimator import EstimateRequest, EstimateResult, estimate
 from quantlab.estimate.model import EstimationModel, load_model
 from quantlab.estimate.runtime import runtime_profile
@@ -18,7 +19,6 @@ from quantlab.estimate.schemes import parse_schemes
 from quantlab.known_models import KNOWN_MODELS
 from quantlab.store import load_records, replace_file
 
-ESTIMATES_NAME = "estimates.json"
 
 
 @dataclass(frozen=True)

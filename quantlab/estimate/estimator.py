@@ -1,14 +1,12 @@
 """`quantlab estimate`'s computation: weights per method, memory per context, longest context per GPU.
 
-The result is a frozen pydantic model so that it can be written to measurements/estimates.json
+The result (quantlab/schema/estimate.py) is frozen, torch-free data, written to measurements/estimates.json
 and read back by `quantlab report`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from pydantic import BaseModel, ConfigDict
 
 import quantlab
 from quantlab.estimate import DEFAULT_CONTEXTS
@@ -24,86 +22,18 @@ from quantlab.estimate.runtime import (
     memory_at,
 )
 from quantlab.estimate.schemes import Scheme
-from quantlab.estimate.weights import ROLE_LABELS, WeightsEstimate, estimate_weights
+from quantlab.estimate.weights import WeightsEstimate, estimate_weights
+from quantlab.schema.estimate import (
+    Assumptions,
+    ContextFitEstimate,
+    EstimateResult,
+    MethodEstimate,
+    ModelFacts,
+    PointEstimate,
+)
 from quantlab.schema.record import utc_now
 
-SCHEMA_VERSION = 1
 GIB = 1 << 30
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PointEstimate(_Frozen):
-    context: int
-    batch: int
-    weights: int
-    kv_cache: int
-    deltanet_state: int
-    activations: int
-    workspace: int
-    allocator_overhead: int
-    cuda_context: int
-    allocated: int
-    total: int
-
-
-class ContextFitEstimate(_Frozen):
-    gpu_gib: float  # the card's marketed size: "24 GB" cards have 24 GiB
-    budget_bytes: int
-    max_context: int
-    limit: str
-
-
-class MethodEstimate(_Frozen):
-    key: str
-    label: str
-    method: str
-    source: str
-    weights_bytes: int  # what is loaded, in the estimate's scope
-    checkpoint_bytes: int  # every tensor: vision tower and MTP included
-    bits_per_weight: float
-    component_bytes: dict[str, int]
-    formats: dict[str, int]  # storage format → parameters
-    points: list[PointEstimate]
-    fits: list[ContextFitEstimate]
-
-
-class ModelFacts(_Frozen):
-    name: str
-    location: str
-    model_class: str
-    parameters_by_role: dict[str, int]
-    loaded_parameters: int
-    notes: list[str]
-
-
-class Assumptions(_Frozen):
-    profile: str
-    scope: str
-    batch: int
-    kv_dtype: str
-    state_dtype: str
-    prefill_chunk: int | None
-    cuda_context_bytes: int
-    allocator_overhead: float
-    overheads_source: str
-    overheads: str  # one line for people
-    kv_bytes_per_token: float
-    deltanet_state_bytes_per_sequence: float
-    activation_bytes_per_token: int
-
-
-class EstimateResult(_Frozen):
-    schema_version: int = SCHEMA_VERSION
-    created_at: str
-    quantlab_version: str
-    model: ModelFacts
-    assumptions: Assumptions
-    methods: list[MethodEstimate]
-    claims: list[dict] = []  # quantlab.estimate.claims.ClaimRow dumps
-    checks: list[dict] = []  # quantlab.estimate.against_records.MeasuredCheck dumps
 
 
 @dataclass(frozen=True)
@@ -203,7 +133,3 @@ def _assumptions(model: EstimationModel, request: EstimateRequest) -> Assumption
         deltanet_state_bytes_per_sequence=deltanet_state_bytes(shape, rt.state_dtype),
         activation_bytes_per_token=activation_bytes_per_token(shape, rt.activation_bytes),
     )
-
-
-def role_label(role: str) -> str:
-    return ROLE_LABELS.get(role, role)

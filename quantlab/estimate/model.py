@@ -2,7 +2,7 @@
 
 `--model` accepts a shipped config name (qwen3.6-27b, qwen3.5-397b-a17b), `bundled`, a
 config.json or its folder, or a Hub id (owner/name: the HF cache, quantlab's shipped copy, then
-the Hub), all through quantlab.sources.resolve_config.
+the Hub), all through quantlab.sources.resolve.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from quantlab.estimate.hybrid import HybridShape, check_fields, hybrid_shape
 from quantlab.estimate.inventory import ModelInventory, estimator_class, model_inventory, text_config_of
 from quantlab.known_models import KNOWN_MODELS
 from quantlab.recipe import ModelSpec
-from quantlab.sources import resolve_config
+from quantlab.sources import resolve
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class EstimationModel:
 def load_model(model: str) -> EstimationModel:
     spec = model_spec(model)
     try:
-        resolved = resolve_config(spec)
+        resolved = resolve(spec)
     except (ValueError, TypeError, KeyError) as exc:
         raise QuantlabError(f"{model}: not a usable config ({type(exc).__name__}: {_first_line(exc)})") from None
     estimator_class(resolved.config)  # an unknown architecture is named before any missing field
@@ -77,7 +77,7 @@ def _raw_config(spec: ModelSpec) -> dict | None:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None  # resolve_config gives the precise error
+        return None  # resolve gives the precise error
     return raw if isinstance(raw, dict) else None
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from quantlab.estimate.claims import claims_data
-from quantlab.estimate.estimator import GIB, EstimateResult
+from quantlab.claims import claims_data
+from quantlab.estimate import PLOT_NAME
+from quantlab.schema.estimate import EstimateResult
 from quantlab.store import replace_file
 
-PLOT_NAME = "memory.png"
+GIB = 1 << 30
 GPU_LINES_GIB = (24, 32, 48, 80)
 
 

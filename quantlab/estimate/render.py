@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from quantlab.estimate.estimator import EstimateResult, role_label
+from quantlab.architecture import role_label
+from quantlab.schema.estimate import EstimateResult
 
 Table = tuple[list[str], list[list[str]], str]  # headers, rows, alignment per column ("l" / "r")
 

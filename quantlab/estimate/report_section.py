@@ -7,9 +7,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from quantlab.estimate.command import ESTIMATES_NAME
-from quantlab.estimate.estimator import EstimateResult
-from quantlab.estimate.plot import PLOT_NAME
+from quantlab.estimate import ESTIMATES_NAME, PLOT_NAME
+from quantlab.schema.estimate import EstimateResult
 from quantlab.estimate.render import checks_table, claim_notes, claims_table, header_lines, markdown, memory_table
 
 

@@ -17,21 +17,6 @@ _NOT_DEQUANTIZED = frozenset({"embed_tokens", "lm_head"})
 # Roles outside the text model: counted separately, included on request.
 EXTRA_ROLES = ("vision", "mtp")
 
-ROLE_LABELS = {
-    "embed_tokens": "embeddings",
-    "lm_head": "lm_head",
-    "full_attention_linear": "full-attention projections",
-    "deltanet_linear": "DeltaNet projections",
-    "deltanet_small_linear": "DeltaNet in_proj_a/b",
-    "deltanet_conv_and_params": "DeltaNet conv1d, A_log, dt_bias",
-    "mlp": "MLP",
-    "routed_experts": "routed experts",
-    "shared_expert": "shared expert",
-    "router": "router",
-    "norm": "norms",
-    "vision": "vision tower",
-    "mtp": "MTP",
-}
 
 
 @dataclass(frozen=True)

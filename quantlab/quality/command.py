@@ -71,10 +71,10 @@ def run_quality(recipe_path: str | Path, output_dir: str | Path | None = None, p
 
 def load_candidate(plan):
     """The recipe's model, loaded and quantized as `quantlab run` does."""
-    from quantlab.quantize.handlers import handler_for, load_kwargs_for
-    from quantlab.sources import load_model, select_variant
+    from quantlab.methods import method_for
+    from quantlab.runtimes.transformers import load_model
 
-    recipe = plan.recipe
-    config = select_variant(plan.resolved.config, recipe.model.variant)[0]
-    loaded = load_model(recipe.model, plan.resolved, plan.device, load_kwargs_for(recipe.quantization, config))
-    return handler_for(recipe.quantization).apply(loaded.model, recipe.quantization)
+    qconfig = plan.recipe.quantization
+    method = method_for(qconfig)
+    loaded = load_model(plan.source, plan.device, method.load_kwargs(qconfig, plan.source))
+    return method.apply(loaded.model, qconfig)

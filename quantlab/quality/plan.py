@@ -10,8 +10,8 @@ import torch
 from transformers import PretrainedConfig
 
 from quantlab.errors import QuantlabError
-from quantlab.recipe import ModelSpec, QualitySpec, Recipe
-from quantlab.sources import DTYPES, ResolvedConfig, resolve_config, select_variant
+from quantlab.recipe import DTYPE_BYTES, ModelSpec, QualitySpec, Recipe
+from quantlab.sources import ModelSource, resolve
 
 PAIRED_HEADROOM = 1.2  # as the plan's CPU_HEADROOM: activations, allocator slack
 
@@ -21,7 +21,7 @@ class QualityPlan:
     spec: QualitySpec
     stride: int
     reference: ModelSpec
-    reference_resolved: ResolvedConfig
+    reference_source: ModelSource
     reference_label: str  # e.g. "quantlab-bundled BF16 (bundled, bfloat16)"
     same_model: bool  # the reference is the recipe's own model spec
     vocab_size: int
@@ -29,7 +29,7 @@ class QualityPlan:
 
 
 def plan_quality(
-    recipe: Recipe, resolved: ResolvedConfig, config: PretrainedConfig, device: torch.device, weight_bytes: int,
+    recipe: Recipe, source: ModelSource, config: PretrainedConfig, device: torch.device, weight_bytes: int,
     for_this_machine: bool = True, prequantized: str | None = None,
 ) -> QualityPlan | None:
     """`prequantized`: the method label when the recipe's checkpoint is already quantized (it cannot be its own reference)."""
@@ -55,11 +55,11 @@ def plan_quality(
     same = reference == recipe.model
     if same and prequantized:
         raise QuantlabError(
-            f"quality: {resolved.location} is already quantized ({prequantized}), so it cannot be its own reference; "
+            f"quality: {source.location} is already quantized ({prequantized}), so it cannot be its own reference; "
             "name its unquantized base model in quality.reference.model"
         )
-    ref_resolved = resolved if same else resolve_config(reference)
-    ref_config = select_variant(ref_resolved.config, reference.variant)[0]
+    ref_source = source if same else resolve(reference)
+    ref_config = ref_source.variant()[0]
     vocab = _vocab(config)
     for what, cfg in (("the model", config), ("the reference", ref_config)):
         limit = getattr(_text(cfg), "max_position_embeddings", None)
@@ -69,19 +69,19 @@ def plan_quality(
             )
     if _vocab(ref_config) != vocab:
         raise QuantlabError(
-            f"quality: the reference ({ref_resolved.name}) has a vocabulary of {_vocab(ref_config):,} tokens and the "
-            f"model ({resolved.name}) {vocab:,}: KL and perplexity compare distributions token by token and need "
+            f"quality: the reference ({ref_source.name}) has a vocabulary of {_vocab(ref_config):,} tokens and the "
+            f"model ({source.name}) {vocab:,}: KL and perplexity compare distributions token by token and need "
             "the same tokenizer and vocabulary"
         )
     if spec.mode == "stored" and spec.top_k > vocab:
         raise QuantlabError(f"quality.top_k ({spec.top_k:,}) exceeds the vocabulary ({vocab:,} tokens)")
     notes = []
     if spec.mode == "paired" and for_this_machine:
-        notes += _paired_memory(device, weight_bytes, _reference_bytes(reference, ref_config, weight_bytes, same))
-    from quantlab.quantize.handlers import NoQuantHandler
+        notes += _paired_memory(device, weight_bytes, _reference_bytes(ref_source, weight_bytes, same))
+    from quantlab.methods.none import DTYPE_LABELS
 
-    label = f"{ref_resolved.name} {NoQuantHandler().label(None, reference.dtype)} ({reference.source}, {reference.dtype})"
-    return QualityPlan(spec, stride, reference, ref_resolved, label, same, vocab, tuple(notes))
+    label = f"{ref_source.name} {DTYPE_LABELS[reference.dtype]} ({reference.source}, {reference.dtype})"
+    return QualityPlan(spec, stride, reference, ref_source, label, same, vocab, tuple(notes))
 
 
 def _check_text_path(spec: QualitySpec) -> None:
@@ -103,13 +103,10 @@ def _vocab(config: PretrainedConfig) -> int:
     return int(_text(config).vocab_size)
 
 
-def _reference_bytes(reference: ModelSpec, ref_config: PretrainedConfig, weight_bytes: int, same: bool) -> int:
+def _reference_bytes(reference: ModelSource, weight_bytes: int, same: bool) -> int:
     if same:
         return weight_bytes
-    from quantlab.plan import meta_parameter_count
-
-    auto_class = select_variant(ref_config, reference.variant)[1]
-    return meta_parameter_count(ref_config, auto_class) * DTYPES[reference.dtype].itemsize
+    return sum(p.numel() for p in reference.meta.parameters()) * DTYPE_BYTES[reference.spec.dtype]
 
 
 def _paired_memory(device: torch.device, candidate_bytes: int, reference_bytes: int) -> list[str]:

@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from quantlab.errors import QuantlabError
 from quantlab.measure import free_memory
@@ -38,8 +37,7 @@ from quantlab.quality.metrics import (
 )
 from quantlab.quality.result import QualityResult
 from quantlab.quality.text import HeldoutText, load_heldout
-from quantlab.recipe import ModelSpec
-from quantlab.sources import ResolvedConfig, load_model
+from quantlab.runtimes.transformers import load_model
 
 CHARS_PER_TOKEN_BOUND = 16  # text to read per wanted token before tokenizing (doubled until enough)
 
@@ -57,9 +55,9 @@ class QualitySession:
         if spec.mode == "stored":
             refstats.check_cache_dir(self.cache_dir)  # before the text, the tokenizers and any weights
         self.rows = rows_per_block(self.q.vocab_size, row_budget_bytes or ROW_BUDGET_BYTES)  # rows per fp32 block
-        candidate_tok = load_tokenizer(plan.recipe.model, plan.resolved)
-        reference_tok = candidate_tok if self.q.same_model else load_tokenizer(self.q.reference, self.q.reference_resolved)
-        self.tokenizer_sha256 = check_same_tokenizer(reference_tok, candidate_tok, self.q.reference_label, plan.resolved.name)
+        candidate_tok = plan.source.tokenizer(required=True, what="quality")
+        reference_tok = candidate_tok if self.q.same_model else self.q.reference_source.tokenizer(required=True, what="quality")
+        self.tokenizer_sha256 = check_same_tokenizer(reference_tok, candidate_tok, self.q.reference_label, plan.source.name)
         self.text: HeldoutText = load_heldout(spec, min_chars=spec.tokens * CHARS_PER_TOKEN_BOUND)
         self.ids = tokenize(reference_tok, self.text.text, spec.tokens)
         if self.ids.numel() < spec.context:
@@ -117,7 +115,7 @@ class QualitySession:
     # -- the candidate pass --------------------------------------------------------------------------------
 
     def evaluate(self, candidate: torch.nn.Module, candidate_label: str | None = None) -> QualityResult:
-        candidate_label = candidate_label or f"{self.plan.resolved.name} {self.plan.method_label}"
+        candidate_label = candidate_label or f"{self.plan.source.name} {self.plan.method_label}"
         return self.evaluate_many({candidate_label: candidate})[candidate_label]
 
     def evaluate_many(self, candidates: dict[str, torch.nn.Module]) -> dict[str, QualityResult]:
@@ -204,7 +202,7 @@ class QualitySession:
 
     def _load_reference(self) -> torch.nn.Module:
         self.echo(f"quality: loading the reference, {self.q.reference_label}")
-        return load_model(self.q.reference, self.q.reference_resolved, self.device).model
+        return load_model(self.q.reference_source, self.device).model
 
     def _cache_payload(self, top_k: int) -> dict[str, Any]:
         import transformers
@@ -212,7 +210,7 @@ class QualitySession:
         spec = self.q.spec
         return {
             "reference_model": self.q.reference.model_dump(),
-            "weights": weights_fingerprint(self.q.reference, self.q.reference_resolved),
+            "weights": self.q.reference_source.fingerprint(),
             "device_type": self.device.type,
             "text_sha256": self.text.description.get("sha256"),
             "ids_sha256": hashlib.sha256(self.ids.numpy().tobytes()).hexdigest(),
@@ -223,18 +221,6 @@ class QualitySession:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         }
-
-
-def load_tokenizer(spec: ModelSpec, resolved: ResolvedConfig):
-    location = spec.id if spec.source == "hub" else resolved.location
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, revision=spec.revision)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise QuantlabError(f"quality needs the tokenizer of {location}, which could not be loaded: {first}") from None
-    if tokenizer is None or isinstance(tokenizer, bool):
-        raise QuantlabError(f"quality needs the tokenizer of {location}, and it has none")
-    return tokenizer
 
 
 def tokenizer_identity(tokenizer) -> tuple[int, str]:
@@ -273,16 +259,3 @@ def tokenize(tokenizer, text: str, tokens: int) -> torch.Tensor:
             break
         chars *= 2
     return torch.tensor(ids[:tokens], dtype=torch.long)
-
-
-def weights_fingerprint(spec: ModelSpec, resolved: ResolvedConfig) -> dict[str, Any]:
-    """What identifies the reference weights for the cache: file names, sizes and times, or the Hub commit."""
-    if spec.source == "hub":
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(spec.id, "config.json", revision=spec.revision)
-        commit = Path(cached).parent.name if isinstance(cached, str) else None
-        return {"hub": spec.id, "revision": spec.revision, "commit": commit}
-    folder = Path(resolved.location)
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
-    return {"files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}

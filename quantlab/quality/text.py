@@ -20,11 +20,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quantlab import corpus
 from quantlab.errors import QuantlabError
-from quantlab.recipe import QualitySpec, TextSourceSpec
+from quantlab.textsource import TextSourceSpec
+
+if TYPE_CHECKING:
+    from quantlab.recipe import QualitySpec
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".tex", ".html")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quantlab.errors import QuantlabError
+
 
 @dataclass(frozen=True)
 class GroupQuant:
@@ -78,3 +80,12 @@ def scale_columns(weight: torch.Tensor, factor: torch.Tensor) -> None:
     step = row_step(weight)
     for i in range(0, weight.shape[0], step):
         weight[i:i + step] = (weight[i:i + step].float() * factor).to(weight.dtype)
+
+
+def check_group_size(model_linears: list[tuple[str, int]], group_size: int) -> None:
+    bad = [name for name, in_features in model_linears if in_features % group_size]
+    if bad:
+        raise QuantlabError(
+            f"quantization.group_size {group_size} does not divide in_features of {len(bad)} layer(s), "
+            f"e.g. {bad[0]}; use a group size that divides them (32, 64 or 128)"
+        )

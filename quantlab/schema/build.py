@@ -9,10 +9,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from quantlab.errors import QuantlabError
+from quantlab.schema.record import MethodRef, RecipeRef
 
 MANIFEST_NAME = "quantlab_build.json"
 CHECKSUMS_NAME = "SHA256SUMS"
-CARD_NAME = "README.md"
 FORMAT = "quantlab-build/1"
 
 
@@ -85,9 +85,9 @@ class BuildManifest(_Frozen):
     created_at: str
     quantlab: str
     git_commit: str | None = None
-    recipe: dict[str, Any]  # name, path, sha256, content
+    recipe: RecipeRef
     base: BaseModelRef
-    method: dict[str, Any]  # name, label, params
+    method: MethodRef
     unquantized: Unquantized
     mtp: dict[str, Any] | None = None  # tensors, bytes, file; None when the source had none
     greedy: GreedyCheck

@@ -7,14 +7,14 @@ text shorter than one window is an error, raised while planning, before any weig
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from quantlab.errors import QuantlabError
-from quantlab.quantize.configs import CalibrationSpec
 
-WHERE = CalibrationSpec.WHERE
+if TYPE_CHECKING:
+    from quantlab.methods.awq import CalibrationSpec
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,15 @@ class Calibration:
 def calibration_samples(spec: CalibrationSpec, tokenizer) -> Calibration:
     from quantlab.quality.text import load_text
 
+    where = spec.WHERE
     if tokenizer is None:
-        raise QuantlabError(f"{WHERE}: the model has no tokenizer files, so calibration text cannot be tokenized")
-    text = load_text(spec, WHERE, "calibration", min_chars=spec.samples * spec.seq_len * 8)
+        raise QuantlabError(f"{where}: the model has no tokenizer files, so calibration text cannot be tokenized")
+    text = load_text(spec, where, "calibration", min_chars=spec.samples * spec.seq_len * 8)
     ids = tokenizer(text.text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     if len(ids) < spec.seq_len:
         raise QuantlabError(
-            f"{WHERE}: {text.label} is {len(ids):,} tokens long, shorter than one sample "
-            f"({WHERE}.seq_len {spec.seq_len}); use a longer text or a shorter seq_len"
+            f"{where}: {text.label} is {len(ids):,} tokens long, shorter than one sample "
+            f"({where}.seq_len {spec.seq_len}); use a longer text or a shorter seq_len"
         )
     tokens = torch.tensor(ids, dtype=torch.long)
     starts = _window_starts(len(ids), spec.seq_len, spec.samples, spec.seed)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from transformers import PretrainedConfig
 
-from quantlab.quantize.configs import AwqConfig
+if TYPE_CHECKING:
+    from quantlab.methods.awq import AwqConfig
+
 
 
 @dataclass(frozen=True)

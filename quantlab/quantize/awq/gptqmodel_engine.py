@@ -15,6 +15,8 @@ and prints a banner.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import importlib.util
 import os
@@ -29,7 +31,9 @@ from quantlab.architecture import MTP_PREFIX
 from quantlab.errors import QuantlabError
 from quantlab.quantize.awq.engine import AwqJob, AwqOutcome
 from quantlab.quantize.awq.shards import ShardReader, ShardWriter
-from quantlab.quantize.configs import AwqConfig
+
+if TYPE_CHECKING:
+    from quantlab.methods.awq import AwqConfig
 
 class GptqmodelEngine:
     name = "gptqmodel"

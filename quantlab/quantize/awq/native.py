@@ -14,6 +14,8 @@ checkpoint then costs the same memory and runs at the same speed as a calibrated
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import contextlib
 import ctypes
 from collections import defaultdict
@@ -30,8 +32,10 @@ from quantlab.quantize.awq.mappings import AWQ_ARCHITECTURES, NO_CLIP, AwqMappin
 from quantlab.quantize.awq.pack import pack_gemm
 from quantlab.quantize.awq.search import GRID, apply_clip, search_clip, search_scales
 from quantlab.quantize.awq.shards import ShardReader, ShardWriter
-from quantlab.quantize.configs import AwqConfig
 from quantlab.quantize.groupwise import quantize_rows, scale_columns
+
+if TYPE_CHECKING:
+    from quantlab.methods.awq import AwqConfig
 
 class _StopForward(Exception):
     pass

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import re
 
 from quantlab.schema.build import QuantizeCost
-from quantlab.errors import QuantlabError
 from quantlab.schema.measurement import MemoryResult
 
 

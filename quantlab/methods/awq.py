@@ -1,0 +1,200 @@
+"""`awq`: AWQ W4A16, 4-bit weights in groups along in_features, with activation-aware scales and clipping searched
+on calibration text, written as `quant_method: awq`, `version: gemm` checkpoints.
+
+AWQ cannot quantize a model that is already in memory the way bitsandbytes does: an engine (quantlab's own, or
+gptqmodel's; quantlab/quantize/awq/) reads the source shards layer by layer (or creates synthetic weights) and
+writes the checkpoint. `quantlab build` keeps it; `quantlab run` writes it to a temporary folder and measures it
+there, as any checkpoint (transformers loads it through gptqmodel's AWQ kernels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from quantlab.architecture import quantizable_linears
+from quantlab.errors import QuantlabError
+from quantlab.fields import IntOnly, Seed
+from quantlab.methods.base import CardFacts, Method, MethodConfig, WrittenCheckpoint, register
+from quantlab.quantize.groupwise import check_group_size
+from quantlab.quantize.skips import SkipPlan, skip_plan
+from quantlab.quantize.vllm_layout import serving_skip_list
+from quantlab.textsource import TextSourceSpec
+
+PACK_MULTIPLE = 8  # eight 4-bit values per int32 along out_features
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+class CalibrationSpec(TextSourceSpec):
+    """AWQ's calibration text, cut into `samples` windows of `seq_len` tokens drawn with `seed`.
+
+    Default: the Python standard library's "calibration" split, gathered on this machine at run time
+    (source code suits a coding model; nothing is downloaded or copied into the repository).
+    """
+
+    WHERE: ClassVar[str] = "quantization.calibration"
+    DEFAULT_SPLIT: ClassVar[str] = "train"
+
+    samples: int = Field(128, ge=1, le=100_000, description="calibration windows")
+    seq_len: int = Field(512, ge=16, le=32_768, description="tokens per window")
+    seed: Seed = Field(0, description="which windows are drawn")
+
+
+class AwqConfig(MethodConfig):
+    """AWQ W4A16. Which Linears stay unquantized comes from quantlab.architecture (UNQUANTIZED_ROLES["awq"]);
+    `engine` picks the implementation (quantlab/quantize/awq/); the checkpoint format is the same."""
+
+    method: Literal["awq"]
+    bits: Annotated[Literal[4], IntOnly] = 4
+    group_size: Annotated[Literal[32, 64, 128], IntOnly] = 128
+    zero_point: bool = True
+    engine: Literal["quantlab", "gptqmodel"] = "quantlab"
+    clip: bool = Field(True, description="search a clipping threshold per group after the scales")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    batch_size: int = Field(8, ge=1, le=1024, description="calibration windows per forward pass")
+
+
+@register
+class AwqMethod(Method):
+    name = "awq"
+    config = AwqConfig
+    writes_checkpoint = True
+    builds = True
+    card = CardFacts("", "needs gptqmodel (transformers 5 loads AWQ through its kernels)", "modules_to_not_convert",
+                     ("awq", "4-bit", "w4a16"))
+
+    def label(self, qconfig: AwqConfig, dtype: str) -> str:
+        return f"AWQ W4A16 g{qconfig.group_size}" + ("" if qconfig.zero_point else " (symmetric)")
+
+    def check(self, qconfig: AwqConfig, source) -> None:
+        model = source.checkpoint_meta  # the engine writes the whole checkpoint, a vision tower included
+        _engine(qconfig).check(qconfig, source.config, type(model).__name__)
+        self.skip_rules(qconfig, source)  # an unknown class fails here with the classes quantlab knows
+        linears = quantizable_linears(model, self.name)
+        check_group_size([(n, m.in_features) for n, m in linears], qconfig.group_size)
+        narrow = [n for n, m in linears if m.out_features % PACK_MULTIPLE]
+        if narrow:
+            raise QuantlabError(
+                f"quantization.method awq: {len(narrow)} Linear(s) have out_features not divisible by {PACK_MULTIPLE}, "
+                f"which the AWQ GEMM layout needs, e.g. {narrow[0]}"
+            )
+        if importlib.util.find_spec("gptqmodel") is None:
+            raise QuantlabError(
+                "quantization.method awq: transformers loads AWQ checkpoints through gptqmodel's kernels, which are "
+                "not installed here: pip install 'gptqmodel==7.6.0' (the newest release that accepts torch 2.13)"
+            )
+
+    def check_source(self, qconfig: AwqConfig, source) -> tuple[str, ...]:
+        """The calibration text, tokenized and cut, before any weights load. Synthetic weights need none."""
+        from quantlab.quantize.awq.calibration import calibration_samples
+
+        if source.synthetic:
+            return ("synthetic weights: AWQ-format round-to-nearest packing, no calibration (same memory and speed "
+                    "as a calibrated build, not its quality)",)
+        if source.files() is None:  # a Hub model not downloaded yet: checked once its files are here
+            return ("AWQ calibration: checked after the model's files are downloaded",)
+        calibration = calibration_samples(qconfig.calibration, source.tokenizer())
+        return (f"AWQ calibration: {calibration.label}",)
+
+    def skip_rules(self, qconfig: AwqConfig, source) -> SkipPlan:
+        """transformers' skip list, plus what vLLM needs to read the same intent under its own names."""
+        from dataclasses import replace
+
+        plan = skip_plan(source.checkpoint_meta, self.name)
+        serving = serving_skip_list(plan.model_class, plan.rule_patterns)
+        return replace(plan, patterns=serving + plan.extra_patterns, rule_patterns=serving)
+
+    def apply(self, model, qconfig: AwqConfig):
+        raise QuantlabError(
+            "quantization.method awq quantizes from the checkpoint's files into a new checkpoint; "
+            "use `quantlab build` or `quantlab run` on the recipe"
+        )
+
+    def write_checkpoint(self, qconfig: AwqConfig, source, folder: Path, device, max_shard_bytes: int,
+                         progress: bool, echo) -> WrittenCheckpoint:
+        """Quantize the source with the recipe's engine into `folder`: shards and config.json."""
+        from quantlab.quantize.awq.calibration import calibration_samples
+        from quantlab.quantize.awq.engine import AwqJob
+        from quantlab.runtimes.transformers import DTYPES as TORCH_DTYPES
+
+        files = source.files(download=True)
+        calibration = None
+        if files is not None:
+            calibration = calibration_samples(qconfig.calibration, source.tokenizer())
+            echo(f"AWQ calibration: {calibration.label}")
+        job = AwqJob(
+            source=files, config=source.config, out=folder, qconfig=qconfig,
+            calibration=calibration.input_ids if calibration else None, device=device,
+            dtype=TORCH_DTYPES[source.spec.dtype], max_shard_bytes=max_shard_bytes, seed=source.spec.seed,
+            progress=progress,
+        )
+        outcome = _engine(qconfig).quantize(job)
+        write_config(source.config, quantization_config(qconfig, self.skip_rules(qconfig, source).patterns), folder)
+        return WrittenCheckpoint(
+            outcome.engine, outcome.quantized, outcome.notes, calibration.label if calibration else None,
+            calibration.description if calibration else None,
+        )
+
+    def from_checkpoint(self, qc: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        if qc.get("quant_method") != "awq":
+            return None
+        return f"AWQ W{qc.get('bits', '?')}A16 g{qc.get('group_size', '?')} (pre-quantized)", dict(qc)
+
+    def estimator_scheme(self, params: dict, dtype: str) -> str | None:
+        return f"awq-g{params.get('group_size', 128)}"
+
+    def card_rows(self, params: dict) -> list[tuple[str, object]]:
+        return [
+            ("method", self.name),
+            ("weights", f"{params.get('bits')}-bit integers in groups of {params.get('group_size')} along in_features, "
+                        f"{'with' if params.get('zero_point') else 'without'} zero points; AWQ GEMM layout"),
+            ("engine", params.get("engine")),
+            ("clip search", params.get("clip")),
+        ]
+
+    def serving_lines(self, mtp: bool, repo_hint: str) -> list[str]:
+        lines = [
+            "With vLLM (AWQ is one of its built-in formats; on CUDA it upgrades `awq` to its Marlin kernels itself):",
+            "",
+            "```bash",
+            f"vllm serve {repo_hint}",
+        ]
+        if mtp:
+            lines.append(f"vllm serve {repo_hint} --speculative-config '{{\"method\": \"mtp\", \"num_speculative_tokens\": 1}}'"
+                         "   # MTP draft, from the bf16 mtp.* tensors")
+        return lines + [
+            "```",
+            "",
+            "`modules_to_not_convert` names each unquantized part twice where the two loaders' names differ: "
+            "`model.visual` for transformers (a prefix of its module names) and `visual` for vLLM (a substring of its "
+            "own), and `mtp` so that vLLM builds the MTP draft head unquantized, as its tensors are.",
+            "",
+        ]
+
+
+def _engine(qconfig: AwqConfig):
+    from quantlab.quantize.awq import ENGINES
+
+    return ENGINES[qconfig.engine]
+
+
+def quantization_config(qconfig: AwqConfig, skip_patterns) -> dict:
+    """config.json's quantization_config: what transformers (AwqConfig), vLLM and SGLang read."""
+    return {
+        "quant_method": "awq",
+        "bits": qconfig.bits,
+        "group_size": qconfig.group_size,
+        "zero_point": qconfig.zero_point,
+        "version": "gemm",
+        "modules_to_not_convert": list(skip_patterns),
+    }
+
+
+def write_config(config, qc: dict, folder: Path) -> None:
+    data = config.to_dict()
+    data["quantization_config"] = qc
+    (Path(folder) / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

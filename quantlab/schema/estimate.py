@@ -1,0 +1,82 @@
+"""What `quantlab estimate` found, as data: measurements/estimates.json, read back by the report. No torch."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+SCHEMA_VERSION = 1
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PointEstimate(_Frozen):
+    context: int
+    batch: int
+    weights: int
+    kv_cache: int
+    deltanet_state: int
+    activations: int
+    workspace: int
+    allocator_overhead: int
+    cuda_context: int
+    allocated: int
+    total: int
+
+
+class ContextFitEstimate(_Frozen):
+    gpu_gib: float  # the card's marketed size: "24 GB" cards have 24 GiB
+    budget_bytes: int
+    max_context: int
+    limit: str
+
+
+class MethodEstimate(_Frozen):
+    key: str
+    label: str
+    method: str
+    source: str
+    weights_bytes: int  # what is loaded, in the estimate's scope
+    checkpoint_bytes: int  # every tensor: vision tower and MTP included
+    bits_per_weight: float
+    component_bytes: dict[str, int]
+    formats: dict[str, int]  # storage format → parameters
+    points: list[PointEstimate]
+    fits: list[ContextFitEstimate]
+
+
+class ModelFacts(_Frozen):
+    name: str
+    location: str
+    model_class: str
+    parameters_by_role: dict[str, int]
+    loaded_parameters: int
+    notes: list[str]
+
+
+class Assumptions(_Frozen):
+    profile: str
+    scope: str
+    batch: int
+    kv_dtype: str
+    state_dtype: str
+    prefill_chunk: int | None
+    cuda_context_bytes: int
+    allocator_overhead: float
+    overheads_source: str
+    overheads: str  # one line for people
+    kv_bytes_per_token: float
+    deltanet_state_bytes_per_sequence: float
+    activation_bytes_per_token: int
+
+
+class EstimateResult(_Frozen):
+    schema_version: int = SCHEMA_VERSION
+    created_at: str
+    quantlab_version: str
+    model: ModelFacts
+    assumptions: Assumptions
+    methods: list[MethodEstimate]
+    claims: list[dict] = []  # quantlab.estimate.claims.ClaimRow dumps
+    checks: list[dict] = []  # quantlab.estimate.against_records.MeasuredCheck dumps

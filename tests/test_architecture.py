@@ -1,0 +1,145 @@
+"""The shape of the package: no import cycles, short functions, data that reads without torch, and methods that
+answer every hook."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "quantlab"
+MAX_FUNCTION_LINES = 60
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _type_checking_lines(tree: ast.AST) -> set[int]:
+    """Lines inside `if TYPE_CHECKING:` blocks: annotations only, never executed."""
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for child in node.body:
+                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+    return lines
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module → the quantlab modules it imports, at module level or inside functions (a lazy import is still a
+    dependency), but not under TYPE_CHECKING."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skip = _type_checking_lines(tree)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if getattr(node, "lineno", None) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            graph[name].update(t for t in targets if t in modules and t != name)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    sys.setrecursionlimit(max(10_000, sys.getrecursionlimit()))
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles_inside_quantlab():
+    assert cycles(import_graph()) == []
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert long == []
+
+
+@pytest.mark.parametrize("module", ["quantlab.schema.record", "quantlab.store", "quantlab.report", "quantlab.schema.build"])
+def test_records_store_and_report_import_without_torch(module):
+    blocked = "import sys\nfor name in ('torch', 'transformers', 'accelerate', 'safetensors'):\n    sys.modules[name] = None\n"
+    code = blocked + f"import {module}\nassert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_every_registered_method_answers_every_hook():
+    """A method is one module: the registry has it, the recipe union takes its config, and every hook answers."""
+    from quantlab.methods import CONFIG_CLASSES, METHODS
+    from quantlab.methods.base import Method
+    from quantlab.recipe import Recipe
+
+    hooks = [name for name, value in vars(Method).items() if callable(value) and not name.startswith("_")]
+    assert {"label", "check", "check_source", "skip_rules", "load_kwargs", "apply", "write_checkpoint",
+            "from_checkpoint", "estimator_scheme", "card_rows", "card_tags", "serving_lines"} <= set(hooks)
+    for name, method in METHODS.items():
+        assert method.config in CONFIG_CLASSES
+        qconfig = Recipe.model_validate({"name": "x", "model": {"source": "bundled"},
+                                         "quantization": {"method": name}}).quantization
+        assert isinstance(qconfig, method.config)
+        assert isinstance(method.label(qconfig, "bfloat16"), str) and method.label(qconfig, "bfloat16")
+        assert method.from_checkpoint({"quant_method": "something-else"}) is None
+        assert isinstance(method.card_rows(qconfig.model_dump()), list)
+        assert isinstance(method.serving_lines(False, "me/x"), list)
+        if method.builds:
+            assert method.card is not None and method.card.skip_key
