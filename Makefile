@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/bundled-bf16.yaml
 
-.PHONY: setup run test validate report bench-overhead bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
+.PHONY: setup run test test-fast validate report bench-overhead bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
 	quantize-awq gpu-check-awq bench-awq-memory gpu-check-all gpu-bundle gpu-rehearse
 
 setup: $(STAMP)
@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml
 run: setup  ## the main job: measure the bundled model (CPU when there is no GPU), then the report
 	$(BIN)/quantlab run $(RECIPE)
 
-test: setup
+test: setup  ## every test, the slow ones included (what CI runs)
 	$(BIN)/python -m pytest -q
+
+test-fast: setup  ## the inner loop: every test not marked slow (under a minute)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 validate: setup
 	$(BIN)/quantlab validate recipes/*.yaml

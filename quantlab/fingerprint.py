@@ -68,6 +68,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def available_host_ram() -> int:
+    """Host RAM free for a run now: the plans' one reading of it (tests replace it)."""
+    return psutil.virtual_memory().available
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from transformers import PretrainedConfig
 
+from quantlab import fingerprint
 from quantlab.checkpoint import check_config_sizes
 from quantlab.errors import QuantlabError
 from quantlab.outputs import check_measurements_folder
@@ -153,7 +153,7 @@ def _memory_check(device: torch.device, weight_bytes: int) -> list[str]:
         if weight_bytes > total:
             return [f"weights ({weight_bytes / 1e9:.1f} GB) exceed {device}'s {total / 1e9:.1f} GB: expect OOM at load"]
         return []
-    available = psutil.virtual_memory().available
+    available = fingerprint.available_host_ram()
     if weight_bytes * CPU_HEADROOM > available:
         raise QuantlabError(
             f"the weights need {weight_bytes / 1e9:.1f} GB (+20% headroom) of host RAM but only "

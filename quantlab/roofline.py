@@ -36,15 +36,21 @@ def gpu_spec(device_name: str) -> GpuSpec | None:
     return next((g for g in known_gpus() if re.search(g.match, device_name)), None)
 
 
+def decode_read_bytes(weight_bytes: int, lookup_table_bytes: int, cache_bytes: int) -> int:
+    """Bytes one decode step reads: every weight but the input embedding table (`lookup_table_bytes`, 0 when
+    lm_head is that same table) plus the cache at that depth. The run and the estimator both count with this."""
+    return weight_bytes - lookup_table_bytes + cache_bytes
+
+
 def decode_roofline(
-    device_name: str, weight_bytes_read: int, cache_bytes: int, batch: int, measured_tokens_per_s: float
+    device_name: str, weight_bytes: int, lookup_table_bytes: int, cache_bytes: int, batch: int,
+    measured_tokens_per_s: float,
 ) -> Roofline | None:
-    """None when the GPU is not in the table (the record then says so). `weight_bytes_read`: the weights
-    one step reads (without the input embedding table, see the module docstring)."""
+    """None when the GPU is not in the table (the record then says so)."""
     spec = gpu_spec(device_name)
     if spec is None:
         return None
-    bytes_per_step = weight_bytes_read + cache_bytes
+    bytes_per_step = decode_read_bytes(weight_bytes, lookup_table_bytes, cache_bytes)
     bound = batch * spec.bandwidth_gb_s * 1e9 / bytes_per_step
     return Roofline(
         gpu=spec.name,
@@ -53,6 +59,6 @@ def decode_roofline(
         bytes_per_step=bytes_per_step,
         bound_tokens_per_s=bound,
         fraction_of_bound=measured_tokens_per_s / bound,
-        weight_bytes_read=weight_bytes_read,
+        weight_bytes_read=weight_bytes - lookup_table_bytes,
         cache_bytes=cache_bytes,
     )

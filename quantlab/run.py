@@ -68,7 +68,7 @@ class _Loaded:
     memory: MemoryResult
     seconds: float
     weight_bytes: int
-    weight_bytes_per_step: int
+    lookup_table_bytes: int  # the input embedding table: a decode step reads one row of it, not all
     kernels: Kernels
     notes: tuple[str, ...]
 
@@ -179,7 +179,7 @@ def _load(runtime, candidate: Candidate, device: torch.device, nvml, echo) -> _L
         echo(f"warning: {notes[-1]}")
     info = loaded.info.model_copy(update=candidate.names)
     return _Loaded(model, info, memory.result, timer.result.seconds, weight_bytes,
-                   runtime.weight_bytes_per_step(model), kernels, notes)
+                   runtime.lookup_table_bytes(model), kernels, notes)
 
 
 def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, result: PointResult, run_id: str,
@@ -203,7 +203,7 @@ def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, re
         load_seconds=loaded.seconds,
         load_memory=loaded.memory,
         result=result,
-        roofline=_roofline(hardware, loaded.weight_bytes_per_step, settings.batch, result),
+        roofline=_roofline(hardware, loaded, settings.batch, result),
         quality=quality,
         kernels=loaded.kernels,
         notes=plan.notes + loaded.notes + notes + _notes(hardware),
@@ -227,10 +227,10 @@ def dtype_note(info: WeightsInfo) -> tuple[str, ...]:
             "(its AWQ CUDA kernels take float16)",)
 
 
-def _roofline(hardware, weight_bytes_read: int, batch: int, result: PointResult):
+def _roofline(hardware, loaded: _Loaded, batch: int, result: PointResult):
     if hardware.kind != "gpu" or result.status != "ok":
         return None
-    return decode_roofline(hardware.name, weight_bytes_read, result.cache_bytes or 0, batch,
+    return decode_roofline(hardware.name, loaded.weight_bytes, loaded.lookup_table_bytes, result.cache_bytes or 0, batch,
                            result.decode_tokens_per_s.median)
 
 

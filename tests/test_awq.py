@@ -209,6 +209,7 @@ def bundled_awq(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_bundled_awq_reloads_with_plain_transformers_and_generates(bundled_awq):
     tensors = load_file(str(bundled_awq / "model.safetensors"))
     assert tensors["model.layers.0.mlp.down_proj.qweight"].dtype == torch.int32
@@ -226,6 +227,7 @@ def test_bundled_awq_reloads_with_plain_transformers_and_generates(bundled_awq):
     assert _kl(reference, model, ids) < 0.05
 
 
+@pytest.mark.slow
 def test_awq_beats_round_to_nearest_on_held_out_text(bundled_awq):
     """Same bits, same groups, same packing: AWQ's KL to the BF16 model is lower than plain rounding's.
     (The full measurement, `quantlab quality`, is in the records; this is a fast, smaller version.)"""
@@ -261,6 +263,7 @@ def test_synthetic_weights_pack_without_calibration(tmp_path):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_gptqmodel_engine_behind_the_same_interface(tmp_path):
     config = AutoConfig.from_pretrained(BUNDLED)
     outcome = ENGINES["gptqmodel"].quantize(_job(BUNDLED, tmp_path, config, engine="gptqmodel"))
@@ -283,6 +286,7 @@ def _recipe(folder: Path, name: str, quantization: dict, model: dict | None = No
     return path
 
 
+@pytest.mark.slow
 def test_build_folder_records_the_cost_and_the_card(tmp_path):
     path = _recipe(tmp_path, "awq-build", {})
     result = build_recipe(load_recipe(path), tmp_path / "builds" / "awq-build", progress=False, echo=quiet)
@@ -316,6 +320,7 @@ def test_build_folder_records_the_cost_and_the_card(tmp_path):
     assert "quantlab's estimate for this method is" in card
 
 
+@pytest.mark.slow
 def test_quantlab_run_measures_through_a_temporary_checkpoint(tmp_path, capsys):
     from quantlab.run import run_recipe
 
@@ -414,6 +419,7 @@ def test_records_name_no_hub_split_for_a_calibration_text_that_is_not_from_the_h
     assert hub.calibration.split is None and hub.calibration.effective_split == "train"
 
 
+@pytest.mark.slow
 def test_a_broken_awq_build_is_refused_by_the_reference_check(tmp_path, monkeypatch):
     """Scales scrambled after writing: the build still loads and generates, but no longer predicts its source."""
     from safetensors.torch import save_file

@@ -32,6 +32,8 @@ from quantlab.store import load_records
 
 from conftest import tiny_qwen3_5_config
 
+pytestmark = pytest.mark.slow  # builds and quantizes the bundled model
+
 SMALL = {"contexts": [16], "new_tokens": 2, "warmup": 0, "repeats": 1}
 CHECK = {"check_tokens": 4}
 METHODS = {

@@ -409,3 +409,16 @@ def test_prefill_activation_model_against_the_torch_profiler(tmp_path):
     point = memory_at(weights_for(model, get_scheme("bf16")), 0, model.shape, 1024, 1, RuntimeAssumptions())
     measured = _profiled_prefill_peak(config, 1024)
     assert abs(point.allocated / measured - 1) < 0.05
+
+
+def test_a_decode_step_reads_every_weight_but_the_lookup_table(qwen):
+    """The same rule as the measured roofline (quantlab/roofline.py): the input embedding table is read one row per
+    sequence, not whole, when lm_head is a separate table (Qwen3.6-27B's is)."""
+    from quantlab.estimate.schemes import get_scheme
+
+    result = estimate(qwen, EstimateRequest(schemes=(get_scheme("bf16"),), contexts=(4096,)))
+    method = result.methods[0]
+    (point,) = method.points
+    table = method.component_bytes["embed_tokens"]
+    assert table > 2.5e9
+    assert point.decode_read_bytes == point.weights - table + point.kv_cache + point.deltanet_state

@@ -126,6 +126,7 @@ def generated(rng: random.Random, bases: list[dict]) -> bytes:
     return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 400)))
 
 
+@pytest.mark.slow
 def test_fuzzed_recipes_validate_or_fail_with_one_clear_message(base_recipes, tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants
 

@@ -277,6 +277,7 @@ def test_different_tokenizers_are_refused(tmp_path, capsys):
         make_plan(load_recipe(path))
 
 
+@pytest.mark.slow
 def test_text_shorter_than_one_window_exits_2_without_traceback(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("def f(x):\n    return x + 1\n" * 3)
@@ -353,6 +354,7 @@ def test_hub_source_reads_the_split_files(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["paired", "stored"])
+@pytest.mark.slow
 def test_run_attaches_quality_to_every_record_and_the_report_shows_it(tmp_path, mode):
     quality = {"tokens": 512, "context": 256, "stride": 256, "mode": mode}
     path = write(tmp_path, "run", quality, quantization={"method": "rtn", "bits": 4})

@@ -171,6 +171,7 @@ def _run_cli_offline(args, tmp_path):
     return subprocess.run([sys.executable, "-m", "quantlab", *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
 
 
+@pytest.mark.slow
 def test_hub_offline_not_cached_says_how_to_get_weights(write_recipe, tmp_path):
     path = write_recipe({"name": "x", "model": {"source": "hub", "id": "Qwen/Qwen3.6-27B", "device": "cpu", "dtype": "bfloat16"},
                          "measure": {"contexts": [8]}})
@@ -187,6 +188,7 @@ def test_hub_offline_not_cached_says_how_to_get_weights(write_recipe, tmp_path):
     assert str(tmp_path / "hf-home") in out.stderr
 
 
+@pytest.mark.slow
 def test_hub_load_offline_for_known_model_fails_cleanly(tmp_path, tiny_config_dir):
     """Loading (not planning) Qwen/Qwen3.6-27B offline: a clear message, pointing to synthetic weights too."""
     code = (

@@ -61,6 +61,7 @@ def _writer(args):
         append_record(folder, record.model_copy(update={"record_id": f"{record.record_id}-w{worker}-{i}"}))
 
 
+@pytest.mark.slow
 def test_two_concurrent_writers(cpu_records, tmp_path):
     payload = cpu_records[0].model_dump_json()
     with multiprocessing.get_context("spawn").Pool(2) as pool:

@@ -22,6 +22,7 @@ from quantlab.estimate.runtime import (
     memory_at,
 )
 from quantlab.estimate.schemes import Scheme
+from quantlab.roofline import decode_read_bytes
 from quantlab.estimate.weights import WeightsEstimate, estimate_weights
 from quantlab.schema.estimate import (
     Assumptions,
@@ -66,6 +67,12 @@ def estimate(model: EstimationModel, request: EstimateRequest) -> EstimateResult
     )
 
 
+def lookup_table_bytes(weights: WeightsEstimate) -> int:
+    """The input embedding table, read one row per sequence by a decode step; 0 when lm_head is that table."""
+    table = weights.component("embed_tokens")
+    return table.bytes if table is not None and weights.component("lm_head") is not None else 0
+
+
 def weights_for(model: EstimationModel, scheme: Scheme, dtype: str = "bfloat16") -> WeightsEstimate:
     return estimate_weights(model.inventory, scheme, model.shape.layers, dtype)
 
@@ -86,7 +93,10 @@ def _method(model: EstimationModel, request: EstimateRequest, scheme: Scheme) ->
         bits_per_weight=8 * loaded / weights.parameters(request.include_vision, request.include_mtp),
         component_bytes={c.role: c.bytes for c in weights.components},
         formats=weights.formats(request.include_vision, request.include_mtp),
-        points=[PointEstimate(**vars(p), allocated=p.allocated, total=p.total) for p in points],
+        points=[PointEstimate(**vars(p), allocated=p.allocated, total=p.total,
+                              decode_read_bytes=decode_read_bytes(loaded, lookup_table_bytes(weights),
+                                                                  p.kv_cache + p.deltanet_state))
+                for p in points],
         fits=[
             ContextFitEstimate(gpu_gib=g, budget_bytes=f.budget_bytes, max_context=f.tokens, limit=f.limit)
             for g, f in zip(request.gpu_gib, fits)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 from transformers import PretrainedConfig
 
+from quantlab import fingerprint
 from quantlab.errors import QuantlabError
 from quantlab.recipe import DTYPE_BYTES, ModelSpec, QualitySpec, Recipe
 from quantlab.sources import ModelSource, resolve
@@ -118,7 +118,7 @@ def _paired_memory(device: torch.device, candidate_bytes: int, reference_bytes: 
             return [f"quality.mode paired keeps the reference and the candidate on {device} together "
                     f"({both / 1e9:.1f} GB > {total / 1e9:.1f} GB): expect OOM; {advice}"]
         return []
-    available = psutil.virtual_memory().available
+    available = fingerprint.available_host_ram()
     if both * PAIRED_HEADROOM > available:
         raise QuantlabError(
             f"quality.mode paired keeps the reference and the candidate in host RAM together: "

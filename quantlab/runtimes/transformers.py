@@ -51,8 +51,8 @@ class TransformersRuntime:
     def weight_bytes(self, model: torch.nn.Module) -> int:
         return model_bytes(model)
 
-    def weight_bytes_per_step(self, model: torch.nn.Module) -> int:
-        return model_bytes(model) - lookup_table_bytes(model)
+    def lookup_table_bytes(self, model: torch.nn.Module) -> int:
+        return lookup_table_bytes(model)
 
     def kernels(self, model: torch.nn.Module) -> Kernels:
         return kernels_of(model)

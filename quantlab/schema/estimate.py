@@ -23,6 +23,7 @@ class PointEstimate(_Frozen):
     cuda_context: int
     allocated: int
     total: int
+    decode_read_bytes: int | None = None  # one decode step's reads: weights but the lookup table, + KV and state
 
 
 class ContextFitEstimate(_Frozen):
