@@ -8,8 +8,7 @@ the estimator and the model card all read.
 from __future__ import annotations
 
 import re
-from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -137,26 +136,6 @@ def role_of(class_name: str, tensor_name: str) -> str:
         if re.search(pattern, tensor_name):
             return role
     raise KeyError(f"{class_name}: no role for tensor {tensor_name!r}")
-
-
-def count_by_role(class_name: str, shapes: Iterable[tuple[str, int]]) -> dict[str, int]:
-    """Parameter count per role, from (tensor name, element count) pairs."""
-    counts: Counter[str] = Counter()
-    for name, numel in shapes:
-        counts[role_of(class_name, name)] += numel
-    return {role: counts[role] for role in ROLES if counts[role]}
-
-
-def layer_pattern(layer_types: Iterable[str]) -> str:
-    """A compact description of a hybrid layer layout, e.g. '16 × (3 linear_attention + 1 full_attention)'."""
-    types = list(layer_types)
-    for period in range(1, len(types) + 1):
-        block = types[:period]
-        if len(types) % period == 0 and block * (len(types) // period) == types:
-            parts = Counter(block)
-            inner = " + ".join(f"{n} {kind}" for kind, n in parts.items())
-            return f"{len(types) // period} × ({inner})"
-    return " + ".join(types)  # unreachable: period == len(types) always matches
 
 
 def role_label(role: str) -> str:

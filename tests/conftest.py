@@ -129,3 +129,30 @@ def save_bnb_copy(model, folder, method: str, **params) -> None:
             quantization_config=bnb_method.transformers_config(qconfig, plan.patterns),
         )
         quantized.save_pretrained(folder)
+
+
+# ---- helpers that only tests need -----------------------------------------------------------------------------
+
+def count_by_role(class_name: str, shapes) -> dict[str, int]:
+    """Parameter count per role (quantlab.architecture's table), from (tensor name, element count) pairs."""
+    from collections import Counter
+
+    from quantlab.architecture import ROLES, role_of
+
+    counts: Counter[str] = Counter()
+    for name, numel in shapes:
+        counts[role_of(class_name, name)] += numel
+    return {role: counts[role] for role in ROLES if counts[role]}
+
+
+def layer_pattern(layer_types) -> str:
+    """A compact description of a hybrid layer layout, e.g. '16 × (3 linear_attention + 1 full_attention)'."""
+    from collections import Counter
+
+    types = list(layer_types)
+    for period in range(1, len(types) + 1):
+        block = types[:period]
+        if len(types) % period == 0 and block * (len(types) // period) == types:
+            inner = " + ".join(f"{n} {kind}" for kind, n in Counter(block).items())
+            return f"{len(types) // period} × ({inner})"
+    return " + ".join(types)

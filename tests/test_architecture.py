@@ -143,3 +143,25 @@ def test_every_registered_method_answers_every_hook():
         assert isinstance(method.serving_lines(False, "me/x"), list)
         if method.builds:
             assert method.card is not None and method.card.skip_key
+
+
+def _without_extras(argv: list[str]) -> subprocess.CompletedProcess:
+    code = (
+        "import sys\n"
+        "for name in ('bitsandbytes', 'gptqmodel', 'matplotlib', 'gguf'):\n"
+        "    sys.modules[name] = None\n"
+        "from quantlab.cli import main\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_the_package_and_the_estimator_work_without_the_optional_packages(tmp_path):
+    """bitsandbytes, gptqmodel, matplotlib and gguf are extras: without them quantlab imports, plans and estimates
+    (leaving out what needs them, and saying so)."""
+    done = _without_extras(["estimate", "--contexts", "4096", "--output", str(tmp_path / "m")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "GGUF schemes left out: they need the gguf package" in done.stdout
+    planned = _without_extras(["validate", "recipes/bundled-bf16.yaml", "recipes/bundled-int8.yaml"])
+    assert planned.returncode == 1 and "ok: recipes/bundled-bf16.yaml" in planned.stdout
+    assert "bitsandbytes is not installed here" in planned.stderr

@@ -19,7 +19,7 @@ from quantlab.plan import make_plan
 from quantlab.quantize.awq import ENGINES
 from quantlab.quantize.awq.engine import AwqJob
 from quantlab.quantize.awq.native import _adds_one, _fold
-from quantlab.quantize.awq.pack import pack_gemm, unpack_gemm
+from quantlab.quantize.awq.pack import AWQ_ORDER, PACK_BITS, PER_WORD, pack_gemm
 from quantlab.quantize.awq.search import apply_clip, search_clip, search_scales
 from quantlab.methods.awq import AwqConfig, AwqMethod
 from quantlab.quantize.groupwise import dequantize_groups, fake_quantize, quantize_groups
@@ -31,6 +31,21 @@ from conftest import tiny_qwen3_5_config
 
 BUNDLED = Path(resolve(ModelSpec(source="bundled")).location)
 SMALL_CALIBRATION = {"samples": 8, "seq_len": 128}
+
+
+def unpack_gemm(tensors: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+    """Dequantized weight [out, in] in float32 from the three packed tensors: the inverse of pack_gemm."""
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"].float()
+    inverse = [AWQ_ORDER.index(i) for i in range(PER_WORD)]
+    shifts = torch.arange(0, 32, PACK_BITS, device=qweight.device, dtype=torch.int64)
+
+    def unpack(words: torch.Tensor) -> torch.Tensor:
+        codes = (words.to(torch.int64)[..., None] >> shifts) & 0xF
+        return codes[..., inverse].reshape(words.shape[0], -1)
+
+    codes, zeros = unpack(qweight), unpack(qzeros).repeat_interleave(group_size, dim=0)
+    return ((codes - zeros).float() * scales.repeat_interleave(group_size, dim=0)).t()
+
 
 
 def quiet(_: str) -> None:

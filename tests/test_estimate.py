@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-from quantlab.architecture import count_by_role
 from quantlab.cli import main
 from quantlab.errors import QuantlabError
 from quantlab.estimate.overheads import calibrate
@@ -31,7 +30,7 @@ from quantlab.estimate.runtime import (
 )
 from quantlab.estimate.schemes import get_scheme, parse_schemes
 
-from conftest import QWEN_CONFIG_DIR, tiny_qwen3_5_config
+from conftest import QWEN_CONFIG_DIR, tiny_qwen3_5_config, count_by_role
 
 GIB = 1 << 30
 TEXT_PARAMETERS = 26_895_998_464

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quantlab.stats import summarize
-from quantlab.trackers import MemoryTracker, Timer, memory_snapshot
+from quantlab.trackers import MemoryTracker, Timer
 from quantlab.trackers.nvml import NvmlProbe
 
 gpu = pytest.mark.gpu
@@ -38,7 +38,9 @@ def test_short_lived_peak_is_caught_by_the_sampler():
 
 
 def test_cpu_tracker_reports_no_gpu_figures_rather_than_zero():
-    result = memory_snapshot("cpu")
+    with MemoryTracker("cpu") as tracker:
+        pass
+    result = tracker.result
     assert result.allocated_peak_bytes is None and result.nvml_device_used_peak_bytes is None
 
 

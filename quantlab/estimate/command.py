@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import QuantlabError
+from quantlab.extras import install_hint, installed
 from quantlab.estimate.overheads import calibrate
 from quantlab.estimate.against_records import check_records
 from quantlab.claims import claims_data
 from quantlab.estimate.claims import check_claims
-from quantlab.estimate import DEFAULT_CONTEXTS, DEFAULT_METHODS, ESTIMATES_NAME
+from quantlab.estimate import DEFAULT_CONTEXTS, DEFAULT_METHODS, ESTIMATES_NAME, PLOT_NAME
 from quantlab.estimate.estimator import EstimateRequest, EstimateResult, estimate
 from quantlab.estimate.model import EstimationModel, load_model
 from quantlab.estimate.runtime import runtime_profile
@@ -48,8 +49,9 @@ def run_estimate(options: EstimateOptions) -> EstimateResult:
         rt = calibrate(rt, records)  # PyTorch records say nothing about llama.cpp's overheads
     if options.with_vision and not model.has_vision:
         raise QuantlabError(f"--with-vision: {model.name} has no vision tower")
+    schemes, notes = _schemes(options.methods)
     request = EstimateRequest(
-        schemes=parse_schemes(options.methods),
+        schemes=schemes,
         contexts=tuple(parse_numbers(options.contexts, "--contexts", int)),
         batch=options.batch,
         gpu_gib=tuple(parse_numbers(options.gpu_gb, "--gpu-gb", float)),
@@ -58,6 +60,7 @@ def run_estimate(options: EstimateOptions) -> EstimateResult:
         include_mtp=options.with_mtp,
     )
     result = estimate(model, request)
+    result = result.model_copy(update={"model": result.model.model_copy(update={"notes": [*result.model.notes, *notes]})})
     claims = _claims(model, records)
     checks, _ = check_records(records, calibrate(runtime_profile("transformers"), records))
     return result.model_copy(
@@ -65,10 +68,19 @@ def run_estimate(options: EstimateOptions) -> EstimateResult:
     )
 
 
+def _schemes(methods: str) -> tuple[tuple, list[str]]:
+    """The schemes asked for; by default without the GGUF ones when the gguf package is missing (said in a note)."""
+    schemes = parse_schemes(methods)
+    if methods != DEFAULT_METHODS or installed("gguf"):
+        return schemes, []
+    kept = tuple(s for s in schemes if not s.is_gguf)
+    return kept, [f"GGUF schemes left out: they need the gguf package ({install_hint('gguf')})"]
+
+
 def _claims(model: EstimationModel, records: list) -> list:
     dense = KNOWN_MODELS[claims_data()["model"]]
-    if model.name != dense.display_name:
-        return []
+    if model.name != dense.display_name or not installed("gguf"):
+        return []  # the article's table is GGUF files: its claims need the GGUF schemes
     return check_claims(model, load_model(claims_data()["moe_model"]), records)
 
 
@@ -93,6 +105,8 @@ def write_outputs(result: EstimateResult, output_dir: str | Path) -> list[Path]:
     target = Path(output_dir) / ESTIMATES_NAME
     replace_file(target, result.model_dump_json(indent=1) + "\n")
     paths = [target]
-    if result.claims:
+    if result.claims and installed("matplotlib"):
         paths.append(write_png(result, output_dir))
+    elif result.claims:
+        print(f"no {PLOT_NAME}: matplotlib is not installed here ({install_hint('matplotlib')})")
     return paths

@@ -80,6 +80,12 @@ def row_bytes(ggml_type: str, row_length: int) -> int:
 
 
 def _quant_size(ggml_type: str) -> tuple[int, int]:
+    from quantlab.errors import QuantlabError
+    from quantlab.extras import install_hint, installed
+
+    if not installed("gguf"):
+        raise QuantlabError(f"the GGUF schemes' block sizes come from the gguf package, not installed here: "
+                            f"{install_hint('gguf')}")
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     return GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]

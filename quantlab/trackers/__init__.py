@@ -5,7 +5,7 @@
     mem.result.peak_allocated_bytes, t.result.seconds
 """
 
-from quantlab.trackers.memory import MemoryTracker, memory_snapshot
+from quantlab.trackers.memory import MemoryTracker
 from quantlab.trackers.timing import Timer
 
-__all__ = ["MemoryTracker", "memory_snapshot", "Timer"]
+__all__ = ["MemoryTracker", "Timer"]

@@ -127,10 +127,3 @@ class MemoryTracker:
             nvml_process_basis=self.nvml.process_basis if s.process_peak is not None else None,
             notes=notes,
         )
-
-
-def memory_snapshot(device: torch.device | str = "cpu", nvml: NvmlProbe | None = None) -> MemoryResult:
-    """The memory in use right now (start = end = peak)."""
-    with MemoryTracker(device, nvml=nvml) as tracker:
-        pass
-    return tracker.result

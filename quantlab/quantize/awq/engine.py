@@ -3,14 +3,16 @@
 An engine reads the source checkpoint (or creates synthetic weights), quantizes, and writes the
 safetensors shards into `job.out`. Everything around it is shared and engine-independent: the
 recipe, the calibration samples, the skip rules, config.json's quantization_config, the build
-folder, measurement and records. Engines register in ENGINES (quantize/awq/__init__.py).
+folder, measurement and records. Engines register in ENGINES (quantize/awq/__init__.py): each has a `name`,
+`check(qconfig, config, model_class)` (raise QuantlabError before any weights load when it cannot quantize
+the model) and `quantize(job) -> AwqOutcome` (write the shards, not config.json, into job.out).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from transformers import PretrainedConfig
@@ -43,13 +45,3 @@ class AwqOutcome:
     engine: str
     quantized: tuple[str, ...]  # Linear module names written as qweight/qzeros/scales
     notes: tuple[str, ...] = ()
-
-
-class AwqEngine(Protocol):
-    name: str
-
-    def check(self, qconfig: AwqConfig, config: PretrainedConfig, model_class: str) -> None:
-        """Raise QuantlabError when this engine cannot quantize the model (before any weights load)."""
-
-    def quantize(self, job: AwqJob) -> AwqOutcome:
-        """Write the quantized shards (no config.json: the caller writes it) into job.out."""

@@ -40,17 +40,3 @@ def pack_gemm(q: GroupQuant, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         "qzeros": _pack_columns(q.zeros.t().contiguous()),
         "scales": q.scales.t().contiguous().to(dtype),
     }
-
-
-def unpack_gemm(tensors: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
-    """Dequantized weight [out, in] in float32 from the three packed tensors (for checks and tests)."""
-    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"].float()
-    inverse = [AWQ_ORDER.index(i) for i in range(PER_WORD)]
-    shifts = torch.arange(0, 32, PACK_BITS, device=qweight.device, dtype=torch.int64)
-
-    def unpack(words: torch.Tensor) -> torch.Tensor:
-        codes = (words.to(torch.int64)[..., None] >> shifts) & 0xF
-        return codes[..., inverse].reshape(words.shape[0], -1)
-
-    codes, zeros = unpack(qweight), unpack(qzeros).repeat_interleave(group_size, dim=0)
-    return ((codes - zeros).float() * scales.repeat_interleave(group_size, dim=0)).t()
