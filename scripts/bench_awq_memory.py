@@ -53,7 +53,7 @@ def bf16_bytes_of_27b() -> int:
     from transformers import AutoConfig
 
     from quantlab.known_models import known_config_dir
-    from quantlab.plan import meta_model
+    from quantlab.sources import meta_model
 
     text = AutoConfig.from_pretrained(known_config_dir("qwen3.6-27b")).text_config
     return sum(p.numel() * 2 for p in meta_model(text).parameters())

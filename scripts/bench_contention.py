@@ -21,14 +21,15 @@ import time
 
 DECODE = r"""
 import json, sys, time, torch
-from quantlab.sources import load_model, resolve_config
+from quantlab.sources import resolve
 from quantlab.recipe import ModelSpec
-from quantlab.measure import decode, prefill, prompt_ids
+from quantlab.measure import prompt_ids
+from quantlab.runtimes.transformers import decode, load_model, prefill
 if sys.argv[3] == "fit":
     from quantlab.threads import fit_threads
     fit_threads()
 spec = ModelSpec(source="bundled", device="cpu")
-model = load_model(spec, resolve_config(spec), torch.device("cpu")).model
+model = load_model(resolve(spec), torch.device("cpu")).model
 ids = prompt_ids(2048, 1, 256, 0, torch.device("cpu"))
 times = []
 with torch.inference_mode():
@@ -47,7 +48,7 @@ from quantlab.bundled import bundled_model_dir
 from quantlab.quantize.awq.calibration import calibration_samples
 from quantlab.quantize.awq.engine import AwqJob
 from quantlab.quantize.awq.native import QuantlabEngine
-from quantlab.quantize.configs import AwqConfig
+from quantlab.methods.awq import AwqConfig
 if sys.argv[3] == "fit":
     from quantlab.threads import fit_threads
     fit_threads()

@@ -34,7 +34,7 @@ def awq_checkpoint_bytes() -> int:
 
     from quantlab.architecture import quantizable_linears
     from quantlab.known_models import known_config_dir
-    from quantlab.plan import meta_model
+    from quantlab.sources import meta_model
 
     model = meta_model(AutoConfig.from_pretrained(known_config_dir("qwen3.6-27b")))
     quantized = dict(quantizable_linears(model, "awq"))
@@ -75,7 +75,7 @@ def layer_pack_seconds(layers: int) -> None:
     from quantlab.known_models import known_config_dir
     from quantlab.quantize.awq.engine import AwqJob
     from quantlab.quantize.awq.native import QuantlabEngine
-    from quantlab.quantize.configs import AwqConfig
+    from quantlab.methods.awq import AwqConfig
 
     config = AutoConfig.from_pretrained(known_config_dir("qwen3.6-27b")).text_config
     config.num_hidden_layers = layers

@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 from quantlab.measure import PointSettings, measure_point
 from quantlab.plan import make_plan
 from quantlab.recipe import load_recipe
-from quantlab.sources import load_model
+from quantlab.runtimes.transformers import TransformersRuntime, load_model
 
 TARGET = 0.97
 
@@ -52,21 +52,22 @@ def main() -> int:
     hf_logging.set_verbosity_error()
 
     plan = make_plan(load_recipe(args.recipe))
-    model = load_model(plan.recipe.model, plan.resolved, plan.device).model
+    model = load_model(plan.source, plan.device).model
+    runtime = TransformersRuntime()
     measure = plan.recipe.measure
     settings = PointSettings(args.context, 1, args.new_tokens, warmup=0, repeats=1, sample_interval_s=measure.memory_sample_ms / 1000)
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, args.context)).to(plan.device)
 
     bare_decode_tokens_per_s(model, ids, args.new_tokens, plan.device)  # warm-up for both
-    measure_point(model, settings, plan.device, progress=False)
+    measure_point(runtime, model, settings, plan.device, progress=False)
     harness, bare = [], []
     for _ in range(args.rounds):
-        harness.append(measure_point(model, settings, plan.device, progress=False).decode_tokens_per_s.median)
+        harness.append(measure_point(runtime, model, settings, plan.device, progress=False).decode_tokens_per_s.median)
         bare.append(bare_decode_tokens_per_s(model, ids, args.new_tokens, plan.device))
 
     h, b = statistics.median(harness), statistics.median(bare)
     ratio = h / b
-    print(f"model {plan.resolved.name} on {plan.device} ({torch.get_num_threads()} threads), context {args.context}, "
+    print(f"model {plan.source.name} on {plan.device} ({torch.get_num_threads()} threads), context {args.context}, "
           f"{args.new_tokens} new tokens, {args.rounds} interleaved rounds")
     print(f"  quantlab decode : median {h:8.2f} tok/s  (min {min(harness):.2f}, max {max(harness):.2f})")
     print(f"  bare loop decode: median {b:8.2f} tok/s  (min {min(bare):.2f}, max {max(bare):.2f})")
