@@ -41,7 +41,7 @@ def load_model(model: str) -> EstimationModel:
     except (ValueError, TypeError, KeyError) as exc:
         raise QuantlabError(f"{model}: not a usable config ({type(exc).__name__}: {_first_line(exc)})") from None
     estimator_class(resolved.config)  # an unknown architecture is named before any missing field
-    raw = _raw_config(spec)
+    raw = _raw_config(model)
     if raw is not None:
         check_fields(raw, model)
     shape = hybrid_shape(text_config_of(resolved.config))
@@ -68,11 +68,11 @@ def model_spec(model: str) -> ModelSpec:
     )
 
 
-def _raw_config(spec: ModelSpec) -> dict | None:
-    """The config.json as written, for a file or folder given by path (shipped configs are complete)."""
-    if spec.source != "synthetic" or spec.config in KNOWN_MODELS or spec.config == "bundled":
+def _raw_config(model: str) -> dict | None:
+    """The config.json as written, when --model names a file or folder (shipped configs are complete)."""
+    if model in KNOWN_MODELS or model == "bundled" or not Path(model).expanduser().exists():
         return None
-    path = Path(spec.config).expanduser()
+    path = Path(model).expanduser()
     path = path if path.name == "config.json" else path / "config.json"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))

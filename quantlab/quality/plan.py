@@ -46,19 +46,15 @@ def plan_quality(
         )
     _check_text_path(spec)
     reference = spec.reference.model or recipe.model
-    for what, model_spec in (("model.source", recipe.model), ("quality.reference.model.source", reference)):
-        if model_spec.source == "synthetic":
-            raise QuantlabError(
-                f"{what} is 'synthetic': random weights have no tokenizer and no meaningful quality. "
-                "Measure quality on real weights (bundled, hub or local), or remove the quality section."
-            )
     same = reference == recipe.model
+    _check_real_weights(source, "model.source")
     if same and prequantized:
         raise QuantlabError(
             f"quality: {source.location} is already quantized ({prequantized}), so it cannot be its own reference; "
             "name its unquantized base model in quality.reference.model"
         )
     ref_source = source if same else resolve(reference)
+    _check_real_weights(ref_source, "quality.reference.model.source")
     ref_config = ref_source.variant()[0]
     vocab = _vocab(config)
     for what, cfg in (("the model", config), ("the reference", ref_config)):
@@ -82,6 +78,14 @@ def plan_quality(
 
     label = f"{ref_source.name} {DTYPE_LABELS[reference.dtype]} ({reference.source}, {reference.dtype})"
     return QualityPlan(spec, stride, reference, ref_source, label, same, vocab, tuple(notes))
+
+
+def _check_real_weights(source: ModelSource, what: str) -> None:
+    if source.synthetic:
+        raise QuantlabError(
+            f"{what} is 'synthetic': random weights have no tokenizer and no meaningful quality. "
+            "Measure quality on real weights (bundled, hub or local), or remove the quality section."
+        )
 
 
 def _check_text_path(spec: QualitySpec) -> None:
