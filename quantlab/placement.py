@@ -52,7 +52,7 @@ def check_target(target: Path, force: bool, protected: dict[str, Path | None]) -
 
 def check_replaceable(target: Path) -> None:
     """`--force` replaces a folder only when quantlab built it and it holds nothing else."""
-    refuse = (f"; --force replaces only a folder that quantlab built. Remove or rename it yourself, "
+    refuse = ("; --force replaces only a folder that quantlab built. Remove or rename it yourself, "
               "or build elsewhere with --out")
     if target.is_symlink():
         raise QuantlabError(f"{target}: a symbolic link, not a build folder{refuse}")

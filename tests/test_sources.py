@@ -17,7 +17,7 @@ from quantlab.plan import make_plan
 from quantlab.recipe import ModelSpec, load_recipe
 from quantlab.sources import meta_model
 
-from conftest import load_source, QWEN_CONFIG_DIR, REPO, count_by_role, layer_pattern
+from conftest import load_source, QWEN_CONFIG_DIR, count_by_role, layer_pattern
 
 QWEN_TEXT_PARAMETERS = 26_895_998_464
 # shared/reference/models.md, measured by instantiating the config on the meta device.

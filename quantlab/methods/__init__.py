@@ -12,10 +12,10 @@ from typing import Annotated, Any, Union
 from pydantic import Field
 
 # Importing a method module registers it, in this order (the order recipes' errors and tables list them).
-from quantlab.methods import none  # noqa: E402,I001
-from quantlab.methods import rtn  # noqa: E402,I001
-from quantlab.methods import bnb  # noqa: E402,I001
-from quantlab.methods import awq  # noqa: E402,I001
+from quantlab.methods import none  # noqa: F401,I001
+from quantlab.methods import rtn  # noqa: F401,I001
+from quantlab.methods import bnb  # noqa: F401,I001
+from quantlab.methods import awq  # noqa: F401,I001
 from quantlab.methods.base import Method, MethodConfig, method_for, registered
 from quantlab.schema.build import build_method
 
