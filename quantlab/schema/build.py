@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from quantlab.errors import QuantlabError
+from quantlab.schema.frozen import Frozen
 from quantlab.schema.record import MethodRef, RecipeRef
 
 MANIFEST_NAME = "quantlab_build.json"
@@ -16,11 +15,7 @@ CHECKSUMS_NAME = "SHA256SUMS"
 FORMAT = "quantlab-build/1"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class BaseModelRef(_Frozen):
+class BaseModelRef(Frozen):
     name: str  # display name, e.g. "Qwen3.6-27B" or "quantlab-bundled"
     source: str  # bundled | hub | local
     location: str
@@ -32,7 +27,7 @@ class BaseModelRef(_Frozen):
     model_class: str
 
 
-class ReferenceCheck(_Frozen):
+class ReferenceCheck(Frozen):
     """The build against its unquantized source on the same prompt: the source's greedy tokens, how many of
     them the build predicts when fed the source's sequence (teacher-forced top-1 agreement), and how many
     leading tokens its own greedy run shares. A broken build agrees on next to none."""
@@ -44,7 +39,7 @@ class ReferenceCheck(_Frozen):
     threshold: float  # the build was refused below this agreement
 
 
-class GreedyCheck(_Frozen):
+class GreedyCheck(Frozen):
     """A short greedy generation recorded after the build was reloaded; `verify` repeats it."""
 
     prompt: str
@@ -58,7 +53,7 @@ class GreedyCheck(_Frozen):
     reference_note: str | None = None  # why there is no reference comparison, when there is none
 
 
-class Unquantized(_Frozen):
+class Unquantized(Frozen):
     skip_modules: list[str]  # llm_int8_skip_modules, as written in config.json
     rule_patterns: list[str]  # from quantlab.architecture.UNQUANTIZED_ROLES
     extra_patterns: list[str]  # from the recipe's quantization.skip_modules
@@ -66,7 +61,7 @@ class Unquantized(_Frozen):
     quantized_linears: int
 
 
-class QuantizeCost(_Frozen):
+class QuantizeCost(Frozen):
     """What making the quantized checkpoint cost, measured around that step alone."""
 
     what: str  # the steps the figures cover
@@ -79,7 +74,7 @@ class QuantizeCost(_Frozen):
     nvml_process_peak_bytes: int | None = None
 
 
-class BuildManifest(_Frozen):
+class BuildManifest(Frozen):
     format: str = FORMAT
     name: str
     created_at: str

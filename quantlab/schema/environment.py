@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from quantlab.schema.frozen import Frozen
 
 
-class Hardware(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class Hardware(Frozen):
     kind: str  # "gpu" or "cpu": what ran the model
     device: str
     name: str  # the GPU's name, or the CPU model on a CPU run
@@ -20,9 +18,7 @@ class Hardware(BaseModel):
     notes: tuple[str, ...] = ()
 
 
-class Software(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class Software(Frozen):
     python: str
     platform: str
     quantlab: str
@@ -35,10 +31,8 @@ class Software(BaseModel):
     environment: dict[str, str] | None = None
 
 
-class WeightsInfo(BaseModel):
+class WeightsInfo(Frozen):
     """What a record says about the weights it measured."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str  # display name, e.g. "Qwen3.6-27B"
     source: str  # bundled | hub | local | synthetic

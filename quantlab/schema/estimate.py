@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from quantlab.schema.frozen import Frozen
 
 SCHEMA_VERSION = 1
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PointEstimate(_Frozen):
+class PointEstimate(Frozen):
     context: int
     batch: int
     weights: int
@@ -26,14 +22,14 @@ class PointEstimate(_Frozen):
     decode_read_bytes: int | None = None  # one decode step's reads: weights but the lookup table, + KV and state
 
 
-class ContextFitEstimate(_Frozen):
+class ContextFitEstimate(Frozen):
     gpu_gib: float  # the card's marketed size: "24 GB" cards have 24 GiB
     budget_bytes: int
     max_context: int
     limit: str
 
 
-class MethodEstimate(_Frozen):
+class MethodEstimate(Frozen):
     key: str
     label: str
     method: str
@@ -47,7 +43,7 @@ class MethodEstimate(_Frozen):
     fits: list[ContextFitEstimate]
 
 
-class ModelFacts(_Frozen):
+class ModelFacts(Frozen):
     name: str
     location: str
     model_class: str
@@ -56,7 +52,7 @@ class ModelFacts(_Frozen):
     notes: list[str]
 
 
-class Assumptions(_Frozen):
+class Assumptions(Frozen):
     profile: str
     scope: str
     batch: int
@@ -72,7 +68,7 @@ class Assumptions(_Frozen):
     activation_bytes_per_token: int
 
 
-class EstimateResult(_Frozen):
+class EstimateResult(Frozen):
     schema_version: int = SCHEMA_VERSION
     created_at: str
     quantlab_version: str

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from quantlab.schema.frozen import Frozen
 
 TORCH_FALLBACK = "torch fallback (transformers' reference implementation)"
 
 
-class Summary(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class Summary(Frozen):
     n: int
     median: float
     min: float
@@ -19,16 +17,12 @@ class Summary(BaseModel):
     p90: float | None = None
 
 
-class TimingResult(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class TimingResult(Frozen):
     seconds: float
     synchronized: bool  # True when CUDA work was waited for at both ends
 
 
-class MemoryResult(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class MemoryResult(Frozen):
     device: str
     rss_start_bytes: int
     rss_end_bytes: int
@@ -55,9 +49,7 @@ class MemoryResult(BaseModel):
         return self.rss_end_bytes - self.rss_start_bytes
 
 
-class PointResult(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class PointResult(Frozen):
     status: str  # "ok" or "oom"
     error: str | None = None
     prefill_tokens_per_s: Summary | None = None
@@ -71,8 +63,7 @@ class PointResult(BaseModel):
     first_tokens: list[int] | None = None  # greedy tokens of sequence 0, for reproducibility checks
 
 
-class Roofline(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class Roofline(Frozen):
     gpu: str
     bandwidth_gb_s: float
     bandwidth_source: str
@@ -83,10 +74,8 @@ class Roofline(BaseModel):
     cache_bytes: int | None = None  # of bytes_per_step: KV cache + DeltaNet state
 
 
-class Kernels(BaseModel):
+class Kernels(Frozen):
     """What ran: recorded beside every measurement."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     deltanet: dict[str, str]  # function -> implementation ("fla.ops...." or the torch fallback); {} without DeltaNet
     linear: tuple[str, ...]  # classes of the quantized Linear modules (e.g. AwqGEMMTritonLinear); () when none

@@ -11,33 +11,28 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from quantlab.quality.result import QualityResult
 from quantlab.schema.environment import Hardware, Software, WeightsInfo
+from quantlab.schema.frozen import Frozen
 from quantlab.schema.measurement import Kernels, MemoryResult, PointResult, Roofline
 
 SCHEMA_VERSION = 1
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class RecipeRef(_Frozen):
+class RecipeRef(Frozen):
     name: str
     path: str
     sha256: str
     content: str
 
 
-class MethodRef(_Frozen):
+class MethodRef(Frozen):
     name: str  # recipe method, e.g. "none"
     label: str  # table label, e.g. "BF16"
     params: dict[str, Any]
 
 
-class PointRef(_Frozen):
+class PointRef(Frozen):
     context: int
     batch: int
     new_tokens: int
@@ -46,7 +41,7 @@ class PointRef(_Frozen):
     seed: int
 
 
-class Record(_Frozen):
+class Record(Frozen):
     schema_version: int = SCHEMA_VERSION
     record_id: str
     run_id: str
