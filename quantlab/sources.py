@@ -47,13 +47,17 @@ class ModelSource:
         return self.spec.source == "synthetic"
 
     @property
+    def from_hub(self) -> bool:
+        return self.spec.source == "hub"
+
+    @property
     def weights(self) -> str:
         return "synthetic" if self.synthetic else "real"
 
     @property
     def hub_id(self) -> str | None:
         """The Hub repository of the weights: a Hub source's id, or the repo of a local Hub-cache snapshot."""
-        if self.spec.source == "hub":
+        if self.from_hub:
             return self.spec.id
         snapshot = HUB_SNAPSHOT.search(str(Path(self.location).resolve())) if self.spec.source == "local" else None
         return f"{snapshot.group(1)}/{snapshot.group(2)}" if snapshot else None
@@ -63,7 +67,7 @@ class ModelSource:
         """The Hub commit of the files, when known (the recipe's revision, or a cache snapshot's folder name)."""
         folder = self.files()
         snapshot = HUB_SNAPSHOT.search(str(folder.resolve())) if folder is not None else None
-        return snapshot.group(3) if snapshot else (self.spec.revision if self.spec.source == "hub" else None)
+        return snapshot.group(3) if snapshot else (self.spec.revision if self.from_hub else None)
 
     @property
     def config_file(self) -> str:

@@ -72,7 +72,7 @@ def load_model(source: ModelSource, device: torch.device, load_kwargs: dict[str,
         kwargs = {**awq_kernel_kwargs(spec.awq_kernel, source.config), **(load_kwargs or {})}
         model = _from_pretrained(auto_class, source.load_location(), spec.revision, dtype, device, **kwargs)
         tokenizer = source.tokenizer()
-        revision = getattr(model.config, "_commit_hash", None) if spec.source == "hub" else None
+        revision = getattr(model.config, "_commit_hash", None) if source.from_hub else None
     ran_in = compute_dtype(model)
     info = WeightsInfo(
         name=source.name, source=spec.source, weights=source.weights, location=source.location, revision=revision,
