@@ -47,6 +47,14 @@ def _int_only(value: object) -> object:
     return value
 
 
+def _git_ref(value: str) -> str:
+    """A branch, tag or commit as git allows it: no '..', no empty or dot-led path part (git check-ref-format)."""
+    if ".." in value or any(part in ("", ".") or part.startswith(".") for part in value.split("/")):
+        raise ValueError("a branch, tag or commit name has no '..', no empty part and no part starting with '.'; got "
+                         + excerpt(value))
+    return value
+
+
 def _repo_id(value: str) -> str:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -67,7 +75,7 @@ PathText = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_
 # A Hugging Face repo id (a model or a dataset), checked with huggingface_hub's own rules.
 RepoId = Annotated[str, AfterValidator(_repo_id)]
 # A Hub revision: a branch, tag or commit (refs/pr/1 included).
-Revision = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")]
+Revision = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$"), AfterValidator(_git_ref)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 # For a Literal of integers: Annotated[Literal[32, 64, 128], IntOnly].
 IntOnly = BeforeValidator(_int_only)

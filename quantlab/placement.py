@@ -61,7 +61,7 @@ def check_replaceable(target: Path) -> None:
     try:
         read_manifest(target)
     except QuantlabError as exc:
-        raise QuantlabError(f"{target}: not a quantlab build ({exc}){refuse}") from None
+        raise QuantlabError(f"{exc}{refuse}") from None
     try:
         listed = set(read_checksums(target))
         present = build_files(target)

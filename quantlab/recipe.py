@@ -179,7 +179,8 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     """Read and validate a recipe file; raise RecipeError with every problem found."""
     path = Path(path)
     if not path.exists():
-        raise RecipeError(f"{path}: recipe file not found")
+        why = "a symbolic link that leads nowhere (broken, or a loop)" if path.is_symlink() else "recipe file not found"
+        raise RecipeError(f"{path}: {why}")
     try:
         text = read_text_file(path, "recipe", MAX_RECIPE_BYTES)
     except QuantlabError as exc:

@@ -78,9 +78,16 @@ def load_records(output_dir: str | Path) -> tuple[list[Record], list[str]]:
         try:
             records.append(_read_record(path))
         except (OSError, ValueError, RecursionError) as exc:  # ValidationError, JSONDecodeError, UnicodeDecodeError
-            problems.append(f"{path}: skipped, not a valid record ({type(exc).__name__})")
+            problems.append(f"{path}: skipped, not a valid record ({_why(exc)})")
     records.sort(key=lambda r: (r.created_at, r.record_id))
     return records, problems
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _read_record(path: Path) -> Record:

@@ -138,7 +138,8 @@ def test_build_force_replaces_only_a_folder_quantlab_built(force_case, case, exp
         fake_build(tmp_path / "b2")
     before = snapshot(tmp_path)
     assert main(["build", str(path), "--out", str(out), "--force"]) == 2
-    assert expected in one_error(capsys)
+    error = one_error(capsys)
+    assert expected in error and error.count("not a quantlab build") <= 1
     assert snapshot(tmp_path) == before  # nothing deleted, replaced or added
 
 
@@ -174,6 +175,10 @@ def test_report_and_run_never_overwrite_a_readme_quantlab_did_not_write(tmp_path
     link.mkdir()
     (link / "README.md").symlink_to(project / "README.md")
     assert main(["report", "--output", str(link)]) == 2
+    one_error(capsys)
+    assert main(["estimate", "--output", str(project), "--contexts", "4096"]) == 2
+    captured = capsys.readouterr()  # refused before the estimate, not after printing its table
+    assert captured.out == "" and captured.err.startswith("error: ") and "not a report quantlab wrote" in captured.err
     assert snapshot(project) == before and not (project / "records").exists() and not (other / "records").exists()
 
 
@@ -284,6 +289,9 @@ def test_unreadable_records_are_listed_and_skipped_by_every_command(tmp_path, ca
     found, problems = load_records(meas)
     assert len(found) == 1 and len(problems) == 5
     assert all("skipped, not a valid record" in p for p in problems)
+    reasons = {Path(p.split(": skipped")[0]).name: p for p in problems}  # each says why, not only the class
+    assert "not a regular file" in reasons["a-folder.json"] and "nested too deeply" in reasons["nested.json"]
+    assert "larger than" in reasons["huge.json"]
     assert main(["report", "--output", str(meas)]) == 0
     report = (meas / "README.md").read_text()
     assert "## Unreadable files" in report and "nested.json: skipped" in report and "1 record(s)" in report
@@ -476,6 +484,18 @@ def _bad_inputs(tmp_path: Path, case: str) -> list[str]:
     if case == "recipe is a pipe":  # reading it would wait for a writer forever
         os.mkfifo(tmp_path / "pipe.yaml")
         return ["run", str(tmp_path / "pipe.yaml")]
+    if case == "recipe is a link loop":
+        (tmp_path / "loop.yaml").symlink_to(tmp_path / "loop.yaml")
+        return ["run", str(tmp_path / "loop.yaml")]
+    if case == "revision climbs out":
+        return ["run", write("name: x\nmodel: {source: hub, id: Qwen/Qwen3.6-27B, revision: 'a/../../etc'}\n")]
+    if case == "quality text is a pipe":
+        os.mkfifo(tmp_path / "held-out.txt")
+        return ["quality", str(recipe(tmp_path, {"source": "bundled"}, quality={
+            "source": "file", "path": str(tmp_path / "held-out.txt"), "tokens": 64, "context": 32}))]
+    if case == "estimate --model is a file that is not a config":
+        write("root:x:0:0\n", "passwd")
+        return ["estimate", "--model", str(tmp_path / "passwd"), "--no-write"]
     if case == "empty hub id":
         return ["run", write("name: x\nmodel: {source: hub, id: ''}\n")]
     if case == "invalid hub id":
@@ -530,6 +550,10 @@ TRACEBACK_CASES = [
     ("recipe is binary", "a binary file (it holds NUL bytes), not a recipe file"),
     ("recipe is a folder", "is a folder, not a recipe file"),
     ("recipe is a pipe", "not a regular file (a device, a pipe or a socket), not a recipe file"),
+    ("recipe is a link loop", "a symbolic link that leads nowhere (broken, or a loop)"),
+    ("revision climbs out", "model.revision: a branch, tag or commit name has no '..'"),
+    ("quality text is a pipe", "held-out.txt: not a regular file (a device, a pipe or a socket)"),
+    ("estimate --model is a file that is not a config", "--model "),
     ("empty hub id", "model.id: not a valid Hugging Face repo id"),
     ("invalid hub id", "model.id: not a valid Hugging Face repo id"),
     ("invalid dataset id", "quality.dataset: not a valid Hugging Face repo id"),

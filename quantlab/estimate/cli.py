@@ -43,6 +43,7 @@ def add_estimate_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_estimate(args: argparse.Namespace) -> int:
     from quantlab.estimate.command import EstimateOptions, run_estimate, write_outputs
     from quantlab.estimate.render import markdown_text, terminal_text
+    from quantlab.outputs import check_measurements_folder
     from quantlab.report import write_report
 
     options = EstimateOptions(
@@ -50,6 +51,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         runtime=args.runtime, kv_dtype=args.kv_dtype, state_dtype=args.state_dtype, prefill_chunk=args.prefill_chunk,
         with_vision=args.with_vision, with_mtp=args.with_mtp, output=args.output,
     )
+    if not args.no_write:
+        check_measurements_folder(args.output)  # refused before the estimate, not after its table is printed
     result = run_estimate(options)
     print(markdown_text(result) if args.markdown else terminal_text(result), end="")
     if not args.no_write:

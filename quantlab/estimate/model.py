@@ -40,6 +40,8 @@ def load_model(model: str) -> EstimationModel:
         resolved = resolve(spec)
     except (ValueError, TypeError, KeyError) as exc:
         raise QuantlabError(f"{model}: not a usable config ({type(exc).__name__}: {_first_line(exc)})") from None
+    except QuantlabError as exc:  # the recipe's words for the source; here it is the command line's
+        raise QuantlabError(str(exc).replace("model.config: ", "--model ", 1)) from None
     estimator_class(resolved.config)  # an unknown architecture is named before any missing field
     raw = _raw_config(model)
     if raw is not None:

@@ -23,10 +23,13 @@ def add_quality_parser(sub) -> None:
 
 
 def cmd_quality(args: argparse.Namespace) -> int:
+    from quantlab.console import silence_progress_bars
     from quantlab.quality.result import quality_table
 
     if args.json:
         check_json_target(Path(args.json))  # before the passes, not after them
+    if args.no_progress:
+        silence_progress_bars()
     result = run_quality(args.recipe, args.output, progress=not args.no_progress)
     print(quality_table(result))
     if args.json:

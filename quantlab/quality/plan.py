@@ -80,6 +80,12 @@ def plan_quality(
     return QualityPlan(spec, stride, reference, ref_source, label, same, vocab, tuple(notes))
 
 
+def _not_a_file(path: Path) -> str:
+    if path.is_dir():
+        return "a folder; use source: folder"
+    return "not a regular file (a device, a pipe or a socket)" if path.exists() else "file not found"
+
+
 def _check_real_weights(source: ModelSource, what: str) -> None:
     if source.synthetic:
         raise QuantlabError(
@@ -94,7 +100,7 @@ def _check_text_path(spec: QualitySpec) -> None:
         return
     path = Path(spec.path).expanduser()
     if spec.source == "file" and not path.is_file():
-        raise QuantlabError(f"quality.path: {path}: " + ("a folder; use source: folder" if path.is_dir() else "file not found"))
+        raise QuantlabError(f"quality.path: {path}: " + _not_a_file(path))
     if spec.source == "folder" and not path.is_dir():
         raise QuantlabError(f"quality.path: {path}: " + ("a file; use source: file" if path.exists() else "folder not found"))
 
