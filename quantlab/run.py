@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from quantlab import fingerprint
 from quantlab.checkpoint import EXTRA_FILES
 from quantlab.cost import cost_summary, quantize_cost
+from quantlab.device_map import DeviceSplit
 from quantlab.fields import parse_size
 from quantlab.finite import describe as describe_nonfinite, model_nonfinite
 from quantlab.measure import PointSettings, free_memory, measure_point
@@ -35,7 +36,9 @@ from quantlab.runtimes import runtime_for
 from quantlab.schema.build import QuantizeCost
 from quantlab.schema.environment import WeightsInfo
 from quantlab.schema.measurement import Kernels, MemoryResult, PointResult
-from quantlab.schema.record import MethodRef, PointRef, Record, RecipeRef, new_run_id, produced_by, record_id, utc_now
+from quantlab.schema.record import (
+    MethodRef, PointRef, Record, RecipeRef, SplitRef, new_run_id, produced_by, record_id, utc_now,
+)
 from quantlab.sources import ModelSource, resolve
 from quantlab.store import append_record
 from quantlab.threads import fit_threads
@@ -147,14 +150,14 @@ def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: 
     quality = QualitySession(plan, out, progress, echo) if plan.quality else None  # text, tokenizers: no weights yet
     if quality:
         quality.prepare()  # stored mode: the reference pass runs, and is freed, before the candidate loads
-    loaded = _load(runtime, candidate, device, nvml, echo)
+    loaded = _load(runtime, candidate, plan, nvml, echo)
     quality_result = _quality(quality, loaded.model, device, echo)
     run_id, records, paths = new_run_id(), [], []
     points = tqdm(plan.points, desc="measuring", unit="point", disable=not progress)
     for context, batch in points:
         m = plan.recipe.measure
         settings = PointSettings(context, batch, m.new_tokens, m.warmup, m.repeats, m.seed, m.memory_sample_ms / 1000)
-        result = measure_point(runtime, loaded.model, settings, device, nvml, progress)
+        result = measure_point(runtime, loaded.model, settings, device, nvml, progress, plan.devices)
         record = _record(plan, loaded, (hardware, software), settings, result, run_id, quality_result,
                          candidate.notes)
         if append:
@@ -164,9 +167,10 @@ def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: 
     return RunResult(plan, tuple(records), tuple(paths))
 
 
-def _load(runtime, candidate: Candidate, device: torch.device, nvml, echo) -> _Loaded:
-    with MemoryTracker(device, nvml=nvml) as memory, Timer(device) as timer:
-        loaded = runtime.load(candidate.source, device, candidate.load_kwargs)
+def _load(runtime, candidate: Candidate, plan: RunPlan, nvml, echo) -> _Loaded:
+    device, devices = plan.device, plan.devices
+    with MemoryTracker(device, nvml=nvml, devices=devices) as memory, Timer(device, devices) as timer:
+        loaded = runtime.load(candidate.source, device, candidate.load_kwargs, plan.split)
         model = candidate.quantize(loaded.model) if candidate.quantize else loaded.model
     kernels = runtime.kernels(model)
     weight_bytes = runtime.weight_bytes(model)
@@ -190,7 +194,7 @@ def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, re
         record_id=record_id(created, loaded.info.name, plan.method_label, settings.context, settings.batch, run_id),
         run_id=run_id,
         created_at=created,
-        produced_by=produced_by(hardware, loaded.info),
+        produced_by=produced_by(hardware, loaded.info, plan.split.devices if plan.split else ()),
         recipe=RecipeRef(name=recipe.recipe.name, path=str(recipe.path), sha256=recipe.sha256, content=recipe.text),
         model=loaded.info,
         parameters=sum(p.numel() for p in loaded.model.parameters()),
@@ -206,7 +210,22 @@ def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, re
         roofline=_roofline(hardware, loaded, settings.batch, result),
         quality=quality,
         kernels=loaded.kernels,
+        split=split_ref(plan.split) if plan.split is not None else None,
         notes=plan.notes + loaded.notes + notes + _notes(hardware),
+    )
+
+
+def split_ref(split: DeviceSplit) -> SplitRef:
+    """The record's account of a split: the plan's map, and the GPUs it ran on."""
+    gpus = {d: torch.cuda.get_device_properties(torch.device(d)) for d in split.gpus}
+    return SplitRef(
+        devices=split.devices,
+        gpu_names={d: props.name for d, props in gpus.items()},
+        gpu_memory_bytes={d: props.total_memory for d, props in gpus.items()},
+        offered_bytes=split.max_memory,
+        weight_bytes_per_device=split.bytes_per_device,
+        layers_per_device=split.layers_per_device,
+        device_map=split.device_map,
     )
 
 
@@ -256,7 +275,9 @@ def describe_plan(plan: RunPlan) -> str:
         f"{plan.parameters:,} parameters, {plan.weight_bytes / 1e9:.2f} GB in {r.model.dtype}",
         f"  method  {plan.method_label} ({plan.method_name}"
         f"{', as quantized in the checkpoint' if plan.method_name != r.quantization.method else ''})",
-        f"  device  {plan.device}",
+        f"  device  {plan.device}" if plan.split is None else f"  devices {', '.join(plan.split.devices)} "
+        "(accelerate's device map)",
+        *[f"          {line}" for line in (plan.split.lines() if plan.split else ())],
         f"  points  contexts {sorted(r.measure.contexts)} × batch {r.measure.batch_sizes}, {r.measure.new_tokens} new tokens, "
         f"{r.measure.warmup} warm-up + {r.measure.repeats} repeats",
     ]
@@ -273,5 +294,8 @@ def describe_point(record: Record) -> str:
         return head + res.error
     return head + (
         f"prefill {res.prefill_tokens_per_s.median:,.0f} tok/s, TTFT {res.time_to_first_token_s.median * 1000:,.0f} ms, "
-        f"decode {res.decode_tokens_per_s.median:,.1f} tok/s ({res.decode_ms_per_token.median:.1f} ms/token)"
+        f"decode {res.decode_tokens_per_s.median:,.1f} tok/s"
+        + (f" over {p.batch} sequences ({res.decode_tokens_per_s_per_sequence.median:,.1f} per sequence)"
+           if p.batch > 1 and res.decode_tokens_per_s_per_sequence else "")
+        + f" ({res.decode_ms_per_token.median:.1f} ms/token)"
     )

@@ -153,3 +153,29 @@ def test_write_report_is_regenerated_from_the_store(cpu_records, tmp_path):
 
 def test_empty_store_report():
     assert "No records yet" in render_report([])
+
+
+def test_a_split_run_has_its_own_table_and_says_its_memory_is_summed(cpu_records):
+    from quantlab.schema.record import SplitRef
+
+    one = _as_gpu_qwen(cpu_records[0], 53_792_000_000, 1024)
+    split = one.model_copy(update={"record_id": one.record_id + "-split", "split": SplitRef(
+        devices=("cuda:0", "cuda:1"), offered_bytes={"cuda:0": 1, "cuda:1": 1},
+        weight_bytes_per_device={"cuda:0": 1, "cuda:1": 1}, layers_per_device={}, device_map={})})
+    text = render_report([*cpu_records, one, split])
+    assert "## Qwen3.6-27B · synthetic weights · GPU: NVIDIA H200\n" in text
+    section = text.split("GPU: 2 x NVIDIA H200, split by accelerate's device map")[1].split("\n## ")[0]
+    assert "| BF16 (memory: sum over the split's GPUs) | text | 1,024" in section
+
+
+def test_the_terminal_line_says_batch_throughput_is_over_all_sequences(cpu_records):
+    from quantlab.run import describe_point
+
+    record = cpu_records[0]
+    assert "sequences" not in describe_point(record)  # batch 1: one figure
+    res = record.result
+    batch4 = record.model_copy(update={"point": record.point.model_copy(update={"batch": 4}), "result": res.model_copy(
+        update={"decode_tokens_per_s_per_sequence": res.decode_tokens_per_s.model_copy(
+            update={"median": res.decode_tokens_per_s.median / 4})})})
+    line = describe_point(batch4)
+    assert f"{res.decode_tokens_per_s.median:,.1f} tok/s over 4 sequences ({res.decode_tokens_per_s.median / 4:,.1f} per sequence)" in line
