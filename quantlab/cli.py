@@ -106,8 +106,10 @@ def _cmd_validate(args) -> int:
     for path in args.recipes:
         try:
             loaded = load_recipe(path)
-            detail = "schema ok" if args.schema_only else _plan_line(make_plan(loaded, for_this_machine=False))
-            print(f"ok: {path}: {detail}")
+            plan = None if args.schema_only else make_plan(loaded, for_this_machine=False)
+            print(f"ok: {path}: {_plan_line(plan) if plan else 'schema ok'}")
+            for line in plan.split.lines() if plan and plan.split else ():
+                print(f"    {line}")
         except (QuantlabError, OSError) as exc:
             failed += 1
             # a recipe's error names its file; a plan's error is about the model: name the recipe before it
@@ -120,7 +122,9 @@ def _plan_line(plan) -> str:
     r = plan.recipe
     return (
         f"{plan.source.name} ({r.model.source}, {r.model.variant}), {plan.method_label}, "
-        f"{plan.parameters:,} parameters, {len(plan.points)} point(s), device {r.model.device}"
+        f"{plan.parameters:,} parameters, {len(plan.points)} point(s), "
+        + (f"split across {', '.join(plan.split.devices)} (accelerate's device map):" if plan.split else
+           f"device {r.model.device}" + (f", split across {r.model.gpus} GPUs (mapped on the machine)" if r.model.gpus else ""))
     )
 
 

@@ -81,7 +81,25 @@ Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 IntOnly = BeforeValidator(_int_only)
 
 
-_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_MEMORY_SIZE = re.compile(r"\s*(\d{1,6}(?:\.\d{1,3})?)\s*([MGT]i?B)\s*", re.I)
+
+# Device memory as accelerate's max_memory takes it: '20GiB', '24GB', '512 MiB'.
+MemorySize = Annotated[str, Field(max_length=20), AfterValidator(lambda v: _memory_size_text(v))]
+
+
+def _memory_size_text(text: str) -> str:
+    if not _MEMORY_SIZE.fullmatch(text):
+        raise ValueError(f"{excerpt(text)} is not a memory size like 20GiB, 24GB or 512MiB")
+    if memory_bytes(text) <= 0:
+        raise ValueError(f"{excerpt(text)}: a memory size must be more than zero")
+    return text
+
+
+def memory_bytes(text: str) -> int:
+    """'20GiB' -> 21474836480 (a MemorySize, already checked)."""
+    number, unit = _MEMORY_SIZE.fullmatch(text).groups()
+    return int(float(number) * _UNITS[unit.upper()])
 
 
 def parse_size(text: str) -> int:

@@ -33,20 +33,21 @@ class PointSettings:
 
 def measure_point(
     runtime: Any, model: Any, settings: PointSettings, device: torch.device, nvml: NvmlProbe | None = None,
-    progress: bool = True,
+    progress: bool = True, devices: tuple[torch.device, ...] = (),
 ) -> PointResult:
-    """One (context, batch) point of `model`, run through `runtime` (quantlab/runtimes/)."""
+    """One (context, batch) point of `model`, run through `runtime` (quantlab/runtimes/). `device` takes the
+    inputs; `devices`: every device of a model split across several, each tracked and synchronised."""
     try:
-        return _measure(model, runtime, settings, device, nvml, progress)
+        return _measure(model, runtime, settings, device, nvml, progress, devices)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
         error = f"OOM at context {settings.context}, batch {settings.batch}: {_first_line(exc)}"
-    free_memory(device)  # outside the except block, so the traceback's tensors can be freed
+    free_memory(device, devices)  # outside the except block, so the traceback's tensors can be freed
     return PointResult(status="oom", error=error)
 
 
-def _measure(model, runtime, s: PointSettings, device, nvml, progress) -> PointResult:
+def _measure(model, runtime, s: PointSettings, device, nvml, progress, devices) -> PointResult:
     ids = prompt_ids(runtime.vocab_size(model), s.batch, s.context, s.seed, device)
     prefill_tps, ttft, decode_tps, decode_seq_tps, decode_ms = [], [], [], [], []
     prefill_mem: list[MemoryResult] = []
@@ -56,9 +57,11 @@ def _measure(model, runtime, s: PointSettings, device, nvml, progress) -> PointR
         # Each phase starts settled (garbage collected, CUDA cache emptied): its reserved and nvidia-smi
         # peaks are its own, not what the previous phase, repeat or point left cached.
         with torch.inference_mode():
-            with MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True) as pm, Timer(device) as pt:
+            with (MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True, devices=devices) as pm,
+                  Timer(device, devices) as pt):
                 next_ids, cache = runtime.prefill(model, ids)
-            with MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True) as dm, Timer(device) as dt:
+            with (MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True, devices=devices) as dm,
+                  Timer(device, devices) as dt):
                 tokens = runtime.decode(model, next_ids, cache, s.new_tokens)
         cache_bytes = runtime.cache_bytes(cache)
         del cache
@@ -102,8 +105,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def free_memory(device: torch.device) -> None:
-    settle(device)
+def free_memory(device: torch.device, devices: tuple[torch.device, ...] = ()) -> None:
+    settle(device, devices)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 
 from quantlab import fingerprint
 from quantlab.checkpoint import check_config_sizes
+from quantlab.device_map import DeviceSplit, check_devices_visible, offered_memory, plan_split
 from quantlab.errors import QuantlabError
 from quantlab.outputs import check_measurements_folder
 from quantlab.quality.plan import QualityPlan, plan_quality
@@ -37,10 +38,16 @@ class RunPlan:
     # What records call the method: the recipe's, or the checkpoint's when it is already quantized.
     method_name: str = "none"
     method_params: dict[str, Any] = field(default_factory=dict)
+    split: DeviceSplit | None = None  # a model split across devices (model.gpus / model.max_memory)
 
     @property
     def recipe(self):
         return self.loaded.recipe
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """Every device the model occupies: the split's, or the one device."""
+        return tuple(torch.device(d) for d in self.split.devices) if self.split else (self.device,)
 
 
 def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True, records_to: str | Path | None = None) -> RunPlan:
@@ -48,6 +55,8 @@ def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True, records_to: s
     `records_to`: the measurements folder the run will write, checked before any weights load."""
     recipe = loaded.recipe
     device = resolve_device(recipe.model.device) if for_this_machine else _nominal_device(recipe.model.device)
+    if for_this_machine and recipe.model.split:
+        _check_split_devices(recipe.model)  # before anything is read: the GPUs it names must be here
     if for_this_machine and records_to is not None:
         check_measurements_folder(records_to)
     source = resolve(recipe.model)
@@ -63,7 +72,14 @@ def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True, records_to: s
     parameters = sum(p.numel() for p in source.meta.parameters())
     weight_bytes = parameters * DTYPE_BYTES[recipe.model.dtype]
     notes = list(source.notes) + list(checkpoint_notes) + list(source_notes)
-    if for_this_machine:
+    split = _split(recipe, source, method, config, auto_class, for_this_machine) if recipe.model.split else None
+    if split is not None:
+        device = torch.device(split.first_device)
+        notes.append(f"split across {', '.join(split.devices)} by accelerate's device map (computed on the meta "
+                     "device, then given to from_pretrained as it is)")
+    elif recipe.model.split:
+        notes.append("model.gpus: the device map is computed on the machine that runs it, from its GPUs' free memory")
+    if for_this_machine and split is None:
         notes += _memory_check(device, weight_bytes)
     quality = plan_quality(recipe, source, config, device, weight_bytes, for_this_machine,
                            prequantized.label if prequantized else None)
@@ -82,7 +98,34 @@ def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True, records_to: s
         quality=quality,
         method_name=prequantized.name if prequantized else recipe.quantization.method,
         method_params=prequantized.params if prequantized else recipe.quantization.model_dump(),
+        split=split,
     )
+
+
+def _check_split_devices(spec) -> None:
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec.gpus is not None:
+        check_devices_visible({f"cuda:{i}": 0 for i in range(spec.gpus)}, visible, f"model.gpus: {spec.gpus}")
+    else:
+        check_devices_visible(spec.max_memory, visible, "model.max_memory")
+
+
+def _split(recipe, source: ModelSource, method, config, auto_class, for_this_machine: bool) -> DeviceSplit | None:
+    """accelerate's device map for the model as it loads (bitsandbytes' layers sized by its quantizer);
+    None for `gpus: N` where there are no GPUs to ask (validate)."""
+    spec = recipe.model
+    free = (lambda i: torch.cuda.mem_get_info(i)[0]) if for_this_machine else None
+    offered = offered_memory(spec.max_memory, spec.gpus, free)
+    if offered is None:
+        return None
+    # synthetic weights are created unquantized and quantized in place, on the devices the map gave them
+    load_kwargs = {} if source.synthetic else method.load_kwargs(recipe.quantization, source)
+    quantization_config = load_kwargs.get("quantization_config")
+    try:
+        return plan_split(config, auto_class, getattr(torch, spec.dtype), offered, quantization_config)
+    except (ImportError, ValueError, RuntimeError) as exc:
+        raise QuantlabError(f"model.max_memory: the device map could not be computed: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
 
 
 def _prequantized(recipe, source: ModelSource):

@@ -7,6 +7,7 @@ the field path, the bad value and what is allowed.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
@@ -15,7 +16,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from quantlab.errors import QuantlabError, RecipeError
-from quantlab.fields import parse_size, STRICT, PathText, RepoId, Revision, Seed
+from quantlab.fields import parse_size, STRICT, MemorySize, PathText, RepoId, Revision, Seed
 from quantlab.methods import NoQuant, QuantConfig, config_class, known_methods
 from quantlab.runtimes import RUNTIME_NAMES
 from quantlab.strict_yaml import excerpt, load_strict, read_text_file
@@ -26,7 +27,8 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 MAX_CONTEXT = 1_048_576  # ~1M tokens: the YaRN-extended ceiling of Qwen3.6; anything above is a typo
 MAX_RECIPE_BYTES = 64 * 1024  # a recipe is a few kilobytes; records keep its text
 MAX_POINTS = 64  # contexts, and batch sizes, measured by one recipe
-MAX_PROBLEMS = 20  # validation problems listed in one error; the rest are counted
+MAX_PROBLEMS = 20
+MAX_GPUS = 64  # GPUs one split may name  # validation problems listed in one error; the rest are counted
 
 
 class _Strict(BaseModel):
@@ -47,6 +49,13 @@ class ModelSpec(_Strict):
     dtype: Dtype = "bfloat16"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d{1,3})?)$")
     seed: Seed = 0
+    # A model split across devices with accelerate's device map (device: auto only): `gpus` takes the first N
+    # visible GPUs with all their free memory; `max_memory` says how much of each device to use, as accelerate
+    # takes it ({cuda:0: 20GiB, cuda:1: 20GiB}), a `cpu` entry allowing offload to host RAM.
+    gpus: int | None = Field(None, ge=1, le=MAX_GPUS, description="split across the first N visible GPUs")
+    max_memory: dict[str, MemorySize] | None = Field(
+        None, min_length=1, max_length=MAX_GPUS + 1, description="memory per device for the split: cuda:N or cpu"
+    )
     awq_kernel: str | None = Field(
         None, max_length=40, description="AWQ checkpoints: the kernel transformers loads them with (its AwqConfig "
         "backend, e.g. gemm_triton, marlin, torch_awq); default: gptqmodel's own choice"
@@ -63,7 +72,27 @@ class ModelSpec(_Strict):
                 raise ValueError(f"model.{name} is not used with source '{self.source}'; remove it")
         if self.revision is not None and self.source != "hub":
             raise ValueError(f"model.revision is only used with source 'hub', not '{self.source}'")
+        self._check_split()
         return self
+
+    def _check_split(self) -> None:
+        if self.gpus is None and self.max_memory is None:
+            return
+        if self.gpus is not None and self.max_memory is not None:
+            raise ValueError("give model.gpus or model.max_memory, not both (gpus: N is max_memory with every "
+                             "listed GPU's whole free memory)")
+        if self.device != "auto":
+            raise ValueError(f"a split across devices needs model.device: auto, not {self.device!r}")
+        for key in self.max_memory or {}:
+            if not re.fullmatch(r"cuda:\d{1,2}|cpu", key):
+                raise ValueError(f"model.max_memory: {excerpt(key)} is not a device; write cuda:0, cuda:1, ... or cpu")
+        if self.max_memory is not None and set(self.max_memory) == {"cpu"}:
+            raise ValueError("model.max_memory names no GPU; list at least one cuda:N (or use device: cpu)")
+
+    @property
+    def split(self) -> bool:
+        """Whether the model is split across devices with accelerate's device map."""
+        return self.gpus is not None or self.max_memory is not None
 
 
 class MeasureSpec(_Strict):

@@ -101,11 +101,17 @@ def _claims_section(records: list[Record]) -> list[str]:
 def _measurement_sections(records: list[Record]) -> list[str]:
     groups: dict[tuple, list[Record]] = defaultdict(list)
     for r in records:
-        groups[(r.model.name, r.model.weights, r.hardware.kind, r.hardware.name)].append(r)
+        groups[(r.model.name, r.model.weights, r.hardware.kind, _hardware_label(r))].append(r)
     lines: list[str] = []
     for (model, weights, kind, hw), group in sorted(groups.items()):
         lines += _group_table(model, weights, kind, hw, group)
     return lines or ["## Measurements", "", "No records yet: run `quantlab run RECIPE`.", ""]
+
+
+def _hardware_label(r: Record) -> str:
+    """The GPU's name; a split run's GPUs count too, so its rows stand apart from one GPU's."""
+    gpus = r.split.gpus if r.split else ()
+    return f"{len(gpus)} x {r.hardware.name}, split by accelerate's device map" if len(gpus) > 1 else r.hardware.name
 
 
 def _group_table(model: str, weights: str, kind: str, hardware: str, group: list[Record]) -> list[str]:
@@ -150,7 +156,8 @@ def _kernel_lines(records) -> list[str]:
 
 def _row(r: Record, kind: str, runs: int) -> str:
     res = r.result
-    head = (f"| {r.method.label} | {r.model.variant} | {r.point.context:,} | {r.point.batch} | {_gb(r.weight_bytes)} |"
+    split = " (memory: sum over the split's GPUs)" if r.split else ""
+    head = (f"| {r.method.label}{split} | {r.model.variant} | {r.point.context:,} | {r.point.batch} | {_gb(r.weight_bytes)} |"
             f" {_gb(_after_load(r.load_memory, kind))} |")
     if res.status != "ok":
         return head + f" **{res.status.upper()}** | | | | | | | | {quality_cell(r.quality)} | {runs} |"

@@ -91,6 +91,7 @@ def forbid_weight_loads(monkeypatch) -> None:
 
     monkeypatch.setattr(runtime, "load_pretrained", refuse)
     monkeypatch.setattr(runtime, "_synthetic", refuse)
+    monkeypatch.setattr(runtime, "synthetic_split", refuse)
     monkeypatch.setattr(shards.ShardReader, "get", refuse)
 
 

@@ -45,7 +45,7 @@ def check_claims(dense: EstimationModel, moe: EstimationModel, records: list[Rec
     rows = [_weights_row(dense, row, records) for row in article["rows"]]
     rows += [_fits_row(dense, row, rt) for row in article["rows"]]
     rows += [_room_for_context(dense, rt), _memory_ratio(dense, moe), _active_params(dense, moe)]
-    rows += [_native_context(dense, rt)]
+    rows += [_native_context(dense, rt), _multi_gpu_bf16(dense), _vllm_tp8(dense), _moe_multi_gpu(moe)]
     return rows
 
 
@@ -251,3 +251,78 @@ def _smallest_device(total: int) -> str:
     fitting = sorted((device_budget(d["name"]), d["name"]) for d in claims_data()["devices"])
     name = next((n for budget, n in fitting if budget >= total), None)
     return f"fits a {name}" if name else "more than any listed device"
+
+
+def _multi_gpu_bf16(model: EstimationModel) -> ClaimRow:
+    """BF16 on one 48 GB-class GPU and on GPU pairs: accelerate's device map and vLLM's tensor parallelism."""
+    from quantlab.estimate.multi_gpu import multi_gpu_estimates, parse_gpu_sets
+
+    statement = claims_data()["statements"]["multi_gpu_bf16"]
+    bf16 = get_scheme("bf16")
+    weights = estimate_weights(model.inventory, bf16, model.shape.layers)
+    rt = runtime_profile("transformers")
+    parts, fits = [], {}
+    for gpus in parse_gpu_sets(",".join(statement["gpu_sets"])):
+        for row in multi_gpu_estimates(model, bf16, weights, weights.bytes(), gpus, 1, rt):
+            fits[(gpus.label, row.split)] = row.max_context
+            parts.append(f"{gpus.label} GB {_split_name(row.split)}: " + (
+                f"up to {row.max_context:,} tokens" if row.max_context else "does not fit"))
+    single = max(v for (label, _), v in fits.items() if label == "1x48")
+    pairs = max(v for (label, _), v in fits.items() if label.startswith("2x"))
+    verdict = ("partly: one 48 GB-class GPU does not hold the BF16 weights; two GPUs do" if not single and pairs
+               else "matches" if single else "does not match: no listed GPU set holds BF16")
+    return ClaimRow(
+        id="multi_gpu_bf16", claim=statement["quote"], estimate="; ".join(parts), measured="—", verdict=verdict,
+        basis="estimate (accelerate's device map on the meta device; vLLM TP rules)",
+        detail=f"BF16 text weights {weights.bytes() / 1e9:.2f} GB > a 48 GiB card ({48 * GIB / 1e9:.2f} GB); "
+        "`quantlab estimate --gpus` gives the per-GPU figures",
+    )
+
+
+def _vllm_tp8(model: EstimationModel) -> ClaimRow:
+    """The article's `vllm serve ... --tensor-parallel-size 8 --max-model-len 262144`, per GPU."""
+    from quantlab.estimate.tensor_parallel import GPU_MEMORY_UTILIZATION, tensor_parallel_estimate
+
+    statement = claims_data()["statements"]["vllm_tp8"]
+    tp = tensor_parallel_estimate(model, get_scheme("bf16"), statement["tp"])
+    need = tp.memory_at(statement["tokens"]).total
+    usable = {g: g * GIB * GPU_MEMORY_UTILIZATION for g in statement["gpu_gib"]}
+    fitting = [g for g, budget in usable.items() if budget >= need]
+    return ClaimRow(
+        id="vllm_tp8", claim=statement["quote"],
+        estimate=f"per GPU: {tp.weight_bytes / 1e9:.2f} GB of BF16 weights, {need / 1e9:.1f} GB in all at "
+        f"{statement['tokens']:,} tokens ({tp.q_heads_per_rank} query heads and {tp.kv_heads_per_rank} KV head per GPU, "
+        f"each KV head on {tp.kv_replicas} GPUs)",
+        measured="—",
+        verdict=(f"runs: vLLM accepts TP {tp.tp} for this model, and each GPU fits in {min(fitting)} GB"
+                 if fitting else f"each GPU needs {need / 1e9:.1f} GB: more than {max(usable)} GB cards give vLLM"),
+        basis="estimate (vLLM tensor-parallel rules, bf16 KV cache and state)",
+        detail=f"at {GPU_MEMORY_UTILIZATION:.0%} of each GPU (vLLM's --gpu-memory-utilization default); with "
+        f"{tp.kv_replicas} GPUs per KV head, the cache per GPU does not shrink past TP {tp.tp // tp.kv_replicas}",
+    )
+
+
+def _moe_multi_gpu(moe: EstimationModel) -> ClaimRow:
+    """The 397B MoE "needs a multi-GPU server just to load": its weights per GPU at TP 8."""
+    from quantlab.estimate.tensor_parallel import GPU_MEMORY_UTILIZATION, tensor_parallel_estimate
+
+    statement = claims_data()["statements"]["moe_multi_gpu"]
+    parts, loads = [], []
+    for key in statement["schemes"]:
+        tp = tensor_parallel_estimate(moe, get_scheme(key), statement["tp"])
+        fits = [g for g in statement["gpu_gib"] if g * GIB * GPU_MEMORY_UTILIZATION > tp.memory_at(4096).total]
+        loads.append(bool(fits))
+        parts.append(f"{key}: {tp.weight_bytes / 1e9:.1f} GB per GPU at TP {tp.tp} "
+                     + (f"(fits {min(fits)} GB GPUs at 4,096 tokens)" if fits else f"(more than {max(statement['gpu_gib'])} GB GPUs hold)"))
+    single = estimate_weights(moe.inventory, get_scheme(statement["schemes"][-1]), moe.shape.layers).bytes()
+    return ClaimRow(
+        id="moe_multi_gpu", claim=statement["quote"], estimate="; ".join(parts), measured="—",
+        verdict="matches" if single > max(statement["gpu_gib"]) * GIB else "does not match",
+        basis="estimate (vLLM tensor-parallel rules)",
+        detail=f"even at {statement['schemes'][-1]} the weights alone are {single / 1e9:.0f} GB, more than one "
+        f"{max(statement['gpu_gib'])} GB GPU" + ("" if all(loads) else "; some schemes need larger GPUs at TP 8"),
+    )
+
+
+def _split_name(split: str) -> str:
+    return {"accelerate": "accelerate map", "vllm-tp": "vLLM TP"}.get(split, split)

@@ -32,6 +32,8 @@ def add_estimate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", choices=["transformers", "llama.cpp"], default="transformers",
                    help="runtime profile (default: transformers, as quantlab measures)")
     p.add_argument("--gpu-gb", default="24", help="GPU sizes for the longest-context column, comma-separated (default: 24)")
+    p.add_argument("--gpus", help="GPU sets to split each method across, COUNTxGB comma-separated (e.g. 2x24,1x48): "
+                   "per-GPU memory under accelerate's device map and under vLLM's tensor parallelism")
     p.add_argument("--with-vision", action="store_true", help="count the vision tower as loaded")
     p.add_argument("--with-mtp", action="store_true", help="count the MTP head as loaded")
     p.add_argument("--markdown", action="store_true", help="print Markdown instead of aligned text")
@@ -49,7 +51,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     options = EstimateOptions(
         model=args.model, methods=args.methods, contexts=args.contexts, batch=args.batch, gpu_gb=args.gpu_gb,
         runtime=args.runtime, kv_dtype=args.kv_dtype, state_dtype=args.state_dtype, prefill_chunk=args.prefill_chunk,
-        with_vision=args.with_vision, with_mtp=args.with_mtp, output=args.output,
+        with_vision=args.with_vision, with_mtp=args.with_mtp, gpus=args.gpus, output=args.output,
     )
     if not args.no_write:
         check_measurements_folder(args.output)  # refused before the estimate, not after its table is printed

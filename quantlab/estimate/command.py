@@ -15,6 +15,7 @@ from quantlab.estimate.claims import check_claims
 from quantlab.estimate import DEFAULT_CONTEXTS, DEFAULT_METHODS, ESTIMATES_NAME, PLOT_NAME
 from quantlab.estimate.estimator import EstimateRequest, EstimateResult, estimate
 from quantlab.estimate.model import EstimationModel, load_model
+from quantlab.estimate.multi_gpu import parse_gpu_sets
 from quantlab.estimate.runtime import runtime_profile
 from quantlab.estimate.schemes import parse_schemes
 from quantlab.known_models import KNOWN_MODELS
@@ -35,11 +36,13 @@ class EstimateOptions:
     prefill_chunk: int | None = None
     with_vision: bool = False
     with_mtp: bool = False
+    gpus: str | None = None  # "2x24,1x48": GPU sets to split each method across
     output: str | None = "measurements"  # where GPU records are read from (None: no records)
 
 
 def run_estimate(options: EstimateOptions) -> EstimateResult:
     """The whole estimate, with the claims (for Qwen3.6-27B) and checks against GPU records."""
+    gpu_sets = parse_gpu_sets(options.gpus) if options.gpus else ()  # bad input refused before any work
     records, _ = load_records(options.output) if options.output else ([], [])
     model = load_model(options.model)
     # The DeltaNet state dtype: the option, else the config's mamba_ssm_dtype, else the profile's (float32).
@@ -58,6 +61,7 @@ def run_estimate(options: EstimateOptions) -> EstimateResult:
         runtime=rt,
         include_vision=options.with_vision,
         include_mtp=options.with_mtp,
+        gpu_sets=gpu_sets,
     )
     result = estimate(model, request)
     result = result.model_copy(update={"model": result.model.model_copy(update={"notes": [*result.model.notes, *notes]})})

@@ -12,6 +12,7 @@ import quantlab
 from quantlab.estimate import DEFAULT_CONTEXTS
 from quantlab.estimate.overheads import describe_overheads
 from quantlab.estimate.model import EstimationModel
+from quantlab.estimate.multi_gpu import GpuSet, multi_gpu_estimates
 from quantlab.estimate.runtime import (
     RuntimeAssumptions,
     activation_bytes_per_token,
@@ -47,6 +48,7 @@ class EstimateRequest:
     include_vision: bool = False
     include_mtp: bool = False
     dtype: str = "bfloat16"  # what unquantized tensors are kept in
+    gpu_sets: tuple[GpuSet, ...] = ()  # `--gpus 2x24,1x48`: each method split across each set
 
     @property
     def scope(self) -> str:
@@ -59,12 +61,24 @@ def estimate(model: EstimationModel, request: EstimateRequest) -> EstimateResult
         check_point(context, request.batch)
     methods = [_method(model, request, scheme) for scheme in request.schemes]
     return EstimateResult(
+        multi_gpu=_multi_gpu(model, request),
         created_at=utc_now(),
         quantlab_version=quantlab.__version__,
         model=_facts(model, request),
         assumptions=_assumptions(model, request),
         methods=methods,
     )
+
+
+def _multi_gpu(model: EstimationModel, request: EstimateRequest) -> list:
+    """Each method on each GPU set; the text model only (what a device map and vLLM's TP split)."""
+    rows = []
+    for scheme in request.schemes if request.gpu_sets else ():
+        weights = weights_for(model, scheme, request.dtype)
+        for gpus in request.gpu_sets:
+            rows += multi_gpu_estimates(model, scheme, weights, weights.bytes(False, False), gpus, request.batch,
+                                        request.runtime)
+    return rows
 
 
 def lookup_table_bytes(weights: WeightsEstimate) -> int:

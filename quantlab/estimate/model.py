@@ -28,6 +28,8 @@ class EstimationModel:
     inventory: ModelInventory
     shape: HybridShape
     notes: tuple[str, ...] = ()
+    text_model: tuple | None = None  # (config, auto class) of the text model as from_pretrained would build it
+
 
     @property
     def has_vision(self) -> bool:
@@ -48,7 +50,7 @@ def load_model(model: str) -> EstimationModel:
         check_fields(raw, model)
     shape = hybrid_shape(text_config_of(resolved.config))
     inventory = model_inventory(resolved.config)
-    return EstimationModel(resolved.name, resolved.location, inventory, shape, resolved.notes)
+    return EstimationModel(resolved.name, resolved.location, inventory, shape, resolved.notes, resolved.variant())
 
 
 def model_spec(model: str) -> ModelSpec:

@@ -79,6 +79,44 @@ def memory_table(result: EstimateResult) -> Table:
     return headers, rows, "lrr" + "r" * (len(contexts) + len(gpus))
 
 
+SPLIT_NAMES = {"accelerate": "accelerate device map", "vllm-tp": "vLLM tensor parallel"}
+
+
+def multi_gpu_table(result: EstimateResult) -> Table:
+    """Each method on each GPU set, both ways of splitting: weights and memory per GPU, the longest context."""
+    labels = {me.key: me.label for me in result.methods}
+    rows = []
+    for row in result.multi_gpu:
+        head = [labels.get(row.method, row.method), row.gpus, SPLIT_NAMES.get(row.split, row.split)]
+        if row.unavailable:
+            rows.append([*head, "n/a", "n/a", "n/a", row.unavailable])
+            continue
+        weights, totals = _per_gpu([g.weights for g in row.per_gpu]), _per_gpu([g.total_at_max_context for g in row.per_gpu])
+        layers = ", ".join(f"{g.device}: {g.full_attention_layers} + {g.deltanet_layers}" for g in row.per_gpu
+                           if g.full_attention_layers is not None)
+        fit = f"{row.max_context:,}" + ("+" if not row.limit.startswith("memory") else "")
+        rows.append([*head, weights, totals, fit, f"{row.limit}" + (f"; layers (attention + DeltaNet) {layers}" if layers else "")])
+    headers = ["Method", "GPUs (count x GB)", "Split", "Weights per GPU", "Total per GPU at max ctx", "Max ctx", "Limit, notes"]
+    return headers, rows, "lllrrrl"
+
+
+def _per_gpu(values: list[int | None]) -> str:
+    """'13.45 each' when the GPUs hold the same, else each GPU's in order."""
+    cells = [gb(v) if v else "-" for v in values]
+    if all(c == "-" for c in cells):
+        return "-"
+    return f"{cells[0]} each" if len(cells) > 1 and len(set(cells)) == 1 else " / ".join(cells)
+
+
+def multi_gpu_lines(result: EstimateResult) -> list[str]:
+    return [
+        "accelerate: whole decoder layers per GPU, the map a run computes (each GPU offering its size less the CUDA "
+        "context), one GPU working at a time; vLLM: every layer cut across the GPUs (KV heads copied when GPUs "
+        "outnumber them), 0.9 of each GPU (--gpu-memory-utilization), bf16 KV cache and state, 8,192-token "
+        "prefill chunks. Text model only. GB = 10⁹ bytes.",
+    ]
+
+
 def claims_table(result: EstimateResult) -> Table:
     rows = [[c["claim"], c["estimate"], c["measured"], c["verdict"], c.get("basis", "estimate")] for c in result.claims]
     return ["Claim", "Estimate", "Measured", "Verdict", "Rests on"], rows, "lllll"
@@ -118,6 +156,8 @@ def terminal_text(result: EstimateResult) -> str:
     lines = [*header_lines(result), "", "Weights by component", *aligned(components_table(result))]
     lines += ["", f"Total memory at each context (GB: {_total_formula()}), batch {result.assumptions.batch}"]
     lines += aligned(memory_table(result))
+    if result.multi_gpu:
+        lines += ["", "Across GPUs", *multi_gpu_lines(result), *aligned(multi_gpu_table(result))]
     if result.claims:
         lines += ["", "The article's claims", *[f"({a})" for a in claim_assumptions(result)]]
         for c in result.claims:
@@ -134,6 +174,8 @@ def markdown_text(result: EstimateResult, title_level: str = "##") -> str:
     lines += ["Weights by component:", "", *markdown(components_table(result)), ""]
     lines += [f"Total memory at each context (GB: {_total_formula()}), batch {result.assumptions.batch}:", ""]
     lines += [*markdown(memory_table(result)), ""]
+    if result.multi_gpu:
+        lines += ["Across GPUs:", "", *multi_gpu_lines(result), "", *markdown(multi_gpu_table(result)), ""]
     if result.claims:
         lines += ["The article's claims:", "", *markdown(claims_table(result)), ""]
         lines += [*claim_notes(result), ""]

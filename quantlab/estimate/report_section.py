@@ -9,7 +9,9 @@ from pydantic import ValidationError
 
 from quantlab.estimate import ESTIMATES_NAME, PLOT_NAME
 from quantlab.schema.estimate import EstimateResult
-from quantlab.estimate.render import checks_table, claim_notes, claims_table, header_lines, markdown, memory_table
+from quantlab.estimate.render import (
+    checks_table, claim_notes, claims_table, header_lines, markdown, memory_table, multi_gpu_lines, multi_gpu_table,
+)
 
 
 
@@ -39,6 +41,8 @@ def _section(result: EstimateResult, has_plot: bool) -> list[str]:
         lines += [f"![claimed vs estimated vs measured memory]({PLOT_NAME})", ""]
     lines += [*[f"{line}  " for line in header_lines(result)], ""]
     lines += [*markdown(memory_table(result)), ""]
+    if result.multi_gpu:
+        lines += ["Across GPUs (estimate):", "", *multi_gpu_lines(result), "", *markdown(multi_gpu_table(result)), ""]
     if result.checks:
         lines += ["Estimate vs measured (GPU records; the goal is a prefill peak within 5%):", ""]
         lines += [*markdown(checks_table(result)), ""]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
+from quantlab.device_map import DeviceSplit, accelerate_device
 from quantlab.errors import QuantlabError
 from quantlab.kernels import compute_dtype, kernels_of
 from quantlab.schema.environment import WeightsInfo
@@ -33,8 +34,9 @@ class LoadedModel:
 class TransformersRuntime:
     name = NAME
 
-    def load(self, source: ModelSource, device: torch.device, load_kwargs: dict[str, Any] | None = None) -> LoadedModel:
-        return load_model(source, device, load_kwargs)
+    def load(self, source: ModelSource, device: torch.device, load_kwargs: dict[str, Any] | None = None,
+             split: DeviceSplit | None = None) -> LoadedModel:
+        return load_model(source, device, load_kwargs, split)
 
     def prefill(self, model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         return prefill(model, ids)
@@ -60,17 +62,22 @@ class TransformersRuntime:
 
 # ---- loading ------------------------------------------------------------------------------------------------
 
-def load_model(source: ModelSource, device: torch.device, load_kwargs: dict[str, Any] | None = None) -> LoadedModel:
+def load_model(source: ModelSource, device: torch.device, load_kwargs: dict[str, Any] | None = None,
+               split: DeviceSplit | None = None) -> LoadedModel:
     """`load_kwargs`: extra from_pretrained arguments from the method (e.g. bitsandbytes' quantization_config);
-    synthetic weights never go through from_pretrained, so they ignore them."""
+    synthetic weights never go through from_pretrained, so they ignore them. `split`: the plan's device map
+    for a model split across devices, given to from_pretrained (or to accelerate's dispatch) as it is."""
     spec = source.spec
     config, auto_class = source.variant()
     dtype = DTYPES[spec.dtype]
-    if source.synthetic:
+    if source.synthetic and split is not None:
+        model, tokenizer, revision = synthetic_split(config, auto_class, split.device_map, dtype, spec.seed), None, None
+    elif source.synthetic:
         model, tokenizer, revision = _synthetic(config, auto_class, device, dtype, spec.seed), None, None
     else:
         kwargs = {**awq_kernel_kwargs(spec.awq_kernel, source.config), **(load_kwargs or {})}
-        model = _from_pretrained(auto_class, source.load_location(), spec.revision, dtype, device, **kwargs)
+        placement = split.accelerate_map() if split is not None else str(device)
+        model = _from_pretrained(auto_class, source.load_location(), spec.revision, dtype, placement, **kwargs)
         tokenizer = source.tokenizer()
         revision = getattr(model.config, "_commit_hash", None) if source.from_hub else None
     ran_in = compute_dtype(model)
@@ -99,10 +106,10 @@ def is_awq_checkpoint(config: PretrainedConfig) -> bool:
 
 
 def _from_pretrained(
-    auto_class: type, location: str, revision: str | None, dtype: torch.dtype, device: torch.device, **extra: Any
+    auto_class: type, location: str, revision: str | None, dtype: torch.dtype, device_map: str | dict, **extra: Any
 ):
     try:
-        return load_pretrained(auto_class, location, revision=revision, dtype=dtype, device_map=str(device), **extra)
+        return load_pretrained(auto_class, location, revision=revision, dtype=dtype, device_map=device_map, **extra)
     except OSError as exc:
         from pathlib import Path
 
@@ -158,6 +165,23 @@ def _synthetic(config: PretrainedConfig, auto_class: type, device: torch.device,
     torch.manual_seed(seed)
     with torch.device(device):
         return auto_class.from_config(config, dtype=dtype)
+
+
+def synthetic_split(config: PretrainedConfig, auto_class: type, device_map: dict[str, str], dtype: torch.dtype,
+                    seed: int):
+    """Random weights for a model split across devices: built on the meta device, each mapped module created on its
+    own device and initialised there (never the whole model on one), then dispatched with accelerate's hooks."""
+    from accelerate import dispatch_model, init_empty_weights
+
+    torch.manual_seed(seed)
+    with init_empty_weights():
+        model = auto_class.from_config(config, dtype=dtype)
+    for name, device in device_map.items():
+        module = model.get_submodule(name) if name else model
+        module.to_empty(device=device, recurse=True)
+        module.apply(model._init_weights)
+    model.tie_weights()
+    return dispatch_model(model, device_map={n: accelerate_device(d) for n, d in device_map.items()})
 
 
 # ---- running ------------------------------------------------------------------------------------------------

@@ -68,6 +68,30 @@ class Assumptions(Frozen):
     activation_bytes_per_token: int
 
 
+class GpuShareEstimate(Frozen):
+    """One GPU of a split, at the split's longest context."""
+
+    device: str
+    weights: int
+    full_attention_layers: int | None = None  # accelerate: the layers this GPU holds; None under TP (a slice of all)
+    deltanet_layers: int | None = None
+    total_at_max_context: int | None = None  # what nvidia-smi would show there
+
+
+class MultiGpuEstimate(Frozen):
+    """A method on a set of equal GPUs, split by accelerate's device map or by vLLM's tensor parallelism."""
+
+    method: str  # the scheme key
+    gpus: str  # e.g. "2x24"
+    count: int
+    gpu_gib: float
+    split: str  # "accelerate" (whole layers per GPU) or "vllm-tp" (every layer cut across the GPUs)
+    per_gpu: list[GpuShareEstimate] = []
+    max_context: int = 0
+    limit: str = ""
+    unavailable: str | None = None  # why there is no such split (does not fit, not divisible, not modelled)
+
+
 class EstimateResult(Frozen):
     schema_version: int = SCHEMA_VERSION
     created_at: str
@@ -77,3 +101,4 @@ class EstimateResult(Frozen):
     methods: list[MethodEstimate]
     claims: list[dict] = []  # quantlab.estimate.claims.ClaimRow dumps
     checks: list[dict] = []  # quantlab.estimate.against_records.MeasuredCheck dumps
+    multi_gpu: list[MultiGpuEstimate] = []  # `--gpus`: each method on each GPU set, both ways of splitting

@@ -22,6 +22,23 @@ class TimingResult(Frozen):
     synchronized: bool  # True when CUDA work was waited for at both ends
 
 
+class DeviceMemory(Frozen):
+    """One GPU's figures, for a model split across several (MemoryResult.per_device)."""
+
+    device: str
+    allocated_start_bytes: int | None = None
+    allocated_end_bytes: int | None = None
+    allocated_peak_bytes: int | None = None
+    reserved_start_bytes: int | None = None
+    reserved_end_bytes: int | None = None
+    reserved_peak_bytes: int | None = None
+    nvml_device_used_start_bytes: int | None = None
+    nvml_device_used_end_bytes: int | None = None
+    nvml_device_used_peak_bytes: int | None = None  # every process on this GPU
+    nvml_process_used_peak_bytes: int | None = None  # this process on this GPU, CUDA context included
+    nvml_process_basis: str | None = None
+
+
 class MemoryResult(Frozen):
     device: str
     rss_start_bytes: int
@@ -43,6 +60,8 @@ class MemoryResult(Frozen):
     start_state: str | None = None  # e.g. "after gc.collect() and torch.cuda.empty_cache()"; None: as found
     samples: int = 0
     notes: tuple[str, ...] = ()
+    # A model split across GPUs: each GPU's own figures; the fields above are then their sums.
+    per_device: tuple[DeviceMemory, ...] = ()
 
     @property
     def rss_growth_bytes(self) -> int:

@@ -41,6 +41,22 @@ class PointRef(Frozen):
     seed: int
 
 
+class SplitRef(Frozen):
+    """A model split across devices by accelerate's device map: where each module went, and what that put where."""
+
+    devices: tuple[str, ...]  # GPUs in index order, then "cpu" when offloaded
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        return tuple(d for d in self.devices if d.startswith("cuda"))
+    gpu_names: dict[str, str] = {}  # device -> its GPU's name
+    gpu_memory_bytes: dict[str, int] = {}  # device -> its GPU's total memory
+    offered_bytes: dict[str, int]  # the recipe's max_memory (or each GPU's free memory for gpus: N)
+    weight_bytes_per_device: dict[str, int]  # as accelerate sized them when it made the map
+    layers_per_device: dict[str, tuple[int, ...]]
+    device_map: dict[str, str]  # module -> device
+
+
 class Record(Frozen):
     schema_version: int = SCHEMA_VERSION
     record_id: str
@@ -61,6 +77,7 @@ class Record(Frozen):
     roofline: Roofline | None = None
     quality: QualityResult | None = None  # once per run, against the reference (recipe's quality section)
     kernels: Kernels | None = None  # what really ran: DeltaNet functions, quantized Linear classes, dtype
+    split: SplitRef | None = None  # a model split across devices; None: one device (hardware.device)
     notes: tuple[str, ...] = ()
 
 
@@ -72,8 +89,9 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def produced_by(hardware: Hardware, weights: WeightsInfo) -> str:
-    return f"{hardware.kind.upper()} {hardware.name}, {weights.weights} weights"
+def produced_by(hardware: Hardware, weights: WeightsInfo, split_devices: tuple[str, ...] = ()) -> str:
+    across = f", split across {', '.join(split_devices)}" if len(split_devices) > 1 else ""
+    return f"{hardware.kind.upper()} {hardware.name}{across}, {weights.weights} weights"
 
 
 def record_id(created_at: str, model: str, method: str, context: int, batch: int, run_id: str) -> str:

@@ -15,29 +15,29 @@ import threading
 import psutil
 import torch
 
-from quantlab.schema.measurement import MemoryResult
+from quantlab.schema.measurement import DeviceMemory, MemoryResult
 from quantlab.trackers.nvml import NvmlProbe
 from quantlab.trackers.timing import synchronize
 
 
 class _PeakSampler(threading.Thread):
-    def __init__(self, interval_s: float, nvml: NvmlProbe | None):
+    def __init__(self, interval_s: float, probes: dict[torch.device, NvmlProbe]):
         super().__init__(daemon=True, name="quantlab-memory-sampler")
         self.interval_s = interval_s
-        self.nvml = nvml
+        self.probes = probes
         self.process = psutil.Process()
         self.stop_event = threading.Event()
         self.rss_peak = 0
-        self.device_peak: int | None = None
-        self.process_peak: int | None = None
+        self.device_peak: dict[torch.device, int | None] = dict.fromkeys(probes)
+        self.process_peak: dict[torch.device, int | None] = dict.fromkeys(probes)
         self.samples = 0
         self.sample()
 
     def sample(self) -> None:
         self.rss_peak = max(self.rss_peak, self.process.memory_info().rss)
-        if self.nvml is not None:
-            self.device_peak = _max(self.device_peak, self.nvml.device_used())
-            self.process_peak = _max(self.process_peak, self.nvml.process_used())
+        for device, probe in self.probes.items():
+            self.device_peak[device] = _max(self.device_peak[device], probe.device_used())
+            self.process_peak[device] = _max(self.process_peak[device], probe.process_used())
         self.samples += 1
 
     def run(self) -> None:
@@ -56,46 +56,57 @@ def _max(a: int | None, b: int | None) -> int | None:
 
 SETTLED_CUDA = "after gc.collect() and torch.cuda.empty_cache()"
 SETTLED_CPU = "after gc.collect()"
+SUMMED = ("split across {devices}: the allocator and NVML figures are the sum of each GPU's own peak (an upper "
+          "bound on their simultaneous total); per_device has each GPU's")
 
 
-def settle(device: torch.device) -> str:
-    """Collect garbage and, on CUDA, give cached blocks back to the driver. Returns the state reached."""
+def settle(device: torch.device, devices: tuple[torch.device, ...] = ()) -> str:
+    """Collect garbage and, on CUDA, give cached blocks back to the driver (on every device of a split).
+    Returns the state reached."""
     gc.collect()
-    if device.type == "cuda":
-        synchronize(device)
+    cuda = [d for d in (devices or (device,)) if d.type == "cuda"]
+    for d in cuda:
+        synchronize(d)
+    if cuda:
         torch.cuda.empty_cache()
         return SETTLED_CUDA
     return SETTLED_CPU
 
 
 class MemoryTracker:
+    """`devices`: every device a split model occupies (default: `device` alone). Each GPU is tracked on its own;
+    with several, the result's figures are their sums and `per_device` holds each one's."""
+
     def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.005, nvml: NvmlProbe | None = None,
-                 settle_first: bool = False):
+                 settle_first: bool = False, devices: tuple[torch.device, ...] = ()):
         self.device = torch.device(device)
+        self.devices = tuple(torch.device(d) for d in devices) or (self.device,)
         self.interval_s = interval_s
-        self.nvml = nvml if nvml is not None or self.device.type != "cuda" else NvmlProbe(self.device)
+        self.gpus = tuple(d for d in self.devices if d.type == "cuda")
+        self.nvml = {d: nvml if nvml is not None and d == self.device else NvmlProbe(d) for d in self.gpus}
         self.settle_first = settle_first
         self.result: MemoryResult | None = None
 
     def __enter__(self) -> "MemoryTracker":
-        self._start_state = settle(self.device) if self.settle_first else None
-        self._cuda_start: dict = {}
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._cuda_start = dict(
-                allocated_start_bytes=torch.cuda.memory_allocated(self.device),
-                reserved_start_bytes=torch.cuda.memory_reserved(self.device),
-                nvml_device_used_start_bytes=self.nvml.device_used(),
+        self._start_state = settle(self.device, self.devices) if self.settle_first else None
+        self._cuda_start: dict[torch.device, dict] = {}
+        for device in self.gpus:
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self._cuda_start[device] = dict(
+                allocated_start_bytes=torch.cuda.memory_allocated(device),
+                reserved_start_bytes=torch.cuda.memory_reserved(device),
+                nvml_device_used_start_bytes=self.nvml[device].device_used(),
             )
         self._rss_start = psutil.Process().memory_info().rss
-        self._sampler = _PeakSampler(self.interval_s, self.nvml if self.device.type == "cuda" else None)
+        self._sampler = _PeakSampler(self.interval_s, self.nvml)
         self._sampler.start()
         return self
 
     def __exit__(self, *exc) -> bool:
-        if self.device.type == "cuda" and exc[0] is None:
-            synchronize(self.device)
+        if exc[0] is None:
+            for device in self.gpus:
+                synchronize(device)
         self._sampler.finish()
         self.result = self._result()
         return False
@@ -111,19 +122,33 @@ class MemoryTracker:
             start_state=self._start_state,
             samples=s.samples,
         )
-        if self.device.type != "cuda":
+        if not self.gpus:
             return MemoryResult(**common)
-        notes = tuple(n for n in (self.nvml.unavailable, self.nvml.process_unknown) if n)
-        return MemoryResult(
-            **common,
-            **self._cuda_start,
-            allocated_end_bytes=torch.cuda.memory_allocated(self.device),
-            allocated_peak_bytes=torch.cuda.max_memory_allocated(self.device),
-            reserved_end_bytes=torch.cuda.memory_reserved(self.device),
-            reserved_peak_bytes=torch.cuda.max_memory_reserved(self.device),
-            nvml_device_used_end_bytes=self.nvml.device_used(),
-            nvml_device_used_peak_bytes=s.device_peak,
-            nvml_process_used_peak_bytes=s.process_peak,
-            nvml_process_basis=self.nvml.process_basis if s.process_peak is not None else None,
-            notes=notes,
+        each = [DeviceMemory(device=str(d), **self._cuda_figures(d)) for d in self.gpus]
+        notes = tuple(dict.fromkeys(n for d in self.gpus for n in (self.nvml[d].unavailable, self.nvml[d].process_unknown) if n))
+        if len(each) == 1:
+            return MemoryResult(**common, **each[0].model_dump(exclude={"device"}), notes=notes)
+        summed = {name: _sum(getattr(e, name) for e in each) for name in DeviceMemory.model_fields if name.endswith("_bytes")}
+        bases = {e.nvml_process_basis for e in each}
+        return MemoryResult(**common, **summed, nvml_process_basis=bases.pop() if len(bases) == 1 else None,
+                            per_device=tuple(each),
+                            notes=(*notes, SUMMED.format(devices=", ".join(e.device for e in each))))
+
+    def _cuda_figures(self, device: torch.device) -> dict:
+        s, probe = self._sampler, self.nvml[device]
+        return dict(
+            **self._cuda_start[device],
+            allocated_end_bytes=torch.cuda.memory_allocated(device),
+            allocated_peak_bytes=torch.cuda.max_memory_allocated(device),
+            reserved_end_bytes=torch.cuda.memory_reserved(device),
+            reserved_peak_bytes=torch.cuda.max_memory_reserved(device),
+            nvml_device_used_end_bytes=probe.device_used(),
+            nvml_device_used_peak_bytes=s.device_peak[device],
+            nvml_process_used_peak_bytes=s.process_peak[device],
+            nvml_process_basis=probe.process_basis if s.process_peak[device] is not None else None,
         )
+
+
+def _sum(values) -> int | None:
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)

@@ -1,0 +1,204 @@
+"""A model split across devices: accelerate's device map, computed on the meta device before any weights load.
+
+The map is accelerate's own `device_map="auto"`: `get_balanced_memory`, then `infer_auto_device_map`, with the
+model's no-split classes (whole decoder layers), on a meta-device model built the way from_pretrained builds it.
+Quantized layers are sized as transformers' quantizer sizes them (its `param_element_size`, e.g. half a byte per
+4-bit weight), handed to accelerate as `special_dtypes`; a quantizer also gets its own say on the memory offered
+(`adjust_max_memory`), as in from_pretrained. The run gives that map to from_pretrained as an explicit dict, so
+the plan, the printed map and the load are one map.
+
+transformers' own `device_map="auto"` runs a copy of accelerate's algorithm that budgets each GPU's buffer from
+the largest single tensor rather than the mean module size; on Qwen3.6-27B over two GPUs that moves three
+decoder layers to GPU 0. quantlab follows accelerate.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+from quantlab.errors import QuantlabError
+from quantlab.fields import memory_bytes
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class DeviceSplit:
+    """Where each module goes, and what that puts on each device. Devices are named as torch names them."""
+
+    max_memory: dict[str, int]  # what the recipe offered, per device ("cuda:0", "cpu"), in bytes
+    device_map: dict[str, str]  # module -> device
+    bytes_per_device: dict[str, int]  # weights placed on each device, as accelerate sizes them
+    layers_per_device: dict[str, tuple[int, ...]]  # decoder layer indices on each device
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The devices the map uses, GPUs in index order, then the CPU."""
+        return tuple(sorted(set(self.device_map.values()), key=_device_order))
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        return tuple(d for d in self.devices if d.startswith("cuda"))
+
+    @property
+    def first_device(self) -> str:
+        """Where the input embedding sits: the inputs go there."""
+        return self.device_of("model.embed_tokens")
+
+    def device_of(self, module: str) -> str:
+        """The device of a module: the map's entry for it or for the nearest module that holds it."""
+        return device_of(module, self.device_map) or self.devices[0]
+
+    def accelerate_map(self) -> dict[str, int | str]:
+        """The map as from_pretrained and accelerate take it: GPU indices as integers."""
+        return {name: accelerate_device(device) for name, device in self.device_map.items()}
+
+    def lines(self) -> list[str]:
+        """One line per device: its layers, the weight bytes placed there, and what was offered."""
+        return [f"{device}: {_layer_text(self.layers_per_device.get(device, ()))}, "
+                f"{self.bytes_per_device.get(device, 0) / 1e9:.2f} GB of weights "
+                f"(offered {self.max_memory.get(device, 0) / 2**30:.2f} GiB)" for device in self.devices]
+
+
+def offered_memory(max_memory: dict[str, str] | None, gpus: int | None,
+                   free_gpu_bytes: Callable[[int], int] | None) -> dict[str, int] | None:
+    """Bytes per device from the recipe's `max_memory`, or the whole free memory of the first `gpus` GPUs
+    (None when that cannot be known here: no GPUs to ask)."""
+    if max_memory is not None:
+        return {key: memory_bytes(size) for key, size in max_memory.items()}
+    if free_gpu_bytes is None:
+        return None
+    return {f"cuda:{i}": free_gpu_bytes(i) for i in range(gpus)}
+
+
+def check_devices_visible(offered: dict[str, int] | dict[str, str], visible_gpus: int, what: str) -> None:
+    """Every GPU a split names must be one torch sees."""
+    missing = [d for d in offered if d.startswith("cuda:") and int(d.split(":")[1]) >= visible_gpus]
+    if missing:
+        seen = f"only {visible_gpus} GPU(s) are visible" if visible_gpus else "torch sees no CUDA GPU here"
+        raise QuantlabError(f"{what} names {', '.join(missing)} but {seen}")
+
+
+def plan_split(config: PretrainedConfig, auto_class: type, dtype: torch.dtype, offered: dict[str, int],
+               quantization_config: Any = None) -> DeviceSplit:
+    """The device map for `config` loaded in `dtype` (and quantized at load by `quantization_config`, as
+    bitsandbytes is), within `offered` bytes per device. Refuses, naming the sizes, when the model does not fit."""
+    from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
+
+    model, quantizer = meta_model_as_loaded(config, auto_class, dtype, quantization_config)
+    special = quantized_dtypes(model, quantizer)
+    no_split = sorted(getattr(model, "_no_split_modules", None) or ())
+    memory = {accelerate_device(d): b for d, b in offered.items()}
+    quiet = logging.getLogger("accelerate.utils.modeling")  # "Device 0 is not available" on a machine without it
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        balanced = get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split, special_dtypes=special)
+        if quantizer is not None:
+            balanced = quantizer.adjust_max_memory(balanced)
+        raw = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split, special_dtypes=special)
+    finally:
+        quiet.setLevel(level)
+    sizes = compute_module_sizes(model, special_dtypes=special)
+    layers = [(int(m.group(1)), name) for name, _ in model.named_modules() if (m := _LAYER.search(name))]
+    split = _split_of(raw, sizes, offered, layers)
+    _check_fits(split, sizes[""], offered)
+    return split
+
+
+def meta_model_as_loaded(config: PretrainedConfig, auto_class: type, dtype: torch.dtype, quantization_config: Any):
+    """The model from_pretrained builds before it loads weights: on the meta device, in `dtype`, with the
+    quantizer's layers in place (`quantization_config`, or a quantized checkpoint's own). Returns (model,
+    quantizer or None)."""
+    from accelerate import init_empty_weights
+
+    config = copy.deepcopy(config)  # the quantizer writes its config into it, as from_pretrained's copy
+    with init_empty_weights():
+        model = auto_class.from_config(config, dtype=dtype)
+    if quantization_config is None and getattr(config, "quantization_config", None) is None:
+        return model, None
+    from transformers.quantizers.auto import get_hf_quantizer
+
+    quantizer, _, _ = get_hf_quantizer(config, quantization_config, "auto", True, {})
+    with init_empty_weights():
+        quantizer.preprocess_model(model=model, dtype=dtype, device_map="auto", checkpoint_files=None, use_kernels=False)
+    return model, quantizer
+
+
+def quantized_dtypes(model, quantizer) -> dict[str, Any]:
+    """accelerate's `special_dtypes` for the parameters the quantizer stores in fewer bytes than the model holds
+    them in on the meta device (transformers' `param_element_size`)."""
+    if quantizer is None:
+        return {}
+    from accelerate.utils import CustomDtype
+
+    by_size = {0.25: CustomDtype.INT2, 0.5: CustomDtype.INT4, 1: torch.int8, 2: torch.bfloat16, 4: torch.float32}
+    special = {}
+    for name, param in model.named_parameters():
+        size = quantizer.param_element_size(model, name, param)
+        if size != param.element_size():
+            if size not in by_size:
+                raise QuantlabError(f"{name}: the quantizer stores {size} bytes per weight; accelerate has no such dtype")
+            special[name] = by_size[size]
+    return special
+
+
+def _split_of(raw: dict[str, int | str], sizes: dict[str, int], offered: dict[str, int],
+              layer_names: list[tuple[int, str]]) -> DeviceSplit:
+    device_map = {name: _torch_device(device) for name, device in raw.items()}
+    placed: dict[str, int] = defaultdict(int)
+    for name, device in device_map.items():
+        placed[device] += sizes.get(name, 0)
+    layers: dict[str, list[int]] = defaultdict(list)
+    for index, name in layer_names:
+        layers[device_of(name, device_map)].append(index)
+    return DeviceSplit(dict(offered), device_map, dict(placed), {d: tuple(sorted(v)) for d, v in layers.items()})
+
+
+def device_of(module: str, device_map: dict[str, str]) -> str | None:
+    """accelerate's rule: a module goes where the longest map entry that is it or holds it goes ('' holds all)."""
+    held_by = [k for k in device_map if k == "" or module == k or module.startswith(k + ".")]
+    return device_map[max(held_by, key=len)] if held_by else None
+
+
+def _check_fits(split: DeviceSplit, total: int, offered: dict[str, int]) -> None:
+    spilled = {d: b for d, b in split.bytes_per_device.items() if d == "disk" or d not in offered}
+    if not spilled:
+        return
+    offered_text = ", ".join(f"{d} {b / 2**30:.1f} GiB" for d, b in offered.items())
+    where = " and ".join(f"{b / 1e9:.2f} GB to {d}" for d, b in spilled.items())
+    raise QuantlabError(
+        f"the model's weights ({total / 1e9:.2f} GB as loaded) do not fit model.max_memory ({offered_text}): "
+        f"accelerate's device map would send {where}. Offer more memory or more GPUs, or allow offload to host "
+        "RAM with a cpu entry (max_memory: {..., cpu: 64GiB})"
+    )
+
+
+def accelerate_device(device: str) -> int | str:
+    return int(device.split(":")[1]) if device.startswith("cuda:") else device
+
+
+def _torch_device(device: int | str | torch.device) -> str:
+    if isinstance(device, int):
+        return f"cuda:{device}"
+    return str(device)
+
+
+def _device_order(device: str) -> tuple[int, int]:
+    return (0, int(device.split(":")[1])) if device.startswith("cuda:") else (1, 0)
+
+
+def _layer_text(layers: tuple[int, ...]) -> str:
+    if not layers:
+        return "no decoder layers"
+    if list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"layers {layers[0]}-{layers[-1]} ({len(layers)})"
+    return f"layers {', '.join(map(str, layers))} ({len(layers)})"

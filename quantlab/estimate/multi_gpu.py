@@ -1,0 +1,239 @@
+"""Memory per GPU of a model split across several, for `quantlab estimate --gpus 2x24,1x48`.
+
+- accelerate (transformers' device_map="auto"): whole decoder layers per GPU, one GPU working at a time. The
+  map is the one a run computes (quantlab/device_map.py: transformers' own `_get_device_map` on the meta
+  device, bitsandbytes' layers sized by its quantizer), each GPU offering its size less the CUDA context, as
+  its free memory would on an idle card. A GPU then holds its share of the weights (the estimator's bytes for
+  the scheme, split in the proportions the map gives), the KV cache of its full-attention layers, the state
+  of its DeltaNet layers, one layer's prefill activations, the logits where lm_head sits, the workspace of a
+  quantized matmul, the allocator's overhead and a CUDA context.
+- vLLM tensor parallelism (quantlab/estimate/tensor_parallel.py): every linear split across the ranks.
+
+The longest context of a GPU set is the longest at which every GPU fits.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from quantlab.errors import QuantlabError
+from quantlab.estimate.model import EstimationModel
+from quantlab.estimate.runtime import (
+    CACHE_DTYPE_BYTES,
+    RuntimeAssumptions,
+    activation_bytes_per_token,
+    check_point,
+    workspace_bytes,
+)
+from quantlab.estimate.schemes import Scheme
+from quantlab.estimate.weights import WeightsEstimate
+from quantlab.recipe import MAX_CONTEXT
+from quantlab.schema.estimate import GpuShareEstimate, MultiGpuEstimate
+
+GIB = 1 << 30
+MAX_GPUS_PER_SET = 64
+_GPU_SET = re.compile(r"(\d{1,3})\s*[x×]\s*(\d{1,4}(?:\.\d{1,3})?)")
+
+
+@dataclass(frozen=True)
+class GpuSet:
+    count: int
+    gib: float  # each GPU's marketed size: "24 GB" cards have 24 GiB
+
+    @property
+    def label(self) -> str:
+        return f"{self.count}x{self.gib:g}"
+
+
+def parse_gpu_sets(text: str) -> tuple[GpuSet, ...]:
+    """'2x24,1x48' → (2 GPUs of 24 GiB, 1 GPU of 48 GiB)."""
+    sets = []
+    for item in (part.strip() for part in str(text).split(",")):
+        match = _GPU_SET.fullmatch(item)
+        if not match:
+            raise QuantlabError(f"--gpus: '{item[:40]}' is not COUNTxSIZE (e.g. 2x24 for two 24 GB GPUs, 1x48 for one 48 GB)")
+        count, gib = int(match.group(1)), float(match.group(2))
+        if not 1 <= count <= MAX_GPUS_PER_SET or gib <= 0:
+            raise QuantlabError(f"--gpus: '{item}': 1 to {MAX_GPUS_PER_SET} GPUs of a positive size")
+        sets.append(GpuSet(count, gib))
+    return tuple(dict.fromkeys(sets))
+
+
+@dataclass(frozen=True)
+class GpuShare:
+    """What one GPU of a split holds that sets its memory."""
+
+    device: str
+    weight_bytes: int
+    full_attention_layers: int
+    deltanet_layers: int
+    has_lm_head: bool
+
+
+@dataclass(frozen=True)
+class SplitMemory:
+    """One GPU's memory at a context: allocated (the torch allocator's peak) and total (nvidia-smi's)."""
+
+    device: str
+    weights: int
+    kv_cache: int
+    deltanet_state: int
+    activations: int
+    total: int
+
+
+def accelerate_shares(model: EstimationModel, scheme: Scheme, weights_bytes: int, gpus: GpuSet,
+                      rt: RuntimeAssumptions) -> tuple[GpuShare, ...] | str:
+    """Each GPU's share under accelerate's device map; a sentence instead when there is no such split."""
+    if scheme.is_gguf:
+        return "GGUF files run in llama.cpp, which splits by its own rules (--tensor-split), not accelerate's"
+    if model.text_model is None:
+        return "no text model to map"
+    from quantlab.device_map import plan_split
+
+    auto_class = model.text_model[1]
+    offered = {f"cuda:{i}": round(gpus.gib * GIB) - rt.cuda_context_bytes for i in range(gpus.count)}
+    try:
+        config, quantization_config = _as_loaded(scheme, model)
+        split = plan_split(config, auto_class, _torch_dtype(), offered, quantization_config)
+    except QuantlabError as exc:
+        if "do not fit" not in str(exc):
+            raise
+        return (f"does not fit: {weights_bytes / 1e9:.2f} GB of weights; accelerate's map spills past "
+                f"{gpus.count} x {gpus.gib:g} GiB (less a CUDA context each)")
+    except (ImportError, ValueError, RuntimeError) as exc:  # a quantizer this machine cannot build
+        return f"no device map here ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+    mapped = sum(split.bytes_per_device.values())
+    if mapped > 1.25 * weights_bytes:  # e.g. fused MoE expert tensors, which transformers' quantizer leaves whole
+        return (f"no map for this scheme: transformers' quantizer sizes the model at {mapped / 1e9:.2f} GB, the scheme "
+                f"at {weights_bytes / 1e9:.2f} GB (it does not quantize every tensor the scheme does)")
+    layer_types = _layer_types(config)
+    shares = []
+    for device in split.devices:
+        kinds = Counter(layer_types[i] for i in split.layers_per_device.get(device, ()))
+        shares.append(GpuShare(
+            device=device,
+            weight_bytes=round(weights_bytes * split.bytes_per_device.get(device, 0) / mapped),
+            full_attention_layers=kinds["full_attention"],
+            deltanet_layers=kinds["linear_attention"],
+            has_lm_head=split.device_of("lm_head") == device,
+        ))
+    return tuple(shares)
+
+
+def share_memory(share: GpuShare, model: EstimationModel, weights: WeightsEstimate, context: int, batch: int,
+                 rt: RuntimeAssumptions) -> SplitMemory:
+    """One GPU's memory at `context` × `batch` (runtime.py's model, restricted to the layers it holds)."""
+    check_point(context, batch)
+    shape = model.shape
+    kv = round(share.full_attention_layers * 2 * shape.kv_heads * shape.head_dim * CACHE_DTYPE_BYTES[rt.kv_dtype]
+               * context * batch)
+    recurrent = shape.v_heads * shape.k_dim * shape.v_dim + (shape.conv_kernel - 1) * shape.conv_dim
+    state = round(share.deltanet_layers * recurrent * CACHE_DTYPE_BYTES[rt.state_dtype] * batch)
+    chunk = min(context, rt.prefill_chunk or context) * batch
+    holds_layers = share.full_attention_layers + share.deltanet_layers > 0
+    activations = (chunk * activation_bytes_per_token(shape, rt.activation_bytes) if holds_layers else 0)
+    activations += batch * shape.vocab * (rt.activation_bytes + 4) if share.has_lm_head else 0
+    allocated = share.weight_bytes + kv + state + activations + (workspace_bytes(weights, shape, chunk) if holds_layers else 0)
+    total = allocated + round(allocated * rt.allocator_overhead) + rt.cuda_context_bytes
+    return SplitMemory(share.device, share.weight_bytes, kv, state, activations, total)
+
+
+def longest_context(shares: tuple[GpuShare, ...], model: EstimationModel, weights: WeightsEstimate, gpus: GpuSet,
+                    batch: int, rt: RuntimeAssumptions) -> tuple[int, str]:
+    """The longest context at which every GPU fits (binary search: memory only grows with context), and which
+    GPU stops it."""
+    budget = round(gpus.gib * GIB)
+
+    def over(context: int) -> str | None:
+        for share in shares:
+            if share_memory(share, model, weights, context, batch, rt).total > budget:
+                return share.device
+        return None
+
+    if over(1):
+        return 0, f"memory ({over(1)})"
+    if over(MAX_CONTEXT) is None:
+        return MAX_CONTEXT, f"max context ({MAX_CONTEXT:,})"
+    low, high = 1, MAX_CONTEXT
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if over(mid) is None else (low, mid)
+    return low, f"memory ({over(high)})"
+
+
+def multi_gpu_estimates(model: EstimationModel, scheme: Scheme, weights: WeightsEstimate, loaded_bytes: int,
+                        gpus: GpuSet, batch: int, rt: RuntimeAssumptions) -> list[MultiGpuEstimate]:
+    """`scheme` on `gpus`, split by accelerate's device map and by vLLM's tensor parallelism."""
+    return [accelerate_estimate(model, scheme, weights, loaded_bytes, gpus, batch, rt),
+            tensor_parallel_row(model, scheme, gpus, batch)]
+
+
+def accelerate_estimate(model: EstimationModel, scheme: Scheme, weights: WeightsEstimate, loaded_bytes: int,
+                        gpus: GpuSet, batch: int, rt: RuntimeAssumptions) -> MultiGpuEstimate:
+    row = dict(method=scheme.key, gpus=gpus.label, count=gpus.count, gpu_gib=gpus.gib, split="accelerate")
+    shares = accelerate_shares(model, scheme, loaded_bytes, gpus, rt)
+    if isinstance(shares, str):
+        return MultiGpuEstimate(**row, unavailable=shares)
+    tokens, limit = longest_context(shares, model, weights, gpus, batch, rt)
+    per_gpu = [GpuShareEstimate(
+        device=s.device, weights=s.weight_bytes, full_attention_layers=s.full_attention_layers,
+        deltanet_layers=s.deltanet_layers,
+        total_at_max_context=share_memory(s, model, weights, tokens, batch, rt).total if tokens else None,
+    ) for s in shares]
+    return MultiGpuEstimate(**row, per_gpu=per_gpu, max_context=tokens, limit=limit)
+
+
+def tensor_parallel_row(model: EstimationModel, scheme: Scheme, gpus: GpuSet, batch: int) -> MultiGpuEstimate:
+    from quantlab.estimate.tensor_parallel import tensor_parallel_estimate
+
+    row = dict(method=scheme.key, gpus=gpus.label, count=gpus.count, gpu_gib=gpus.gib, split="vllm-tp")
+    try:
+        tp = tensor_parallel_estimate(model, scheme, gpus.count)
+    except QuantlabError as exc:
+        return MultiGpuEstimate(**row, unavailable=str(exc))
+    fit = tp.max_context(round(gpus.gib * GIB), batch)
+    total = tp.memory_at(fit.tokens, batch).total if fit.tokens else None
+    per_gpu = [GpuShareEstimate(device=f"cuda:{i}", weights=tp.weight_bytes, total_at_max_context=total)
+               for i in range(gpus.count)]
+    return MultiGpuEstimate(**row, per_gpu=per_gpu, max_context=fit.tokens, limit=fit.limit)
+
+
+def _layer_types(config) -> list[str]:
+    text = getattr(config, "text_config", None) or config
+    return list(text.layer_types)
+
+
+def _torch_dtype():
+    import torch
+
+    return torch.bfloat16
+
+
+def _as_loaded(scheme: Scheme, model: EstimationModel):
+    """The config and from_pretrained's quantization_config for the scheme, as a run would load it: bitsandbytes
+    quantizes at load (its config goes to from_pretrained); an AWQ checkpoint's config.json carries its own.
+    Either way transformers' quantizer sizes the quantized layers of the map."""
+    import copy
+
+    from quantlab.quantize.skips import skip_plan
+    from quantlab.sources import meta_model
+
+    config, auto_class = model.text_model
+    if scheme.method not in ("bnb_int8", "bnb_4bit", "awq"):
+        return config, None
+    from quantlab.methods import method_for
+    from quantlab.methods.awq import AwqConfig, quantization_config
+    from quantlab.methods.bnb import Bnb4bitConfig, BnbInt8Config
+
+    patterns = skip_plan(meta_model(config, auto_class), scheme.method).patterns
+    if scheme.method == "awq":
+        qconfig = AwqConfig(method="awq", group_size=int(scheme.key.removeprefix("awq-g")))
+        config = copy.deepcopy(config)
+        config.quantization_config = quantization_config(qconfig, patterns)
+        return config, None
+    qconfig = BnbInt8Config(method="bnb_int8") if scheme.method == "bnb_int8" else Bnb4bitConfig(
+        method="bnb_4bit", quant_type="fp4" if "fp4" in scheme.key else "nf4", double_quant="dq" in scheme.key)
+    return config, method_for(qconfig).transformers_config(qconfig, patterns)
