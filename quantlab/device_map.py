@@ -17,9 +17,10 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,6 +32,14 @@ from quantlab.fields import memory_bytes
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
 
 
+class DoesNotFit(QuantlabError):
+    """The model's weights, as the map sizes them (`total` bytes), do not fit what was offered."""
+
+    def __init__(self, total: int, message: str):
+        super().__init__(message)
+        self.total = total
+
+
 @dataclass(frozen=True)
 class DeviceSplit:
     """Where each module goes, and what that puts on each device. Devices are named as torch names them."""
@@ -39,6 +48,7 @@ class DeviceSplit:
     device_map: dict[str, str]  # module -> device
     bytes_per_device: dict[str, int]  # weights placed on each device, as accelerate sizes them
     layers_per_device: dict[str, tuple[int, ...]]  # decoder layer indices on each device
+    strategy: str = "balanced"  # accelerate's device_map="auto"; "sequential" where the balanced map spills
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -62,11 +72,24 @@ class DeviceSplit:
         """The map as from_pretrained and accelerate take it: GPU indices as integers."""
         return {name: accelerate_device(device) for name, device in self.device_map.items()}
 
+    @property
+    def unused(self) -> tuple[str, ...]:
+        """Devices offered memory that the map leaves empty."""
+        return tuple(d for d in sorted(self.max_memory, key=_device_order) if d not in self.devices)
+
     def lines(self) -> list[str]:
-        """One line per device: its layers, the weight bytes placed there, and what was offered."""
-        return [f"{device}: {_layer_text(self.layers_per_device.get(device, ()))}, "
-                f"{self.bytes_per_device.get(device, 0) / 1e9:.2f} GB of weights "
-                f"(offered {self.max_memory.get(device, 0) / 2**30:.2f} GiB)" for device in self.devices]
+        """One line per device: its layers, the weight bytes placed there, and what was offered; then what the
+        map chose not to use, and why the map is sequential when it is."""
+        lines = [f"{device}: {_layer_text(self.layers_per_device.get(device, ()))}, "
+                 f"{size_text(self.bytes_per_device.get(device, 0))} of weights "
+                 f"(offered {size_text(self.max_memory.get(device, 0), binary=True)})" for device in self.devices]
+        if self.unused:
+            lines.append(f"unused: {device_list(self.unused)} (accelerate's map puts nothing there)")
+        if self.strategy == "sequential":
+            lines.append("accelerate's balanced map would spill past what was offered (each GPU but the last is capped "
+                         "near an even share, less than the largest module it must hold whole): this is its "
+                         "sequential map, which fills the GPUs in order")
+        return lines
 
 
 def offered_memory(max_memory: dict[str, str] | None, gpus: int | None,
@@ -91,27 +114,46 @@ def check_devices_visible(offered: dict[str, int] | dict[str, str], visible_gpus
 def plan_split(config: PretrainedConfig, auto_class: type, dtype: torch.dtype, offered: dict[str, int],
                quantization_config: Any = None) -> DeviceSplit:
     """The device map for `config` loaded in `dtype` (and quantized at load by `quantization_config`, as
-    bitsandbytes is), within `offered` bytes per device. Refuses, naming the sizes, when the model does not fit."""
-    from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
+    bitsandbytes is), within `offered` bytes per device: accelerate's balanced map, or, where that one spills
+    although the model fits, accelerate's sequential map (device_map="sequential"), said in `strategy`.
+    Refuses, naming the sizes, when neither fits, and when no GPU would hold any of it."""
+    from accelerate.utils import compute_module_sizes
 
     model, quantizer = meta_model_as_loaded(config, auto_class, dtype, quantization_config)
     special = quantized_dtypes(model, quantizer)
+    sizes = compute_module_sizes(model, special_dtypes=special)
+    layers = [(int(m.group(1)), name) for name, _ in model.named_modules() if (m := _LAYER.search(name))]
+    split = _split_of(_accelerate_map(model, quantizer, special, offered, balanced=True), sizes, offered, layers)
+    if _spilled(split, offered):
+        sequential = _split_of(_accelerate_map(model, quantizer, special, offered, balanced=False), sizes, offered, layers)
+        if not _spilled(sequential, offered):
+            split = replace(sequential, strategy="sequential")
+    largest = max([sizes[name] for _, name in layers] + [v for k, v in sizes.items() if k.endswith(("embed_tokens", "lm_head"))])
+    _check_fits(split, sizes[""], largest, offered)
+    return split
+
+
+def _accelerate_map(model, quantizer, special: dict, offered: dict[str, int], balanced: bool) -> dict[str, int | str]:
+    """accelerate's device_map="auto" (balanced) or "sequential", with the quantizer's say on memory, as
+    from_pretrained gives it."""
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
     no_split = sorted(getattr(model, "_no_split_modules", None) or ())
     memory = {accelerate_device(d): b for d, b in offered.items()}
     quiet = logging.getLogger("accelerate.utils.modeling")  # "Device 0 is not available" on a machine without it
     level, quiet.level = quiet.level, logging.ERROR
     try:
-        balanced = get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split, special_dtypes=special)
-        if quantizer is not None:
-            balanced = quantizer.adjust_max_memory(balanced)
-        raw = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split, special_dtypes=special)
+        with warnings.catch_warnings():  # its note on offload buffers: the plan says what goes where itself
+            warnings.simplefilter("ignore", UserWarning)
+            if balanced:
+                memory = get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split,
+                                             special_dtypes=special)
+            if quantizer is not None:
+                memory = quantizer.adjust_max_memory(memory)
+            return infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split,
+                                         special_dtypes=special)
     finally:
         quiet.setLevel(level)
-    sizes = compute_module_sizes(model, special_dtypes=special)
-    layers = [(int(m.group(1)), name) for name, _ in model.named_modules() if (m := _LAYER.search(name))]
-    split = _split_of(raw, sizes, offered, layers)
-    _check_fits(split, sizes[""], offered)
-    return split
 
 
 def meta_model_as_loaded(config: PretrainedConfig, auto_class: type, dtype: torch.dtype, quantization_config: Any):
@@ -169,17 +211,27 @@ def device_of(module: str, device_map: dict[str, str]) -> str | None:
     return device_map[max(held_by, key=len)] if held_by else None
 
 
-def _check_fits(split: DeviceSplit, total: int, offered: dict[str, int]) -> None:
-    spilled = {d: b for d, b in split.bytes_per_device.items() if d == "disk" or d not in offered}
-    if not spilled:
-        return
-    offered_text = ", ".join(f"{d} {b / 2**30:.1f} GiB" for d, b in offered.items())
-    where = " and ".join(f"{b / 1e9:.2f} GB to {d}" for d, b in spilled.items())
-    raise QuantlabError(
-        f"the model's weights ({total / 1e9:.2f} GB as loaded) do not fit model.max_memory ({offered_text}): "
-        f"accelerate's device map would send {where}. Offer more memory or more GPUs, or allow offload to host "
-        "RAM with a cpu entry (max_memory: {..., cpu: 64GiB})"
-    )
+def _spilled(split: DeviceSplit, offered: dict[str, int]) -> dict[str, int]:
+    """Bytes the map sends where nothing was offered (disk, or the CPU without a cpu entry)."""
+    return {d: b for d, b in split.bytes_per_device.items() if d == "disk" or d not in offered}
+
+
+def _check_fits(split: DeviceSplit, total: int, largest: int, offered: dict[str, int]) -> None:
+    spilled = _spilled(split, offered)
+    offered_text = ", ".join(f"{d} {size_text(b, binary=True)}" for d, b in offered.items())
+    if spilled:
+        where = " and ".join(f"{size_text(b)} to {d}" for d, b in spilled.items())
+        advice = ("offer more memory, more GPUs or more host RAM (the cpu entry)" if "cpu" in offered else
+                  "offer more memory or more GPUs, or allow offload to host RAM with a cpu entry (max_memory: "
+                  "{..., cpu: 64GiB})")
+        raise DoesNotFit(
+            total, f"the model's weights ({size_text(total)} as loaded) do not fit model.max_memory ({offered_text}): "
+            f"accelerate's device map, balanced or sequential, would send {where} (each device must also hold whole "
+            f"modules, the largest {size_text(largest)}). {advice[0].upper()}{advice[1:]}"
+        )
+    if not split.gpus:
+        raise QuantlabError(f"model.max_memory ({offered_text}): accelerate's device map puts nothing on a GPU, "
+                            "everything on the CPU; offer the GPUs more memory, or run with device: cpu")
 
 
 def accelerate_device(device: str) -> int | str:
@@ -194,6 +246,20 @@ def _torch_device(device: int | str | torch.device) -> str:
 
 def _device_order(device: str) -> tuple[int, int]:
     return (0, int(device.split(":")[1])) if device.startswith("cuda:") else (1, 0)
+
+
+def device_list(devices: tuple[str, ...]) -> str:
+    """'cuda:3-63 (61 GPUs)' for a run of GPUs, else the names."""
+    indices = [int(d.split(":")[1]) for d in devices if d.startswith("cuda:")]
+    if len(indices) > 3 and len(indices) == len(devices) and indices == list(range(indices[0], indices[-1] + 1)):
+        return f"cuda:{indices[0]}-{indices[-1]} ({len(indices)} GPUs)"
+    return ", ".join(devices)
+
+
+def size_text(n: float, binary: bool = False) -> str:
+    """GB (or GiB) with two decimals; MB (MiB) below a tenth of one, so that small sizes do not read 0.00."""
+    big, small, names = (2**30, 2**20, ("GiB", "MiB")) if binary else (1e9, 1e6, ("GB", "MB"))
+    return f"{n / big:.2f} {names[0]}" if n >= big / 10 else f"{n / small:.2f} {names[1]}"
 
 
 def _layer_text(layers: tuple[int, ...]) -> str:

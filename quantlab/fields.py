@@ -85,7 +85,14 @@ _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MI
 _MEMORY_SIZE = re.compile(r"\s*(\d{1,6}(?:\.\d{1,3})?)\s*([MGT]i?B)\s*", re.I)
 
 # Device memory as accelerate's max_memory takes it: '20GiB', '24GB', '512 MiB'.
-MemorySize = Annotated[str, Field(max_length=20), AfterValidator(lambda v: _memory_size_text(v))]
+MemorySize = Annotated[str, BeforeValidator(lambda v: _unit_needed(v)), Field(max_length=20),
+                       AfterValidator(lambda v: _memory_size_text(v))]
+
+
+def _unit_needed(value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise ValueError(f"{excerpt(value)}: a memory size needs a unit, e.g. 20GiB, 24GB or 512MiB")
+    return value
 
 
 def _memory_size_text(text: str) -> str:

@@ -75,8 +75,11 @@ def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True, records_to: s
     split = _split(recipe, source, method, config, auto_class, for_this_machine) if recipe.model.split else None
     if split is not None:
         device = torch.device(split.first_device)
-        notes.append(f"split across {', '.join(split.devices)} by accelerate's device map (computed on the meta "
-                     "device, then given to from_pretrained as it is)")
+        notes.append(f"split across {', '.join(split.devices)} by accelerate's {split.strategy} device map (computed "
+                     "on the meta device, then given to from_pretrained as it is)")
+        if source.synthetic and recipe.quantization.method != "none":
+            notes.append(f"synthetic weights are created in {recipe.model.dtype} and quantized in place on the devices "
+                         f"they were created on: the map is for the {recipe.model.dtype} model")
     elif recipe.model.split:
         notes.append("model.gpus: the device map is computed on the machine that runs it, from its GPUs' free memory")
     if for_this_machine and split is None:

@@ -84,7 +84,7 @@ class ModelSpec(_Strict):
         if self.device != "auto":
             raise ValueError(f"a split across devices needs model.device: auto, not {self.device!r}")
         for key in self.max_memory or {}:
-            if not re.fullmatch(r"cuda:\d{1,2}|cpu", key):
+            if not re.fullmatch(r"cuda:(0|[1-9]\d?)|cpu", key):
                 raise ValueError(f"model.max_memory: {excerpt(key)} is not a device; write cuda:0, cuda:1, ... or cpu")
         if self.max_memory is not None and set(self.max_memory) == {"cpu"}:
             raise ValueError("model.max_memory names no GPU; list at least one cuda:N (or use device: cpu)")

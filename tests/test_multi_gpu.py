@@ -16,7 +16,7 @@ from quantlab.device_map import DeviceSplit, device_of, plan_split
 from quantlab.errors import QuantlabError
 from quantlab.estimate.estimator import weights_for
 from quantlab.estimate.model import load_model as load_estimation_model
-from quantlab.estimate.multi_gpu import accelerate_shares, longest_context, parse_gpu_sets
+from quantlab.estimate.multi_gpu import accelerate_shares, longest_context, parse_gpu_sets, share_memory
 from quantlab.estimate.runtime import max_context, runtime_profile
 from quantlab.estimate.schemes import get_scheme
 from quantlab.plan import make_plan
@@ -65,8 +65,26 @@ def test_the_planned_map_is_accelerates_own(qwen27b, offered):
 
 def test_a_model_that_does_not_fit_is_refused_with_its_sizes(qwen27b):
     config, auto_class = qwen27b
-    with pytest.raises(QuantlabError, match=r"53\.79 GB as loaded\) do not fit .*cuda:0 12\.0 GiB.*to disk.*cpu"):
+    with pytest.raises(QuantlabError, match=r"53\.79 GB as loaded\) do not fit .*cuda:0 12\.00 GiB.*balanced or "
+                       r"sequential, would send 31\.45 GB to disk .*the largest 2\.54 GB.*cpu entry"):
         plan_split(config, auto_class, torch.bfloat16, {"cuda:0": 12 * GIB, "cuda:1": 12 * GIB})
+    with pytest.raises(QuantlabError, match=r"more host RAM \(the cpu entry\)"):
+        plan_split(config, auto_class, torch.bfloat16, {"cuda:0": 20 * GIB, "cpu": 10 * GIB})
+    with pytest.raises(QuantlabError, match="puts nothing on a GPU"):
+        plan_split(config, auto_class, torch.bfloat16, {"cuda:0": 1000, "cpu": 64 * GIB})
+
+
+def test_where_the_balanced_map_spills_the_sequential_one_is_used_and_said(qwen27b):
+    """accelerate's balanced map caps each GPU but the last near an even share; with many GPUs that share is less
+    than the 2.5 GB embedding, which then moves on and on, and the map spills although the model fits."""
+    config, auto_class = qwen27b
+    offered = {f"cuda:{i}": 24 * GIB for i in range(64)}
+    split = plan_split(config, auto_class, torch.bfloat16, offered)
+    assert split.strategy == "sequential" and split.devices == ("cuda:0", "cuda:1", "cuda:2")
+    lines = split.lines()
+    assert "unused: cuda:3-63 (61 GPUs)" in lines[-2] and "sequential map" in lines[-1]
+    two = plan_split(config, auto_class, torch.bfloat16, {"cuda:0": 30 * GIB, "cuda:1": 30 * GIB})
+    assert two.strategy == "balanced" and two.unused == ()
 
 
 def test_bitsandbytes_layers_are_sized_by_its_quantizer(qwen27b):
@@ -101,6 +119,8 @@ def _spec(**split):
     ({"max_memory": {"cuda:0": "twenty"}}, "is not a memory size"),
     ({"max_memory": {"cuda:0": "0GiB"}}, "more than zero"),
     ({"max_memory": {"gpu0": "20GiB"}}, "is not a device; write cuda:0"),
+    ({"max_memory": {"cuda:01": "20GiB"}}, "is not a device; write cuda:0"),
+    ({"max_memory": {"cuda:0": 20}}, "needs a unit, e.g. 20GiB"),
     ({"max_memory": {"cpu": "20GiB"}}, "names no GPU"),
     ({"max_memory": {}}, "at least 1 item"),
     ({"gpus": 0}, "greater than or equal to 1"),
@@ -262,7 +282,8 @@ def estimation_27b():
 
 
 @pytest.mark.parametrize("text, message", [("2x", "not COUNTxSIZE"), ("x24", "not COUNTxSIZE"), ("2x-24", "not COUNTxSIZE"),
-                                           ("0x24", "1 to 64 GPUs"), ("2xabc", "not COUNTxSIZE"), ("65x24", "1 to 64")])
+                                           ("0x24", "1 to 64 GPUs"), ("2xabc", "not COUNTxSIZE"), ("65x24", "1 to 64"),
+                                           ("", "at least one GPU set"), (",".join(f"1x{g}" for g in range(1, 10)), "at most 8")])
 def test_bad_gpu_sets_are_refused(text, message):
     with pytest.raises(QuantlabError, match=message):
         parse_gpu_sets(text)
@@ -307,6 +328,22 @@ def test_estimate_gpus_writes_both_splits(tmp_path):
     tp8 = next(r for r in rows if r["gpus"] == "8x24" and r["split"] == "vllm-tp")
     assert len(tp8["per_gpu"]) == 8 and tp8["max_context"] > 0
     assert "Across GPUs (estimate)" in (tmp_path / "m" / "README.md").read_text()
+    llama = subprocess.run([sys.executable, "-m", "quantlab", "estimate", "--methods", "bf16", "--gpus", "2x48", "--contexts",
+                            "4096", "--runtime", "llama.cpp", "--output", str(tmp_path / "l")], capture_output=True, text=True)
+    assert llama.returncode == 0, llama.stderr  # accelerate's split runs in transformers: the same rows on any --runtime
+    same = json.loads((tmp_path / "l" / "estimates.json").read_text())["multi_gpu"]
+    assert [r for r in same if r["gpus"] == "2x48"] == [r for r in rows if r["gpus"] == "2x48"]
     bad = subprocess.run([sys.executable, "-m", "quantlab", "estimate", "--gpus", "2x", "--no-write"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not COUNTxSIZE" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_gpus_the_map_leaves_empty_are_listed_as_empty(estimation_27b):
+    pytest.importorskip("bitsandbytes")
+
+    scheme, rt = get_scheme("nf4"), runtime_profile("transformers")
+    weights = weights_for(estimation_27b, scheme)
+    shares = accelerate_shares(estimation_27b, scheme, weights.bytes(), parse_gpu_sets("8x80")[0], rt)
+    assert [s.device for s in shares] == [f"cuda:{i}" for i in range(8)]  # every GPU of the set, in order
+    empty = [s for s in shares if not s.weight_bytes]
+    assert empty and all(share_memory(s, estimation_27b, weights, 4096, 1, rt).total == 0 for s in empty)

@@ -42,7 +42,7 @@ class EstimateOptions:
 
 def run_estimate(options: EstimateOptions) -> EstimateResult:
     """The whole estimate, with the claims (for Qwen3.6-27B) and checks against GPU records."""
-    gpu_sets = parse_gpu_sets(options.gpus) if options.gpus else ()  # bad input refused before any work
+    gpu_sets = parse_gpu_sets(options.gpus) if options.gpus is not None else ()  # bad input refused before any work
     records, _ = load_records(options.output) if options.output else ([], [])
     model = load_model(options.model)
     # The DeltaNet state dtype: the option, else the config's mamba_ssm_dtype, else the profile's (float32).

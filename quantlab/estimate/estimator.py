@@ -21,6 +21,7 @@ from quantlab.estimate.runtime import (
     kv_bytes_per_token,
     max_context,
     memory_at,
+    runtime_profile,
 )
 from quantlab.estimate.schemes import Scheme
 from quantlab.roofline import decode_read_bytes
@@ -71,13 +72,14 @@ def estimate(model: EstimationModel, request: EstimateRequest) -> EstimateResult
 
 
 def _multi_gpu(model: EstimationModel, request: EstimateRequest) -> list:
-    """Each method on each GPU set; the text model only (what a device map and vLLM's TP split)."""
+    """Each method on each GPU set; the text model only (what a device map and vLLM's TP split). accelerate's
+    split runs in transformers: its rows take the transformers profile whatever --runtime says."""
+    rt = request.runtime if request.runtime.profile == "transformers" else runtime_profile("transformers")
     rows = []
     for scheme in request.schemes if request.gpu_sets else ():
         weights = weights_for(model, scheme, request.dtype)
         for gpus in request.gpu_sets:
-            rows += multi_gpu_estimates(model, scheme, weights, weights.bytes(False, False), gpus, request.batch,
-                                        request.runtime)
+            rows += multi_gpu_estimates(model, scheme, weights, weights.bytes(False, False), gpus, request.batch, rt)
     return rows
 
 

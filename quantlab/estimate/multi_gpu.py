@@ -34,6 +34,7 @@ from quantlab.schema.estimate import GpuShareEstimate, MultiGpuEstimate
 
 GIB = 1 << 30
 MAX_GPUS_PER_SET = 64
+MAX_GPU_SETS = 8  # each set maps every method on the meta device: about a second each
 _GPU_SET = re.compile(r"(\d{1,3})\s*[x×]\s*(\d{1,4}(?:\.\d{1,3})?)")
 
 
@@ -49,6 +50,8 @@ class GpuSet:
 
 def parse_gpu_sets(text: str) -> tuple[GpuSet, ...]:
     """'2x24,1x48' → (2 GPUs of 24 GiB, 1 GPU of 48 GiB)."""
+    if not str(text).strip():
+        raise QuantlabError("--gpus: give at least one GPU set, COUNTxSIZE (e.g. 2x24 for two 24 GB GPUs)")
     sets = []
     for item in (part.strip() for part in str(text).split(",")):
         match = _GPU_SET.fullmatch(item)
@@ -58,7 +61,10 @@ def parse_gpu_sets(text: str) -> tuple[GpuSet, ...]:
         if not 1 <= count <= MAX_GPUS_PER_SET or gib <= 0:
             raise QuantlabError(f"--gpus: '{item}': 1 to {MAX_GPUS_PER_SET} GPUs of a positive size")
         sets.append(GpuSet(count, gib))
-    return tuple(dict.fromkeys(sets))
+    unique = tuple(dict.fromkeys(sets))
+    if len(unique) > MAX_GPU_SETS:
+        raise QuantlabError(f"--gpus: {len(unique)} GPU sets; give at most {MAX_GPU_SETS}")
+    return unique
 
 
 @dataclass(frozen=True)
@@ -91,27 +97,26 @@ def accelerate_shares(model: EstimationModel, scheme: Scheme, weights_bytes: int
         return "GGUF files run in llama.cpp, which splits by its own rules (--tensor-split), not accelerate's"
     if model.text_model is None:
         return "no text model to map"
-    from quantlab.device_map import plan_split
+    from quantlab.device_map import DoesNotFit, plan_split
 
     auto_class = model.text_model[1]
     offered = {f"cuda:{i}": round(gpus.gib * GIB) - rt.cuda_context_bytes for i in range(gpus.count)}
     try:
         config, quantization_config = _as_loaded(scheme, model)
         split = plan_split(config, auto_class, _torch_dtype(), offered, quantization_config)
-    except QuantlabError as exc:
-        if "do not fit" not in str(exc):
-            raise
-        return (f"does not fit: {weights_bytes / 1e9:.2f} GB of weights; accelerate's map spills past "
-                f"{gpus.count} x {gpus.gib:g} GiB (less a CUDA context each)")
+    except DoesNotFit as exc:
+        if exc.total > 1.25 * weights_bytes:
+            return _not_this_scheme(exc.total, weights_bytes)
+        return (f"does not fit: {weights_bytes / 1e9:.2f} GB of weights; accelerate's map, balanced or sequential, "
+                f"spills past {gpus.count} x {gpus.gib:g} GiB (less a CUDA context each)")
     except (ImportError, ValueError, RuntimeError) as exc:  # a quantizer this machine cannot build
         return f"no device map here ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
     mapped = sum(split.bytes_per_device.values())
     if mapped > 1.25 * weights_bytes:  # e.g. fused MoE expert tensors, which transformers' quantizer leaves whole
-        return (f"no map for this scheme: transformers' quantizer sizes the model at {mapped / 1e9:.2f} GB, the scheme "
-                f"at {weights_bytes / 1e9:.2f} GB (it does not quantize every tensor the scheme does)")
+        return _not_this_scheme(mapped, weights_bytes)
     layer_types = _layer_types(config)
     shares = []
-    for device in split.devices:
+    for device in [*sorted(offered, key=lambda d: int(d.split(":")[1])), *(["cpu"] if "cpu" in split.devices else [])]:
         kinds = Counter(layer_types[i] for i in split.layers_per_device.get(device, ()))
         shares.append(GpuShare(
             device=device,
@@ -134,6 +139,8 @@ def share_memory(share: GpuShare, model: EstimationModel, weights: WeightsEstima
     state = round(share.deltanet_layers * recurrent * CACHE_DTYPE_BYTES[rt.state_dtype] * batch)
     chunk = min(context, rt.prefill_chunk or context) * batch
     holds_layers = share.full_attention_layers + share.deltanet_layers > 0
+    if not holds_layers and not share.has_lm_head and not share.weight_bytes:
+        return SplitMemory(share.device, 0, 0, 0, 0, 0)  # a GPU the map leaves empty: no CUDA context either
     activations = (chunk * activation_bytes_per_token(shape, rt.activation_bytes) if holds_layers else 0)
     activations += batch * shape.vocab * (rt.activation_bytes + 4) if share.has_lm_head else 0
     allocated = share.weight_bytes + kv + state + activations + (workspace_bytes(weights, shape, chunk) if holds_layers else 0)
@@ -198,7 +205,16 @@ def tensor_parallel_row(model: EstimationModel, scheme: Scheme, gpus: GpuSet, ba
     total = tp.memory_at(fit.tokens, batch).total if fit.tokens else None
     per_gpu = [GpuShareEstimate(device=f"cuda:{i}", weights=tp.weight_bytes, total_at_max_context=total)
                for i in range(gpus.count)]
+    if not fit.tokens:
+        return MultiGpuEstimate(**row, per_gpu=per_gpu, unavailable=(
+            f"does not fit: {tp.weight_bytes / 1e9:.2f} GB of weights per GPU and one token's memory exceed "
+            f"{fit.budget_bytes / 1e9:.2f} GB, vLLM's 0.9 of each GPU"))
     return MultiGpuEstimate(**row, per_gpu=per_gpu, max_context=fit.tokens, limit=fit.limit)
+
+
+def _not_this_scheme(mapped: int, weights_bytes: int) -> str:
+    return (f"no map for this scheme: transformers' quantizer sizes the model at {mapped / 1e9:.2f} GB, the scheme at "
+            f"{weights_bytes / 1e9:.2f} GB (it leaves tensors whole that the scheme quantizes, e.g. fused MoE experts)")
 
 
 def _layer_types(config) -> list[str]:

@@ -89,11 +89,12 @@ def multi_gpu_table(result: EstimateResult) -> Table:
     for row in result.multi_gpu:
         head = [labels.get(row.method, row.method), row.gpus, SPLIT_NAMES.get(row.split, row.split)]
         if row.unavailable:
-            rows.append([*head, "n/a", "n/a", "n/a", row.unavailable])
+            weights = _per_gpu([g.weights for g in row.per_gpu]) if row.per_gpu else "n/a"
+            rows.append([*head, weights, "-", "n/a", row.unavailable])
             continue
         weights, totals = _per_gpu([g.weights for g in row.per_gpu]), _per_gpu([g.total_at_max_context for g in row.per_gpu])
         layers = ", ".join(f"{g.device}: {g.full_attention_layers} + {g.deltanet_layers}" for g in row.per_gpu
-                           if g.full_attention_layers is not None)
+                           if g.full_attention_layers or g.deltanet_layers)
         fit = f"{row.max_context:,}" + ("+" if not row.limit.startswith("memory") else "")
         rows.append([*head, weights, totals, fit, f"{row.limit}" + (f"; layers (attention + DeltaNet) {layers}" if layers else "")])
     headers = ["Method", "GPUs (count x GB)", "Split", "Weights per GPU", "Total per GPU at max ctx", "Max ctx", "Limit, notes"]
@@ -111,7 +112,7 @@ def _per_gpu(values: list[int | None]) -> str:
 def multi_gpu_lines(result: EstimateResult) -> list[str]:
     return [
         "accelerate: whole decoder layers per GPU, the map a run computes (each GPU offering its size less the CUDA "
-        "context), one GPU working at a time; vLLM: every layer cut across the GPUs (KV heads copied when GPUs "
+        "context; '-' for a GPU the map leaves empty), one GPU working at a time, on the transformers profile; vLLM: every layer cut across the GPUs (KV heads copied when GPUs "
         "outnumber them), 0.9 of each GPU (--gpu-memory-utilization), bf16 KV cache and state, 8,192-token "
         "prefill chunks. Text model only. GB = 10⁹ bytes.",
     ]
