@@ -61,8 +61,10 @@ class DeviceSplit:
 
     @property
     def first_device(self) -> str:
-        """Where the input embedding sits: the inputs go there."""
-        return self.device_of("model.embed_tokens")
+        """Where the input embedding sits (model.embed_tokens, or model.language_model.embed_tokens in the
+        VL layout): the inputs go there."""
+        tables = [name for name, _ in self.device_map.items() if name.endswith("embed_tokens")]
+        return self.device_map[tables[0]] if tables else self.device_of("model.embed_tokens")
 
     def device_of(self, module: str) -> str:
         """The device of a module: the map's entry for it or for the nearest module that holds it."""
