@@ -28,7 +28,7 @@ run: setup  ## the main job: measure the bundled model (CPU when there is no GPU
 test: setup  ## every test, the slow ones included (what CI runs)
 	$(BIN)/python -m pytest -q
 
-test-fast: setup  ## the inner loop: every test not marked slow (under a minute)
+test-fast: setup  ## the inner loop: every test not marked slow (about 75 s on 2 cores)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 validate: setup

@@ -160,6 +160,7 @@ def test_validate_plans_the_map_on_the_meta_device(monkeypatch, write_recipe):
     assert gpus.split is None and any("computed on the machine that runs it" in n for n in gpus.notes)
 
 
+@pytest.mark.slow
 def test_validate_prints_the_map(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: split\nmodel: {source: synthetic, config: qwen3.6-27b, device: auto, "
@@ -317,6 +318,7 @@ def test_split_shares_add_up_to_the_model(estimation_27b):
     assert "does not fit" in accelerate_shares(estimation_27b, scheme, weights.bytes(), parse_gpu_sets("2x24")[0], rt)
 
 
+@pytest.mark.slow
 def test_estimate_gpus_writes_both_splits(tmp_path):
     out = subprocess.run([sys.executable, "-m", "quantlab", "estimate", "--methods", "bf16", "--gpus", "2x48,8x24",
                           "--contexts", "4096", "--output", str(tmp_path / "m")], capture_output=True, text=True)
