@@ -349,3 +349,16 @@ def test_gpus_the_map_leaves_empty_are_listed_as_empty(estimation_27b):
     assert [s.device for s in shares] == [f"cuda:{i}" for i in range(8)]  # every GPU of the set, in order
     empty = [s for s in shares if not s.weight_bytes]
     assert empty and all(share_memory(s, estimation_27b, weights, 4096, 1, rt).total == 0 for s in empty)
+
+
+def test_an_estimate_row_says_when_accelerates_map_is_the_sequential_one(estimation_27b):
+    from quantlab.estimate.multi_gpu import accelerate_estimate
+
+    scheme, rt = get_scheme("bf16"), runtime_profile("transformers")
+    weights = weights_for(estimation_27b, scheme)
+    many = accelerate_estimate(estimation_27b, scheme, weights, weights.bytes(), parse_gpu_sets("64x24")[0], 1, rt)
+    two = accelerate_estimate(estimation_27b, scheme, weights, weights.bytes(), parse_gpu_sets("2x48")[0], 1, rt)
+    assert (many.split, two.split) == ("accelerate-sequential", "accelerate")
+    assert len(many.per_gpu) == 64
+    # the sequential map fills each GPU it uses up to what it offers: no room is left there for a context
+    assert many.max_context == 0 and many.limit.startswith("memory (cuda:")

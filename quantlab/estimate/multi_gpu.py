@@ -76,6 +76,7 @@ class GpuShare:
     full_attention_layers: int
     deltanet_layers: int
     has_lm_head: bool
+    strategy: str = "balanced"  # accelerate's map: balanced (device_map="auto"), or sequential where that spills
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def accelerate_shares(model: EstimationModel, scheme: Scheme, weights_bytes: int
         return _not_this_scheme(mapped, weights_bytes)
     layer_types = _layer_types(config)
     shares = []
-    for device in [*sorted(offered, key=lambda d: int(d.split(":")[1])), *(["cpu"] if "cpu" in split.devices else [])]:
+    for device in sorted(offered, key=lambda d: int(d.split(":")[1])):  # every GPU of the set, empty ones too
         kinds = Counter(layer_types[i] for i in split.layers_per_device.get(device, ()))
         shares.append(GpuShare(
             device=device,
@@ -124,6 +125,7 @@ def accelerate_shares(model: EstimationModel, scheme: Scheme, weights_bytes: int
             full_attention_layers=kinds["full_attention"],
             deltanet_layers=kinds["linear_attention"],
             has_lm_head=split.device_of("lm_head") == device,
+            strategy=split.strategy,
         ))
     return tuple(shares)
 
@@ -185,6 +187,8 @@ def accelerate_estimate(model: EstimationModel, scheme: Scheme, weights: Weights
     if isinstance(shares, str):
         return MultiGpuEstimate(**row, unavailable=shares)
     tokens, limit = longest_context(shares, model, weights, gpus, batch, rt)
+    if shares[0].strategy != "balanced":
+        row["split"] = f"accelerate-{shares[0].strategy}"
     per_gpu = [GpuShareEstimate(
         device=s.device, weights=s.weight_bytes, full_attention_layers=s.full_attention_layers,
         deltanet_layers=s.deltanet_layers,

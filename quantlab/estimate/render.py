@@ -79,7 +79,8 @@ def memory_table(result: EstimateResult) -> Table:
     return headers, rows, "lrr" + "r" * (len(contexts) + len(gpus))
 
 
-SPLIT_NAMES = {"accelerate": "accelerate device map", "vllm-tp": "vLLM tensor parallel"}
+SPLIT_NAMES = {"accelerate": "accelerate device map", "accelerate-sequential": "accelerate device map (sequential)",
+               "vllm-tp": "vLLM tensor parallel"}
 
 
 def multi_gpu_table(result: EstimateResult) -> Table:

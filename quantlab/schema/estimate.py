@@ -85,7 +85,9 @@ class MultiGpuEstimate(Frozen):
     gpus: str  # e.g. "2x24"
     count: int
     gpu_gib: float
-    split: str  # "accelerate" (whole layers per GPU) or "vllm-tp" (every layer cut across the GPUs)
+    # "accelerate" (whole layers per GPU; "accelerate-sequential" where its balanced map spills) or "vllm-tp"
+    # (every layer cut across the GPUs)
+    split: str
     per_gpu: list[GpuShareEstimate] = []
     max_context: int = 0
     limit: str = ""
