@@ -105,9 +105,9 @@ def offered_memory(max_memory: dict[str, str] | None, gpus: int | None,
     return {f"cuda:{i}": free_gpu_bytes(i) for i in range(gpus)}
 
 
-def check_devices_visible(offered: dict[str, int] | dict[str, str], visible_gpus: int, what: str) -> None:
-    """Every GPU a split names must be one torch sees."""
-    missing = [d for d in offered if d.startswith("cuda:") and int(d.split(":")[1]) >= visible_gpus]
+def check_devices_visible(devices, visible_gpus: int, what: str) -> None:
+    """Every GPU a split names ("cuda:N" names; "cpu" passes) must be one torch sees."""
+    missing = [d for d in devices if d.startswith("cuda:") and int(d.split(":")[1]) >= visible_gpus]
     if missing:
         seen = f"only {visible_gpus} GPU(s) are visible" if visible_gpus else "torch sees no CUDA GPU here"
         raise QuantlabError(f"{what} names {', '.join(missing)} but {seen}")

@@ -108,7 +108,7 @@ def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True, records_to: s
 def _check_split_devices(spec) -> None:
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec.gpus is not None:
-        check_devices_visible({f"cuda:{i}": 0 for i in range(spec.gpus)}, visible, f"model.gpus: {spec.gpus}")
+        check_devices_visible([f"cuda:{i}" for i in range(spec.gpus)], visible, f"model.gpus: {spec.gpus}")
     else:
         check_devices_visible(spec.max_memory, visible, "model.max_memory")
 

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from quantlab.errors import QuantlabError
 from quantlab.estimate.model import EstimationModel
 from quantlab.estimate.runtime import (
-    CACHE_DTYPE_BYTES,
     RuntimeAssumptions,
     activation_bytes_per_token,
     check_point,
+    deltanet_state_bytes,
+    kv_bytes_per_token,
+    longest_fitting,
     workspace_bytes,
 )
 from quantlab.estimate.schemes import Scheme
@@ -135,10 +137,9 @@ def share_memory(share: GpuShare, model: EstimationModel, weights: WeightsEstima
     """One GPU's memory at `context` × `batch` (runtime.py's model, restricted to the layers it holds)."""
     check_point(context, batch)
     shape = model.shape
-    kv = round(share.full_attention_layers * 2 * shape.kv_heads * shape.head_dim * CACHE_DTYPE_BYTES[rt.kv_dtype]
-               * context * batch)
-    recurrent = shape.v_heads * shape.k_dim * shape.v_dim + (shape.conv_kernel - 1) * shape.conv_dim
-    state = round(share.deltanet_layers * recurrent * CACHE_DTYPE_BYTES[rt.state_dtype] * batch)
+    held = replace(shape, full_attention_layers=share.full_attention_layers, deltanet_layers=share.deltanet_layers)
+    kv = round(kv_bytes_per_token(held, rt.kv_dtype) * context * batch)
+    state = round(deltanet_state_bytes(held, rt.state_dtype) * batch)
     chunk = min(context, rt.prefill_chunk or context) * batch
     holds_layers = share.full_attention_layers + share.deltanet_layers > 0
     if not holds_layers and not share.has_lm_head and not share.weight_bytes:
@@ -157,20 +158,12 @@ def longest_context(shares: tuple[GpuShare, ...], model: EstimationModel, weight
     budget = round(gpus.gib * GIB)
 
     def over(context: int) -> str | None:
-        for share in shares:
-            if share_memory(share, model, weights, context, batch, rt).total > budget:
-                return share.device
-        return None
+        return next((s.device for s in shares if share_memory(s, model, weights, context, batch, rt).total > budget), None)
 
-    if over(1):
-        return 0, f"memory ({over(1)})"
-    if over(MAX_CONTEXT) is None:
-        return MAX_CONTEXT, f"max context ({MAX_CONTEXT:,})"
-    low, high = 1, MAX_CONTEXT
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if over(mid) is None else (low, mid)
-    return low, f"memory ({over(high)})"
+    tokens = longest_fitting(lambda c: over(c) is None)
+    if tokens == MAX_CONTEXT:
+        return tokens, f"max context ({MAX_CONTEXT:,})"
+    return tokens, f"memory ({over(tokens + 1)})"
 
 
 def multi_gpu_estimates(model: EstimationModel, scheme: Scheme, weights: WeightsEstimate, loaded_bytes: int,

@@ -30,6 +30,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from quantlab.errors import QuantlabError
@@ -191,17 +192,22 @@ class ContextFit:
 def max_context(
     weights: WeightsEstimate, weight_bytes: int, shape: HybridShape, budget_bytes: int, batch: int, rt: RuntimeAssumptions
 ) -> ContextFit:
-    """Binary search: total memory only grows with context, so the answer is exact to the token."""
+    """The longest context that fits `budget_bytes` (longest_fitting)."""
 
-    def fits(context: int) -> bool:
-        return memory_at(weights, weight_bytes, shape, context, batch, rt).total <= budget_bytes
+    tokens = longest_fitting(lambda c: memory_at(weights, weight_bytes, shape, c, batch, rt).total <= budget_bytes)
+    limit = f"max context ({MAX_CONTEXT:,})" if tokens == MAX_CONTEXT else "memory"
+    return ContextFit(tokens, limit, budget_bytes)
 
+
+def longest_fitting(fits: Callable[[int], bool]) -> int:
+    """The longest context (≤ MAX_CONTEXT) for which `fits` holds, 0 when not even one token does. Binary
+    search: memory only grows with context, so the answer is exact to the token."""
     if not fits(1):
-        return ContextFit(0, "memory", budget_bytes)
+        return 0
     if fits(MAX_CONTEXT):
-        return ContextFit(MAX_CONTEXT, f"max context ({MAX_CONTEXT:,})", budget_bytes)
+        return MAX_CONTEXT
     low, high = 1, MAX_CONTEXT  # fits(low), not fits(high)
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
-    return ContextFit(low, "memory", budget_bytes)
+    return low
