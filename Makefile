@@ -9,10 +9,20 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/bundled-bf16.yaml
 
-.PHONY: setup run test test-fast validate report bench-overhead bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
+.PHONY: llama-cpp quantize-gguf gguf-full-size setup run test test-fast validate report bench-overhead bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
 	quantize-awq gpu-check-awq bench-awq-memory gpu-check-all gpu-bundle gpu-rehearse
 
-setup: $(STAMP)
+# llama.cpp, pinned, from the llama-cpp-python sdist (scripts/build_llama_cpp.sh): its converter, quantizer,
+# imatrix tool and libllama, built once into .llama.cpp/ (about 4-6 minutes on 2 cores). GGML_CUDA=on builds CUDA.
+GGML_CUDA ?= off
+LLAMA_STAMP := .llama.cpp/.built-0.3.36-cuda-$(GGML_CUDA)
+
+setup: $(STAMP) $(LLAMA_STAMP)
+
+llama-cpp: $(LLAMA_STAMP)  ## build llama.cpp's tools and libllama into .llama.cpp/ (once)
+
+$(LLAMA_STAMP): $(STAMP) scripts/build_llama_cpp.sh
+	GGML_CUDA=$(GGML_CUDA) bash scripts/build_llama_cpp.sh $(BIN)/python
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (torch, transformers, ...): a few minutes the first time"
@@ -85,6 +95,18 @@ gpu-check-awq:  ## the AWQ step of the GPU check only
 AWQ_BENCH_ARGS ?= --recipe recipes/qwen3.6-27b-awq.yaml --grid 2
 bench-awq-memory: setup  ## peak host RSS to AWQ-quantize the 27B on a CPU, from a full-width slice (about an hour on 2 cores)
 	$(BIN)/python scripts/bench_awq_memory.py $(AWQ_BENCH_ARGS)
+
+# GGUF through llama.cpp: TYPE=Q4_K_M (default), Q6_K, Q8_0 or BF16; the bundled model on the CPU, Qwen/Qwen3.6-27B
+# from the Hub where a GPU is visible; RECIPE=... on the command line picks another.
+TYPE ?= Q4_K_M
+GGUF_TYPE := $(shell echo $(TYPE) | tr A-Z a-z)
+GGUF_DEFAULT := $(if $(shell nvidia-smi -L 2>/dev/null),recipes/qwen3.6-27b-gguf-$(GGUF_TYPE).yaml,recipes/bundled-gguf-$(GGUF_TYPE).yaml)
+
+quantize-gguf: setup  ## GGUF build with llama.cpp's own tools: convert, imatrix, quantize, greedy check, measure, card
+	$(BIN)/quantlab build $(call build_recipe,$(GGUF_DEFAULT)) $(BUILD_ARGS)
+
+gguf-full-size: setup  ## Qwen3.6-27B GGUF sizes and llama.cpp's memory plan at full size, synthetic weights (~3 min)
+	$(BIN)/python scripts/gguf_full_size.py
 
 bundled-model: setup  ## rebuild the bundled model (deterministic, ~8 min on 2 cores)
 	$(BIN)/python -m quantlab.bundled.train

@@ -49,6 +49,9 @@ def measure_point(
 
 def _measure(model, runtime, s: PointSettings, device, nvml, progress, devices) -> PointResult:
     ids = prompt_ids(runtime.vocab_size(model), s.batch, s.context, s.seed, device)
+    prepare = getattr(runtime, "prepare_point", None)
+    if prepare is not None:  # a runtime that allocates its cache whole (llama.cpp's context), outside the timing
+        prepare(model, s.context, s.batch, s.new_tokens)
     prefill_tps, ttft, decode_tps, decode_seq_tps, decode_ms = [], [], [], [], []
     prefill_mem: list[MemoryResult] = []
     decode_mem: list[MemoryResult] = []
@@ -85,6 +88,7 @@ def _measure(model, runtime, s: PointSettings, device, nvml, progress, devices) 
         decode_memory=_highest_peak(decode_mem),
         cache_bytes=cache_bytes,
         first_tokens=tokens[0].tolist(),
+        runtime_buffers=runtime.point_buffers(model) if hasattr(runtime, "point_buffers") else None,
     )
 
 

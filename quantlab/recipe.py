@@ -95,6 +95,19 @@ class ModelSpec(_Strict):
         return self.gpus is not None or self.max_memory is not None
 
 
+class LlamaCppSpec(_Strict):
+    """The llama.cpp runtime's settings (measure.runtime: llama.cpp), as llama-bench and llama-server name them."""
+
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (-t); default: the cores quantlab uses")
+    gpu_layers: int | Literal["all"] | None = Field(
+        None, description="layers offloaded to the GPU (-ngl); default: all on a GPU, none on the CPU")
+    flash_attn: Literal["auto", "on", "off"] = "auto"
+    kv_type: Literal["f16", "q8_0"] = Field("f16", description="KV cache type, K and V (-ctk/-ctv)")
+    slots: int = Field(1, ge=1, le=64, description="parallel sequence slots (-np): each gets its own recurrent state")
+    ubatch: int = Field(512, ge=1, le=65536, description="micro-batch (-ub)")
+    batch: int = Field(2048, ge=1, le=65536, description="logical batch (-b)")
+
+
 class MeasureSpec(_Strict):
     """The measurement plan: which points to measure and how often."""
 
@@ -107,6 +120,16 @@ class MeasureSpec(_Strict):
     memory_sample_ms: float = Field(20.0, gt=0, le=1000)  # background RSS/NVML sampling; shorter costs decode speed on the CPU
     runtime: Literal[RUNTIME_NAMES] = Field("transformers", description="how the model is loaded and run "
                                             "(quantlab/runtimes/)")
+    llama_cpp: LlamaCppSpec | None = Field(None, description="settings of the llama.cpp runtime")
+
+    @model_validator(mode="after")
+    def _settings_match_runtime(self) -> "MeasureSpec":
+        if self.llama_cpp is not None and self.runtime != "llama.cpp":
+            raise ValueError(f"measure.llama_cpp sets the llama.cpp runtime, but measure.runtime is {self.runtime!r}")
+        if self.runtime == "llama.cpp" and self.batch_sizes != [1]:
+            raise ValueError("the llama.cpp runtime measures one sequence (batch_sizes: [1]); "
+                             "measure.llama_cpp.slots sizes the memory of parallel slots")
+        return self
 
     @field_validator("contexts")
     @classmethod
@@ -194,6 +217,21 @@ class Recipe(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     quality: QualitySpec | None = None
     build: BuildSpec | None = None  # quantlab build: optional; defaults apply without it
+
+    @model_validator(mode="after")
+    def _method_matches_runtime(self) -> "Recipe":
+        gguf, llama = self.quantization.method == "gguf", self.measure.runtime == "llama.cpp"
+        if gguf and not llama:
+            raise ValueError("quantization.method gguf is measured through llama.cpp: set measure.runtime: llama.cpp")
+        if llama and not gguf:
+            raise ValueError("measure.runtime llama.cpp runs GGUF files: set quantization.method: gguf "
+                             "(type: BF16 for the unquantized model)")
+        if gguf and self.model.source == "synthetic":
+            raise ValueError("quantization.method gguf converts a checkpoint's files; synthetic weights have none "
+                             "(scripts/gguf_full_size.py makes full-size GGUFs of synthetic weights)")
+        if gguf and self.model.split:
+            raise ValueError("a GGUF is split across GPUs by llama.cpp (measure.llama_cpp), not by model.gpus")
+        return self
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ def write_report(output_dir: str | Path) -> Path:
     check_measurements_folder(output_dir)  # never over a README.md that quantlab did not write
     records, problems = load_records(output_dir)
     target = Path(output_dir) / REPORT_NAME
-    replace_file(target, render_report(records, problems, _estimate_section(output_dir)))
+    extra = _estimate_section(output_dir) + _gguf_full_size_section(output_dir)
+    replace_file(target, render_report(records, problems, extra))
     return target
 
 
@@ -48,6 +49,29 @@ def _estimate_section(output_dir: str | Path) -> list[str]:
     from quantlab.estimate.report_section import estimate_section
 
     return estimate_section(output_dir)
+
+
+def _gguf_full_size_section(output_dir: str | Path) -> list[str]:
+    """scripts/gguf_full_size.py's table (llama.cpp's file sizes and allocation plan at full size), linked and
+    summarised: its own file holds the whole grid."""
+    import json
+
+    path = Path(output_dir) / "gguf-full-size.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text(encoding="utf-8"))
+    lines = ["## Qwen3.6-27B GGUF at full size, llama.cpp's own numbers", "", f"*{data['label']}; {data['llama_cpp']}.* "
+             "The whole grid (4k-262k tokens, f16 and q8_0 KV, 1 and 4 slots) is in "
+             "[gguf-full-size.md](gguf-full-size.md).", "",
+             "| Type | Tensor data, with MTP / without | Published file | Planned buffers at 32k, f16 KV, 1 slot |",
+             "|---|---:|---:|---:|"]
+    for kind, published in data["published_gb"].items():
+        sizes = {s["mtp"]: s["tensor_bytes"] for s in data["sizes"] if s["type"] == kind}
+        plan = next((a for a in data["allocations"] if a["type"] == kind and a["context"] == 32768
+                     and a["kv_type"] == "f16" and a["slots"] == 1), None)
+        lines.append(f"| {kind} | {sizes[True] / 1e9:.2f} / {sizes[False] / 1e9:.2f} GB | {published:.2f} GB | "
+                     + (f"{plan['total'] / 2**30:.2f} GiB" if plan else "—") + " |")
+    return lines + [""]
 
 
 def render_report(records: list[Record], problems: list[str] = (), extra: list[str] = ()) -> str:
@@ -101,10 +125,10 @@ def _claims_section(records: list[Record]) -> list[str]:
 def _measurement_sections(records: list[Record]) -> list[str]:
     groups: dict[tuple, list[Record]] = defaultdict(list)
     for r in records:
-        groups[(r.model.name, r.model.weights, r.hardware.kind, _hardware_label(r))].append(r)
+        groups[(r.model.name, r.model.weights, r.hardware.kind, _hardware_label(r), _runtime_name(r))].append(r)
     lines: list[str] = []
-    for (model, weights, kind, hw), group in sorted(groups.items()):
-        lines += _group_table(model, weights, kind, hw, group)
+    for (model, weights, kind, hw, runtime), group in sorted(groups.items()):
+        lines += _group_table(model, weights, kind, hw, group, runtime)
     return lines or ["## Measurements", "", "No records yet: run `quantlab run RECIPE`.", ""]
 
 
@@ -114,7 +138,12 @@ def _hardware_label(r: Record) -> str:
     return f"{len(gpus)} x {r.hardware.name}, split by accelerate's device map" if len(gpus) > 1 else r.hardware.name
 
 
-def _group_table(model: str, weights: str, kind: str, hardware: str, group: list[Record]) -> list[str]:
+def _runtime_name(r: Record) -> str:
+    return r.runtime.name if r.runtime else "transformers"  # records from before runtimes were recorded
+
+
+def _group_table(model: str, weights: str, kind: str, hardware: str, group: list[Record],
+                 runtime: str = "transformers") -> list[str]:
     latest: dict[tuple, Record] = {}
     runs: dict[tuple, int] = defaultdict(int)
     for r in group:
@@ -123,7 +152,8 @@ def _group_table(model: str, weights: str, kind: str, hardware: str, group: list
         runs[key] += 1
     newest = group[-1]
     lines = [
-        f"## {model} · {weights} weights · {kind.upper()}: {hardware}",
+        f"## {model} · {weights} weights · {kind.upper()}: {hardware}"
+        + ("" if runtime == "transformers" else f" · {runtime}"),
         "",
         f"{GPU_MEMORY_NOTE if kind == 'gpu' else CPU_MEMORY_NOTE} {SPEED_NOTE} "
         f"Latest: {newest.created_at}, quantlab {newest.software.quantlab} "
@@ -141,6 +171,24 @@ def _group_table(model: str, weights: str, kind: str, hardware: str, group: list
     notes += [QUALITY_NOTE] if any(r.quality for r in group) else []
     lines += ["", *[f"- {n}" for n in notes]] if notes else []
     lines += ["", "Kernels that ran:", "", *_kernel_lines(latest.values()), ""]
+    lines += _runtime_lines(latest)
+    return lines
+
+
+def _runtime_lines(latest: dict[tuple, Record]) -> list[str]:
+    """The runtime's version and settings, and its own buffer accounting per point (llama.cpp)."""
+    rows = [r for _, r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2])) if r.runtime]
+    if not rows or rows[-1].runtime.name == "transformers":
+        return []
+    newest = max(rows, key=lambda r: r.created_at).runtime
+    settings = ", ".join(f"{k} {v}" for k, v in newest.settings.items())
+    lines = [f"Runtime: {newest.version}; {settings}.", ""]
+    buffered = [r for r in rows if r.result.runtime_buffers]
+    if buffered:
+        lines += [f"{newest.name}'s own buffer accounting (MiB, as it logs them):", ""]
+        lines += [f"- {r.method.label}, context {r.point.context:,}: "
+                  + ", ".join(f"{k} {v / 2**20:,.2f}" for k, v in r.result.runtime_buffers.items()) for r in buffered]
+        lines.append("")
     return lines
 
 

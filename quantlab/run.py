@@ -37,7 +37,7 @@ from quantlab.schema.build import QuantizeCost
 from quantlab.schema.environment import WeightsInfo
 from quantlab.schema.measurement import Kernels, MemoryResult, PointResult
 from quantlab.schema.record import (
-    MethodRef, PointRef, Record, RecipeRef, SplitRef, new_run_id, produced_by, record_id, utc_now,
+    MethodRef, PointRef, Record, RecipeRef, RuntimeRef, SplitRef, new_run_id, produced_by, record_id, utc_now,
 )
 from quantlab.sources import ModelSource, resolve
 from quantlab.store import append_record
@@ -74,6 +74,8 @@ class _Loaded:
     lookup_table_bytes: int  # the input embedding table: a decode step reads one row of it, not all
     kernels: Kernels
     notes: tuple[str, ...]
+    parameters: int
+    runtime: RuntimeRef
 
 
 def run_recipe(
@@ -96,13 +98,17 @@ def run_recipe(
         echo(f"writing the {plan.method_label} checkpoint to a temporary folder ({tmp})")
         written, cost = write_checkpoint(plan, method, Path(tmp), progress, echo)
         notes += written.notes + (
-            f"{plan.method_label} checkpoint written by engine {written.engine} in {cost.seconds:,.1f} s "
-            f"({cost_summary(cost)}), then reloaded from disk by transformers and measured",
+            f"{plan.method_label} {'file' if method.artifact_file else 'checkpoint'} written by engine {written.engine} "
+            f"in {cost.seconds:,.1f} s ({cost_summary(cost)}), then loaded from disk by {plan.recipe.measure.runtime} "
+            "and measured",
             *([f"calibration: {written.calibration_label}"] if written.calibration_label else []),
         )
         source = plan.source  # the records name the recipe's model, not the temporary folder
         names = {"name": source.name, "source": source.spec.source, "location": source.location, "weights": source.weights}
-        candidate = checkpoint_candidate(plan, Path(tmp), names, notes)
+        if method.artifact_file:
+            candidate = Candidate(source, {"gguf": str(Path(tmp) / method.artifact_file)}, names=names, notes=notes)
+        else:
+            candidate = checkpoint_candidate(plan, Path(tmp), names, notes)
         return measure_candidate(plan, candidate, out, progress, echo, append)
 
 
@@ -170,20 +176,22 @@ def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: 
 def _load(runtime, candidate: Candidate, plan: RunPlan, nvml, echo) -> _Loaded:
     device, devices = plan.device, plan.devices
     with MemoryTracker(device, nvml=nvml, devices=devices) as memory, Timer(device, devices) as timer:
-        loaded = runtime.load(candidate.source, device, candidate.load_kwargs, plan.split)
+        options = {**candidate.load_kwargs, **runtime.load_options(plan.recipe.measure, device)}
+        loaded = runtime.load(candidate.source, device, options, plan.split)
         model = candidate.quantize(loaded.model) if candidate.quantize else loaded.model
     kernels = runtime.kernels(model)
     weight_bytes = runtime.weight_bytes(model)
     echo(f"loaded {loaded.info.model_class} in {timer.result.seconds:.1f} s: {weight_bytes / 1e9:.3f} GB of weights; "
          f"{describe_kernels(kernels)}")
     notes = dtype_note(loaded.info)
-    broken = model_nonfinite(model)
+    broken = model_nonfinite(model) if isinstance(model, torch.nn.Module) else None
     if broken:
         notes += (f"non-finite weights: {describe_nonfinite(broken)}; the figures measure a broken model",)
         echo(f"warning: {notes[-1]}")
     info = loaded.info.model_copy(update=candidate.names)
+    ref = RuntimeRef(name=runtime.name, version=runtime.version(), settings=runtime.settings(model))
     return _Loaded(model, info, memory.result, timer.result.seconds, weight_bytes,
-                   runtime.lookup_table_bytes(model), kernels, notes)
+                   runtime.lookup_table_bytes(model), kernels, notes, runtime.parameter_count(model), ref)
 
 
 def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, result: PointResult, run_id: str,
@@ -197,7 +205,7 @@ def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, re
         produced_by=produced_by(hardware, loaded.info, plan.split.devices if plan.split else ()),
         recipe=RecipeRef(name=recipe.recipe.name, path=str(recipe.path), sha256=recipe.sha256, content=recipe.text),
         model=loaded.info,
-        parameters=sum(p.numel() for p in loaded.model.parameters()),
+        parameters=loaded.parameters,
         weight_bytes=loaded.weight_bytes,
         method=MethodRef(name=plan.method_name, label=plan.method_label, params=plan.method_params),
         hardware=hardware,
@@ -211,6 +219,7 @@ def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, re
         quality=quality,
         kernels=loaded.kernels,
         split=split_ref(plan.split) if plan.split is not None else None,
+        runtime=loaded.runtime,
         notes=plan.notes + loaded.notes + notes + _notes(hardware),
     )
 

@@ -3,8 +3,9 @@ tokens recorded at build time, repeated."""
 
 from __future__ import annotations
 
+from quantlab.artifact.results import VerifyResult
+
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -57,20 +58,15 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-@dataclass(frozen=True)
-class VerifyResult:
-    ok: bool
-    problems: tuple[str, ...]
-    files_checked: int
-    expected_tokens: tuple[int, ...] = ()
-    tokens: tuple[int, ...] = ()
-
-
 def verify_build(folder: str | Path, device: str = "cpu", load: bool = True, echo: Callable[[str], None] = print) -> VerifyResult:
     folder = Path(folder)
     recover_interrupted_replace(folder, lambda line: echo(f"note: {line}"))
     if not folder.is_dir():
         raise QuantlabError(f"{folder}: build folder not found")
+    from quantlab.artifact.gguf_build import is_gguf_build, verify_gguf
+
+    if is_gguf_build(folder):
+        return verify_gguf(folder, load, echo)
     if load:
         torch_device = verify_device(device)
     manifest = read_manifest(folder)

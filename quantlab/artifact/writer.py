@@ -26,6 +26,7 @@ import torch
 import quantlab
 from quantlab import fingerprint
 from quantlab.artifact import tensors as T
+from quantlab.artifact.results import BuildResult
 from quantlab.artifact.card import card_text, write_card
 from quantlab.artifact.verify import common_prefix, greedy_tokens, prompt_token_ids, teacher_forced_agreement
 from quantlab.checkpoint import payload_bytes, shard_files
@@ -50,15 +51,6 @@ from quantlab.trackers.nvml import NvmlProbe
 
 BUILD_METHODS = tuple(name for name, method in METHODS.items() if method.builds)
 REFERENCE_THRESHOLD = 0.5  # a sound 4-bit build predicts most of its source's greedy tokens; a broken one ~none
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    folder: Path
-    manifest: BuildManifest
-    records: tuple[Record, ...]
-    record_paths: tuple[Path, ...]
-    disk_bytes: int
 
 
 @dataclass(frozen=True)
@@ -88,6 +80,10 @@ def build_recipe(
     target = default_target(loaded, out)
     out_dir = Path(output_dir or recipe.output.dir)
     recover_interrupted_replace(target, lambda line: echo(f"note: {line}"))
+    if METHODS[recipe.quantization.method].artifact_file:
+        from quantlab.artifact.gguf_build import build_gguf
+
+        return build_gguf(loaded, target, force, out_dir, measure, progress, echo)
     # every check, the skip list and the measurements folder included, before any weights load
     plan = make_plan(loaded, records_to=out_dir if measure else None)
     if plan.device.type == "cpu":

@@ -16,6 +16,7 @@ from quantlab.methods import none  # noqa: F401,I001
 from quantlab.methods import rtn  # noqa: F401,I001
 from quantlab.methods import bnb  # noqa: F401,I001
 from quantlab.methods import awq  # noqa: F401,I001
+from quantlab.methods import gguf  # noqa: F401,I001
 from quantlab.methods.base import Method, MethodConfig, method_for, registered
 from quantlab.schema.build import build_method
 

@@ -61,6 +61,7 @@ class Method:
     writes_checkpoint: ClassVar[bool] = False  # its engine writes a checkpoint from the source's files (AWQ)
     builds: ClassVar[bool] = False  # `quantlab build` makes community artifacts with it
     card: ClassVar[CardFacts | None] = None  # None: no model card (a method that is not built)
+    artifact_file: ClassVar[str | None] = None  # its engine writes one file a runtime loads (GGUF), not a checkpoint
 
     def label(self, qconfig: MethodConfig, dtype: str) -> str:
         """A short name for tables, e.g. 'BF16' or 'bnb nf4'."""

@@ -91,7 +91,7 @@ class TokenStats:
         kl, nll_ref, nll_cand = torch.cat(self.kl), torch.cat(self.nll_ref), torch.cat(self.nll_cand)
         agree = torch.cat(self.agree)
         delta_p = torch.exp(-nll_cand) - torch.exp(-nll_ref)
-        q50, q90, q99 = np.quantile(kl.numpy(), [0.5, 0.9, 0.99]).tolist()  # torch.quantile stops at 2**24 values
+        q50, q90, q99, q999 = np.quantile(kl.numpy(), [0.5, 0.9, 0.99, 0.999]).tolist()  # torch.quantile stops at 2**24
         ppl_ref, ppl_cand = math.exp(nll_ref.mean().item()), math.exp(nll_cand.mean().item())
         out = {
             "tokens": kl.numel(),
@@ -102,6 +102,7 @@ class TokenStats:
             "kl_median": q50,
             "kl_p90": q90,
             "kl_p99": q99,
+            "kl_p999": q999,
             "kl_max": kl.max().item(),
             "top1_agreement": agree.double().mean().item(),
             "delta_p_mean": delta_p.mean().item(),

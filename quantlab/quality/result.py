@@ -44,6 +44,7 @@ class QualityResult(BaseModel):
     kl_p90: float
     kl_p99: float
     kl_max: float
+    kl_p999: float | None = None  # llama-perplexity --kl-divergence prints it; absent in older records
     top1_agreement: float
     delta_p_mean: float
     delta_p_rms: float
@@ -74,10 +75,11 @@ def _rows(q: QualityResult) -> list[tuple[str, str]]:
         ("Perplexity ratio", f"{q.ppl_ratio:.4f}"),
         (f"KL mean, nats/token{bound}", f"{q.kl_mean:.5f}"),
         (f"KL median{bound}", f"{q.kl_median:.5f}"),
-        (f"KL p90 / p99{bound}", f"{q.kl_p90:.5f} / {q.kl_p99:.5f}"),
+        (f"KL p90 / p99 / p99.9{bound}", f"{q.kl_p90:.5f} / {q.kl_p99:.5f} / "
+                                          + (f"{q.kl_p999:.5f}" if q.kl_p999 is not None else "—")),
         (f"KL max{bound}", f"{q.kl_max:.5f}"),
-        ("Top-1 agreement", f"{q.top1_agreement:.2%}"),
-        ("Δp of the correct token, mean / RMS", f"{q.delta_p_mean:+.5f} / {q.delta_p_rms:.5f}"),
+        ("Top-1 agreement (llama.cpp's \"same top p\")", f"{q.top1_agreement:.2%}"),
+        ("Δp of the correct token, mean / RMS (llama.cpp's \"RMS Δp\")", f"{q.delta_p_mean:+.5f} / {q.delta_p_rms:.5f}"),
     ]
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 
 # name -> (module, class): the runtime class is imported on first use
-RUNTIMES = {"transformers": ("quantlab.runtimes.transformers", "TransformersRuntime")}
+RUNTIMES = {
+    "transformers": ("quantlab.runtimes.transformers", "TransformersRuntime"),
+    "llama.cpp": ("quantlab.runtimes.llama_cpp", "LlamaCppRuntime"),
+}
 RUNTIME_NAMES = tuple(RUNTIMES)
 
 

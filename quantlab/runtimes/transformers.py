@@ -34,6 +34,20 @@ class LoadedModel:
 class TransformersRuntime:
     name = NAME
 
+    def load_options(self, measure, device: torch.device) -> dict[str, Any]:
+        return {}
+
+    def version(self) -> str:
+        import transformers
+
+        return transformers.__version__
+
+    def settings(self, model: torch.nn.Module) -> dict[str, Any]:
+        return {}
+
+    def parameter_count(self, model: torch.nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
+
     def load(self, source: ModelSource, device: torch.device, load_kwargs: dict[str, Any] | None = None,
              split: DeviceSplit | None = None) -> LoadedModel:
         return load_model(source, device, load_kwargs, split)

@@ -80,6 +80,8 @@ class PointResult(Frozen):
     decode_memory: MemoryResult | None = None
     cache_bytes: int | None = None  # KV cache + DeltaNet states after the last decode step
     first_tokens: list[int] | None = None  # greedy tokens of sequence 0, for reproducibility checks
+    # The runtime's own accounting of its buffers (llama.cpp: "CPU KV", "CUDA0 compute", ...), bytes
+    runtime_buffers: dict[str, int] | None = None
 
 
 class Roofline(Frozen):

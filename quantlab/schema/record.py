@@ -57,6 +57,14 @@ class SplitRef(Frozen):
     device_map: dict[str, str]  # module -> device
 
 
+class RuntimeRef(Frozen):
+    """The runtime that loaded and ran the model, its version and its settings."""
+
+    name: str  # transformers | llama.cpp
+    version: str | None = None
+    settings: dict[str, object] = {}
+
+
 class Record(Frozen):
     schema_version: int = SCHEMA_VERSION
     record_id: str
@@ -78,6 +86,7 @@ class Record(Frozen):
     quality: QualityResult | None = None  # once per run, against the reference (recipe's quality section)
     kernels: Kernels | None = None  # what really ran: DeltaNet functions, quantized Linear classes, dtype
     split: SplitRef | None = None  # a model split across devices; None: one device (hardware.device)
+    runtime: RuntimeRef | None = None  # None in records written before runtimes were recorded: transformers
     notes: tuple[str, ...] = ()
 
 

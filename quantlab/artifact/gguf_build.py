@@ -1,0 +1,204 @@
+"""`quantlab build` for the gguf method: a folder with the GGUF file that llama.cpp, Ollama and LM Studio load.
+
+recipe → plan (every check before any work) → llama.cpp's converter, imatrix and quantizer → greedy tokens through
+llama.cpp → measure (optional) → card → checksums → rename. As for every build, all of it happens in a hidden
+folder beside the target, renamed at the very end; `quantlab verify` checks the checksums, the GGUF header, and
+that llama.cpp reproduces the recorded greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from quantlab.artifact.results import BuildResult, VerifyResult
+from quantlab.checksums import check_checksums, write_checksums
+from quantlab.errors import QuantlabError
+from quantlab.gguf_file import read_header
+from quantlab.placement import PARTIAL, check_target, move_into_place, remove_stale_partials
+from quantlab.recipe import BuildSpec
+
+MANIFEST_NAME = "quantlab_gguf_build.json"
+
+
+def build_gguf(loaded, target: Path, force: bool, out_dir: Path, measure: bool, progress: bool,
+               echo: Callable[[str], None]):
+    from quantlab.methods import method_for
+    from quantlab.plan import make_plan
+    from quantlab.run import Candidate, measure_candidate, write_checkpoint
+    from quantlab.store import append_record
+
+    plan = make_plan(loaded, records_to=out_dir if measure else None)
+    method = method_for(plan.recipe.quantization)
+    check_target(target, force, {"the source model's folder": plan.source.files(), "the measurements folder": out_dir})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target)
+    tmp = target.parent / f".{target.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        written, cost = write_checkpoint(plan, method, tmp, progress, echo)
+        _remove_side_files(tmp)
+        gguf = tmp / method.artifact_file
+        spec = plan.recipe.build or BuildSpec()
+        greedy = greedy_check(plan, gguf, spec, echo)
+        records = []
+        if measure:
+            note = f"measured from the build folder {target}"
+            candidate = Candidate(plan.source, {"gguf": str(gguf)}, names={"name": plan.source.name,
+                                                                           "location": str(target)}, notes=(note,))
+            records = list(measure_candidate(plan, candidate, out_dir, progress, echo, append=False).records)
+        header = read_header(gguf)
+        manifest = {
+            "format": "gguf", "base_model": plan.source.name, "recipe": plan.loaded.recipe.name,
+            "method": {"name": method.name, "label": plan.method_label, "params": plan.method_params},
+            "llama_cpp": _llama_version(), "notes": list(written.notes),
+            "calibration": written.calibration_label, "quantize_seconds": cost.seconds,
+            "file": method.artifact_file, "file_bytes": header.file_bytes, "block_count": header.block_count,
+            "mtp": header.has_mtp(), "parameters_by_type": header.parameters_by_type(),
+            "greedy": greedy, "record_ids": [r.record_id for r in records],
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(card(manifest, header, records, target.name), encoding="utf-8")
+        write_checksums(tmp)
+        move_into_place(tmp, target, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    paths = tuple(append_record(out_dir, r) for r in records)
+    echo(f"built {target}: {header.file_bytes / 1e6:,.2f} MB GGUF ({plan.method_label}), {len(paths)} record(s)")
+    return BuildResult(target, None, tuple(records), paths, header.file_bytes)
+
+
+def _llama_version() -> str:
+    from quantlab import llamacpp
+
+    return llamacpp.locate().version
+
+
+def _remove_side_files(folder: Path) -> None:
+    """The run copies tokenizer and config files beside a checkpoint; a GGUF carries its own vocabulary."""
+    for path in folder.iterdir():
+        if path.suffix != ".gguf":
+            path.unlink()
+
+
+def greedy_check(plan, gguf: Path, spec: BuildSpec, echo) -> dict:
+    """The prompt's greedy continuation through llama.cpp, recorded for `quantlab verify` to reproduce."""
+    import torch
+
+    from quantlab.runtimes.llama_cpp import LlamaCppRuntime
+
+    tokenizer = plan.source.tokenizer()
+    ids = tokenizer(spec.prompt, add_special_tokens=False)["input_ids"] if tokenizer is not None else [0]
+    tokens = run_greedy(LlamaCppRuntime(), plan.source, gguf, ids, spec.check_tokens, plan.recipe.measure,
+                        torch.device("cpu"))
+    echo(f"greedy check: {len(tokens)} tokens through llama.cpp")
+    return {"prompt": spec.prompt, "prompt_ids": ids, "new_tokens": spec.check_tokens, "tokens": tokens}
+
+
+def run_greedy(runtime, source, gguf: Path, ids: list[int], new_tokens: int, measure, device) -> list[int]:
+    import torch
+
+    loaded = runtime.load(source, device, {"gguf": str(gguf), **runtime.load_options(measure, device)})
+    try:
+        runtime.prepare_point(loaded.model, len(ids), 1, new_tokens)
+        first, position = runtime.prefill(loaded.model, torch.tensor([ids]))
+        return runtime.decode(loaded.model, first, position, new_tokens - 1)[0].tolist()
+    finally:
+        loaded.model.close()
+
+
+def verify_gguf(folder: Path, load: bool, echo):
+    from types import SimpleNamespace
+
+    import torch
+
+    from quantlab.runtimes.llama_cpp import LlamaCppRuntime
+
+    problems, good = check_checksums(folder)
+    for p in problems:
+        echo(f"  FAIL {p}")
+    echo(f"checksums: {len(good)} file(s) match" + (f", {len(problems)} problem(s)" if problems else ""))
+    if problems or not load:
+        return VerifyResult(not problems, tuple(problems), len(good))
+    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    header = read_header(folder / manifest["file"])
+    echo(f"GGUF header: {header.architecture}, {len(header.tensors)} tensors, {header.file_bytes:,} bytes")
+    g = manifest["greedy"]
+    source = SimpleNamespace(name=manifest["base_model"], spec=SimpleNamespace(source="build", variant="text"),
+                             weights="real", config=None)
+    from quantlab.recipe import MeasureSpec
+
+    tokens = run_greedy(LlamaCppRuntime(), source, folder / manifest["file"], g["prompt_ids"], g["new_tokens"],
+                        MeasureSpec(runtime="llama.cpp"), torch.device("cpu"))
+    same = tokens == g["tokens"]
+    echo(f"greedy tokens through llama.cpp: {'the same' if same else 'DIFFERENT'} ({len(tokens)} tokens)")
+    if not same:
+        return VerifyResult(False, (f"greedy tokens differ: recorded {g['tokens'][:8]}..., now {tokens[:8]}...",),
+                            len(good))
+    return VerifyResult(True, (), len(good))
+
+
+def card(m: dict, header, records, name: str) -> str:
+    params = m["method"]["params"]
+    total = header.parameters or 1
+    lines = [
+        "---",
+        f"base_model: {m['base_model']}",
+        "tags: [gguf, llama.cpp, quantlab]",
+        "---",
+        "",
+        f"# {name}: {m['method']['label']}",
+        "",
+        f"`{m['file']}` ({header.file_bytes / 1e9:.3f} GB, {header.file_bytes:,} bytes), made by llama.cpp's own "
+        f"converter{', importance-matrix tool' if params.get('imatrix') else ''} and quantizer "
+        f"({m['llama_cpp'] or 'llama.cpp'}), driven by quantlab recipe `{m['recipe']}`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| type | `{params.get('type')}` |",
+        f"| importance matrix | {m['calibration'] or 'none'} |",
+        f"| MTP head | {'kept (blk.' + str((header.block_count or 1) - 1) + ')' if m['mtp'] else 'none'} |",
+        f"| blocks | {header.block_count} |",
+        "",
+        "## Tensor types",
+        "",
+        "| GGML type | Parameters | Share |",
+        "|---|---:|---:|",
+        *[f"| {t} | {n:,} | {100 * n / total:.1f}% |" for t, n in m["parameters_by_type"].items()],
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"llama-cli -m {m['file']} -p \"def fibonacci(n):\" -n 64",
+        f"llama-server -m {m['file']} -c 32768      # an OpenAI-compatible server",
+        f"printf 'FROM ./{m['file']}\\n' > Modelfile && ollama create {name.lower()} -f Modelfile && ollama run {name.lower()}",
+        "```",
+        "",
+        "`quantlab verify` checks the SHA256SUMS, the GGUF header, and that llama.cpp reproduces the greedy tokens "
+        f"recorded at build time ({m['greedy']['new_tokens']} tokens after `{m['greedy']['prompt']}`).",
+        "",
+    ]
+    if records:
+        from quantlab.run import describe_point
+
+        lines += ["## Measured at build time", "", *[f"- {describe_point(r)}" for r in records], ""]
+        q = records[0].quality
+        if q is not None:
+            from quantlab.quality.result import quality_card_lines
+
+            lines += quality_card_lines(q)
+    return "\n".join(lines) + "\n"
+
+
+def is_gguf_build(folder: Path) -> bool:
+    return (folder / MANIFEST_NAME).is_file()
+
+
+def check_gguf_buildable(recipe) -> None:
+    if recipe.measure.runtime != "llama.cpp":
+        raise QuantlabError("a GGUF build is measured through llama.cpp: set measure.runtime: llama.cpp")

@@ -1,0 +1,90 @@
+"""What a GGUF file's header says (gguf-py's reader), checked: a file that is not a GGUF, or is cut short, is a
+clear error here, before llama.cpp is asked to load it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.errors import QuantlabError
+
+MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    name: str
+    type_name: str  # GGML type, e.g. Q4_K
+    shape: tuple[int, ...]
+    elements: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    path: Path
+    file_bytes: int
+    architecture: str
+    block_count: int | None
+    file_type: int | None
+    tensors: tuple[GgufTensor, ...]
+    metadata: dict[str, object]
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.elements for t in self.tensors)
+
+    def parameters_by_type(self) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for t in self.tensors:
+            counts[t.type_name] += t.elements
+        return dict(counts.most_common())
+
+    def has_mtp(self) -> bool:
+        return bool(self.metadata.get(f"{self.architecture}.nextn_predict_layers"))
+
+
+def read_header(path: str | Path) -> GgufHeader:
+    path = Path(path)
+    if not path.is_file():
+        raise QuantlabError(f"{path}: no such GGUF file")
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != MAGIC:
+        raise QuantlabError(f"{path}: not a GGUF file (it starts with {magic!r}, not {MAGIC!r})")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+    except ImportError:
+        raise QuantlabError("reading GGUF headers needs the gguf package: pip install 'quantlab[gguf]'") from None
+    except Exception as exc:  # gguf-py raises ValueError, IndexError, struct errors on a damaged header
+        raise QuantlabError(f"{path}: a damaged GGUF header ({type(exc).__name__}: {str(exc)[:200]})") from None
+    tensors = tuple(GgufTensor(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape), int(t.n_elements),
+                               int(t.n_bytes)) for t in reader.tensors)
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > size:
+        raise QuantlabError(f"{path}: truncated: its header places tensor data up to byte {end:,}, the file has "
+                            f"{size:,} bytes")
+    metadata = {name: _value(field) for name, field in reader.fields.items() if not name.startswith("tokenizer.")}
+    arch = str(metadata.get("general.architecture", "unknown"))
+    return GgufHeader(path, size, arch, _int(metadata.get(f"{arch}.block_count")), _int(metadata.get("general.file_type")),
+                      tensors, metadata)
+
+
+def _value(field) -> object:
+    try:
+        value = field.contents()
+    except Exception:  # an unusual field type: its name is still worth keeping
+        return None
+    return value if not isinstance(value, list) or len(value) <= 64 else f"[{len(value)} values]"
+
+
+def _int(value) -> int | None:
+    return int(value) if isinstance(value, (int, float)) else None

@@ -1,0 +1,145 @@
+"""llama.cpp's own tools, at the one version `make llama-cpp` builds (scripts/build_llama_cpp.sh): where they are,
+which quantization types they know, and how each is called. Nothing of llama.cpp is copied into quantlab: the
+converter, quantizer, importance-matrix tool and memory planner run as llama.cpp ships them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from quantlab.errors import QuantlabError
+
+SDIST_VERSION = "0.3.36"  # llama-cpp-python, whose sdist carries the llama.cpp tree quantlab builds
+BUILD_HINT = "build it once with `make llama-cpp` (about 6 minutes on 2 cores; `make setup` does it too)"
+# Types llama.cpp refuses to write without an importance matrix (src/llama-quant.cpp, tensor_requires_imatrix:
+# IQ1_S/IQ1_M/IQ2_XXS/IQ2_XS/IQ2_S/IQ3_XXS tensors, and Q2_K in a Q2_K_S file). The build also asks
+# `llama-quantize --dry-run`, which knows exactly, before it quantizes.
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"})
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-fit-params")
+TAIL_LINES = 12
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    root: Path  # .llama.cpp/
+    source: Path  # the llama.cpp tree (convert_hf_to_gguf.py, gguf-py, src/)
+    bin: Path  # libllama.so and the tools
+
+    @property
+    def converter(self) -> Path:
+        return self.source / "convert_hf_to_gguf.py"
+
+    @property
+    def gguf_py(self) -> Path:
+        return self.source / "gguf-py"
+
+    def tool(self, name: str) -> Path:
+        return self.bin / name
+
+    @property
+    def version(self) -> str:
+        return version_text(self)
+
+
+def default_root() -> Path:
+    env = os.environ.get("QUANTLAB_LLAMA_CPP")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / ".llama.cpp"
+
+
+def locate(root: Path | None = None) -> LlamaCpp:
+    """The built llama.cpp, or a QuantlabError that says how to build it."""
+    root = root or default_root()
+    found = LlamaCpp(root, root / "src" / "vendor" / "llama.cpp", root / "build" / "bin")
+    missing = [p for p in (found.converter, found.gguf_py, found.bin / "libllama.so", *(found.tool(t) for t in TOOLS))
+               if not p.exists()]
+    if missing:
+        raise QuantlabError(f"llama.cpp is not built ({missing[0]} is missing): {BUILD_HINT}")
+    return found
+
+
+def available(root: Path | None = None) -> bool:
+    try:
+        locate(root)
+    except QuantlabError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=4)
+def version_text(tools: LlamaCpp) -> str:
+    """'llama.cpp b<build> (<commit>), from llama-cpp-python <sdist>' as the tools themselves report it."""
+    out = _completed([str(tools.tool("llama-bench")), "--version"], timeout=60)
+    text = (out.stdout + out.stderr).strip()
+    match = re.search(r"version:\s*(\S+)\s*\(([^)]*)\)", text)
+    build = f"{match.group(1)} ({match.group(2)})" if match else "unknown build"
+    return f"llama.cpp {build}, from llama-cpp-python {SDIST_VERSION}"
+
+
+@functools.lru_cache(maxsize=4)
+def quant_types(tools: LlamaCpp) -> tuple[str, ...]:
+    """The type names `llama-quantize` accepts, read from its own help text."""
+    out = _completed([str(tools.tool("llama-quantize")), "--help"], timeout=60)
+    names = re.findall(r"^\s+(?:\d+\s+or\s+)?([A-Z0-9_]+)\s+:", out.stdout, flags=re.MULTILINE)
+    if not names:
+        raise QuantlabError(f"{tools.tool('llama-quantize')} --help lists no quantization types; is the build broken? "
+                            f"{BUILD_HINT}")
+    return tuple(n for n in names if n != "COPY")
+
+
+def check_type(tools: LlamaCpp, name: str) -> str:
+    """`name` in llama.cpp's spelling (case-insensitive, as llama-quantize takes it), or a clear error."""
+    known = quant_types(tools)
+    upper = name.upper()
+    if upper not in known:
+        raise QuantlabError(f"GGUF type {name!r} is not one llama.cpp knows; its types: {', '.join(known)}")
+    return upper
+
+
+def tool_env(tools: LlamaCpp) -> dict[str, str]:
+    """The converter runs with llama.cpp's own gguf-py (the PyPI gguf lacks Qwen3.5's MTP tensors)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tools.gguf_py), str(tools.source), env.get("PYTHONPATH")]))
+    env["NO_LOCAL_GGUF"] = ""
+    return env
+
+
+def run_tool(tools: LlamaCpp, args: list[str], what: str, echo: Callable[[str], None] | None = None,
+             timeout: float | None = None, python: bool = False) -> str:
+    """Run a llama.cpp tool (or, with `python`, a Python script under its gguf-py); its output, or a QuantlabError
+    with the last lines of it. `echo` gets each line as it comes (progress for long steps)."""
+    command = [sys.executable, *args] if python else [str(tools.tool(args[0])), *args[1:]]
+    lines: list[str] = []
+    try:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                env=tool_env(tools))
+    except OSError as exc:
+        raise QuantlabError(f"{what}: could not start {command[0]}: {exc}. {BUILD_HINT}") from None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if echo:
+                echo(line.rstrip("\n"))
+        code = proc.wait(timeout=timeout)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if code != 0:
+        tail = "\n".join("    " + line for line in lines[-TAIL_LINES:])
+        raise QuantlabError(f"{what} failed (exit {code}); its last lines:\n{tail}")
+    return "\n".join(lines)
+
+
+def _completed(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout)
+    except OSError as exc:
+        raise QuantlabError(f"could not start {command[0]}: {exc}. {BUILD_HINT}") from None

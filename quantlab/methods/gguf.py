@@ -1,0 +1,199 @@
+"""`gguf`: a GGUF file made by llama.cpp's own tools, as quant producers make one: convert_hf_to_gguf.py writes a
+BF16 GGUF, llama-imatrix computes an importance matrix on the calibration text, llama-quantize writes the type.
+
+Which tensors get which type is llama.cpp's decision (src/llama-quant.cpp), not quantlab's. The GGUF is measured
+through the llama.cpp runtime (quantlab/runtimes/llama_cpp.py); a recipe with this method says
+`measure.runtime: llama.cpp`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from quantlab.errors import QuantlabError
+from quantlab.methods.awq import CalibrationSpec
+from quantlab.methods.base import CardFacts, Method, MethodConfig, WrittenCheckpoint, register
+
+# Types written by the converter itself (no llama-quantize step)
+CONVERTER_TYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
+GGUF_NAME = "model.gguf"
+IMATRIX_NAME = "imatrix.gguf"
+BF16_NAME = "model-bf16.gguf"
+
+
+class GgufCalibration(CalibrationSpec):
+    WHERE: ClassVar[str] = "quantization.calibration"
+
+    samples: int = Field(32, ge=1, le=100_000, description="imatrix chunks")
+    seq_len: int = Field(512, ge=16, le=32_768, description="tokens per chunk (llama-imatrix -c)")
+
+
+class GgufConfig(MethodConfig):
+    """A llama.cpp quantization type (any llama-quantize accepts; checked against its own list before any load)."""
+
+    method: Literal["gguf"]
+    type: str = Field("Q4_K_M", pattern=r"^[A-Za-z0-9_]{1,16}$", description="llama.cpp type, e.g. Q4_K_M, Q6_K, Q8_0")
+    imatrix: bool = Field(True, description="compute an importance matrix on the calibration text (llama-imatrix)")
+    mtp: bool = Field(True, description="keep the MTP head as blk.N (llama.cpp's default); false: --no-mtp")
+    calibration: GgufCalibration = Field(default_factory=GgufCalibration)
+
+
+@register
+class GgufMethod(Method):
+    name = "gguf"
+    config = GgufConfig
+    writes_checkpoint = True
+    builds = True
+    artifact_file = GGUF_NAME
+    card = CardFacts("llama.cpp", "needs llama.cpp (or Ollama, LM Studio, llama-cpp-python)", "", ("gguf", "llama.cpp"))
+
+    def label(self, qconfig: GgufConfig, dtype: str) -> str:
+        kind = qconfig.type.upper()
+        if kind in CONVERTER_TYPES:
+            return f"GGUF {kind}"
+        return f"GGUF {kind}" + ("" if qconfig.imatrix else " (no imatrix)")
+
+    def check(self, qconfig: GgufConfig, source) -> None:
+        from quantlab import llamacpp
+
+        tools = llamacpp.locate()
+        kind = llamacpp.check_type(tools, qconfig.type)
+        if kind in llamacpp.NEEDS_IMATRIX and not qconfig.imatrix:
+            raise QuantlabError(f"quantization: GGUF type {kind} needs an importance matrix (llama.cpp refuses to write "
+                                f"it without one); set quantization.imatrix: true")
+        check_convertible(tools, source.config)
+
+    def check_source(self, qconfig: GgufConfig, source) -> tuple[str, ...]:
+        if not self.uses_imatrix(qconfig):
+            return ()
+        if source.synthetic:
+            return ("synthetic weights: no imatrix (random weights have no activations worth weighting)",)
+        if source.files() is None:
+            return ("imatrix calibration: checked after the model's files are downloaded",)
+        from quantlab.quantize.awq.calibration import calibration_samples
+
+        return (f"imatrix calibration: {calibration_samples(qconfig.calibration, source.tokenizer()).label}",)
+
+    def uses_imatrix(self, qconfig: GgufConfig) -> bool:
+        return qconfig.imatrix and qconfig.type.upper() not in CONVERTER_TYPES
+
+    def apply(self, model, qconfig: GgufConfig):
+        raise QuantlabError("quantization.method gguf writes a GGUF file with llama.cpp's tools; use `quantlab run` "
+                            "or `quantlab build` on the recipe")
+
+    def write_checkpoint(self, qconfig: GgufConfig, source, folder: Path, device, max_shard_bytes: int,
+                         progress: bool, echo) -> WrittenCheckpoint:
+        """Convert, (imatrix), quantize, into `folder`: model.gguf (and imatrix.gguf)."""
+        from quantlab import llamacpp
+
+        tools = llamacpp.locate()
+        kind = llamacpp.check_type(tools, qconfig.type)
+        files = source.files(download=True)
+        if files is None:
+            raise QuantlabError("quantization.method gguf converts the model's files; synthetic weights have none "
+                                "(scripts/gguf_full_size.py makes full-size GGUFs of synthetic weights)")
+        folder = Path(folder)
+        notes = [f"made by {tools.version}"]
+        mtp = qconfig.mtp and has_mtp(source.config)
+        if qconfig.mtp and not mtp:
+            notes.append("the checkpoint has no MTP head, so the GGUF has none (converted with --no-mtp)")
+        bf16 = folder / (GGUF_NAME if kind in CONVERTER_TYPES else BF16_NAME)
+        step = _timed(echo)
+        step(f"convert_hf_to_gguf.py → {bf16.name}", lambda: convert(tools, files, bf16, CONVERTER_TYPES.get(kind, "bf16"),
+                                                                     mtp))
+        calibration_label = None
+        if kind not in CONVERTER_TYPES:
+            imatrix = None
+            if qconfig.imatrix:
+                from quantlab.quantize.awq.calibration import calibration_samples
+
+                calibration = calibration_samples(qconfig.calibration, source.tokenizer())
+                calibration_label = calibration.label
+                text = folder / "calibration.txt"
+                text.write_text(_calibration_text(calibration, source.tokenizer()), encoding="utf-8")
+                imatrix = folder / IMATRIX_NAME
+                step(f"llama-imatrix on {calibration.label}", lambda: compute_imatrix(
+                    tools, bf16, text, imatrix, qconfig.calibration.seq_len, qconfig.calibration.samples))
+                text.unlink()
+            step(f"llama-quantize {kind}", lambda: quantize(tools, bf16, folder / GGUF_NAME, kind, imatrix))
+            bf16.unlink()
+        quantized = tuple(f"{name}: {t}" for name, t in tensor_types(folder / GGUF_NAME).items())
+        return WrittenCheckpoint("llama.cpp", quantized, tuple(notes), calibration_label)
+
+    def estimator_scheme(self, params: dict[str, Any], dtype: str) -> str | None:
+        kind = str(params.get("type", "")).upper()
+        return {"Q8_0": "gguf-q8_0", "Q6_K": "gguf-q6_k", "Q4_K_M": "gguf-q4_k_m"}.get(kind)
+
+    def card_rows(self, params: dict[str, Any]) -> list[tuple[str, object]]:
+        return [("method", self.name), ("type", params.get("type")), ("imatrix", params.get("imatrix")),
+                ("MTP head", "kept (blk.N)" if params.get("mtp", True) else "left out (--no-mtp)")]
+
+
+def _timed(echo):
+    def step(what: str, work) -> None:
+        echo(f"{what} ...")
+        start = time.perf_counter()
+        work()
+        echo(f"{what}: {time.perf_counter() - start:,.1f} s")
+    return step
+
+
+def _calibration_text(calibration, tokenizer) -> str:
+    """The calibration windows as text, one after another, for llama-imatrix to tokenize with the GGUF's own
+    vocabulary (the tokenizer test shows both give the same ids)."""
+    return "".join(tokenizer.decode(row.tolist()) for row in calibration.input_ids)
+
+
+def has_mtp(config) -> bool:
+    """Whether the checkpoint carries an MTP head (mtp.* tensors; config's mtp_num_hidden_layers)."""
+    text = getattr(config, "text_config", None) or config
+    return int(getattr(text, "mtp_num_hidden_layers", 0) or 0) > 0
+
+
+def check_convertible(tools, config) -> None:
+    """A clear error, before any work, for a model llama.cpp's converter has no class for."""
+    import re
+
+    archs = list(getattr(config, "architectures", None) or [])
+    text = "\n".join(p.read_text(encoding="utf-8") for p in (tools.source / "conversion").glob("*.py"))
+    registered = set(re.findall(r'"([A-Za-z0-9_]+For[A-Za-z0-9_]+)"', text))
+    if not archs or not any(a in registered for a in archs):
+        named = ", ".join(archs) or "config.json names no architectures"
+        raise QuantlabError(f"llama.cpp's converter does not know this model ({named}); it converts "
+                            f"{len(registered)} architectures, Qwen3_5ForConditionalGeneration and "
+                            "Qwen3_5ForCausalLM among them")
+
+
+def convert(tools, hf_folder: Path, out: Path, outtype: str, mtp: bool, sparse: bool = False, echo=None) -> None:
+    from quantlab import llamacpp
+
+    args = ["-m", "quantlab.gguf_convert", str(hf_folder), "--outfile", str(out), "--outtype", outtype]
+    args += [] if mtp else ["--no-mtp"]
+    args += ["--sparse"] if sparse else []
+    llamacpp.run_tool(tools, args, "convert_hf_to_gguf.py", echo=echo, python=True)
+
+
+def compute_imatrix(tools, model: Path, text: Path, out: Path, ctx: int, chunks: int) -> None:
+    from quantlab import llamacpp
+
+    llamacpp.run_tool(tools, ["llama-imatrix", "-m", str(model), "-f", str(text), "-o", str(out), "-c", str(ctx),
+                              "--chunks", str(chunks), "-b", str(ctx), "--no-ppl"], "llama-imatrix")
+
+
+def quantize(tools, src: Path, dst: Path, kind: str, imatrix: Path | None, dry_run: bool = False) -> str:
+    from quantlab import llamacpp
+
+    args = ["llama-quantize", *(["--imatrix", str(imatrix)] if imatrix else []), *(["--dry-run"] if dry_run else []),
+            str(src), *([] if dry_run else [str(dst)]), kind]
+    return llamacpp.run_tool(tools, args, f"llama-quantize {kind}")
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """Tensor name → GGML type name, read from a GGUF's header."""
+    from quantlab.gguf_file import read_header
+
+    return {t.name: t.type_name for t in read_header(path).tensors}

@@ -1,0 +1,324 @@
+"""The llama.cpp runtime: a GGUF file loaded and run by libllama (llama.cpp built by `make llama-cpp`), through the
+llama-cpp-python binding's C API, as llama-bench runs it: prefill of the prompt in batches of n_batch, then
+decode one token at a time at that depth. quantlab's own loop (quantlab/measure.py) times it, with warm-ups,
+repeats, median and spread, as for every runtime.
+
+Memory is llama.cpp's own buffer accounting per device (model, KV cache, recurrent state, compute, output),
+read from its log as each context is made, beside the process RSS the shared trackers measure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantlab.errors import QuantlabError
+from quantlab.schema.environment import WeightsInfo
+from quantlab.schema.measurement import Kernels
+
+NAME = "llama.cpp"
+BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|RS|compute|output)\s+buffer size\s*=\s*([\d.]+)\s*MiB")
+KV_TYPES = {"f16": 1, "q8_0": 8, "f32": 0, "bf16": 30}  # GGML_TYPE_* ids
+FLASH = {"auto": -1, "off": 0, "on": 1}
+
+
+@dataclass
+class LlamaCppSettings:
+    threads: int
+    gpu_layers: int
+    flash_attn: str
+    kv_type: str
+    slots: int
+    ubatch: int
+    batch: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
+class LlamaCppModel:
+    """A loaded GGUF and the one context it runs in; `__call__` is the quality harness's forward."""
+
+    lib: Any
+    model: Any
+    vocab_size: int
+    path: Path
+    settings: LlamaCppSettings
+    log: "_Log"
+    context: Any = None
+    n_ctx: int = 0
+    buffers: dict[str, int] = field(default_factory=dict)  # llama.cpp's accounting: "CPU model" -> bytes
+
+    def ensure_context(self, n_ctx: int) -> None:
+        """A context holding at least n_ctx tokens per slot; made again only when a larger one is needed."""
+        if self.context is not None and self.n_ctx >= n_ctx:
+            return
+        self.free_context()
+        lib, s = self.lib, self.settings
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx * s.slots
+        params.n_batch = s.batch
+        params.n_ubatch = min(s.ubatch, s.batch)
+        params.n_seq_max = s.slots
+        params.n_threads = params.n_threads_batch = s.threads
+        params.flash_attn_type = FLASH[s.flash_attn]
+        params.type_k = params.type_v = KV_TYPES[s.kv_type]
+        params.no_perf = False
+        with self.log.capture() as lines:
+            context = lib.llama_init_from_model(self.model, params)
+        if not context:
+            raise QuantlabError(f"llama.cpp could not make a context of {n_ctx:,} tokens: "
+                                f"{self.log.last_error(lines)}")
+        self.context, self.n_ctx = context, n_ctx
+        self.buffers = {**model_buffers(self.buffers), **parse_buffers(lines)}
+
+    def free_context(self) -> None:
+        if self.context is not None:
+            self.lib.llama_free(self.context)
+            self.context = None
+            self.buffers = model_buffers(self.buffers)
+
+    def clear(self) -> None:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.context), True)
+
+    def decode(self, tokens: list[int], start: int, want_logits: int) -> None:
+        """Tokens at positions start.. in sequence 0, in batches of n_batch; logits for the last `want_logits`."""
+        lib, n_batch = self.lib, self.settings.batch
+        batch = lib.llama_batch_init(n_batch, 0, 1)
+        try:
+            for offset in range(0, len(tokens), n_batch):
+                chunk = tokens[offset:offset + n_batch]
+                batch.n_tokens = len(chunk)
+                for i, token in enumerate(chunk):
+                    position = offset + i
+                    batch.token[i] = token
+                    batch.pos[i] = start + position
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = position >= len(tokens) - want_logits
+                code = lib.llama_decode(self.context, batch)
+                if code != 0:
+                    raise QuantlabError(f"llama_decode returned {code} at position {start + offset:,} "
+                                        f"({'the context is full' if code == 1 else 'see llama.cpp log'})")
+        finally:
+            lib.llama_batch_free(batch)
+
+    def logits(self, rows: int) -> torch.Tensor:
+        """The last `rows` output rows as a (rows, vocab) float32 tensor (a copy)."""
+        out = torch.empty(rows, self.vocab_size, dtype=torch.float32)
+        for r in range(rows):
+            pointer = self.lib.llama_get_logits_ith(self.context, -rows + r)
+            out[r] = torch.from_numpy(_as_array(pointer, self.vocab_size)).clone()
+        return out
+
+    def __call__(self, input_ids: torch.Tensor, use_cache: bool = False, logits_to_keep: int = 0, **_: Any):
+        """The forward the quality harness calls: logits of the last `logits_to_keep` positions of one window."""
+        tokens = input_ids[0].tolist()
+        keep = logits_to_keep or len(tokens)
+        self.ensure_context(len(tokens))
+        self.clear()
+        self.decode(tokens, 0, keep)
+        return _Output(self.logits(keep).unsqueeze(0))
+
+    def close(self) -> None:
+        self.free_context()
+        if self.model is not None:
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+
+@dataclass
+class _Output:
+    logits: torch.Tensor
+
+
+def _as_array(pointer, n: int):
+    import numpy as np
+
+    return np.ctypeslib.as_array(pointer, shape=(n,))
+
+
+class _Log:
+    """llama.cpp's log, kept (not printed): the buffer sizes are read from it, and errors quote it."""
+
+    def __init__(self, lib):
+        self._lines: list[str] | None = None
+        self._partial = ""
+        self._lock = threading.Lock()
+        self.callback = lib.llama_log_callback(self._on_message)  # kept alive as long as the runtime
+        lib.llama_log_set(self.callback, ctypes.c_void_p(0))
+
+    def _on_message(self, level, text, user_data) -> None:
+        with self._lock:
+            self._partial += (text or b"").decode("utf-8", "replace")
+            *done, self._partial = self._partial.split("\n")
+            if self._lines is not None:
+                self._lines.extend(done)
+
+    def capture(self):
+        log = self
+
+        class _Capture:
+            def __enter__(self):
+                log._lines = []
+                return log._lines
+
+            def __exit__(self, *exc):
+                log._lines = None
+
+        return _Capture()
+
+    @staticmethod
+    def last_error(lines: list[str]) -> str:
+        errors = [line.strip() for line in lines if "error" in line.lower() or "failed" in line.lower()]
+        return (errors or lines or ["no message"])[-1][:300]
+
+
+def parse_buffers(lines: list[str]) -> dict[str, int]:
+    """'CPU_Mapped model buffer size = 7.12 MiB' → {'CPU_Mapped model': 7466000}; sizes of one kind summed."""
+    found: dict[str, int] = {}
+    for line in lines:
+        match = BUFFER_LINE.search(line)
+        if match:
+            key = f"{match.group(1)} {match.group(2)}"
+            found[key] = found.get(key, 0) + round(float(match.group(3)) * 2**20)
+    return found
+
+
+def model_buffers(buffers: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in buffers.items() if k.endswith(" model")}
+
+
+_LIB = None
+
+
+def library():
+    """The binding, loading .llama.cpp/build/bin/libllama.so (LLAMA_CPP_LIB_PATH), once per process."""
+    global _LIB
+    if _LIB is None:
+        from quantlab import llamacpp
+
+        tools = llamacpp.locate()
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(tools.bin)
+        try:
+            import llama_cpp.llama_cpp as lib
+        except ImportError as exc:
+            raise QuantlabError(f"the llama_cpp Python binding is not installed ({exc}): {llamacpp.BUILD_HINT}") from None
+        lib.llama_backend_init()
+        _LIB = lib
+    return _LIB
+
+
+class LlamaCppRuntime:
+    name = NAME
+
+    def __init__(self) -> None:
+        self.lib = library()
+        self.log = _Log(self.lib)
+
+    def load_options(self, measure, device: torch.device) -> dict[str, Any]:
+        """from the recipe's measure.llama_cpp: defaults as llama-bench's, all layers on a GPU, none on the CPU"""
+        spec = measure.llama_cpp
+        if spec is None:
+            from quantlab.recipe import LlamaCppSpec
+
+            spec = LlamaCppSpec()
+        layers = spec.gpu_layers if spec.gpu_layers not in (None, "all") else (999 if device.type == "cuda" else 0)
+        if spec.gpu_layers == "all":
+            layers = 999
+        return {"settings": LlamaCppSettings(threads=spec.threads or torch.get_num_threads(), gpu_layers=layers,
+                                             flash_attn=spec.flash_attn, kv_type=spec.kv_type, slots=spec.slots,
+                                             ubatch=spec.ubatch, batch=spec.batch)}
+
+    def version(self) -> str:
+        from quantlab import llamacpp
+
+        return llamacpp.locate().version
+
+    def settings(self, model: LlamaCppModel) -> dict[str, Any]:
+        return model.settings.as_dict()
+
+    def load(self, source, device: torch.device, load_kwargs: dict[str, Any] | None = None, split=None) -> Any:
+        from quantlab.gguf_file import read_header
+        from quantlab.runtimes.transformers import LoadedModel
+
+        kwargs = dict(load_kwargs or {})
+        path = Path(kwargs["gguf"])
+        settings: LlamaCppSettings = kwargs["settings"]
+        header = read_header(path)  # not a GGUF, or cut short: a clear error before llama.cpp sees it
+        params = self.lib.llama_model_default_params()
+        params.n_gpu_layers = settings.gpu_layers
+        with self.log.capture() as lines:
+            model = self.lib.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise QuantlabError(f"{path}: llama.cpp could not load it: {self.log.last_error(lines)}")
+        vocab = self.lib.llama_vocab_n_tokens(self.lib.llama_model_get_vocab(model))
+        loaded = LlamaCppModel(self.lib, model, vocab, path, settings, self.log, buffers=parse_buffers(lines))
+        info = WeightsInfo(name=source.name, source=source.spec.source, weights=source.weights, location=str(path),
+                           model_class=f"GGUF {header.architecture}", variant=source.spec.variant,
+                           dtype=describe_types(header))
+        return LoadedModel(loaded, None, source.config, info)
+
+    def prepare_point(self, model: LlamaCppModel, context: int, batch: int, new_tokens: int) -> None:
+        if batch > 1:
+            raise QuantlabError("the llama.cpp runtime measures batch 1 (one sequence; slots size the memory)")
+        model.ensure_context(context + new_tokens + 1)
+
+    def prefill(self, model: LlamaCppModel, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        tokens = ids[0].tolist()
+        model.clear()
+        model.decode(tokens, 0, 1)
+        return model.logits(1).argmax(-1, keepdim=True), len(tokens)
+
+    def decode(self, model: LlamaCppModel, next_ids: torch.Tensor, cache: Any, steps: int) -> torch.Tensor:
+        position, token = cache, int(next_ids[0, 0])
+        generated = [token]
+        for _ in range(steps):
+            model.decode([token], position, 1)
+            position += 1
+            token = int(model.logits(1)[0].argmax())
+            generated.append(token)
+        return torch.tensor([generated])
+
+    def cache_bytes(self, cache: Any) -> int | None:
+        return None  # llama.cpp allocates KV and recurrent state whole at context creation: see buffers
+
+    def point_buffers(self, model: LlamaCppModel) -> dict[str, int]:
+        return dict(model.buffers)
+
+    def vocab_size(self, model: LlamaCppModel) -> int:
+        return model.vocab_size
+
+    def weight_bytes(self, model: LlamaCppModel) -> int:
+        return int(self.lib.llama_model_size(model.model))
+
+    def parameter_count(self, model: LlamaCppModel) -> int:
+        return int(self.lib.llama_model_n_params(model.model))
+
+    def lookup_table_bytes(self, model: LlamaCppModel) -> int:
+        from quantlab.gguf_file import read_header
+
+        return sum(t.nbytes for t in read_header(model.path).tensors if t.name == "token_embd.weight")
+
+    def kernels(self, model: LlamaCppModel) -> Kernels:
+        from quantlab.gguf_file import read_header
+
+        header = read_header(model.path)
+        s = model.settings
+        return Kernels(deltanet={"gated_delta_net": "ggml"}, linear=tuple(f"ggml {t}" for t in header.parameters_by_type()),
+                       attention=f"llama.cpp, flash attention {s.flash_attn}, KV {s.kv_type}",
+                       compute_dtype=describe_types(header))
+
+
+def describe_types(header) -> str:
+    """'Q4_K 62%, Q6_K 21%, F32 ...': the GGUF's parameters by type."""
+    total = header.parameters or 1
+    return ", ".join(f"{t} {100 * n / total:.0f}%" for t, n in header.parameters_by_type().items())
