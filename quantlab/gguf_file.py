@@ -59,11 +59,12 @@ def read_header(path: str | Path) -> GgufHeader:
     if magic != MAGIC:
         raise QuantlabError(f"{path}: not a GGUF file (it starts with {magic!r}, not {MAGIC!r})")
     try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(path)
+        reader = _checked_reader()(path)
     except ImportError:
         raise QuantlabError("reading GGUF headers needs the gguf package: pip install 'quantlab[gguf]'") from None
+    except _Truncated as cut:
+        raise QuantlabError(f"{path}: truncated: its header places data up to byte {cut.end:,} at least, the file has "
+                            f"{size:,} bytes") from None
     except Exception as exc:  # gguf-py raises ValueError, IndexError, struct errors on a damaged header
         raise QuantlabError(f"{path}: a damaged GGUF header ({type(exc).__name__}: {str(exc)[:200]})") from None
     tensors = tuple(GgufTensor(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape), int(t.n_elements),
@@ -76,6 +77,28 @@ def read_header(path: str | Path) -> GgufHeader:
     arch = str(metadata.get("general.architecture", "unknown"))
     return GgufHeader(path, size, arch, _int(metadata.get(f"{arch}.block_count")), _int(metadata.get("general.file_type")),
                       tensors, metadata)
+
+
+class _Truncated(Exception):
+    def __init__(self, end: int):
+        super().__init__(end)
+        self.end = end
+
+
+def _checked_reader():
+    """gguf-py's reader, refusing to read past the end of the file (it would slice short and fail to reshape)."""
+    from gguf import GGUFReader
+
+    class CheckedReader(GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            import numpy as np
+
+            end = int(offset) + int(np.empty([], dtype=dtype).itemsize) * int(count)
+            if end > len(self.data):
+                raise _Truncated(end)
+            return super()._get(offset, dtype, count, override_order)
+
+    return CheckedReader
 
 
 def _value(field) -> object:

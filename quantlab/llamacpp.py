@@ -19,9 +19,10 @@ from quantlab.errors import QuantlabError
 SDIST_VERSION = "0.3.36"  # llama-cpp-python, whose sdist carries the llama.cpp tree quantlab builds
 BUILD_HINT = "build it once with `make llama-cpp` (about 6 minutes on 2 cores; `make setup` does it too)"
 # Types llama.cpp refuses to write without an importance matrix (src/llama-quant.cpp, tensor_requires_imatrix:
-# IQ1_S/IQ1_M/IQ2_XXS/IQ2_XS/IQ2_S/IQ3_XXS tensors, and Q2_K in a Q2_K_S file). The build also asks
+# IQ1_S/IQ1_M/IQ2_XXS/IQ2_XS/IQ2_S/IQ3_XXS tensors, which IQ3_XS files have too, and Q2_K in a Q2_K_S file).
+# The build also asks
 # `llama-quantize --dry-run`, which knows exactly, before it quantizes.
-NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"})
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-fit-params")
 TAIL_LINES = 12
 

@@ -125,7 +125,7 @@ class MeasureSpec(_Strict):
     @model_validator(mode="after")
     def _settings_match_runtime(self) -> "MeasureSpec":
         if self.llama_cpp is not None and self.runtime != "llama.cpp":
-            raise ValueError(f"measure.llama_cpp sets the llama.cpp runtime, but measure.runtime is {self.runtime!r}")
+            raise ValueError(f"llama_cpp sets the llama.cpp runtime, but runtime is {self.runtime!r}")
         if self.runtime == "llama.cpp" and self.batch_sizes != [1]:
             raise ValueError("the llama.cpp runtime measures one sequence (batch_sizes: [1]); "
                              "measure.llama_cpp.slots sizes the memory of parallel slots")

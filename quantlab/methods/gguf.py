@@ -119,6 +119,8 @@ class GgufMethod(Method):
                 step(f"llama-imatrix on {calibration.label}", lambda: compute_imatrix(
                     tools, bf16, text, imatrix, qconfig.calibration.seq_len, qconfig.calibration.samples))
                 text.unlink()
+            if imatrix is None:
+                check_needs_no_imatrix(tools, bf16, kind)
             step(f"llama-quantize {kind}", lambda: quantize(tools, bf16, folder / GGUF_NAME, kind, imatrix))
             bf16.unlink()
         quantized = tuple(f"{name}: {t}" for name, t in tensor_types(folder / GGUF_NAME).items())
@@ -131,6 +133,14 @@ class GgufMethod(Method):
     def card_rows(self, params: dict[str, Any]) -> list[tuple[str, object]]:
         return [("method", self.name), ("type", params.get("type")), ("imatrix", params.get("imatrix")),
                 ("MTP head", "kept (blk.N)" if params.get("mtp", True) else "left out (--no-mtp)")]
+
+
+def check_needs_no_imatrix(tools, bf16: Path, kind: str) -> None:
+    """llama-quantize's own dry run says whether this type, on this model, needs an importance matrix."""
+    out = quantize(tools, bf16, bf16, kind, None, dry_run=True)
+    if "will require an imatrix" in out:
+        raise QuantlabError(f"GGUF type {kind} needs an importance matrix on this model (llama-quantize's dry run "
+                            "says so); set quantization.imatrix: true")
 
 
 def _timed(echo):

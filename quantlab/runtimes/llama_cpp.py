@@ -89,30 +89,41 @@ class LlamaCppModel:
     def clear(self) -> None:
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.context), True)
 
-    def decode(self, tokens: list[int], start: int, want_logits: int) -> None:
-        """Tokens at positions start.. in sequence 0, in batches of n_batch; logits for the last `want_logits`."""
-        lib, n_batch = self.lib, self.settings.batch
+    def decode(self, tokens: list[int], start: int, want_logits: int) -> torch.Tensor:
+        """Tokens at positions start.. in sequence 0, in batches of the context's n_batch (llama.cpp caps it at the
+        context); the logits of the last `want_logits` tokens, as a (want_logits, vocab) float32 tensor."""
+        lib = self.lib
+        room = lib.llama_n_ctx_seq(self.context)
+        if start + len(tokens) > room:
+            raise QuantlabError(f"llama.cpp: {start + len(tokens):,} tokens do not fit a context of {room:,} per slot")
+        n_batch = lib.llama_n_batch(self.context)
+        first_wanted = len(tokens) - want_logits
         batch = lib.llama_batch_init(n_batch, 0, 1)
+        rows: list[torch.Tensor] = []
         try:
             for offset in range(0, len(tokens), n_batch):
                 chunk = tokens[offset:offset + n_batch]
                 batch.n_tokens = len(chunk)
                 for i, token in enumerate(chunk):
-                    position = offset + i
                     batch.token[i] = token
-                    batch.pos[i] = start + position
+                    batch.pos[i] = start + offset + i
                     batch.n_seq_id[i] = 1
                     batch.seq_id[i][0] = 0
-                    batch.logits[i] = position >= len(tokens) - want_logits
-                code = lib.llama_decode(self.context, batch)
+                    batch.logits[i] = offset + i >= first_wanted
+                with self.log.capture() as lines:
+                    code = lib.llama_decode(self.context, batch)
                 if code != 0:
-                    raise QuantlabError(f"llama_decode returned {code} at position {start + offset:,} "
-                                        f"({'the context is full' if code == 1 else 'see llama.cpp log'})")
+                    raise QuantlabError(f"llama_decode returned {code} at position {start + offset:,}: "
+                                        + ("no room left in the context" if code == 1 else self.log.last_error(lines)))
+                outputs = sum(1 for i in range(len(chunk)) if offset + i >= first_wanted)
+                if outputs:
+                    rows.append(self.logits(outputs))
         finally:
             lib.llama_batch_free(batch)
+        return torch.cat(rows) if rows else torch.empty(0, self.vocab_size)
 
     def logits(self, rows: int) -> torch.Tensor:
-        """The last `rows` output rows as a (rows, vocab) float32 tensor (a copy)."""
+        """The last `rows` outputs of the latest decode, as a (rows, vocab) float32 tensor (a copy)."""
         out = torch.empty(rows, self.vocab_size, dtype=torch.float32)
         for r in range(rows):
             pointer = self.lib.llama_get_logits_ith(self.context, -rows + r)
@@ -125,8 +136,7 @@ class LlamaCppModel:
         keep = logits_to_keep or len(tokens)
         self.ensure_context(len(tokens))
         self.clear()
-        self.decode(tokens, 0, keep)
-        return _Output(self.logits(keep).unsqueeze(0))
+        return _Output(self.decode(tokens, 0, keep).unsqueeze(0))
 
     def close(self) -> None:
         self.free_context()
@@ -198,6 +208,7 @@ def model_buffers(buffers: dict[str, int]) -> dict[str, int]:
 
 
 _LIB = None
+_LOG = None
 
 
 def library():
@@ -217,12 +228,21 @@ def library():
     return _LIB
 
 
+def process_log() -> "_Log":
+    """llama.cpp has one log callback per process: one _Log, kept alive as long as the process, serves every
+    runtime (a second callback would silence the first's accounting, and a freed one would crash llama.cpp)."""
+    global _LOG
+    if _LOG is None:
+        _LOG = _Log(library())
+    return _LOG
+
+
 class LlamaCppRuntime:
     name = NAME
 
     def __init__(self) -> None:
         self.lib = library()
-        self.log = _Log(self.lib)
+        self.log = process_log()
 
     def load_options(self, measure, device: torch.device) -> dict[str, Any]:
         """from the recipe's measure.llama_cpp: defaults as llama-bench's, all layers on a GPU, none on the CPU"""
@@ -275,16 +295,14 @@ class LlamaCppRuntime:
     def prefill(self, model: LlamaCppModel, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         tokens = ids[0].tolist()
         model.clear()
-        model.decode(tokens, 0, 1)
-        return model.logits(1).argmax(-1, keepdim=True), len(tokens)
+        return model.decode(tokens, 0, 1).argmax(-1, keepdim=True), len(tokens)
 
     def decode(self, model: LlamaCppModel, next_ids: torch.Tensor, cache: Any, steps: int) -> torch.Tensor:
         position, token = cache, int(next_ids[0, 0])
         generated = [token]
         for _ in range(steps):
-            model.decode([token], position, 1)
+            token = int(model.decode([token], position, 1)[0].argmax())
             position += 1
-            token = int(model.logits(1)[0].argmax())
             generated.append(token)
         return torch.tensor([generated])
 
