@@ -80,6 +80,8 @@ _QWEN3_5_MOE_MLP = (
 # where the transformers class drops it at load.
 TENSOR_ROLES: Mapping[str, tuple[tuple[str, str], ...]] = {
     "Qwen3_5ForCausalLM": ((r"^mtp\.", "mtp"), *_QWEN3_5_TEXT),
+    # Qwen3 dense: every layer full attention, the same tensor names (no DeltaNet, no output gate, no MTP)
+    "Qwen3ForCausalLM": _QWEN3_5_TEXT,
     "Qwen3_5ForConditionalGeneration": _QWEN3_5_FULL,
     "Qwen3_5MoeForCausalLM": ((r"^mtp\.", "mtp"), *_QWEN3_5_MOE_MLP, *_QWEN3_5_TEXT),
     "Qwen3_5MoeForConditionalGeneration": (*_QWEN3_5_FULL[:2], *_QWEN3_5_MOE_MLP, *_QWEN3_5_TEXT),
@@ -97,10 +99,11 @@ UNQUANTIZED_ROLES: Mapping[str, frozenset[str]] = {
     },
     # GGUF (llama.cpp's llama-quantize): every 2-D `.weight` is quantized, embeddings and
     # in_proj_a/b (ssm_alpha/beta) included, but not norms, 1-D tensors, ssm_conv1d or the MoE
-    # router (ffn_gate_inp). The vision tower lives in a separate mmproj file, and gguf 0.19's
-    # qwen35 tensor map has no MTP tensors: both are kept at the model dtype when counted.
+    # router (ffn_gate_inp). The MTP head is written as one more block (blk.64) and quantized like
+    # one (estimate/gguf_mix.py). The vision tower lives in a separate mmproj file: kept at the
+    # model dtype when counted.
     **{
-        method: frozenset({"deltanet_conv_and_params", "norm", "router", "vision", "mtp"})
+        method: frozenset({"deltanet_conv_and_params", "norm", "router", "vision"})
         for method in ("gguf_q8_0", "gguf_q6_k", "gguf_q4_k_m")
     },
 }

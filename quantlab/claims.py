@@ -59,7 +59,18 @@ def latest_gpu_weights(records: list[Record], model: str, match: dict[str, str])
     its weights measured after load."""
     found = [
         r for r in records
-        if r.model.name == model and r.hardware.kind == "gpu" and r.load_memory.allocated_end_bytes
+        if r.model.name == model and r.hardware.kind == "gpu" and gpu_weight_bytes(r)
         and r.method.name == match["method"] and r.model.dtype == match.get("dtype", r.model.dtype)
+        and str(r.method.params.get("type", "")).upper() == str(match.get("type", r.method.params.get("type", ""))).upper()
     ]
     return found[-1] if found else None
+
+
+def gpu_weight_bytes(r: Record) -> int | None:
+    """The weights on the GPU after load: torch's allocated bytes; for llama.cpp, its own CUDA model buffers (torch
+    allocates nothing there)."""
+    runtime = getattr(r, "runtime", None)  # None in records from before runtimes were recorded
+    if runtime is not None and runtime.name == "llama.cpp":
+        buffers = r.result.runtime_buffers or {}
+        return sum(v for k, v in buffers.items() if k.startswith("CUDA") and k.endswith(" model")) or None
+    return r.load_memory.allocated_end_bytes

@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 
-from quantlab.claims import article_claims, judge, latest_gpu_weights, tolerance
+from quantlab.claims import article_claims, judge, gpu_weight_bytes, latest_gpu_weights, tolerance
 from quantlab.outputs import REPORT_MARKER, check_measurements_folder
 from quantlab.quality.result import quality_cell
 from quantlab.schema.record import Record
@@ -100,7 +100,7 @@ def _claims_section(records: list[Record]) -> list[str]:
         "",
         f"Claims from *{src['title']}* (`{src['file']}`, section “{src['section']}”, citing {src['cites']}). "
         f"Claimed: {claims['quantity']}. Measured: weights resident on the GPU after load "
-        f"(`torch.cuda.memory_allocated`). Verdict “matches” means inside the claimed range, give or take "
+        f"(`torch.cuda.memory_allocated`; for GGUF files run by llama.cpp, its CUDA model buffers). Verdict “matches” means inside the claimed range, give or take "
         f"{tolerance():.0%}.",
         "",
         "| Precision | Claimed | Fits on (claimed) | Measured | Measured on | Delta | Verdict |",
@@ -109,10 +109,10 @@ def _claims_section(records: list[Record]) -> list[str]:
     for row in claims["rows"]:
         record = latest_gpu_weights(records, claims["model"], row["measured_by"])
         if record is None:
-            reason = "not measured yet" if row["measured_by"]["method"] == "none" else "no quantlab method yet"
+            reason = "not measured on a GPU yet"
             lines.append(f"| {row['precision']} | {row['claimed']} | {row['fits_on']} | — | — | — | {reason} |")
             continue
-        measured = record.load_memory.allocated_end_bytes / 1e9
+        measured = gpu_weight_bytes(record) / 1e9
         judged = judge(measured, row["low_gb"], row["high_gb"])
         where = f"{record.hardware.name}, {record.model.weights} weights, {record.model.variant} model"
         lines.append(

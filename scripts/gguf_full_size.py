@@ -127,6 +127,31 @@ def largest_fitting(tools, model: Path, embd: int) -> dict:
     return found
 
 
+SCHEMES = {"Q8_0": "gguf-q8_0", "Q6_K": "gguf-q6_k", "Q4_K_M": "gguf-q4_k_m"}
+
+
+def estimate_vs_plan(r: dict) -> list[dict]:
+    """quantlab's estimator (llama.cpp profile, config alone) beside llama.cpp's plan, one slot: every buffer on the
+    CPU backend, so the estimate counts token_embd too (on a GPU it stays in host memory)."""
+    from quantlab.estimate.estimator import weights_for
+    from quantlab.estimate.model import load_model
+    from quantlab.estimate.runtime import memory_at, runtime_profile
+    from quantlab.estimate.schemes import get_scheme
+
+    model = load_model("qwen3.6-27b")
+    rows = []
+    for a in r["allocations"]:
+        if a["slots"] != 1:
+            continue  # -np N shares one -c and one micro-batch among N slots: not the estimator's batch
+        weights = weights_for(model, get_scheme(SCHEMES[a["type"]]))
+        rt = runtime_profile("llama.cpp", kv_dtype="fp16" if a["kv_type"] == "f16" else "q8_0")
+        p = memory_at(weights, weights.bytes(False, False), model.shape, a["context"], 1, rt)
+        estimate = p.allocated + p.host_weights
+        rows.append({"type": a["type"], "context": a["context"], "kv_type": a["kv_type"], "estimate": estimate,
+                     "llama_cpp": a["total"], "ratio": estimate / a["total"]})
+    return rows
+
+
 def markdown(r: dict) -> str:
     gb = 1e9
     lines = [
@@ -169,6 +194,15 @@ def markdown(r: dict) -> str:
         cells = [a[k] / 2**30 for k in ("model_bytes", "context_bytes", "compute_bytes", "total")]
         lines.append(f"| {a['type']} | {a['context']:,} | {a['kv_type']} | {a['slots']} | "
                      + " | ".join(f"{c:.2f} GiB" for c in cells) + " |")
+    rows = estimate_vs_plan(r)
+    worst = max(rows, key=lambda row: abs(row["ratio"] - 1))
+    lines += ["", "## quantlab's estimate beside llama.cpp's plan", "",
+              "`quantlab estimate`'s llama.cpp profile, from the config alone, against the plan above (one slot, every "
+              f"buffer). Largest difference: {100 * (worst['ratio'] - 1):+.1f}% ({worst['type']}, "
+              f"{worst['context']:,} tokens, {worst['kv_type']} KV); the goal is within 2%.", "",
+              "| Type | Context | KV | Estimate | llama.cpp | Estimate / llama.cpp |", "|---|---:|---|---:|---:|---:|"]
+    lines += [f"| {row['type']} | {row['context']:,} | {row['kv_type']} | {row['estimate'] / 2**30:.2f} GiB | "
+              f"{row['llama_cpp'] / 2**30:.2f} GiB | {row['ratio']:.3f} |" for row in rows]
     f = {k: (f"{v:,}" if v < 262144 else "the whole 262,144-token window") for k, v in r["fits_24gib"].items()}
     lines += ["", "## \"A 24 GB GPU runs Q4 with room for context\"", "",
               f"Largest context whose planned buffers fit in 24 GiB, Q4_K_M, one slot: **{f['f16_without_token_embd']} "

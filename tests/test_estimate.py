@@ -421,3 +421,92 @@ def test_a_decode_step_reads_every_weight_but_the_lookup_table(qwen):
     table = method.component_bytes["embed_tokens"]
     assert table > 2.5e9
     assert point.decode_read_bytes == point.weights - table + point.kv_cache + point.deltanet_state
+
+
+# ---- what the estimator learned from llama.cpp (issue 11) ------------------------------------------------------
+
+LLAMA_PLAN = Path(__file__).resolve().parents[1] / "measurements" / "gguf-full-size.json"
+
+
+def _llama_plan() -> dict:
+    """llama.cpp's own numbers for Qwen3.6-27B, made by scripts/gguf_full_size.py (llama-quantize --dry-run and
+    llama-fit-params on sparse GGUFs of the real shapes): the ground truth the estimator is held to."""
+    if not LLAMA_PLAN.is_file():
+        pytest.skip("measurements/gguf-full-size.json not here: run make gguf-full-size")
+    return json.loads(LLAMA_PLAN.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q6_K", "Q4_K_M"])
+def test_gguf_weights_equal_llama_quantize_with_and_without_mtp(qwen, kind):
+    """The MTP head is quantized as llama.cpp's blk.64 (not kept in BF16): both sizes to the byte."""
+    sizes = {s["mtp"]: s["tensor_bytes"] for s in _llama_plan()["sizes"] if s["type"] == kind}
+    weights = weights_for(qwen, get_scheme({"Q8_0": "gguf-q8_0", "Q6_K": "gguf-q6_k", "Q4_K_M": "gguf-q4_k_m"}[kind]))
+    assert weights.bytes(include_vision=False, include_mtp=False) == sizes[False]
+    assert weights.bytes(include_vision=False, include_mtp=True) == sizes[True]
+
+
+def test_llama_cpp_profile_within_two_percent_of_llama_cpps_plan(qwen):
+    """Every type, context (4k-262k) and KV type of the plan, one slot, every buffer (CPU backend)."""
+    worst = 0.0
+    for a in _llama_plan()["allocations"]:
+        if a["slots"] != 1:
+            continue
+        scheme = get_scheme({"Q8_0": "gguf-q8_0", "Q6_K": "gguf-q6_k", "Q4_K_M": "gguf-q4_k_m"}[a["type"]])
+        weights = weights_for(qwen, scheme)
+        rt = runtime_profile("llama.cpp", kv_dtype="fp16" if a["kv_type"] == "f16" else "q8_0")
+        p = memory_at(weights, weights.bytes(False, False), qwen.shape, a["context"], 1, rt)
+        worst = max(worst, abs((p.allocated + p.host_weights) / a["total"] - 1))
+    assert 0 < worst < 0.02
+
+
+def test_llama_cpp_keeps_token_embd_in_host_memory(qwen):
+    weights = weights_for(qwen, get_scheme("gguf-q4_k_m"))
+    loaded = weights.bytes(False, False)
+    on_gpu = memory_at(weights, loaded, qwen.shape, 4096, 1, runtime_profile("llama.cpp"))
+    torch_like = memory_at(weights, loaded, qwen.shape, 4096, 1, runtime_profile("transformers"))
+    table = weights.component("embed_tokens").bytes
+    assert on_gpu.host_weights == table == 715_161_600  # 248,320 × 5,120 at Q4_K (144 bytes per 256)
+    assert on_gpu.weights == loaded - table and torch_like.weights == loaded and torch_like.host_weights == 0
+
+
+def _meta_parameters(config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+def test_a_qwen3_dense_config_is_estimated_every_layer_full_attention(tmp_path):
+    """Any Qwen3-family config whose tensors the role tables cover, not only the shipped ones: Qwen3 dense."""
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, vocab_size=1024, tie_word_embeddings=False,
+                         architectures=["Qwen3ForCausalLM"])
+    config.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert model.shape.deltanet_layers == 0 and model.shape.full_attention_layers == 4
+    assert not model.shape.attention_gate  # Qwen3 has no output gate: q_proj is heads × head_dim wide
+    assert weights_for(model, get_scheme("bf16")).parameters() == _meta_parameters(config)
+    rt = runtime_profile("transformers")
+    point = memory_at(weights_for(model, get_scheme("bf16")), 0, model.shape, 1000, 1, rt)
+    assert point.kv_cache == 1000 * 4 * 2 * 2 * 64 * 2 and point.deltanet_state == 0
+
+
+def test_a_qwen3_5_text_config_with_every_layer_full_attention(tmp_path):
+    text = tiny_qwen3_5_config().text_config
+    text.update(dict(layer_types=["full_attention"] * 4))
+    text.architectures = ["Qwen3_5ForCausalLM"]
+    text.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert model.shape.deltanet_layers == 0 and model.shape.full_attention_layers == 4
+    assert model.shape.attention_gate
+    assert weights_for(model, get_scheme("bf16")).parameters() == _meta_parameters(text)
+
+
+def test_a_qwen3_moe_config_is_refused_clearly(tmp_path):
+    from transformers import Qwen3MoeConfig
+
+    Qwen3MoeConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                   vocab_size=512, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                   architectures=["Qwen3MoeForCausalLM"]).save_pretrained(tmp_path)
+    with pytest.raises(QuantlabError, match="unknown architecture for the estimator: Qwen3MoeForCausalLM"):
+        load_model(str(tmp_path))

@@ -115,7 +115,7 @@ def test_report_shows_claim_measurement_hardware_and_delta(cpu_records):
     assert "~55–56 GB" in bf16 and "53.79 GB" in bf16 and "NVIDIA H200, synthetic weights, text model" in bf16
     assert "-2.2% vs low end" in bf16 and "| matches |" in bf16
     q4 = next(line for line in claims.splitlines() if line.startswith("| Q4_K_M"))
-    assert "no quantlab method yet" in q4
+    assert "not measured on a GPU yet" in q4
     gpu_section = text.split("## Qwen3.6-27B · synthetic weights · GPU: NVIDIA H200")[1]
     row = next(line for line in gpu_section.splitlines() if line.startswith("| BF16 | text | 1,024"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -139,7 +139,7 @@ def test_report_labels_cpu_tables_and_oom_rows(cpu_records):
     # a CPU table names its memory for what it is: RSS growth at load and the whole process's RSS, not "weights"
     assert "| RSS growth at load |" in text and "peaks = the process's whole RSS" in text
     assert "| 131,072 | 1 |" in text and "**OOM**" in text
-    assert "not measured yet" in text  # no GPU BF16 record of Qwen3.6-27B here
+    assert "not measured on a GPU yet" in text  # no GPU BF16 record of Qwen3.6-27B here
 
 
 def test_write_report_is_regenerated_from_the_store(cpu_records, tmp_path):

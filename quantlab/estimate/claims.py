@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from quantlab.claims import article_claims, claims_data, judge, latest_gpu_weights
+from quantlab.claims import article_claims, claims_data, gpu_weight_bytes, judge, latest_gpu_weights
 from quantlab.estimate.model import EstimationModel
 from quantlab.estimate.runtime import RuntimeAssumptions, max_context, memory_at, runtime_profile
 from quantlab.estimate.schemes import get_scheme
@@ -98,8 +98,8 @@ def _measured_weights(records: list[Record], model: str, match: dict[str, str]) 
     """The latest GPU measurement of the weights for a claim row: torch allocated after load."""
     r = latest_gpu_weights(records, model, match)
     if r is None:
-        return None, "no GPU record yet" if match["method"] == "none" else "no quantlab method yet"
-    value = r.load_memory.allocated_end_bytes / 1e9
+        return None, "no GPU record yet"
+    value = gpu_weight_bytes(r) / 1e9
     return value, f"{value:.2f} GB ({r.hardware.name}, {r.model.weights} weights, {r.model.variant} model)"
 
 

@@ -9,6 +9,10 @@ Q4_K_M file types do to a dense or MoE qwen35 model, and nothing more:
   use_more_bits(i, n), i counting them in layer order, n their number;
 - ffn_down (dense, routed-expert and shared-expert): Q4_K_M uses Q6_K where
   use_more_bits(layer, n_layers);
+- the MTP head: llama.cpp's converter writes it as one more block (blk.N after the N decoder layers, as
+  current llama.cpp does by default), quantized under the same rules, as the last layer: its attn_v
+  and ffn_down count as layer N of N + 1 (use_more_bits: Q6_K under Q4_K_M), its eh_proj (mtp.fc)
+  takes the default type, its norms stay F32;
 - everything else: the default type. Rows whose length is not a multiple of the block fall
   back (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, then F16), as `tensor_type_fallback` does.
 Older llama.cpp builds gave attn_qkv Q5_K under Q4_K_M instead; for Qwen3.6-27B that differs
@@ -32,11 +36,13 @@ class MixContext:
 
     n_layers: int
     attn_v_layers: tuple[int, ...]  # layers holding an attn_v-like tensor, in order
+    mtp_layers: int = 0  # MTP blocks, written after the decoder layers (blk.n_layers, ...)
 
 
 def mix_context(groups: tuple[TensorGroup, ...], n_layers: int) -> MixContext:
     layers = sorted({i for g in groups if g.role != "mtp" and g.name.endswith(_ATTN_V_LIKE) for i in g.layers})
-    return MixContext(n_layers, tuple(layers))
+    mtp = {i for g in groups if g.role == "mtp" and ".layers.{i}." in g.name for i in g.layers}
+    return MixContext(n_layers, tuple(layers), len(mtp))
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -56,9 +62,12 @@ def _chosen_type(group: TensorGroup, layer: int, default: str, mix: str | None, 
         return default if default == "Q8_0" else "Q6_K"
     if mix != "q4_k_m" or group.role == "embed_tokens":
         return default
-    if group.name.endswith(_ATTN_V_LIKE) and use_more_bits(ctx.attn_v_layers.index(layer), len(ctx.attn_v_layers)):
-        return "Q6_K"
-    if "down_proj" in group.name and use_more_bits(layer, ctx.n_layers):
+    mtp = group.role == "mtp"
+    n_attn_v = len(ctx.attn_v_layers) + ctx.mtp_layers
+    if group.name.endswith(_ATTN_V_LIKE):
+        index = len(ctx.attn_v_layers) + layer if mtp else ctx.attn_v_layers.index(layer)
+        return "Q6_K" if use_more_bits(index, n_attn_v) else default
+    if "down_proj" in group.name and use_more_bits(ctx.n_layers + layer if mtp else layer, ctx.n_layers + ctx.mtp_layers):
         return "Q6_K"
     return default
 

@@ -101,7 +101,8 @@ def hybrid_shape(text: PretrainedConfig) -> HybridShape:
         heads=text.num_attention_heads,
         kv_heads=text.num_key_value_heads,
         head_dim=get("head_dim") or text.hidden_size // text.num_attention_heads,
-        attention_gate=bool(getattr(text, "attn_output_gate", True)),
+        # Qwen3.5's q_proj also makes the output gate (its configs may not say so); Qwen3's has none
+        attention_gate=bool(getattr(text, "attn_output_gate", str(text.model_type).startswith("qwen3_5"))),
         intermediate=0 if get("num_experts") else get("intermediate_size"),
         experts=get("num_experts"),
         experts_per_token=get("num_experts_per_tok"),

@@ -119,9 +119,15 @@ def multi_gpu_lines(result: EstimateResult) -> list[str]:
     ]
 
 
-def claims_table(result: EstimateResult) -> Table:
-    rows = [[c["claim"], c["estimate"], c["measured"], c["verdict"], c.get("basis", "estimate")] for c in result.claims]
-    return ["Claim", "Estimate", "Measured", "Verdict", "Rests on"], rows, "lllll"
+def claims_table(result: EstimateResult, llama_plan: dict[str, str] | None = None) -> Table:
+    """`llama_plan`: claim id → llama.cpp's own figure (scripts/gguf_full_size.py), a column of its own."""
+    if not llama_plan:
+        rows = [[c["claim"], c["estimate"], c["measured"], c["verdict"], c.get("basis", "estimate")] for c in result.claims]
+        return ["Claim", "Estimate", "Measured", "Verdict", "Rests on"], rows, "lllll"
+    rows = [[c["claim"], c["estimate"], llama_plan.get(c["id"], "—"), c["measured"], c["verdict"],
+             c.get("basis", "estimate")] for c in result.claims]
+    return (["Claim", "Estimate", "llama.cpp's plan, synthetic weights of the real shapes, CPU backend, no GPU",
+             "Measured", "Verdict", "Rests on"], rows, "llllll")
 
 
 def claim_assumptions(result: EstimateResult) -> list[str]:

@@ -56,6 +56,9 @@ class RuntimeAssumptions:
     allocator_overhead: float = 0.05  # reserved beyond allocated, as a share of allocated
     overheads_source: str = "assumed"  # "assumed" or e.g. "fitted on 4 GPU records"
     profile: str = "transformers"
+    # llama.cpp keeps token_embd in host memory whatever -ngl says ("always keep it on the CPU": a step reads one
+    # row of it): its bytes are not the device's
+    embeddings_on_host: bool = False
 
     def __post_init__(self) -> None:
         for name in ("kv_dtype", "state_dtype"):
@@ -71,7 +74,8 @@ PROFILES = {
     "transformers": RuntimeAssumptions(),
     # llama.cpp defaults: 512-token micro-batches (n_ubatch), fixed ggml buffers (no allocator
     # slack), f16 KV cache (2 bytes, like bf16), f32 DeltaNet state.
-    "llama.cpp": RuntimeAssumptions(kv_dtype="fp16", prefill_chunk=512, allocator_overhead=0.0, profile="llama.cpp"),
+    "llama.cpp": RuntimeAssumptions(kv_dtype="fp16", prefill_chunk=512, allocator_overhead=0.0, profile="llama.cpp",
+                                    embeddings_on_host=True),
 }
 
 
@@ -92,6 +96,7 @@ class MemoryBreakdown:
     workspace: int
     allocator_overhead: int
     cuda_context: int
+    host_weights: int = 0  # weights the runtime keeps in host memory, not counted above (llama.cpp's token_embd)
 
     @property
     def allocated(self) -> int:
@@ -160,6 +165,8 @@ def memory_at(
     weights: WeightsEstimate, weight_bytes: int, shape: HybridShape, context: int, batch: int, rt: RuntimeAssumptions
 ) -> MemoryBreakdown:
     check_point(context, batch)
+    host = embedding_bytes(weights) if rt.embeddings_on_host else 0
+    weight_bytes -= host
     chunk_tokens = min(context, rt.prefill_chunk or context) * batch
     kv = round(kv_bytes_per_token(shape, rt.kv_dtype) * context * batch)
     state = round(deltanet_state_bytes(shape, rt.state_dtype) * batch)
@@ -177,7 +184,13 @@ def memory_at(
         workspace=workspace,
         allocator_overhead=round(allocated * rt.allocator_overhead),
         cuda_context=rt.cuda_context_bytes,
+        host_weights=host,
     )
+
+
+def embedding_bytes(weights: WeightsEstimate) -> int:
+    table = weights.component("embed_tokens")
+    return table.bytes if table is not None else 0
 
 
 @dataclass(frozen=True)

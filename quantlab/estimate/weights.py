@@ -94,7 +94,8 @@ def _is_quantized(group: TensorGroup, scheme: Scheme) -> bool:
 def _group_storage(group: TensorGroup, scheme: Scheme, dtype: str, ctx: gguf_mix.MixContext) -> list[tuple[str, int, int]]:
     """(format, parameters, bytes) for the tensors of one group."""
     if not _is_quantized(group, scheme):
-        kept = "float32" if group.role in FLOAT32_ROLES.get(scheme.method, ()) else dtype
+        one_d_gguf = scheme.is_gguf and len(group.shape) < 2 and group.role != "vision"  # the converter writes F32
+        kept = "float32" if group.role in FLOAT32_ROLES.get(scheme.method, ()) or one_d_gguf else dtype
         return [(kept, group.parameters, group.parameters * DTYPE_BYTES[kept])]
     if scheme.is_gguf:
         types = gguf_mix.tensor_types(group, scheme.ggml_type, scheme.mix, ctx)

@@ -20,6 +20,7 @@ class PointEstimate(Frozen):
     allocated: int
     total: int
     decode_read_bytes: int | None = None  # one decode step's reads: weights but the lookup table, + KV and state
+    host_weights: int = 0  # weights kept in host memory by the runtime (llama.cpp's token_embd), not in `weights`
 
 
 class ContextFitEstimate(Frozen):
