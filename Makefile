@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/bundled-bf16.yaml
 
-.PHONY: llama-cpp quantize-gguf gguf-full-size setup run test test-fast validate report bench-overhead bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
+.PHONY: llama-cpp quantize-gguf gguf-full-size bench-gguf-cpu-decode gpu-gguf-pack gpu-check-gguf setup run test test-fast validate report bench-overhead bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
 	quantize-awq gpu-check-awq bench-awq-memory gpu-check-all gpu-bundle gpu-rehearse
 
 # llama.cpp, pinned, from the llama-cpp-python sdist (scripts/build_llama_cpp.sh): its converter, quantizer,
@@ -107,6 +107,17 @@ quantize-gguf: setup  ## GGUF build with llama.cpp's own tools: convert, imatrix
 
 gguf-full-size: setup  ## Qwen3.6-27B GGUF sizes and llama.cpp's memory plan at full size, synthetic weights (~3 min)
 	$(BIN)/python scripts/gguf_full_size.py
+
+bench-gguf-cpu-decode: setup  ## decode tok/s of the full-size Q4_K_M (a real 16.5 GB file) on this CPU vs its roofline
+	$(BIN)/python scripts/bench_gguf_cpu_decode.py
+
+# The GGUF GPU check (scripts/gpu_check_gguf.py): pack here what the offline box lacks (the full-size Q4_K_M's header,
+# and llama.cpp's CUDA build from scripts/build_llama_cpp_cuda.sh, which takes long), run it there.
+gpu-gguf-pack: setup  ## .gpu-gguf/: the header and the CUDA build that the GGUF GPU check takes to the box
+	$(BIN)/python scripts/gpu_check_gguf.py --pack
+
+gpu-check-gguf:  ## on the GPU box: full-size synthetic Q4_K_M through llama.cpp CUDA, all layers on the GPU, 4k and 32k
+	bash -c 'source scripts/gpu_env.sh && exec "$$PYTHON" scripts/gpu_check_gguf.py'
 
 bundled-model: setup  ## rebuild the bundled model (deterministic, ~8 min on 2 cores)
 	$(BIN)/python -m quantlab.bundled.train

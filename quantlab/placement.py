@@ -18,10 +18,11 @@ import re
 import shutil
 import sys
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from quantlab.checksums import build_files, read_checksums
-from quantlab.schema.build import CHECKSUMS_NAME, MANIFEST_NAME, read_manifest
+from quantlab.schema.build import CHECKSUMS_NAME, GGUF_MANIFEST_NAME, MANIFEST_NAME, is_gguf_build, read_manifest
 from quantlab.errors import QuantlabError
 
 PARTIAL = ".partial-"
@@ -41,7 +42,8 @@ def check_target(target: Path, force: bool, protected: dict[str, Path | None]) -
                                 "e.g. builds/NAME")
         if where in other.parents:
             raise QuantlabError(f"{target}: holds {what} ({folder}); a build there would replace it")
-    enclosing = next((a for a in where.parents if (a / MANIFEST_NAME).is_file()), None)
+    enclosing = next((a for a in where.parents if (a / MANIFEST_NAME).is_file() or (a / GGUF_MANIFEST_NAME).is_file()),
+                     None)
     if enclosing is not None:
         raise QuantlabError(f"{target}: inside the quantlab build {enclosing}; a build goes in a folder of its own")
     if target.exists() or target.is_symlink():
@@ -59,7 +61,8 @@ def check_replaceable(target: Path) -> None:
     if not target.is_dir():
         raise QuantlabError(f"{target}: a file, not a build folder{refuse}")
     try:
-        read_manifest(target)
+        if not is_gguf_build(target):
+            read_manifest(target)
     except QuantlabError as exc:
         raise QuantlabError(f"{exc}{refuse}") from None
     try:
@@ -72,6 +75,22 @@ def check_replaceable(target: Path) -> None:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise QuantlabError(f"{target}: holds {len(foreign)} file(s) the build did not write ({shown}); move them out "
                             "first, --force would delete them")
+
+
+@contextmanager
+def building(target: Path, force: bool):
+    """A hidden folder beside `target` to build in (stale ones of dead processes removed first), renamed to
+    `target` when the block ends normally, deleted when it does not: an interrupted build leaves nothing."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target)
+    tmp = target.parent / f".{target.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        move_into_place(tmp, target, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def move_into_place(tmp: Path, target: Path, force: bool) -> None:

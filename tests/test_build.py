@@ -312,7 +312,7 @@ def test_ctrl_c_mid_write_cleans_up(tmp_path, monkeypatch):
 
 def test_build_refuses_what_it_cannot_build(tmp_path):
     none = recipe_file(tmp_path, "none", {"source": "bundled"}, {"method": "none"})
-    with pytest.raises(QuantlabError, match="quantlab builds bnb_int8, bnb_4bit, awq checkpoints"):
+    with pytest.raises(QuantlabError, match="quantlab builds bnb_int8, bnb_4bit, awq, gguf checkpoints"):
         build_recipe(load_recipe(none), tmp_path / "x", echo=quiet)
     synthetic = recipe_file(tmp_path, "syn", {"source": "synthetic", "config": "bundled"}, METHODS["int8"])
     with pytest.raises(QuantlabError, match="random weights are not one"):

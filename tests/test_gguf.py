@@ -742,3 +742,50 @@ def test_quantlab_run_converts_computes_an_imatrix_quantizes_and_measures(write_
     assert any(n.startswith("calibration: 2 × 64 tokens") for n in record.notes)
     assert any("loaded from disk by llama.cpp" in n for n in record.notes)
     assert not list(tmp_path.glob("quantlab-gguf-*"))  # the temporary GGUF folder is gone
+
+
+# ---- quantlab build / verify for GGUF ----------------------------------------------------------------------------
+
+@needs_llama
+@pytest.mark.slow
+def test_gguf_build_is_verified_replaced_with_force_and_tampering_is_caught(write_recipe, tmp_path):
+    from quantlab.artifact.verify import verify_build
+    from quantlab.artifact.writer import build_recipe
+
+    recipe = write_recipe(recipe_data(quantization={"method": "gguf", "type": "Q8_0"},
+                                      measure={**LLAMA, "llama_cpp": {"threads": THREADS}}))
+    target = tmp_path / "builds" / "q8"
+    quiet = lambda line: None  # noqa: E731
+    for _ in range(2):  # the second time replaces the first: a quantlab GGUF build, --force
+        result = build_recipe(load_recipe(recipe), target, force=True, measure=False, progress=False, echo=quiet)
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "SHA256SUMS", "imatrix.gguf", "model.gguf",
+                                                         "quantlab_gguf_build.json"]
+    assert result.disk_bytes == (target / "model.gguf").stat().st_size
+    card = (target / "README.md").read_text()
+    assert "llama-server -m model.gguf" in card and "ollama create" in card and "| Q8_0 |" in card
+    assert [p.name for p in tmp_path.glob("builds/.*")] == []  # no partial folder left
+    assert verify_build(target, echo=quiet).ok
+    manifest = json.loads((target / "quantlab_gguf_build.json").read_text())
+    manifest["greedy"]["tokens"] = [t + 1 for t in manifest["greedy"]["tokens"]]
+    (target / "quantlab_gguf_build.json").write_text(json.dumps(manifest))
+    assert not verify_build(target, echo=quiet).ok  # the checksum of the manifest no longer matches
+    data = bytearray((target / "model.gguf").read_bytes())
+    data[-100] ^= 0xFF
+    (target / "model.gguf").write_bytes(bytes(data))
+    problems = verify_build(target, echo=quiet).problems
+    assert any("model.gguf: SHA256 mismatch" in p for p in problems)
+
+
+@needs_llama
+@pytest.mark.slow
+def test_gguf_build_refuses_to_replace_a_folder_it_did_not_make(write_recipe, tmp_path):
+    from quantlab.artifact.writer import build_recipe
+
+    recipe = write_recipe(recipe_data(quantization={"method": "gguf", "type": "Q8_0"},
+                                      measure={**LLAMA, "llama_cpp": {"threads": THREADS}}))
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(QuantlabError, match="replaces only a folder that quantlab built"):
+        build_recipe(load_recipe(recipe), target, force=True, measure=False, progress=False, echo=lambda line: None)
+    assert (target / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "recipe.yaml"]

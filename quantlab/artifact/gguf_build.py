@@ -9,9 +9,6 @@ that llama.cpp reproduces the recorded greedy tokens.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -19,10 +16,12 @@ from quantlab.artifact.results import BuildResult, VerifyResult
 from quantlab.checksums import check_checksums, write_checksums
 from quantlab.errors import QuantlabError
 from quantlab.gguf_file import read_header
-from quantlab.placement import PARTIAL, check_target, move_into_place, remove_stale_partials
+from quantlab.outputs import check_measurements_folder
+from quantlab.placement import building, check_target
 from quantlab.recipe import BuildSpec
+from quantlab.schema.build import GGUF_MANIFEST_NAME
 
-MANIFEST_NAME = "quantlab_gguf_build.json"
+MANIFEST_NAME = GGUF_MANIFEST_NAME
 
 
 def build_gguf(loaded, target: Path, force: bool, out_dir: Path, measure: bool, progress: bool,
@@ -35,11 +34,7 @@ def build_gguf(loaded, target: Path, force: bool, out_dir: Path, measure: bool, 
     plan = make_plan(loaded, records_to=out_dir if measure else None)
     method = method_for(plan.recipe.quantization)
     check_target(target, force, {"the source model's folder": plan.source.files(), "the measurements folder": out_dir})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(target)
-    tmp = target.parent / f".{target.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with building(target, force) as tmp:
         written, cost = write_checkpoint(plan, method, tmp, progress, echo)
         _remove_side_files(tmp)
         gguf = tmp / method.artifact_file
@@ -64,10 +59,8 @@ def build_gguf(loaded, target: Path, force: bool, out_dir: Path, measure: bool, 
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(card(manifest, header, records, target.name), encoding="utf-8")
         write_checksums(tmp)
-        move_into_place(tmp, target, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if records:
+            check_measurements_folder(out_dir)  # again: the records must be written once the folder is in place
     paths = tuple(append_record(out_dir, r) for r in records)
     echo(f"built {target}: {header.file_bytes / 1e6:,.2f} MB GGUF ({plan.method_label}), {len(paths)} record(s)")
     return BuildResult(target, None, tuple(records), paths, header.file_bytes)
@@ -193,10 +186,6 @@ def card(m: dict, header, records, name: str) -> str:
 
             lines += quality_card_lines(q)
     return "\n".join(lines) + "\n"
-
-
-def is_gguf_build(folder: Path) -> bool:
-    return (folder / MANIFEST_NAME).is_file()
 
 
 def check_gguf_buildable(recipe) -> None:

@@ -4,6 +4,7 @@ tokens recorded at build time, repeated."""
 from __future__ import annotations
 
 from quantlab.artifact.results import VerifyResult
+from quantlab.schema.build import is_gguf_build
 
 import re
 from pathlib import Path
@@ -63,9 +64,9 @@ def verify_build(folder: str | Path, device: str = "cpu", load: bool = True, ech
     recover_interrupted_replace(folder, lambda line: echo(f"note: {line}"))
     if not folder.is_dir():
         raise QuantlabError(f"{folder}: build folder not found")
-    from quantlab.artifact.gguf_build import is_gguf_build, verify_gguf
-
     if is_gguf_build(folder):
+        from quantlab.artifact.gguf_build import verify_gguf
+
         return verify_gguf(folder, load, echo)
     if load:
         torch_device = verify_device(device)

@@ -14,9 +14,6 @@ pass; only then does it generate, and the build must reproduce those tokens afte
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,7 +34,7 @@ from quantlab.finite import checkpoint_nonfinite, describe as describe_nonfinite
 from quantlab.measure import free_memory
 from quantlab.methods import METHODS, method_for
 from quantlab.outputs import check_measurements_folder
-from quantlab.placement import PARTIAL, check_target, move_into_place, recover_interrupted_replace, remove_stale_partials
+from quantlab.placement import building, check_target, recover_interrupted_replace
 from quantlab.plan import RunPlan, make_plan
 from quantlab.recipe import BuildSpec, LoadedRecipe
 from quantlab.run import checkpoint_candidate, copy_side_files, measure_candidate, write_checkpoint
@@ -91,19 +88,11 @@ def build_recipe(
     source = plan.source.files()
     check_target(target, force, {"the source model's folder": source, "the measurements folder": out_dir})
     _check_finite_source(source, progress, echo)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(target)
-    tmp = target.parent / f".{target.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with building(target, force) as tmp:
         manifest, records = _build_in(plan, tmp, target, out_dir, measure, progress, echo)
         disk = payload_bytes(tmp)
         if records:
             check_measurements_folder(out_dir)  # again: the records must be written once the folder is in place
-        move_into_place(tmp, target, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     paths = tuple(append_record(out_dir, r) for r in records)
     echo(f"built {target}: {disk / 1e6:,.2f} MB of tensors, {len(paths)} record(s) in {out_dir}/records/")
     return BuildResult(target, manifest, tuple(records), paths, disk)

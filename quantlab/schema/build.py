@@ -11,6 +11,7 @@ from quantlab.schema.frozen import Frozen
 from quantlab.schema.record import MethodRef, RecipeRef
 
 MANIFEST_NAME = "quantlab_build.json"
+GGUF_MANIFEST_NAME = "quantlab_gguf_build.json"  # a GGUF build's (quantlab/artifact/gguf_build.py)
 CHECKSUMS_NAME = "SHA256SUMS"
 FORMAT = "quantlab-build/1"
 
@@ -94,6 +95,15 @@ class BuildManifest(Frozen):
 
 def write_manifest(folder: Path, manifest: BuildManifest) -> None:
     (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1) + "\n", encoding="utf-8")
+
+
+def is_gguf_build(folder: str | Path) -> bool:
+    """A folder `quantlab build` made for the gguf method: its manifest says format gguf."""
+    try:
+        data = json.loads((Path(folder) / GGUF_MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == "gguf"
 
 
 def read_manifest(folder: str | Path) -> BuildManifest:
