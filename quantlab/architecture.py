@@ -128,6 +128,46 @@ def quantizable_linears(model, method: str) -> list[tuple[str, "torch.nn.Linear"
     ]
 
 
+# Tensor classes, finer than roles: what `quantlab sensitivity` quantizes one at a time and what per-class
+# overrides name. Module-name patterns, matched in order; the first match wins.
+TENSOR_CLASSES: tuple[tuple[str, str], ...] = (
+    ("mtp", r"(^|\.)mtp\."),
+    ("deltanet.in_proj_qkv", r"\.linear_attn\.in_proj_qkv$"),
+    ("deltanet.in_proj_z", r"\.linear_attn\.in_proj_z$"),
+    ("deltanet.in_proj_ab", r"\.linear_attn\.in_proj_(a|b)$"),
+    ("deltanet.out_proj", r"\.linear_attn\.out_proj$"),
+    ("attention.q", r"\.self_attn\.q_proj$"),
+    ("attention.k", r"\.self_attn\.k_proj$"),
+    ("attention.v", r"\.self_attn\.v_proj$"),
+    ("attention.o", r"\.self_attn\.o_proj$"),
+    ("moe.shared_expert", r"\.shared_expert\.(gate|up|down)_proj$"),
+    ("mlp.gate", r"\.mlp\.gate_proj$"),
+    ("mlp.up", r"\.mlp\.up_proj$"),
+    ("mlp.down", r"\.mlp\.down_proj$"),
+    ("lm_head", r"(^|\.)lm_head$"),
+    ("embeddings", r"(^|\.)embed_tokens$"),
+)
+TENSOR_CLASS_NAMES = tuple(name for name, _ in TENSOR_CLASSES)
+
+
+def tensor_class(module_name: str) -> str | None:
+    """The class of a module (a Linear or the embedding table) by its name; None for anything else."""
+    return next((name for name, pattern in TENSOR_CLASSES if re.search(pattern, module_name)), None)
+
+
+def class_modules(model) -> list[tuple[str, str, "torch.nn.Module"]]:
+    """(class, module name, module) for every Linear and Embedding a tensor class names, vision tower excluded."""
+    import torch
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and "visual" not in name:
+            kind = tensor_class(name)
+            if kind is not None:
+                found.append((kind, name, module))
+    return found
+
+
 def supported_classes() -> list[str]:
     return sorted(TENSOR_ROLES)
 

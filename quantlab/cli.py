@@ -61,8 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     add_estimate_parser(sub)
 
     from quantlab.quality.command import add_quality_parser
+    from quantlab.quality.sensitivity import add_sensitivity_parser
 
     add_quality_parser(sub)
+    add_sensitivity_parser(sub)
 
     from quantlab.artifact.cli import add_build_parsers
 

@@ -39,9 +39,23 @@ def write_report(output_dir: str | Path) -> Path:
     check_measurements_folder(output_dir)  # never over a README.md that quantlab did not write
     records, problems = load_records(output_dir)
     target = Path(output_dir) / REPORT_NAME
-    extra = _estimate_section(output_dir) + _gguf_full_size_section(output_dir)
+    extra = _estimate_section(output_dir) + _gguf_full_size_section(output_dir) + _quality_section(output_dir, records)
     replace_file(target, render_report(records, problems, extra))
     return target
+
+
+def _quality_section(output_dir: str | Path, records: list[Record]) -> list[str]:
+    """Every build's weight bytes against its KL (quality/compare.py), and quality.png when matplotlib is here."""
+    from quantlab.extras import installed
+    from quantlab.quality import compare
+
+    lines = compare.section(records)
+    if not lines:
+        return []
+    if not installed("matplotlib"):
+        return [line for line in lines if compare.PLOT_NAME not in line]
+    replace_file(Path(output_dir) / compare.PLOT_NAME, compare.render_png(compare.comparisons(records)))
+    return lines
 
 
 def _estimate_section(output_dir: str | Path) -> list[str]:

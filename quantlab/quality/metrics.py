@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from quantlab.quality.noise import intervals
+
 ROW_BUDGET_BYTES = 128 * 2**20  # one fp32 (rows, vocab) block: 135 rows at 248,320 tokens; a few such live at once
 
 
@@ -69,25 +71,35 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+# Position buckets (tokens of context before the scored token, within its window): does the error grow with depth?
+POSITION_EDGES = (0, 512, 2048, 8192, 32768, 131072, 262144, 1_048_576)
+
+
 @dataclass
 class TokenStats:
-    """Per-token figures, gathered window by window (float64 on the CPU: a few bytes per token)."""
+    """Per-token figures, gathered window by window (float64 on the CPU: a few bytes per token), with each token's
+    position in its window and the window it belongs to (for KL by depth and for bootstrap intervals)."""
 
     kl: list[torch.Tensor] = field(default_factory=list)
     nll_ref: list[torch.Tensor] = field(default_factory=list)
     nll_cand: list[torch.Tensor] = field(default_factory=list)
     agree: list[torch.Tensor] = field(default_factory=list)
     tail: list[torch.Tensor] = field(default_factory=list)  # stored mode: reference tail mass
+    position: list[torch.Tensor] = field(default_factory=list)
+    window: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, kl, nll_ref, nll_cand, agree, tail=None) -> None:
+    def add(self, kl, nll_ref, nll_cand, agree, tail=None, position=None, window: int = 0) -> None:
         self.kl.append(kl.double().cpu())
         self.nll_ref.append(nll_ref.double().cpu())
         self.nll_cand.append(nll_cand.double().cpu())
         self.agree.append(agree.cpu())
         if tail is not None:
             self.tail.append(tail.double().cpu())
+        n = kl.numel()
+        self.position.append(position.cpu() if position is not None else torch.full((n,), -1, dtype=torch.long))
+        self.window.append(torch.full((n,), window, dtype=torch.long))
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict:
         kl, nll_ref, nll_cand = torch.cat(self.kl), torch.cat(self.nll_ref), torch.cat(self.nll_cand)
         agree = torch.cat(self.agree)
         delta_p = torch.exp(-nll_cand) - torch.exp(-nll_ref)
@@ -110,7 +122,34 @@ class TokenStats:
         }
         if self.tail:
             out["reference_tail_mass_mean"] = torch.cat(self.tail).mean().item()
+        out.update(self._depth_and_noise(kl, nll_ref, nll_cand))
         return out
+
+    def _depth_and_noise(self, kl, nll_ref, nll_cand) -> dict:
+        position, window = torch.cat(self.position), torch.cat(self.window)
+        sums = window_sums(kl, nll_ref, nll_cand, window)
+        kl_ci, ratio_ci = intervals(sums.numpy())
+        return {"kl_by_position": kl_by_position(kl, position) if bool((position >= 0).all()) else None,
+                "kl_mean_ci": kl_ci, "ppl_ratio_ci": ratio_ci, "window_sums": sums.tolist()}
+
+
+def kl_by_position(kl: torch.Tensor, position: torch.Tensor) -> list[dict]:
+    """KL mean per bucket of in-window position (POSITION_EDGES), for the buckets that have tokens."""
+    rows = []
+    for low, high in zip(POSITION_EDGES, POSITION_EDGES[1:]):
+        mask = (position >= low) & (position < high)
+        if bool(mask.any()):
+            rows.append({"from": low, "to": high, "tokens": int(mask.sum()), "kl_mean": kl[mask].mean().item()})
+    return rows
+
+
+def window_sums(kl, nll_ref, nll_cand, window) -> torch.Tensor:
+    """(windows, 4): per window, Σ KL, Σ NLL ref, Σ NLL cand and the token count: all a bootstrap needs."""
+    n = int(window.max()) + 1 if window.numel() else 0
+    sums = torch.zeros(n, 4, dtype=torch.float64)
+    for column, values in enumerate((kl, nll_ref, nll_cand, torch.ones_like(kl))):
+        sums[:, column].index_add_(0, window, values)
+    return sums[sums[:, 3] > 0]
 
 
 def paired_block(ref_logits: torch.Tensor, cand_logits: torch.Tensor, targets: torch.Tensor):

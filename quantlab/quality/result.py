@@ -45,6 +45,11 @@ class QualityResult(BaseModel):
     kl_p99: float
     kl_max: float
     kl_p999: float | None = None  # llama-perplexity --kl-divergence prints it; absent in older records
+    # 95% bootstrap intervals over windows (quality/metrics.py), and what they were computed from
+    kl_mean_ci: tuple[float, float] | None = None
+    ppl_ratio_ci: tuple[float, float] | None = None
+    window_sums: list[list[float]] | None = None  # per window: Σ KL, Σ NLL ref, Σ NLL cand, tokens (paired tests)
+    kl_by_position: list[dict[str, int | float]] | None = None  # KL mean per bucket of in-window position
     top1_agreement: float
     delta_p_mean: float
     delta_p_rms: float
@@ -61,10 +66,29 @@ class QualityResult(BaseModel):
 
 
 def quality_cell(q: QualityResult | None) -> str:
-    """The report's 'KL mean / PPL ratio' cell; '≥' marks a stored-mode (lower-bound) KL."""
+    """The report's 'KL mean / PPL ratio' cell, with its 95% interval and its protocol (published KLs at 512 and
+    4096 tokens of context differ several-fold); '≥' marks a stored-mode (lower-bound) KL."""
     if q is None:
         return "—"
-    return f"{'' if q.kl_exact else '≥'}{q.kl_mean:.4f} / {q.ppl_ratio:.3f}"
+    ci = f" [{q.kl_mean_ci[0]:.4f}, {q.kl_mean_ci[1]:.4f}]" if q.kl_mean_ci else ""
+    return (f"{'' if q.kl_exact else '≥'}{q.kl_mean:.4f}{ci} / {q.ppl_ratio:.3f} "
+            f"({protocol(q)})")
+
+
+def protocol(q: QualityResult) -> str:
+    """The test protocol, short: scored tokens, window, stride, text."""
+    return f"{q.tokens:,} tokens, context {q.context:,}, stride {q.stride:,}, {q.text_label.split(' (')[0]}"
+
+
+def depth_text(q: QualityResult) -> str:
+    if not q.kl_by_position:
+        return "—"
+    return "; ".join(f"{_k(b['from'])}–{_k(b['to'])}: {b['kl_mean']:.5f} ({b['tokens']:,} tokens)"
+                     for b in q.kl_by_position)
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def _rows(q: QualityResult) -> list[tuple[str, str]]:
@@ -78,6 +102,11 @@ def _rows(q: QualityResult) -> list[tuple[str, str]]:
         (f"KL p90 / p99 / p99.9{bound}", f"{q.kl_p90:.5f} / {q.kl_p99:.5f} / "
                                           + (f"{q.kl_p999:.5f}" if q.kl_p999 is not None else "—")),
         (f"KL max{bound}", f"{q.kl_max:.5f}"),
+        ("KL mean, 95% interval (bootstrap over windows)",
+         f"[{q.kl_mean_ci[0]:.5f}, {q.kl_mean_ci[1]:.5f}]" if q.kl_mean_ci else "— (one window)"),
+        ("Perplexity ratio, 95% interval",
+         f"[{q.ppl_ratio_ci[0]:.4f}, {q.ppl_ratio_ci[1]:.4f}]" if q.ppl_ratio_ci else "— (one window)"),
+        (f"KL mean by tokens of context before the token{bound}", depth_text(q)),
         ("Top-1 agreement (llama.cpp's \"same top p\")", f"{q.top1_agreement:.2%}"),
         ("Δp of the correct token, mean / RMS (llama.cpp's \"RMS Δp\")", f"{q.delta_p_mean:+.5f} / {q.delta_p_rms:.5f}"),
     ]
@@ -138,8 +167,9 @@ def quality_table(q: QualityResult) -> str:
 def quality_line(q: QualityResult) -> str:
     """One line for `quantlab run`'s output."""
     kl = f"{'≥' if not q.kl_exact else ''}{q.kl_mean:.5f}"
+    ci = f" [95%: {q.kl_mean_ci[0]:.5f}-{q.kl_mean_ci[1]:.5f}]" if q.kl_mean_ci else ""
     return (
-        f"quality vs {q.reference}: KL mean {kl} nats (p99 {q.kl_p99:.4f}), PPL {q.ppl_candidate:.3f} vs "
-        f"{q.ppl_reference:.3f} (ratio {q.ppl_ratio:.4f}), top-1 agreement {q.top1_agreement:.2%}, "
-        f"{q.tokens:,} tokens"
+        f"quality vs {q.reference}: KL mean {kl}{ci} nats (p99 {q.kl_p99:.4f}), PPL {q.ppl_candidate:.3f} vs "
+        f"{q.ppl_reference:.3f} (ratio {q.ppl_ratio:.4f}), top-1 agreement {q.top1_agreement:.2%}; "
+        f"{protocol(q)}"
     )

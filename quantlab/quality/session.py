@@ -125,14 +125,15 @@ class QualitySession:
             reference = self._load_reference()
             try:
                 start = time.perf_counter()
-                for _, window in self._bar("quality: reference + candidate"):
+                for index, window in self._bar("quality: reference + candidate"):
                     ref_logits = window_logits(reference, self.ids, window, self.device)
                     targets = self._targets(window)
                     for label, candidate in candidates.items():
                         cand_logits = self._candidate_logits(candidate, window, ref_logits.shape[-1])
                         for r in range(0, window.scored, self.rows):
                             rows = slice(r, r + self.rows)
-                            stats[label].add(*paired_block(ref_logits[rows], cand_logits[rows], targets[rows]))
+                            stats[label].add(*paired_block(ref_logits[rows], cand_logits[rows], targets[rows]),
+                                             position=_positions(window, rows), window=index)
                         del cand_logits
                     del ref_logits
                 seconds = time.perf_counter() - start
@@ -152,7 +153,8 @@ class QualitySession:
                     cand_logits = self._candidate_logits(candidate, window, self.q.vocab_size)
                     for r in range(0, window.scored, self.rows):
                         rows = slice(r, r + self.rows)
-                        stats[label].add(*stored_block({k: v[rows] for k, v in ref.items()}, cand_logits[rows], targets[rows]))
+                        stats[label].add(*stored_block({k: v[rows] for k, v in ref.items()}, cand_logits[rows], targets[rows]),
+                                         position=_positions(window, rows), window=index)
                     del cand_logits
             seconds = time.perf_counter() - start
             free_memory(self.device)
@@ -221,6 +223,12 @@ class QualitySession:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         }
+
+
+def _positions(window, rows: slice) -> torch.Tensor:
+    """Each scored token's position in its window: the tokens of context it had."""
+    first = window.first - window.begin
+    return torch.arange(first, window.end - window.begin)[rows]
 
 
 def tokenizer_identity(tokenizer) -> tuple[int, str]:

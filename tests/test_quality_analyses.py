@@ -1,0 +1,225 @@
+"""Issue 15's analyses: salient channels (a function-preserving transform), KL by position, bootstrap intervals,
+paired differences, the Pareto table; each test can fail."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from quantlab.errors import QuantlabError
+from quantlab.methods.rtn import RtnConfig, RtnMethod
+from quantlab.plan import make_plan
+from quantlab.quality import compare, noise
+from quantlab.quality.metrics import kl_by_position
+from quantlab.quality.session import QualitySession
+from quantlab.recipe import ModelSpec, load_recipe
+from quantlab.salient import make_salient, write_salient_model
+
+from conftest import load_source
+
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "quantlab" / "bundled" / "model"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _session(tmp_path: Path, quality: dict) -> QualitySession:
+    data = {"name": "q", "model": {"source": "bundled", "device": "cpu"}, "quality": quality,
+            "output": {"dir": str(tmp_path / "measurements")}}
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return QualitySession(make_plan(load_recipe(path)), progress=False, echo=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_source(ModelSpec(source="bundled", device="cpu"), CPU).model
+
+
+# ---- 1. salient channels ------------------------------------------------------------------------------------------
+
+def test_salient_transform_keeps_the_logits_and_makes_large_activations(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    done = write_salient_model(BUNDLED_DIR, tmp_path / "salient", channels=4, factor=32.0, seed=0)
+    assert done.norms == 8 and done.linears == 23  # 4 layers × 2 norms; 3 DeltaNet × 7 + 1 attention × 3 + 4 × 2 MLP
+    original = AutoModelForCausalLM.from_pretrained(BUNDLED_DIR, dtype=torch.float32)
+    salient = AutoModelForCausalLM.from_pretrained(tmp_path / "salient", dtype=torch.float32)
+    ids = torch.randint(0, 2048, (1, 96), generator=torch.Generator().manual_seed(1))
+    seen = {}
+    salient.model.layers[1].post_attention_layernorm.register_forward_hook(lambda m, i, o: seen.setdefault("o", o))
+    with torch.no_grad():
+        a, b = original(ids).logits, salient(ids).logits
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    act = seen["o"][0].abs().mean(0)
+    chosen = list(done.channels)
+    assert act[chosen].min() > 10 * act.median()  # the chosen channels now carry large activations
+
+
+def test_salient_transform_changes_what_rtn_loses(tmp_path, base):
+    """The same RTN on the transformed model loses more: its small weights in salient columns round away."""
+    state = {k: v for k, v in base.state_dict().items()}
+    transformed, _ = make_salient(state, 256, channels=4, factor=32.0)
+    model = copy.deepcopy(base).float()
+    model.load_state_dict(transformed)
+    rtn = RtnConfig(method="rtn", bits=4, group_size=128)
+    ids = torch.randint(0, 2048, (1, 128), generator=torch.Generator().manual_seed(2))
+
+    def kl(reference, candidate):
+        with torch.no_grad():
+            p = torch.log_softmax(reference(ids).logits.float(), -1)
+            q = torch.log_softmax(candidate(ids).logits.float(), -1)
+        return (p.exp() * (p - q)).sum(-1).mean().item()
+
+    plain = kl(base.float(), RtnMethod().apply(copy.deepcopy(base).float(), rtn))
+    salient = kl(model, RtnMethod().apply(copy.deepcopy(model), rtn))
+    assert salient > 1.2 * plain
+
+
+def test_salient_transform_refuses_bad_arguments():
+    with pytest.raises(QuantlabError, match="channels must be between 1"):
+        make_salient({}, 256, channels=0, factor=32)
+    with pytest.raises(QuantlabError, match="factor must be above 1"):
+        make_salient({}, 256, channels=4, factor=1)
+    with pytest.raises(QuantlabError, match="no decoder-layer RMSNorm"):
+        make_salient({"x.weight": torch.ones(4)}, 256, channels=4, factor=32)
+
+
+# ---- 3. KL by position; 4. intervals, paired differences, Pareto ------------------------------------------------
+
+def test_kl_by_position_buckets():
+    kl = torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64)
+    position = torch.tensor([0, 511, 512, 3000])
+    rows = kl_by_position(kl, position)
+    assert [(r["from"], r["to"], r["tokens"]) for r in rows] == [(0, 512, 2), (512, 2048, 1), (2048, 8192, 1)]
+    assert rows[0]["kl_mean"] == 1.5 and rows[2]["kl_mean"] == 10.0
+
+
+def test_quality_result_has_intervals_depth_and_window_sums(tmp_path, base):
+    s = _session(tmp_path, {"tokens": 1024, "context": 256, "stride": 128})
+    rtn = RtnMethod().apply(copy.deepcopy(base), RtnConfig(method="rtn", bits=4, group_size=128))
+    q = s.evaluate(rtn)
+    assert q.kl_mean_ci[0] < q.kl_mean < q.kl_mean_ci[1]
+    assert q.ppl_ratio_ci[0] < q.ppl_ratio < q.ppl_ratio_ci[1]
+    assert len(q.window_sums) == q.windows and sum(w[3] for w in q.window_sums) == q.tokens
+    assert abs(sum(w[0] for w in q.window_sums) / q.tokens - q.kl_mean) < 1e-9
+    assert [b["from"] for b in q.kl_by_position] == [0] and q.kl_by_position[0]["tokens"] == q.tokens
+
+
+def test_intervals_shrink_as_tokens_grow():
+    rng = np.random.default_rng(0)
+
+    def sums(windows: int) -> np.ndarray:
+        kl = rng.gamma(2.0, 0.001, size=windows) * 256
+        nll = rng.normal(3.0, 0.2, size=windows) * 256
+        return np.stack([kl, nll, nll + kl, np.full(windows, 256.0)], axis=1)
+
+    widths = []
+    for n in (8, 64, 512):
+        kl_ci, ratio_ci = noise.intervals(sums(n))
+        widths.append((kl_ci[1] - kl_ci[0], ratio_ci[1] - ratio_ci[0]))
+    assert widths[0][0] > widths[1][0] > widths[2][0] and widths[0][1] > widths[1][1] > widths[2][1]
+    assert noise.intervals(sums(1)) == (None, None)
+
+
+def test_paired_difference_tells_noise_from_a_real_difference():
+    rng = np.random.default_rng(1)
+    tokens = np.full(100, 256.0)
+    a_kl = rng.gamma(2.0, 0.001, 100) * 256
+    a = np.stack([a_kl, np.full(100, 700.0), np.full(100, 700.0) + a_kl, tokens], axis=1)
+    same = a.copy()
+    same[:, 0] *= 1 + rng.normal(0, 0.01, 100)
+    worse = a.copy()
+    worse[:, 0] *= 1.5
+    assert noise.outside_noise(noise.paired_difference(a, same)) is False
+    assert noise.outside_noise(noise.paired_difference(a, worse)) is True
+    assert noise.paired_difference(a, worse[:50]) is None  # not the same windows
+
+
+def _record(label: str, weight_bytes: int, kl: float, sums, created: str):
+    q = SimpleNamespace(kl_mean=kl, kl_mean_ci=(kl * 0.9, kl * 1.1), ppl_ratio=1 + kl, window_sums=sums,
+                        reference="ref", tokens=1024, context=256, stride=128, text_label="the held-out split (x)")
+    return SimpleNamespace(quality=q, created_at=created, runtime=None, method=SimpleNamespace(label=label),
+                           weight_bytes=weight_bytes, model=SimpleNamespace(name="m"))
+
+
+def test_pareto_front_and_the_noise_column():
+    base_sums = [[1.0, 700.0, 701.0, 256.0]] * 20
+    records = [
+        _record("big good", 8_000_000, 0.0001, [[0.0256, 700, 700.03, 256]] * 20, "1"),
+        _record("small bad", 2_000_000, 0.01, [[2.56, 700, 702.6, 256]] * 20, "2"),
+        _record("dominated", 9_000_000, 0.02, [[5.12, 700, 705.1, 256]] * 20, "3"),
+        _record("mid", 4_000_000, 0.004, base_sums, "4"),
+    ]
+    (c,) = compare.comparisons(records)
+    assert [b.label for b in c.builds] == ["big good", "mid", "small bad", "dominated"]
+    assert [b.pareto for b in c.builds] == [True, True, True, False]
+    lines = "\n".join(compare.section(records))
+    assert "| dominated |" in lines and "beyond the noise" in lines
+
+
+def test_a_shuffled_weights_candidate_has_a_large_kl(tmp_path, base):
+    s = _session(tmp_path, {"tokens": 512, "context": 256, "stride": 256})
+    shuffled = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in shuffled.parameters():
+            if p.dim() == 2:
+                p.copy_(p.flatten()[torch.randperm(p.numel(), generator=generator)].view_as(p))
+    rtn = RtnMethod().apply(copy.deepcopy(base), RtnConfig(method="rtn", bits=4, group_size=128))
+    results = s.evaluate_many({"shuffled": shuffled, "rtn4": rtn})
+    assert results["shuffled"].kl_mean > 0.5 > 100 * results["rtn4"].kl_mean
+
+
+# ---- 2. sensitivity by tensor class -----------------------------------------------------------------------------
+
+def test_rtn_overrides_and_only_pick_the_classes(base):
+    from quantlab.methods.rtn import plan_bits
+
+    plain = {name for name, _, _ in plan_bits(base, RtnConfig(method="rtn"))}
+    assert "lm_head" not in plain and "model.embed_tokens" not in plain and len(plain) == 25
+    mixed = {name: bits for name, _, bits in plan_bits(base, RtnConfig(
+        method="rtn", overrides={"lm_head": 8, "mlp.down": 16, "embeddings": 4}))}
+    assert mixed["lm_head"] == 8 and mixed["model.embed_tokens"] == 4 and not any("down_proj" in n for n in mixed)
+    only = {name for name, _, _ in plan_bits(base, RtnConfig(method="rtn", only=["attention.v"]))}
+    assert only == {"model.layers.3.self_attn.v_proj"}
+    with pytest.raises(ValueError, match="unknown tensor class"):
+        RtnConfig(method="rtn", overrides={"mlp.sideways": 4})
+
+
+def test_sensitivity_puts_a_destroyed_class_first(tmp_path, base):
+    """A quantizer that shuffles mlp.down's weights (and rounds the other classes as RTN does): that class must
+    come first, with a large KL."""
+    from quantlab.methods.rtn import RtnMethod
+    from quantlab.quality.sensitivity import measure_effects, suggest
+
+    def destructive(model, config):
+        if config.only == ["mlp.down"]:
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for name, module in model.named_modules():
+                    if name.endswith("mlp.down_proj"):
+                        w = module.weight
+                        w.copy_(w.flatten()[torch.randperm(w.numel(), generator=generator)].view_as(w))
+            return model
+        return RtnMethod().apply(model, config)
+
+    s = _session(tmp_path, {"tokens": 512, "context": 256, "stride": 256})
+    effects = measure_effects(s, base, RtnConfig(method="rtn", bits=4, group_size=128), destructive)
+    assert effects[0].name == "mlp.down" and effects[0].kl_added > 0.1 > 10 * effects[1].kl_added
+    overrides, size = suggest(effects, 4, 8, 128, budget_bytes=sum(e.parameters for e in effects))
+    assert next(iter(overrides)) == "mlp.down" and size <= sum(e.parameters for e in effects)
+    with pytest.raises(QuantlabError, match="below the uniform int4 build"):
+        suggest(effects, 4, 8, 128, budget_bytes=1)
