@@ -13,8 +13,9 @@ RECIPE ?= recipes/bundled-bf16.yaml
 	quantize-awq gpu-check-awq bench-awq-memory gpu-check-all gpu-bundle gpu-rehearse
 
 # llama.cpp, pinned, from the llama-cpp-python sdist (scripts/build_llama_cpp.sh): its converter, quantizer,
-# imatrix tool and libllama, built once into .llama.cpp/ (about 4-6 minutes on 2 cores). GGML_CUDA=on builds CUDA.
-GGML_CUDA ?= off
+# imatrix tool and libllama, built once into .llama.cpp/ (about 4-6 minutes on 2 cores); with CUDA where nvidia-smi
+# sees a GPU (GGML_CUDA=on|off overrides).
+GGML_CUDA ?= $(if $(shell nvidia-smi -L 2>/dev/null),on,off)
 LLAMA_STAMP := .llama.cpp/.built-0.3.36-cuda-$(GGML_CUDA)
 
 setup: $(STAMP) $(LLAMA_STAMP)

@@ -318,7 +318,7 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
+    return out or "recipe"
 
 
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:

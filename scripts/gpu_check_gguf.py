@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACK = ROOT / ".gpu-gguf"
 HEADER = PACK / "qwen3.6-27b-q4_k_m.head.gz"
 META = PACK / "qwen3.6-27b-q4_k_m.json"
+BINARIES = PACK / "llama-cuda-bin.tar.gz"
 LIBS = ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so", "libggml-cuda.so")
 TOOLS = ("llama-bench", "llama-fit-params")
 
@@ -68,17 +69,29 @@ def pack(source: Path, cuda_bin: Path) -> int:
     META.write_text(json.dumps({"file_bytes": header.file_bytes, "header_bytes": data_start,
                                 "parameters_by_type": header.parameters_by_type(), "block_count": header.block_count},
                                indent=2), encoding="utf-8")
-    copied = []
-    if cuda_bin.is_dir():
-        (PACK / "bin").mkdir(exist_ok=True)
-        for name in (*LIBS, *TOOLS):
-            for path in cuda_bin.glob(name + "*"):
-                shutil.copy2(path, PACK / "bin" / path.name, follow_symlinks=True)
-                copied.append(path.name)
+    copied = pack_binaries(cuda_bin) if cuda_bin.is_dir() else 0
     size = sum(f.stat().st_size for f in PACK.rglob("*") if f.is_file())
     print(f"packed {PACK}: header {data_start:,} B ({HEADER.stat().st_size:,} B gzipped) for a {header.file_bytes:,} B "
-          f"file; {len(copied)} CUDA build file(s); {size / 2**20:.1f} MiB in all")
+          f"file; {copied} CUDA build file(s); {size / 2**20:.1f} MiB in all (the carry limit is 64 MiB with the tree)")
     return 0
+
+
+def pack_binaries(cuda_bin: Path) -> int:
+    """The CUDA build's libraries and tools, stripped (67 → 60 MB for libggml-cuda) and in one .tar.gz (~40 MB)."""
+    import tarfile
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "bin"
+        staged.mkdir()
+        for path in sorted(cuda_bin.iterdir()):
+            if path.name.startswith(("lib", *TOOLS)) and (path.suffix == ".so" or ".so." in path.name or path.name in TOOLS):
+                shutil.copy2(path, staged / path.name, follow_symlinks=False)
+                if not path.is_symlink():
+                    subprocess.run(["strip", "--strip-unneeded", str(staged / path.name)], check=False)
+        with tarfile.open(BINARIES, "w:gz", compresslevel=9) as tar:
+            tar.add(staged, arcname="bin")
+        return sum(1 for _ in staged.iterdir())
 
 
 def _padded_data_bytes(path: Path) -> int:
@@ -91,7 +104,7 @@ def _padded_data_bytes(path: Path) -> int:
 def check(args) -> int:
     deadline = time.monotonic() + args.budget_s
     contexts = [int(c) for c in args.contexts.split(",")]
-    bin_dir = Path(args.bin) if args.bin else (PACK / "bin" if (PACK / "bin").is_dir() else ROOT / ".llama.cpp" / "build" / "bin")
+    bin_dir = Path(args.bin) if args.bin else _unpacked_binaries(Path(args.work))
     env = _env(bin_dir)
     if args.rehearse:
         model, layers = _rehearsal_model(Path(args.work)), 0
@@ -127,6 +140,17 @@ def _speeds(bench: list) -> str:
         elif row.get("n_gen"):
             parts.append(f"decode {row['avg_ts']:,.1f} ± {row['stddev_ts']:,.1f} tok/s at depth {row['n_depth']:,}")
     return ", ".join(parts) or "no llama-bench rows"
+
+
+def _unpacked_binaries(work: Path) -> Path:
+    """The packed CUDA build, unpacked into `work`; else the local build (.llama.cpp/build/bin)."""
+    import tarfile
+
+    if not BINARIES.is_file():
+        return ROOT / ".llama.cpp" / "build" / "bin"
+    with tarfile.open(BINARIES) as tar:
+        tar.extractall(work / "llama-cuda", filter="data")
+    return work / "llama-cuda" / "bin"
 
 
 def _label(rehearse: bool) -> str:

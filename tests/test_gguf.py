@@ -789,3 +789,35 @@ def test_gguf_build_refuses_to_replace_a_folder_it_did_not_make(write_recipe, tm
     with pytest.raises(QuantlabError, match="replaces only a folder that quantlab built"):
         build_recipe(load_recipe(recipe), target, force=True, measure=False, progress=False, echo=lambda line: None)
     assert (target / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "recipe.yaml"]
+
+
+@needs_llama
+@pytest.mark.slow
+def test_per_class_types_reach_llama_quantize(ggufs, tools, tmp_path):
+    from quantlab.methods.gguf import quantize, tensor_type_args
+
+    out = tmp_path / "mixed.gguf"
+    quantize(tools, ggufs["BF16"], out, "Q4_K_M", None,
+             tensor_types=tensor_type_args({"mlp.down": "Q8_0", "deltanet.in_proj_ab": "q8_0"}))
+    types = {t.name: t.type_name for t in read_header(out).tensors}
+    assert {types[f"blk.{i}.ffn_down.weight"] for i in range(4)} == {"Q8_0"}
+    assert types["blk.0.ssm_alpha.weight"] == types["blk.0.ssm_beta.weight"] == "Q8_0"
+    assert types["blk.0.ffn_up.weight"] == "Q4_K"
+
+
+def test_per_class_types_name_known_classes():
+    from quantlab.methods.gguf import GgufConfig
+
+    with pytest.raises(ValueError, match="have no GGUF name"):
+        GgufConfig(method="gguf", overrides={"mlp.sideways": "Q8_0"})
+    with pytest.raises(ValueError, match="not a llama.cpp type"):
+        GgufConfig(method="gguf", overrides={"mlp.down": "Q8 0"})
+
+
+@needs_llama
+def test_a_cpu_only_build_refuses_a_gpu_device(ggufs, runtime):
+    """Records must not say GPU for a model llama.cpp ran on the CPU."""
+    if runtime.lib.llama_supports_gpu_offload():
+        pytest.skip("this llama.cpp build has a GPU backend")
+    with pytest.raises(QuantlabError, match="no GPU backend"):
+        runtime.load(SOURCE, torch.device("cuda"), {"gguf": str(ggufs["Q4_K_M"]), "settings": settings()})

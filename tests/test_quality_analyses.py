@@ -101,9 +101,9 @@ def test_salient_transform_refuses_bad_arguments():
 
 def test_kl_by_position_buckets():
     kl = torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64)
-    position = torch.tensor([0, 511, 512, 3000])
+    position = torch.tensor([0, 255, 512, 3000])
     rows = kl_by_position(kl, position)
-    assert [(r["from"], r["to"], r["tokens"]) for r in rows] == [(0, 512, 2), (512, 2048, 1), (2048, 8192, 1)]
+    assert [(r["from"], r["to"], r["tokens"]) for r in rows] == [(0, 256, 2), (512, 2048, 1), (2048, 8192, 1)]
     assert rows[0]["kl_mean"] == 1.5 and rows[2]["kl_mean"] == 10.0
 
 
@@ -115,7 +115,7 @@ def test_quality_result_has_intervals_depth_and_window_sums(tmp_path, base):
     assert q.ppl_ratio_ci[0] < q.ppl_ratio < q.ppl_ratio_ci[1]
     assert len(q.window_sums) == q.windows and sum(w[3] for w in q.window_sums) == q.tokens
     assert abs(sum(w[0] for w in q.window_sums) / q.tokens - q.kl_mean) < 1e-9
-    assert [b["from"] for b in q.kl_by_position] == [0] and q.kl_by_position[0]["tokens"] == q.tokens
+    assert [b["from"] for b in q.kl_by_position] == [0] and q.kl_by_position[0]["tokens"] == q.tokens  # all < 256
 
 
 def test_intervals_shrink_as_tokens_grow():

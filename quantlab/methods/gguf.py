@@ -8,16 +8,26 @@ through the llama.cpp runtime (quantlab/runtimes/llama_cpp.py); a recipe with th
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from quantlab.errors import QuantlabError
 from quantlab.methods.awq import CalibrationSpec
 from quantlab.methods.base import CardFacts, Method, MethodConfig, WrittenCheckpoint, register
 
+# Tensor classes (quantlab.architecture.TENSOR_CLASSES) → the GGUF tensor names llama.cpp gives them in qwen35 files,
+# for llama-quantize's --tensor-type NAME=TYPE
+GGUF_TENSOR_NAMES = {
+    "deltanet.in_proj_qkv": ("attn_qkv",), "deltanet.in_proj_z": ("attn_gate",),
+    "deltanet.in_proj_ab": ("ssm_alpha", "ssm_beta"), "deltanet.out_proj": ("ssm_out",),
+    "attention.q": ("attn_q",), "attention.k": ("attn_k",), "attention.v": ("attn_v",),
+    "attention.o": ("attn_output",), "mlp.gate": ("ffn_gate",), "mlp.up": ("ffn_up",), "mlp.down": ("ffn_down",),
+    "lm_head": ("output",), "embeddings": ("token_embd",),
+}
 # Types written by the converter itself (no llama-quantize step)
 CONVERTER_TYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 GGUF_NAME = "model.gguf"
@@ -40,6 +50,19 @@ class GgufConfig(MethodConfig):
     imatrix: bool = Field(True, description="compute an importance matrix on the calibration text (llama-imatrix)")
     mtp: bool = Field(True, description="keep the MTP head as blk.N (llama.cpp's default); false: --no-mtp")
     calibration: GgufCalibration = Field(default_factory=GgufCalibration)
+    overrides: dict[str, str] = Field(default_factory=dict, description="tensor class → llama.cpp type, given to "
+                                      "llama-quantize as --tensor-type (e.g. {mlp.down: Q6_K})")
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_classes(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(GGUF_TENSOR_NAMES))
+        if unknown:
+            raise ValueError(f"tensor class(es) {unknown} have no GGUF name; classes: {', '.join(GGUF_TENSOR_NAMES)}")
+        bad = sorted(t for t in value.values() if not re.fullmatch(r"[A-Za-z0-9_]{1,16}", t))
+        if bad:
+            raise ValueError(f"not a llama.cpp type: {bad[0]!r}")
+        return value
 
 
 @register
@@ -55,7 +78,8 @@ class GgufMethod(Method):
         kind = qconfig.type.upper()
         if kind in CONVERTER_TYPES:
             return f"GGUF {kind}"
-        return f"GGUF {kind}" + ("" if qconfig.imatrix else " (no imatrix)")
+        mixed = "".join(f", {k} {v.upper()}" for k, v in sorted(qconfig.overrides.items()))
+        return f"GGUF {kind}{mixed}" + ("" if qconfig.imatrix else " (no imatrix)")
 
     def check(self, qconfig: GgufConfig, source) -> None:
         from quantlab import llamacpp
@@ -66,6 +90,11 @@ class GgufMethod(Method):
             raise QuantlabError(f"quantization: GGUF type {kind} needs an importance matrix (llama.cpp refuses to write "
                                 f"it without one); set quantization.imatrix: true")
         check_convertible(tools, source.config)
+        for kind_of in qconfig.overrides.values():
+            llamacpp.check_type(tools, kind_of)
+        if qconfig.overrides and kind in CONVERTER_TYPES:
+            raise QuantlabError(f"quantization.overrides: type {kind} is written by the converter, which takes no "
+                                "per-tensor types; pick a llama-quantize type")
 
     def check_source(self, qconfig: GgufConfig, source) -> tuple[str, ...]:
         if not self.uses_imatrix(qconfig):
@@ -121,7 +150,8 @@ class GgufMethod(Method):
                 text.unlink()
             if imatrix is None:
                 check_needs_no_imatrix(tools, bf16, kind)
-            step(f"llama-quantize {kind}", lambda: quantize(tools, bf16, folder / GGUF_NAME, kind, imatrix))
+            step(f"llama-quantize {kind}", lambda: quantize(tools, bf16, folder / GGUF_NAME, kind, imatrix,
+                                                            tensor_types=tensor_type_args(qconfig.overrides)))
             bf16.unlink()
         quantized = tuple(f"{name}: {t}" for name, t in tensor_types(folder / GGUF_NAME).items())
         return WrittenCheckpoint("llama.cpp", quantized, tuple(notes), calibration_label)
@@ -132,6 +162,7 @@ class GgufMethod(Method):
 
     def card_rows(self, params: dict[str, Any]) -> list[tuple[str, object]]:
         return [("method", self.name), ("type", params.get("type")), ("imatrix", params.get("imatrix")),
+                ("per-class types", params.get("overrides") or "none"),
                 ("MTP head", "kept (blk.N)" if params.get("mtp", True) else "left out (--no-mtp)")]
 
 
@@ -194,11 +225,18 @@ def compute_imatrix(tools, model: Path, text: Path, out: Path, ctx: int, chunks:
                               "--chunks", str(chunks), "-b", str(ctx), "--no-ppl"], "llama-imatrix")
 
 
-def quantize(tools, src: Path, dst: Path, kind: str, imatrix: Path | None, dry_run: bool = False) -> str:
+def tensor_type_args(overrides: dict[str, str]) -> list[str]:
+    """llama-quantize's --tensor-type flags for per-class overrides."""
+    return [arg for cls, kind in sorted(overrides.items()) for name in GGUF_TENSOR_NAMES[cls]
+            for arg in ("--tensor-type", f"{name}={kind.lower()}")]
+
+
+def quantize(tools, src: Path, dst: Path, kind: str, imatrix: Path | None, dry_run: bool = False,
+             tensor_types: list[str] | None = None) -> str:
     from quantlab import llamacpp
 
     args = ["llama-quantize", *(["--imatrix", str(imatrix)] if imatrix else []), *(["--dry-run"] if dry_run else []),
-            str(src), *([] if dry_run else [str(dst)]), kind]
+            *(tensor_types or []), str(src), *([] if dry_run else [str(dst)]), kind]
     return llamacpp.run_tool(tools, args, f"llama-quantize {kind}")
 
 

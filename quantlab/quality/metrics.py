@@ -72,7 +72,7 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 # Position buckets (tokens of context before the scored token, within its window): does the error grow with depth?
-POSITION_EDGES = (0, 512, 2048, 8192, 32768, 131072, 262144, 1_048_576)
+POSITION_EDGES = (0, 256, 512, 2048, 8192, 32768, 131072, 262144, 1_048_576)
 
 
 @dataclass

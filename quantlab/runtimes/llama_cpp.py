@@ -274,6 +274,10 @@ class LlamaCppRuntime:
         path = Path(kwargs["gguf"])
         settings: LlamaCppSettings = kwargs["settings"]
         header = read_header(path)  # not a GGUF, or cut short: a clear error before llama.cpp sees it
+        if device.type == "cuda" and not self.lib.llama_supports_gpu_offload():
+            # the records would say GPU while llama.cpp ran on the CPU
+            raise QuantlabError("this llama.cpp build has no GPU backend, so the model would run on the CPU: build it "
+                                "with `GGML_CUDA=on make llama-cpp`, or set model.device: cpu")
         params = self.lib.llama_model_default_params()
         params.n_gpu_layers = settings.gpu_layers
         with self.log.capture() as lines:
