@@ -294,6 +294,7 @@ class LlamaCppRuntime:
     def prepare_point(self, model: LlamaCppModel, context: int, batch: int, new_tokens: int) -> None:
         if batch > 1:
             raise QuantlabError("the llama.cpp runtime measures batch 1 (one sequence; slots size the memory)")
+        model.free_context()  # a context of this point's size, so that its buffers are this point's
         model.ensure_context(context + new_tokens + 1)
 
     def prefill(self, model: LlamaCppModel, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
