@@ -223,3 +223,16 @@ def test_sensitivity_puts_a_destroyed_class_first(tmp_path, base):
     assert next(iter(overrides)) == "mlp.down" and size <= sum(e.parameters for e in effects)
     with pytest.raises(QuantlabError, match="below the uniform int4 build"):
         suggest(effects, 4, 8, 128, budget_bytes=1)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--budget-gb", "-1"], "a size in GB, above 0"),
+    (["--budget-gb", "0.0001"], "below the uniform int4 build itself"),
+    (["--plot", "/nonexistent/dir/x.png"], "does not exist"),
+])
+def test_sensitivity_refuses_bad_options_before_any_work(tmp_path, capsys, extra, message):
+    from quantlab.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "bundled-rtn4-quality.yaml"
+    assert main(["sensitivity", str(recipe), "--out", str(tmp_path / "mixed.yaml"), *extra]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "mixed.yaml").exists()

@@ -138,24 +138,39 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         raise QuantlabError(f"{args.recipe}: sensitivity needs an RTN recipe (quantization.method: rtn) with a "
                             "quality section")
     out = Path(args.out) if args.out else loaded.path.with_name(f"{recipe.name}-mixed.yaml")
-    if out.exists():
-        raise QuantlabError(f"{out}: already exists; pass --out to write the suggested recipe elsewhere")
+    _check_new_file(out, "the suggested recipe", "--out")
+    if args.plot:
+        _check_new_file(Path(args.plot), "the plot", "--plot")
+    if args.budget_gb is not None and not args.budget_gb > 0:
+        raise QuantlabError(f"--budget-gb {args.budget_gb}: a size in GB, above 0")
     plan = make_plan(loaded)
+    qconfig = recipe.quantization
+    total = sum(class_parameters(plan.source.meta).values())  # the meta model: the budget is checked before any load
+    budget = args.budget_gb * 1e9 if args.budget_gb else stored_bytes(total, qconfig.bits, 32)
+    uniform = stored_bytes(total, qconfig.bits, qconfig.group_size)
+    if budget < uniform:
+        raise QuantlabError(f"--budget-gb {budget / 1e9:.6f}: below the uniform int{qconfig.bits} build itself "
+                            f"({uniform / 1e9:.6f} GB)")
     session = QualitySession(plan, progress=not args.no_progress)
     model = load_model(plan.source, plan.device).model
-    qconfig = recipe.quantization
     effects = measure_effects(session, model, qconfig)
     print("\n".join(table(effects)))
     if args.plot:
         Path(args.plot).write_bytes(render_png(effects))
         print(f"wrote {args.plot}")
-    total = sum(e.parameters for e in effects)
-    budget = args.budget_gb * 1e9 if args.budget_gb else stored_bytes(total, qconfig.bits, 32)
     overrides, size = suggest(effects, qconfig.bits, args.high_bits, qconfig.group_size, budget)
     write_mixed_recipe(loaded, out, overrides, effects, size, budget)
     print(f"suggested: {', '.join(f'{k} int{v}' for k, v in overrides.items()) or 'no class fits the budget'}; "
           f"{size / 1e9:.6f} GB of weights within {budget / 1e9:.6f} GB; wrote {out}")
     return 0
+
+
+def _check_new_file(path: Path, what: str, option: str) -> None:
+    """Before any work: a new file in an existing folder (quantlab replaces nothing it did not make)."""
+    if path.exists() or path.is_symlink():
+        raise QuantlabError(f"{path}: already exists; pass {option} to write {what} elsewhere")
+    if not path.parent.is_dir():
+        raise QuantlabError(f"{path}: its folder {path.parent} does not exist")
 
 
 def write_mixed_recipe(loaded, out: Path, overrides: dict[str, int], effects, size: float, budget: float) -> None:

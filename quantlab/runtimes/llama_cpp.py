@@ -13,6 +13,7 @@ import ctypes
 import os
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ class LlamaCppModel:
     path: Path
     settings: LlamaCppSettings
     log: "_Log"
+    header: Any = None  # the GGUF's header (quantlab.gguf_file), read once at load
     context: Any = None
     n_ctx: int = 0
     buffers: dict[str, int] = field(default_factory=dict)  # llama.cpp's accounting: "CPU model" -> bytes
@@ -173,18 +175,14 @@ class _Log:
             if self._lines is not None:
                 self._lines.extend(done)
 
+    @contextmanager
     def capture(self):
-        log = self
-
-        class _Capture:
-            def __enter__(self):
-                log._lines = []
-                return log._lines
-
-            def __exit__(self, *exc):
-                log._lines = None
-
-        return _Capture()
+        """The log lines written inside the block."""
+        self._lines = lines = []
+        try:
+            yield lines
+        finally:
+            self._lines = None
 
     @staticmethod
     def last_error(lines: list[str]) -> str:
@@ -285,7 +283,7 @@ class LlamaCppRuntime:
         if not model:
             raise QuantlabError(f"{path}: llama.cpp could not load it: {self.log.last_error(lines)}")
         vocab = self.lib.llama_vocab_n_tokens(self.lib.llama_model_get_vocab(model))
-        loaded = LlamaCppModel(self.lib, model, vocab, path, settings, self.log, buffers=parse_buffers(lines))
+        loaded = LlamaCppModel(self.lib, model, vocab, path, settings, self.log, header, buffers=parse_buffers(lines))
         info = WeightsInfo(name=source.name, source=source.spec.source, weights=source.weights, location=str(path),
                            model_class=f"GGUF {header.architecture}", variant=source.spec.variant,
                            dtype=describe_types(header))
@@ -327,14 +325,10 @@ class LlamaCppRuntime:
         return int(self.lib.llama_model_n_params(model.model))
 
     def lookup_table_bytes(self, model: LlamaCppModel) -> int:
-        from quantlab.gguf_file import read_header
-
-        return sum(t.nbytes for t in read_header(model.path).tensors if t.name == "token_embd.weight")
+        return sum(t.nbytes for t in model.header.tensors if t.name == "token_embd.weight")
 
     def kernels(self, model: LlamaCppModel) -> Kernels:
-        from quantlab.gguf_file import read_header
-
-        header = read_header(model.path)
+        header = model.header
         s = model.settings
         return Kernels(deltanet={"gated_delta_net": "ggml"}, linear=tuple(f"ggml {t}" for t in header.parameters_by_type()),
                        attention=f"llama.cpp, flash attention {s.flash_attn}, KV {s.kv_type}",
