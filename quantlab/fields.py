@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field
 
+from quantlab.architecture import TENSOR_CLASS_NAMES
 from quantlab.errors import QuantlabError
 from quantlab.strict_yaml import excerpt
 
@@ -79,6 +80,21 @@ Revision = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$"),
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 # For a Literal of integers: Annotated[Literal[32, 64, 128], IntOnly].
 IntOnly = BeforeValidator(_int_only)
+
+
+def _known_classes_once(value: list[str]) -> list[str]:
+    unknown = sorted(set(value) - set(TENSOR_CLASS_NAMES))
+    if unknown:
+        raise ValueError(f"unknown tensor class(es) {unknown}; classes: {', '.join(TENSOR_CLASS_NAMES)}")
+    repeated = sorted({c for c in value if value.count(c) > 1})
+    if repeated:
+        raise ValueError(f"tensor class(es) named more than once: {repeated}")
+    return value
+
+
+# Tensor classes (quantlab.architecture.TENSOR_CLASSES) a method keeps unquantized on top of its own rules.
+SkipClasses = Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64),
+                        AfterValidator(_known_classes_once)]
 
 
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

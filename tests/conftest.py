@@ -122,7 +122,7 @@ def save_bnb_copy(model, folder, method: str, **params) -> None:
 
     bnb_method = METHODS[method]
     qconfig = bnb_method.config.model_validate({"method": method, **params})
-    plan = skip_plan(model, method, qconfig.skip_modules)
+    plan = skip_plan(model, method, qconfig.skip_modules, qconfig.skip_classes)
     with tempfile.TemporaryDirectory(prefix="quantlab-bnb-") as tmp:
         model.to(torch.bfloat16).save_pretrained(tmp)
         quantized = type(model).from_pretrained(

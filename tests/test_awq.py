@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,8 @@ from quantlab.errors import QuantlabError, RecipeError
 from quantlab.plan import make_plan
 from quantlab.quantize.awq import ENGINES
 from quantlab.quantize.awq.engine import AwqJob
-from quantlab.quantize.awq.native import _adds_one, _fold
+from quantlab.quantize.awq.mappings import AwqMapping
+from quantlab.quantize.awq.native import _adds_one, _balance, _capture, _fold
 from quantlab.quantize.awq.pack import AWQ_ORDER, PACK_BITS, PER_WORD, pack_gemm
 from quantlab.quantize.awq.search import apply_clip, search_clip, search_scales
 from quantlab.methods.awq import AwqConfig, AwqMethod
@@ -195,13 +199,14 @@ def _job(source: Path | None, out: Path, config, engine="quantlab", calibration=
     return AwqJob(source, config, out, qconfig, ids, torch.device("cpu"), torch.bfloat16, 5 * 10**9, progress=False)
 
 
-def _finish(out: Path, config, source: Path | None = None) -> None:
+def _finish(out: Path, config, source: Path | None = None, qconfig: AwqConfig | None = None) -> None:
     from quantlab.methods.awq import quantization_config, write_config
     from quantlab.sources import ModelSource
 
+    qconfig = qconfig or AwqConfig(method="awq")
     spec = ModelSpec(source="synthetic", config="bundled")  # only the config matters to the skip list
-    skip = AwqMethod().skip_rules(AwqConfig(method="awq"), ModelSource(spec, config, "x", "x"))
-    write_config(config, quantization_config(AwqConfig(method="awq"), skip.patterns), out)
+    skip = AwqMethod().skip_rules(qconfig, ModelSource(spec, config, "x", "x"))
+    write_config(config, quantization_config(qconfig, skip.patterns), out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if source is not None and (source / name).is_file():
             (out / name).write_bytes((source / name).read_bytes())
@@ -264,6 +269,108 @@ def test_awq_beats_round_to_nearest_on_held_out_text(bundled_awq):
     assert kl_awq < 0.95 * kl_rtn, (kl_awq, kl_rtn)
 
 
+# ---- tensor classes kept unquantized (skip_classes) -------------------------------------------------------------
+
+class _NormAndTwo(torch.nn.Module):
+    """A norm feeding two Linears, as input_layernorm feeds q/k/v."""
+
+    def __init__(self):
+        from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
+
+        super().__init__()
+        self.norm, self.a, self.b = Qwen3_5RMSNorm(128), torch.nn.Linear(128, 32), torch.nn.Linear(128, 64)
+        self.norm.weight.data.normal_(0, 0.3)
+
+    def forward(self, h):
+        n = self.norm(h)
+        return torch.cat([self.a(n), self.b(n)], dim=-1)
+
+
+@torch.no_grad()
+def test_balance_folds_into_unquantized_members_and_leaves_groups_with_none_quantized():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 16, 128)
+    hidden[..., :4] *= 30  # salient channels: the search moves off s = 1
+    mapping, qc = AwqMapping("norm", ("a", "b"), None), AwqConfig(method="awq")
+    for quantized in ([], ["b"]):
+        layer = _NormAndTwo()
+        saved, before = {k: v.clone() for k, v in layer.state_dict().items()}, layer(hidden)
+        linears = {name: layer.get_submodule(name) for name in quantized}
+        inputs, calls, _ = _capture(layer, [hidden], [{}], linears, (mapping,))
+        assert sorted(inputs) == (["a", "b"] if quantized else [])  # nothing captured for a group not searched
+        _balance(layer, mapping, linears, inputs, calls, qc)
+        changed = [k for k, v in layer.state_dict().items() if not torch.equal(v, saved[k])]
+        assert changed == (["norm.weight", "a.weight", "b.weight"] if quantized else [])
+        torch.testing.assert_close(layer(hidden), before, rtol=1e-4, atol=1e-4)  # the float function is kept
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch's default of one per core is several times slower beside a busy process
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quick_job(out: Path, **qc) -> AwqJob:
+    """The bundled model on a coarse search grid: what is searched, folded and written, not how well."""
+    return dataclasses.replace(_job(BUNDLED, out, AutoConfig.from_pretrained(BUNDLED), **qc), search_grid=4)
+
+
+@pytest.fixture(scope="module")
+def bundled_awq_down_kept(tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
+    out = tmp_path_factory.mktemp("bundled-awq-down-kept")
+    job = _quick_job(out, skip_classes=["mlp.down"])
+    with _one_thread():
+        outcome = ENGINES["quantlab"].quantize(job)
+    _finish(out, job.config, BUNDLED, job.qconfig)
+    return out, outcome.quantized
+
+
+@pytest.mark.slow
+def test_a_kept_class_is_written_at_the_model_dtype_and_loads_as_plain_linears(bundled_awq_down_kept, tmp_path):
+    out, quantized = bundled_awq_down_kept
+    downs = [f"model.layers.{i}.mlp.down_proj" for i in range(4)]
+    assert len(quantized) == 21 and not set(downs) & set(quantized)
+    tensors, source = load_file(str(out / "model.safetensors")), load_file(str(BUNDLED / "model.safetensors"))
+    for name in downs:
+        assert [t for t in tensors if t.startswith(f"{name}.")] == [f"{name}.weight"]
+        # no scales folded into it (it is in no searched group) and not clipped: the source weight, bit for bit
+        assert torch.equal(tensors[f"{name}.weight"], source[f"{name}.weight"])
+        assert f"{name.replace('down_proj', 'up_proj')}.qweight" in tensors
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] == ["in_proj_a", "in_proj_b", "lm_head", "mtp", "down_proj"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"
+            and not n.endswith(("in_proj_a", "in_proj_b"))] == downs
+    torch.testing.assert_close(model.get_submodule(downs[0]).weight.float(), source[f"{downs[0]}.weight"].float())
+    ids = AutoTokenizer.from_pretrained(out)("def fibonacci(n):", return_tensors="pt").input_ids
+    assert _kl(AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.bfloat16), model, ids) < 0.05
+    recipe = _recipe(tmp_path, "pre", None, model={"source": "local", "path": str(out), "device": "cpu"})
+    plan = make_plan(load_recipe(recipe), for_this_machine=False)
+    assert plan.method_label == "AWQ W4A16 g128 (pre-quantized)" and plan.method_params == qc
+
+
+@pytest.mark.slow
+def test_attention_kept_whole_gets_no_scales(tmp_path):
+    job = _quick_job(tmp_path, clip=False, skip_classes=["attention.q", "attention.k", "attention.v"])
+    with _one_thread():
+        outcome = ENGINES["quantlab"].quantize(job)
+    attention = "model.layers.3.self_attn"
+    assert len(outcome.quantized) == 22 and f"{attention}.o_proj" in outcome.quantized
+    tensors, source = load_file(str(tmp_path / "model.safetensors")), load_file(str(BUNDLED / "model.safetensors"))
+    for name in (f"{attention}.{p}_proj" for p in "qkv"):
+        assert torch.equal(tensors[f"{name}.weight"], source[f"{name}.weight"]) and f"{name}.qweight" not in tensors
+    # none of the group input_layernorm feeds is quantized: no scales searched, none folded into the norm (a fold
+    # there without q/k/v would change the model); other norms are folded as usual
+    norm = "model.layers.3.input_layernorm.weight"
+    assert torch.equal(tensors[norm], source[norm])
+    folded = [n for n in source if n.endswith("layernorm.weight") and not torch.equal(tensors[n], source[n])]
+    assert folded and norm not in folded
+
+
 def test_synthetic_weights_pack_without_calibration(tmp_path):
     """The full-model (VL) layout, random weights: round-to-nearest in the AWQ format, vision tower kept."""
     config = tiny_qwen3_5_config()
@@ -291,9 +398,10 @@ def test_gptqmodel_engine_behind_the_same_interface(tmp_path):
 
 # ---- the build, through `quantlab build` -----------------------------------------------------------------------
 
-def _recipe(folder: Path, name: str, quantization: dict, model: dict | None = None, **extra) -> Path:
+def _recipe(folder: Path, name: str, quantization: dict | None, model: dict | None = None, **extra) -> Path:
     data = {"name": name, "model": model or {"source": "bundled", "device": "cpu"},
-            "quantization": {"method": "awq", "calibration": SMALL_CALIBRATION, **quantization},
+            "quantization": {"method": "awq", "calibration": SMALL_CALIBRATION, **quantization} if quantization is not None
+            else {"method": "none"},
             "measure": {"contexts": [16], "new_tokens": 2, "warmup": 0, "repeats": 1},
             "output": {"dir": str(folder / "measurements")}, "build": {"check_tokens": 4}, **extra}
     path = folder / f"{name}.yaml"
@@ -402,12 +510,54 @@ def test_model_family_the_engine_does_not_know(tmp_path, no_weight_loading):
     ({"method": "awq", "calibration": {"seq_len": 4}}, "seq_len"),
     ({"method": "awq", "calibration": {"source": "file"}}, "needs quantization.calibration.path"),
     ({"method": "awq", "calibration": {"samples": 8, "sequence": 4}}, "sequence"),
+    ({"method": "awq", "skip_classes": ["attention.k", "mlp.dwn"]},
+     r"quantization\.skip_classes: unknown tensor class\(es\) \['mlp\.dwn'\]; classes: mtp, deltanet\.in_proj_qkv, "),
+    ({"method": "awq", "skip_classes": ["mlp.down", "mlp.down"]},
+     r"quantization\.skip_classes: tensor class\(es\) named more than once: \['mlp\.down'\]"),
 ])
 def test_bad_awq_recipes_are_rejected(tmp_path, quantization, message):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"name": "r", "model": {"source": "bundled"}, "quantization": quantization}))
     with pytest.raises(RecipeError, match=message):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("quantization, message", [
+    ({"skip_classes": ["attention.k"]}, "quantization.skip_classes: vLLM fuses attention.q, attention.k and attention.v "
+                                        "into one layer (qkv_proj) and refuses a checkpoint that skips only some of "
+                                        "them; skip them together"),
+    ({"skip_classes": ["mlp.up", "mlp.down"]}, "vLLM fuses mlp.gate and mlp.up into one layer (gate_up_proj)"),
+    ({"skip_classes": ["deltanet.in_proj_z"]},
+     "vLLM fuses deltanet.in_proj_qkv and deltanet.in_proj_z into one layer (in_proj_qkvz)"),
+    ({"skip_classes": ["lm_head"]}, "quantization.skip_classes: 'lm_head' matches none of the Linear modules awq would "
+                                    "quantize: the rules for awq already keep it unquantized (e.g. lm_head); remove it"),
+    ({"skip_classes": ["deltanet.in_proj_ab"]}, "the rules for awq already keep it unquantized"),
+    ({"skip_classes": ["mlp.down"], "engine": "gptqmodel"},
+     "quantization.skip_classes: engine gptqmodel cannot keep tensor classes unquantized without changing the model; "
+     "use engine: quantlab"),
+], ids=["k-alone", "up-alone", "z-alone", "lm_head", "in_proj_ab", "gptqmodel"])
+def test_skip_classes_are_checked_before_any_load(tmp_path, no_weight_loading, quantization, message):
+    with pytest.raises(QuantlabError, match=re.escape(message)):
+        make_plan(load_recipe(_recipe(tmp_path, "kept", quantization)))
+
+
+def test_skip_classes_in_the_plan_label_card_and_skip_list(tmp_path, no_weight_loading):
+    from quantlab.quantize.vllm_layout import VLLM_NAMING, vllm_skips_layer
+
+    qkv = ["attention.q", "attention.k", "attention.v"]
+    loaded = load_recipe(_recipe(tmp_path, "qkv", {"skip_classes": qkv}))
+    plan = make_plan(loaded, for_this_machine=False)
+    assert plan.method_label == "AWQ W4A16 g128, attention.q+attention.k+attention.v kept"
+    assert plan.method_params["skip_classes"] == qkv
+    method, qconfig = AwqMethod(), loaded.recipe.quantization
+    assert ("kept tensor classes (skip_classes)", qkv) in method.card_rows(plan.method_params)
+    assert method.estimator_scheme(plan.method_params, "bfloat16") is None  # the scheme table prices the rules only
+    skip = method.skip_rules(qconfig, resolve(ModelSpec(source="bundled")))
+    assert skip.patterns == ("in_proj_a", "in_proj_b", "lm_head", "mtp", "k_proj", "q_proj", "v_proj")
+    assert skip.extra_patterns == ("k_proj", "q_proj", "v_proj") and len(skip.quantized) == 22
+    naming = VLLM_NAMING["Qwen3_5ForCausalLM"]
+    assert vllm_skips_layer("model.layers.3.self_attn.qkv_proj", skip.patterns, naming)
+    assert not vllm_skips_layer("model.layers.3.self_attn.o_proj", skip.patterns, naming)
 
 
 @pytest.mark.gpu

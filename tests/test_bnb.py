@@ -4,6 +4,7 @@ in-place quantization of synthetic weights, pre-quantized checkpoints, and the l
 from __future__ import annotations
 
 import logging
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -18,8 +19,8 @@ from quantlab.methods import METHODS, bnb
 from quantlab.methods.bnb import Bnb4bitConfig, BnbInt8Config
 from quantlab.plan import make_plan
 from quantlab.quantize.skips import skip_pattern_matches, skip_plan
-from quantlab.sources import meta_model
-from quantlab.recipe import load_recipe
+from quantlab.sources import meta_model, resolve
+from quantlab.recipe import ModelSpec, load_recipe
 
 from conftest import QWEN_CONFIG_DIR, save_bnb_copy
 
@@ -44,9 +45,14 @@ def test_recipe_accepts_both_methods(write_recipe):
      "quantization.quant_storage: Input should be 'uint8', 'bfloat16', 'float16' or 'float32' (got 'int8')"),
     ({"method": "bnb_4bit", "compute_dtype": "float8"}, "quantization.compute_dtype: Input should be 'bfloat16', 'float16' or 'float32'"),
     ({"method": "bnb_4bit", "threshold": 6.0},
-     "quantization.threshold: unknown key 'threshold'; allowed keys here: method, quant_type, double_quant, compute_dtype, quant_storage, skip_modules"),
+     "quantization.threshold: unknown key 'threshold'; allowed keys here: method, quant_type, double_quant, compute_dtype, quant_storage, skip_modules, skip_classes"),
     ({"method": "bnb_int8", "double_quant": True},
-     "quantization.double_quant: unknown key 'double_quant'; allowed keys here: method, threshold, skip_modules"),
+     "quantization.double_quant: unknown key 'double_quant'; allowed keys here: method, threshold, skip_modules, skip_classes"),
+    ({"method": "bnb_int8", "skip_classes": ["mlp.dwn"]},
+     "quantization.skip_classes: unknown tensor class(es) ['mlp.dwn']; classes: mtp, deltanet.in_proj_qkv, "),
+    ({"method": "bnb_4bit", "skip_classes": ["mlp.down", "attention.o", "mlp.down"]},
+     "quantization.skip_classes: tensor class(es) named more than once: ['mlp.down']"),
+    ({"method": "bnb_4bit", "skip_classes": "mlp.down"}, "quantization.skip_classes: Input should be a valid list"),
     ({"method": "bnb_int8", "threshold": -1}, "quantization.threshold: Input should be greater than or equal to 0"),
     ({"method": "bnb_8bit"}, "quantization: unknown method 'bnb_8bit'; allowed methods: 'none', 'rtn', 'bnb_int8', 'bnb_4bit'"),
 ])
@@ -115,6 +121,65 @@ def test_plan_labels_and_extra_skips(write_recipe):
     assert METHODS["bnb_int8"].label(BnbInt8Config(method="bnb_int8"), "bfloat16") == "bnb int8"
     assert METHODS["bnb_4bit"].label(Bnb4bitConfig(method="bnb_4bit", quant_type="fp4", compute_dtype="float32"),
                                      "bfloat16") == "bnb fp4 (compute float32)"
+    kept = BnbInt8Config(method="bnb_int8", skip_classes=["mlp.down", "attention.o"], skip_modules=["model.layers.0.mlp"])
+    assert METHODS["bnb_int8"].label(kept, "bfloat16") == "bnb int8 (attention.o+mlp.down kept, +1 skip pattern(s))"
+    assert ("kept tensor classes (skip_classes)", ["mlp.down", "attention.o"]) in METHODS["bnb_int8"].card_rows(
+        kept.model_dump())
+
+
+def _down_projs(names) -> list[str]:
+    return [n for n in names if n.endswith(".mlp.down_proj")]
+
+
+def test_skip_classes_are_written_as_patterns_that_match_exactly_them():
+    model = meta_model(AutoConfig.from_pretrained(QWEN_CONFIG_DIR).text_config)
+    plan = skip_plan(model, "bnb_4bit", classes=["mlp.down"])
+    assert plan.patterns == ("in_proj_a", "in_proj_b", "lm_head", "down_proj") and plan.extra_patterns == ("down_proj",)
+    linears = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    converted = [n for n in linears if should_convert_module(n, list(plan.patterns))]
+    assert converted == list(plan.quantized) and len(converted) == 400 - 64
+    assert set(_down_projs(linears)) == {n for n in linears if not should_convert_module(n, ["down_proj"])}
+    both = skip_plan(model, "bnb_4bit", ["model.layers.0.mlp"], ["mlp.down", "attention.q", "attention.k", "attention.v"])
+    assert both.extra_patterns == ("down_proj", "k_proj", "q_proj", "v_proj", "model.layers.0.mlp")
+    assert len(both.quantized) == 400 - 64 - 16 * 3 - 2  # model.layers.0.mlp: its gate and up; its down is a class member
+
+
+@pytest.mark.parametrize("classes, message", [
+    (["lm_head"], re.escape("quantization.skip_classes: 'lm_head' matches none of the Linear modules bnb_int8 would "
+                            "quantize: the rules for bnb_int8 already keep it unquantized (e.g. lm_head); remove it")),
+    (["deltanet.in_proj_ab"], re.escape("the rules for bnb_int8 already keep it unquantized "
+                                        "(e.g. model.layers.0.linear_attn.in_proj_b)")),
+    (["moe.shared_expert"], "'moe.shared_expert' matches none of .*: Qwen3_5ForCausalLM has no module of that class"),
+    (["deltanet.in_proj_qkv", "deltanet.in_proj_z", "deltanet.out_proj", "attention.q", "attention.k", "attention.v",
+      "attention.o", "mlp.gate", "mlp.up", "mlp.down"],
+     r"nothing left to quantize: .* Remove entries from quantization\.skip_modules or quantization\.skip_classes"),
+], ids=["lm_head", "in_proj_ab", "absent", "everything"])
+def test_skip_classes_that_keep_nothing_more_fail_in_the_plan(write_recipe, no_weights_load, classes, message):
+    path = write_recipe({"name": "x", "model": BUNDLED, "quantization": {"method": "bnb_int8", "skip_classes": classes}})
+    with pytest.raises(QuantlabError, match=message):
+        make_plan(load_recipe(path))
+
+
+@pytest.mark.parametrize("qconfig", [BnbInt8Config(method="bnb_int8", skip_classes=["mlp.down"]),
+                                     Bnb4bitConfig(method="bnb_4bit", skip_classes=["mlp.down"])], ids=["int8", "nf4"])
+def test_skipped_classes_stay_plain_linears_in_place_and_at_load(qconfig):
+    folder = bundled_model_dir()
+    method = METHODS[qconfig.method]
+    ours = method.apply(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16), qconfig)
+    source = resolve(ModelSpec(source="bundled"))
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cpu",
+                                                  **method.load_kwargs(qconfig, source))
+    for model in (ours, theirs):
+        kinds = {name: type(m).__name__ for name, m in model.named_modules() if name.endswith("_proj")}
+        assert {kinds[n] for n in _down_projs(kinds)} == {"Linear"} and len(_down_projs(kinds)) == 4
+        assert {k for n, k in kinds.items() if n.endswith(("up_proj", "q_proj", "out_proj"))} == {
+            "Linear8bitLt" if qconfig.method == "bnb_int8" else "Linear4bit"}
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert all(torch.equal(ours.get_submodule(n).weight, reference.get_submodule(n).weight) for n in _down_projs(kinds))
+    assert "down_proj" in ours.config.quantization_config.llm_int8_skip_modules
+    ids = torch.randint(0, 2048, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
 
 
 # ---- estimator alignment -----------------------------------------------------------------------------------
@@ -125,6 +190,8 @@ def test_plan_labels_and_extra_skips(write_recipe):
     (Bnb4bitConfig(method="bnb_4bit", double_quant=True), "nf4-dq"),
     (Bnb4bitConfig(method="bnb_4bit", quant_type="fp4"), "fp4"),
     (Bnb4bitConfig(method="bnb_4bit", skip_modules=["mlp.down_proj"]), None),
+    (Bnb4bitConfig(method="bnb_4bit", skip_classes=["mlp.down"]), None),
+    (BnbInt8Config(method="bnb_int8", skip_classes=["mlp.down"]), None),
 ])
 def test_record_params_name_the_estimator_scheme(qconfig, scheme):
     record = SimpleNamespace(method=SimpleNamespace(name=qconfig.method, params=qconfig.model_dump()),

@@ -799,11 +799,15 @@ def test_per_class_types_reach_llama_quantize(ggufs, tools, tmp_path):
 
     out = tmp_path / "mixed.gguf"
     quantize(tools, ggufs["BF16"], out, "Q4_K_M", None,
-             tensor_types=tensor_type_args({"mlp.down": "Q8_0", "deltanet.in_proj_ab": "q8_0"}))
+             tensor_types=tensor_type_args({"mlp.down": "Q8_0", "deltanet.in_proj_ab": "q8_0", "attention.q": "Q5_K",
+                                            "lm_head": "Q8_0"}))
     types = {t.name: t.type_name for t in read_header(out).tensors}
     assert {types[f"blk.{i}.ffn_down.weight"] for i in range(4)} == {"Q8_0"}
     assert types["blk.0.ssm_alpha.weight"] == types["blk.0.ssm_beta.weight"] == "Q8_0"
     assert types["blk.0.ffn_up.weight"] == "Q4_K"
+    assert types["blk.3.attn_q.weight"] == "Q5_K" and types["output.weight"] == "Q8_0"
+    # llama-quantize searches each pattern in the name: attn_q must not take attn_qkv, nor output attn_output
+    assert types["blk.0.attn_qkv.weight"] == "Q4_K" and types["blk.3.attn_output.weight"] == "Q4_K"
 
 
 def test_per_class_types_name_known_classes():

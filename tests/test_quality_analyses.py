@@ -200,13 +200,13 @@ def test_rtn_overrides_and_only_pick_the_classes(base):
 
 
 def test_sensitivity_puts_a_destroyed_class_first(tmp_path, base):
-    """A quantizer that shuffles mlp.down's weights (and rounds the other classes as RTN does): that class must
-    come first, with a large KL."""
+    """A quantizer that shuffles mlp.down's weights at the recipe's bits (and rounds everything else as RTN does):
+    that class must come first, with a large KL, and be the first raised to int8."""
     from quantlab.methods.rtn import RtnMethod
     from quantlab.quality.sensitivity import measure_effects, suggest
 
     def destructive(model, config):
-        if config.only == ["mlp.down"]:
+        if config.only == ["mlp.down"] and not config.overrides:
             generator = torch.Generator().manual_seed(0)
             with torch.no_grad():
                 for name, module in model.named_modules():
@@ -236,3 +236,136 @@ def test_sensitivity_refuses_bad_options_before_any_work(tmp_path, capsys, extra
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "bundled-rtn4-quality.yaml"
     assert main(["sensitivity", str(recipe), "--out", str(tmp_path / "mixed.yaml"), *extra]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "mixed.yaml").exists()
+
+
+def test_choose_raises_classes_by_kl_removed_per_byte_within_the_budget():
+    from quantlab.quality.sensitivity import ClassEffect, choose
+
+    effects = [ClassEffect("a", 100, 0.010, None, 100, levels={"Q5_K": 0.004, "Q8_0": 0.001}),
+               ClassEffect("b", 100, 0.002, None, 100, levels={"Q5_K": 0.001, "Q8_0": 0.0005}),
+               ClassEffect("c", 100, 0.001, None, 100, levels={"Q5_K": 0.002})]  # worse at the higher level
+    costs = {("a", "Q5_K"): 10, ("a", "Q8_0"): 40, ("b", "Q5_K"): 10, ("b", "Q8_0"): 40, ("c", "Q5_K"): 1}
+    chosen, size = choose(effects, 1000, costs, 1050, "Q4_K_M")
+    # a→Q5_K removes 0.0006/byte, then a Q5_K→Q8_0 0.0001/byte (30 bytes, fits), b→Q5_K 0.0001/byte: 10 left
+    assert chosen["a"] == "Q8_0" and "c" not in chosen and size <= 1050
+    assert choose(effects, 1000, costs, 1000, "Q4_K_M") == ({}, 1000)
+    with pytest.raises(QuantlabError, match="below the uniform Q4_K_M build"):
+        choose(effects, 1000, costs, 999, "Q4_K_M")
+
+
+def test_gguf_tensor_names_map_to_the_tensor_classes():
+    from quantlab.quality.sensitivity_gguf import class_file_args, gguf_class
+
+    assert gguf_class("blk.0.attn_qkv.weight") == "deltanet.in_proj_qkv"
+    assert gguf_class("blk.3.attn_q.weight") == "attention.q" and gguf_class("blk.3.attn_output.weight") == "attention.o"
+    assert gguf_class("output.weight") == "lm_head" and gguf_class("token_embd.weight") == "embeddings"
+    assert gguf_class("blk.64.attn_q.weight", frozenset({64})) == "mtp"
+    assert gguf_class("blk.0.attn_norm.weight") is None and gguf_class("blk.0.ssm_conv1d.weight") is None
+    tensor = SimpleNamespace(name="blk.1.ffn_down.weight", type_name="Q6_K")
+    assert class_file_args([tensor]) == ["--tensor-type", r"^blk\.1\.ffn_down\.weight$=q6_k", "--tensor-type", ".=bf16"]
+    assert class_file_args([tensor], "Q8_0")[1].endswith("=q8_0")
+
+
+def _gguf_recipe(tmp_path: Path) -> Path:
+    data = {"name": "small-gguf", "model": {"source": "bundled", "device": "cpu"},
+            "quantization": {"method": "gguf", "type": "Q4_K_M", "calibration": {"samples": 4, "seq_len": 128}},
+            "measure": {"runtime": "llama.cpp", "contexts": [16], "new_tokens": 2, "llama_cpp": {"threads": 1}},
+            "quality": {"tokens": 512, "context": 256, "stride": 256}, "output": {"dir": str(tmp_path / "measurements")}}
+    path = tmp_path / "small-gguf.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+needs_llama = pytest.mark.skipif(not __import__("quantlab.llamacpp").llamacpp.available(),
+                                 reason="llama.cpp is not built here (`make llama-cpp` builds it)")
+
+
+@needs_llama
+@pytest.mark.slow
+def test_gguf_class_files_hold_one_class_at_the_uniform_builds_types(tmp_path):
+    from quantlab.gguf_file import read_header
+    from quantlab.quality.sensitivity_gguf import GgufSweep
+
+    sweep = GgufSweep(make_plan(load_recipe(_gguf_recipe(tmp_path))), ["Q8_0"], tmp_path, echo=lambda _: None)
+    sweep.prepare()
+    uniform = {t.name: t.type_name for t in sweep.uniform.header.tensors}
+    assert set(sweep.parameters()) == {"deltanet.in_proj_qkv", "deltanet.in_proj_z", "deltanet.in_proj_ab",
+                                       "deltanet.out_proj", "attention.q", "attention.k", "attention.v", "attention.o",
+                                       "mlp.gate", "mlp.up", "mlp.down", "lm_head", "embeddings"}
+    model = sweep.build_class("mlp.down")
+    types = {t.name: t.type_name for t in read_header(model.path).tensors}
+    downs = [n for n in types if n.endswith("ffn_down.weight")]
+    assert len(downs) == 4 and all(types[n] == uniform[n] for n in downs)
+    assert {types[n] for n in types if n not in downs} <= {"BF16", "F32"}
+    path = model.path
+    sweep.release(model)
+    assert not path.exists() and sweep.bf16.exists()  # its own class file goes; the BF16 GGUF stays to the end
+    sweep.release(sweep.build_class("mlp.down", "Q8_0"))
+    assert sweep.upgrade_cost("mlp.down", "Q8_0") > 0 and sweep.bytes_saved("mlp.down") > 0
+
+
+@needs_llama
+@pytest.mark.slow
+def test_gguf_sensitivity_writes_a_mixed_recipe_and_checks_it(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    from quantlab.cli import main
+
+    made, mkdtemp = [], tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(mkdtemp(*a, **k)) or made[-1])
+
+    recipe = _gguf_recipe(tmp_path)
+    out = tmp_path / "mixed.yaml"
+    assert main(["sensitivity", str(recipe), "--out", str(out), "--high-types", "Q8_0", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "mlp.down" in printed and "baseline: every class BF16 (llama.cpp)" in printed
+    assert "suggested mixed − uniform Q5_K_M" in printed
+    mixed = load_recipe(out).recipe.quantization
+    assert mixed.type == "Q4_K_M" and mixed.overrides and set(mixed.overrides.values()) == {"Q8_0"}
+    sizes = {line.split()[1]: float(line.split()[2]) for line in printed.splitlines()
+             if line.startswith(("uniform Q4_K_M", "uniform Q5_K_M"))}
+    mixed_size = float(next(line for line in printed.splitlines() if line.startswith("suggested mixed ")).split()[2])
+    assert sizes["Q4_K_M"] < mixed_size <= sizes["Q5_K_M"]  # within the default budget, the next type up
+    work = [m for m in made if "quantlab-sensitivity-" in m]
+    assert work and not any(Path(m).exists() for m in work)  # its work folder, and every file in it, is gone
+
+
+@pytest.mark.slow
+def test_rtn_sensitivity_writes_a_mixed_recipe_and_checks_it(tmp_path, capsys):
+    from quantlab.cli import main
+
+    data = {"name": "small-rtn", "model": {"source": "bundled", "device": "cpu"},
+            "quantization": {"method": "rtn", "bits": 4, "group_size": 128},
+            "quality": {"tokens": 512, "context": 256, "stride": 256}, "output": {"dir": str(tmp_path / "m")}}
+    recipe = tmp_path / "small-rtn.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    plot = tmp_path / "plot.png"
+    assert main(["sensitivity", str(recipe), "--no-progress", "--plot", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    mixed = load_recipe(tmp_path / "small-rtn-mixed.yaml").recipe.quantization
+    assert set(mixed.overrides) == {"deltanet.in_proj_qkv", "deltanet.in_proj_z", "deltanet.in_proj_ab",
+                                    "deltanet.out_proj", "attention.q", "attention.k", "attention.v", "attention.o",
+                                    "mlp.gate", "mlp.up", "mlp.down", "lm_head", "embeddings"}
+    assert set(mixed.overrides.values()) == {4, 8} and plot.read_bytes()[:4] == b"\x89PNG"
+    rows = {" ".join(line.split()[1:3]): float(line.split()[3]) for line in printed.splitlines()
+            if line.startswith("uniform ")}
+    mixed_size = float(next(line for line in printed.splitlines() if line.startswith("suggested mixed ")).split()[2])
+    assert rows["int4 g128"] < mixed_size <= rows["int4 g32"] and "suggested mixed − uniform int4 g32" in printed
+
+
+@pytest.mark.parametrize("mode, most_alive", [("paired", 3), ("stored", 1)])
+def test_stored_mode_builds_scores_and_releases_one_candidate_at_a_time(mode, most_alive):
+    """A 27B's candidates do not fit together: with a stored reference each is released before the next is made."""
+    from quantlab.quality.sensitivity import evaluate_built
+
+    alive, peak = set(), []
+
+    def build(label):
+        alive.add(label)
+        peak.append(len(alive))
+        return label
+
+    session = SimpleNamespace(q=SimpleNamespace(spec=SimpleNamespace(mode=mode)),
+                              evaluate_many=lambda built: {label: f"scored {label}" for label in built})
+    results = evaluate_built(session, {k: (lambda k=k: build(k)) for k in "abc"}, alive.discard)
+    assert results == {k: f"scored {k}" for k in "abc"} and max(peak) == most_alive and not alive

@@ -78,6 +78,23 @@ def test_bad_recipe_names_file_field_value_and_allowed(write_recipe, case, data,
     assert expected in message
 
 
+@pytest.mark.parametrize("quantization, label", [
+    ({"method": "awq", "skip_classes": ["mlp.down"]}, "AWQ W4A16 g128, mlp.down kept"),
+    ({"method": "bnb_int8", "skip_classes": ["mlp.down", "attention.o"]}, "bnb int8 (attention.o+mlp.down kept)"),
+    ({"method": "bnb_4bit", "skip_classes": ["mlp.gate", "mlp.up"], "skip_modules": ["model.layers.0.mlp"]},
+     "bnb nf4 (mlp.gate+mlp.up kept, +1 skip pattern(s))"),
+], ids=["awq", "bnb_int8", "bnb_4bit"])
+def test_skip_classes_reach_the_plan_and_its_records(write_recipe, quantization, label):
+    loaded = load_recipe(write_recipe({**GOOD, "quantization": quantization}))
+    qconfig = loaded.recipe.quantization
+    assert qconfig.skip_classes == quantization["skip_classes"]
+    plan = make_plan(loaded, for_this_machine=False)
+    assert plan.method_params["skip_classes"] == quantization["skip_classes"] and plan.method_label == label
+    assert plan.method_params == qconfig.model_dump()
+    # None: unset (AWQ's calibration has fields that only apply to other sources, and refuses them set)
+    assert type(qconfig).model_validate(qconfig.model_dump(exclude_none=True)) == qconfig
+
+
 def test_yaml_syntax_error_gives_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("name: x\nmodel: {source: bundled\n")

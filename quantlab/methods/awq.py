@@ -16,13 +16,13 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
-from quantlab.architecture import quantizable_linears
+from quantlab.architecture import TENSOR_CLASS_NAMES, tensor_class
 from quantlab.errors import QuantlabError
-from quantlab.fields import IntOnly, Seed
+from quantlab.fields import IntOnly, Seed, SkipClasses
 from quantlab.methods.base import CardFacts, Method, MethodConfig, WrittenCheckpoint, register
 from quantlab.quantize.groupwise import check_group_size
-from quantlab.quantize.skips import SkipPlan, skip_plan
-from quantlab.quantize.vllm_layout import serving_skip_list
+from quantlab.quantize.skips import SkipPlan, classes_label, skip_plan
+from quantlab.quantize.vllm_layout import VLLM_NAMING, serving_skip_list, vllm_layers, vllm_reading
 from quantlab.textsource import TextSourceSpec
 
 PACK_MULTIPLE = 8  # eight 4-bit values per int32 along out_features
@@ -45,8 +45,9 @@ class CalibrationSpec(TextSourceSpec):
 
 
 class AwqConfig(MethodConfig):
-    """AWQ W4A16. Which Linears stay unquantized comes from quantlab.architecture (UNQUANTIZED_ROLES["awq"]);
-    `engine` picks the implementation (quantlab/quantize/awq/); the checkpoint format is the same."""
+    """AWQ W4A16. Which Linears stay unquantized comes from quantlab.architecture (UNQUANTIZED_ROLES["awq"]), plus
+    the tensor classes in `skip_classes`; `engine` picks the implementation (quantlab/quantize/awq/); the checkpoint
+    format is the same."""
 
     method: Literal["awq"]
     bits: Annotated[Literal[4], IntOnly] = 4
@@ -56,6 +57,7 @@ class AwqConfig(MethodConfig):
     clip: bool = Field(True, description="search a clipping threshold per group after the scales")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     batch_size: int = Field(8, ge=1, le=1024, description="calibration windows per forward pass")
+    skip_classes: SkipClasses = Field(default_factory=list, description="tensor classes kept at the model dtype")
 
 
 @register
@@ -68,13 +70,16 @@ class AwqMethod(Method):
                      ("awq", "4-bit", "w4a16"))
 
     def label(self, qconfig: AwqConfig, dtype: str) -> str:
-        return f"AWQ W4A16 g{qconfig.group_size}" + ("" if qconfig.zero_point else " (symmetric)")
+        kept = f", {classes_label(qconfig.skip_classes)}" if qconfig.skip_classes else ""
+        return f"AWQ W4A16 g{qconfig.group_size}" + ("" if qconfig.zero_point else " (symmetric)") + kept
 
     def check(self, qconfig: AwqConfig, source) -> None:
         model = source.checkpoint_meta  # the engine writes the whole checkpoint, a vision tower included
         _engine(qconfig).check(qconfig, source.config, type(model).__name__)
-        self.skip_rules(qconfig, source)  # an unknown class fails here with the classes quantlab knows
-        linears = quantizable_linears(model, self.name)
+        plan = self.skip_rules(qconfig, source)  # an unknown class fails here with the classes quantlab knows
+        _check_vllm_reading(plan)
+        modules = dict(model.named_modules())
+        linears = [(name, modules[name]) for name in plan.quantized]
         check_group_size([(n, m.in_features) for n, m in linears], qconfig.group_size)
         narrow = [n for n, m in linears if m.out_features % PACK_MULTIPLE]
         if narrow:
@@ -104,7 +109,7 @@ class AwqMethod(Method):
         """transformers' skip list, plus what vLLM needs to read the same intent under its own names."""
         from dataclasses import replace
 
-        plan = skip_plan(source.checkpoint_meta, self.name)
+        plan = skip_plan(source.checkpoint_meta, self.name, classes=qconfig.skip_classes)
         serving = serving_skip_list(plan.model_class, plan.rule_patterns)
         return replace(plan, patterns=serving + plan.extra_patterns, rule_patterns=serving)
 
@@ -145,6 +150,8 @@ class AwqMethod(Method):
         return f"AWQ W{qc.get('bits', '?')}A16 g{qc.get('group_size', '?')} (pre-quantized)", dict(qc)
 
     def estimator_scheme(self, params: dict, dtype: str) -> str | None:
+        if params.get("skip_classes"):
+            return None  # more kept at the model dtype than the scheme table prices
         return f"awq-g{params.get('group_size', 128)}"
 
     def card_rows(self, params: dict) -> list[tuple[str, object]]:
@@ -154,6 +161,7 @@ class AwqMethod(Method):
                         f"{'with' if params.get('zero_point') else 'without'} zero points; AWQ GEMM layout"),
             ("engine", params.get("engine")),
             ("clip search", params.get("clip")),
+            ("kept tensor classes (skip_classes)", params.get("skip_classes") or []),
         ]
 
     def serving_lines(self, mtp: bool, repo_hint: str) -> list[str]:
@@ -174,6 +182,37 @@ class AwqMethod(Method):
             "own), and `mtp` so that vLLM builds the MTP draft head unquantized, as its tensors are.",
             "",
         ]
+
+
+def _check_vllm_reading(plan: SkipPlan) -> None:
+    """vLLM reads the skip list its own way (substrings, fused layers): it must keep what transformers keeps."""
+    naming = VLLM_NAMING.get(plan.model_class)
+    if naming is None:
+        return
+    linears, quantized = list(plan.quantized + plan.kept), set(plan.quantized)
+    layers = vllm_layers(linears, naming)
+    for layer, skipped in vllm_reading(linears, plan.patterns, naming).items():
+        parts = layers[layer]
+        states = {part in quantized for part in parts}
+        if skipped is None or len(states) > 1:
+            together = sorted({tensor_class(p) or p for p in parts}, key=_class_order)
+            raise QuantlabError(
+                f"quantization.skip_classes: vLLM fuses {_and(together)} into one layer ({layer.rpartition('.')[2]}) "
+                "and refuses a checkpoint that skips only some of them; skip them together"
+            )
+        if skipped == (True in states):
+            raise QuantlabError(
+                f"quantization.skip_classes: vLLM would {'skip' if skipped else 'quantize'} {layer} (from {parts[0]}), "
+                f"which transformers {'quantizes' if skipped else 'keeps'} with the skip list {list(plan.patterns)}"
+            )
+
+
+def _class_order(name: str) -> int:
+    return TENSOR_CLASS_NAMES.index(name) if name in TENSOR_CLASS_NAMES else len(TENSOR_CLASS_NAMES)
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _engine(qconfig: AwqConfig):

@@ -19,8 +19,9 @@ import torch
 from pydantic import Field
 
 from quantlab.errors import QuantlabError
+from quantlab.fields import SkipClasses
 from quantlab.methods.base import CardFacts, Method, MethodConfig, register
-from quantlab.quantize.skips import SkipPlan, skip_plan
+from quantlab.quantize.skips import SkipPlan, classes_label, skip_plan
 
 BLOCKSIZE = 64  # bitsandbytes 4-bit block size (fixed by transformers' BitsAndBytesConfig)
 DEFAULT_THRESHOLD = 6.0
@@ -34,17 +35,19 @@ SkipModules = list[Annotated[str, Field(max_length=200)]]
 class BnbInt8Config(MethodConfig):
     """bitsandbytes LLM.int8: int8 weights, one absmax scale per output row, outliers above `threshold` computed in
     16-bit (0 turns the mixed-precision decomposition off). `skip_modules` adds module names or patterns
-    (transformers' llm_int8_skip_modules syntax) to those quantlab's rules keep unquantized."""
+    (transformers' llm_int8_skip_modules syntax) to those quantlab's rules keep unquantized; `skip_classes` adds
+    whole tensor classes (quantlab.architecture.TENSOR_CLASSES, e.g. mlp.down)."""
 
     method: Literal["bnb_int8"]
     threshold: float = Field(DEFAULT_THRESHOLD, ge=0.0, le=1000.0)
     skip_modules: SkipModules = Field(default_factory=list, max_length=64)
+    skip_classes: SkipClasses = Field(default_factory=list)
 
 
 class Bnb4bitConfig(MethodConfig):
     """bitsandbytes 4-bit (NF4 or FP4) in blocks of 64, optionally with the absmax statistics themselves quantized
     (double quant). `compute_dtype` is the matmul dtype; `quant_storage` the container dtype of the packed
-    weights (uint8, or a float for FSDP-style sharding)."""
+    weights (uint8, or a float for FSDP-style sharding). `skip_modules` and `skip_classes` as for bnb_int8."""
 
     method: Literal["bnb_4bit"]
     quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -52,6 +55,7 @@ class Bnb4bitConfig(MethodConfig):
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
     skip_modules: SkipModules = Field(default_factory=list, max_length=64)
+    skip_classes: SkipClasses = Field(default_factory=list)
 
 
 class _Bitsandbytes(Method):
@@ -65,7 +69,10 @@ class _Bitsandbytes(Method):
         self.skip_rules(qconfig, source)
 
     def skip_rules(self, qconfig, source) -> SkipPlan:
-        return skip_plan(source.meta, self.name, qconfig.skip_modules)
+        return self._plan(source.meta, qconfig)
+
+    def _plan(self, model: torch.nn.Module, qconfig) -> SkipPlan:
+        return skip_plan(model, self.name, qconfig.skip_modules, qconfig.skip_classes)
 
     def load_kwargs(self, qconfig, source) -> dict[str, Any]:
         """transformers quantizes while it loads real weights: this goes to from_pretrained."""
@@ -75,7 +82,7 @@ class _Bitsandbytes(Method):
     def apply(self, model: torch.nn.Module, qconfig) -> torch.nn.Module:
         if is_bnb_quantized(model):  # quantized at load (load_kwargs)
             return model
-        return self._quantize_in_place(model, qconfig, skip_plan(model, self.name, qconfig.skip_modules))
+        return self._quantize_in_place(model, qconfig, self._plan(model, qconfig))
 
     def from_checkpoint(self, qc: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         parsed = self.config_from_checkpoint(qc) if qc.get("quant_method") == "bitsandbytes" else None
@@ -106,7 +113,8 @@ class _Bitsandbytes(Method):
         return model
 
     def _extras(self, qconfig) -> list[str]:
-        return [f"+{len(qconfig.skip_modules)} skip pattern(s)"] if qconfig.skip_modules else []
+        extras = [classes_label(qconfig.skip_classes)] if qconfig.skip_classes else []
+        return extras + ([f"+{len(qconfig.skip_modules)} skip pattern(s)"] if qconfig.skip_modules else [])
 
 
 @register
@@ -142,11 +150,11 @@ class BnbInt8Method(_Bitsandbytes):
         return BnbInt8Config(method="bnb_int8", threshold=float(qc.get("llm_int8_threshold", DEFAULT_THRESHOLD)))
 
     def estimator_scheme(self, params: dict, dtype: str) -> str | None:
-        return None if params.get("skip_modules") else "int8"
+        return None if _keeps_more(params) else "int8"
 
     def card_rows(self, params: dict) -> list[tuple[str, object]]:
         return [("method", self.name), ("weights", "int8, one absmax scale per output row (LLM.int8)"),
-                ("threshold", params.get("threshold")), ("extra skip_modules", params.get("skip_modules") or [])]
+                ("threshold", params.get("threshold")), *_skip_rows(params)]
 
 
 @register
@@ -195,7 +203,7 @@ class Bnb4bitMethod(_Bitsandbytes):
         )
 
     def estimator_scheme(self, params: dict, dtype: str) -> str | None:
-        if params.get("skip_modules"):
+        if _keeps_more(params):
             return None  # the recipe kept extra modules unquantized: the scheme table cannot price that
         kind = str(params.get("quant_type") or params.get("bnb_4bit_quant_type") or "nf4")
         double = any(params.get(k) for k in ("double_quant", "use_double_quant", "bnb_4bit_use_double_quant"))
@@ -204,7 +212,7 @@ class Bnb4bitMethod(_Bitsandbytes):
     def card_rows(self, params: dict) -> list[tuple[str, object]]:
         return [("method", self.name), ("weights", f"4-bit {params.get('quant_type')}, blocks of {BLOCKSIZE}"),
                 *[(k, params.get(k)) for k in ("quant_type", "double_quant", "compute_dtype", "quant_storage")],
-                ("extra skip_modules", params.get("skip_modules") or [])]
+                *_skip_rows(params)]
 
     def card_tags(self, params: dict) -> list[str]:
         return [*self.card.tags, params.get("quant_type", "nf4"), *(["double-quant"] if params.get("double_quant") else [])]
@@ -270,6 +278,15 @@ def quiet_bnb_logs() -> None:
         return
     cast.addFilter(_OnceFilter(once=("MatMul8bitLt: inputs will be cast",)))
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OnceFilter(never=("Failed to load CPU gemm_4bit_forward",)))
+
+
+def _keeps_more(params: dict) -> bool:
+    return bool(params.get("skip_modules") or params.get("skip_classes"))
+
+
+def _skip_rows(params: dict) -> list[tuple[str, object]]:
+    return [("extra skip_modules", params.get("skip_modules") or []),
+            ("kept tensor classes (skip_classes)", params.get("skip_classes") or [])]
 
 
 def _with_extras(text: str, extras: list[str]) -> str:

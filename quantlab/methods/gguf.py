@@ -131,23 +131,14 @@ class GgufMethod(Method):
         if qconfig.mtp and not mtp:
             notes.append("the checkpoint has no MTP head, so the GGUF has none (converted with --no-mtp)")
         bf16 = folder / (GGUF_NAME if kind in CONVERTER_TYPES else BF16_NAME)
-        step = _timed(echo)
+        step = timed(echo)
         step(f"convert_hf_to_gguf.py → {bf16.name}", lambda: convert(tools, files, bf16, CONVERTER_TYPES.get(kind, "bf16"),
                                                                      mtp))
         calibration_label = None
         if kind not in CONVERTER_TYPES:
             imatrix = None
             if qconfig.imatrix:
-                from quantlab.quantize.awq.calibration import calibration_samples
-
-                calibration = calibration_samples(qconfig.calibration, source.tokenizer())
-                calibration_label = calibration.label
-                text = folder / "calibration.txt"
-                text.write_text(_calibration_text(calibration, source.tokenizer()), encoding="utf-8")
-                imatrix = folder / IMATRIX_NAME
-                step(f"llama-imatrix on {calibration.label}", lambda: compute_imatrix(
-                    tools, bf16, text, imatrix, qconfig.calibration.seq_len, qconfig.calibration.samples))
-                text.unlink()
+                imatrix, calibration_label = make_imatrix(tools, qconfig, source, bf16, folder, step)
             if imatrix is None:
                 check_needs_no_imatrix(tools, bf16, kind)
             step(f"llama-quantize {kind}", lambda: quantize(tools, bf16, folder / GGUF_NAME, kind, imatrix,
@@ -174,7 +165,21 @@ def check_needs_no_imatrix(tools, bf16: Path, kind: str) -> None:
                             "says so); set quantization.imatrix: true")
 
 
-def _timed(echo):
+def make_imatrix(tools, qconfig: GgufConfig, source, bf16: Path, folder: Path, step) -> tuple[Path, str]:
+    """llama-imatrix on the recipe's calibration text: (folder/imatrix.gguf, the calibration's label)."""
+    from quantlab.quantize.awq.calibration import calibration_samples
+
+    calibration = calibration_samples(qconfig.calibration, source.tokenizer())
+    text = folder / "calibration.txt"
+    text.write_text(_calibration_text(calibration, source.tokenizer()), encoding="utf-8")
+    imatrix = folder / IMATRIX_NAME
+    step(f"llama-imatrix on {calibration.label}", lambda: compute_imatrix(
+        tools, bf16, text, imatrix, qconfig.calibration.seq_len, qconfig.calibration.samples))
+    text.unlink()
+    return imatrix, calibration.label
+
+
+def timed(echo):
     def step(what: str, work) -> None:
         echo(f"{what} ...")
         start = time.perf_counter()
@@ -226,9 +231,14 @@ def compute_imatrix(tools, model: Path, text: Path, out: Path, ctx: int, chunks:
 
 
 def tensor_type_args(overrides: dict[str, str]) -> list[str]:
-    """llama-quantize's --tensor-type flags for per-class overrides."""
+    """llama-quantize's --tensor-type flags for per-class overrides. Anchored: llama-quantize searches each pattern
+    in the tensor name, so a bare `attn_q` would also take attn_qkv, and `output` attn_output."""
     return [arg for cls, kind in sorted(overrides.items()) for name in GGUF_TENSOR_NAMES[cls]
-            for arg in ("--tensor-type", f"{name}={kind.lower()}")]
+            for arg in ("--tensor-type", f"{_tensor_pattern(name)}={kind.lower()}")]
+
+
+def _tensor_pattern(name: str) -> str:
+    return rf"^{name}\.weight$" if name in ("output", "token_embd") else rf"^blk\.\d+\.{name}\.weight$"
 
 
 def quantize(tools, src: Path, dst: Path, kind: str, imatrix: Path | None, dry_run: bool = False,

@@ -79,3 +79,14 @@ def vllm_skips_layer(layer: str, skip_list: tuple[str, ...], naming: VllmNaming)
     if len(set(verdicts.values())) > 1:
         raise ValueError(f"vLLM: some but not all parts of fused layer {layer} are skipped: {verdicts}")
     return next(iter(verdicts.values()))
+
+
+def vllm_reading(hf_linears: list[str], skip_list: tuple[str, ...], naming: VllmNaming) -> dict[str, bool | None]:
+    """{vLLM layer: whether vLLM skips it}; None where the parts of a fused layer disagree (vLLM refuses those)."""
+    reading: dict[str, bool | None] = {}
+    for layer in vllm_layers(hf_linears, naming):
+        try:
+            reading[layer] = vllm_skips_layer(layer, skip_list, naming)
+        except ValueError:
+            reading[layer] = None
+    return reading

@@ -57,7 +57,7 @@ class GreedyCheck(Frozen):
 class Unquantized(Frozen):
     skip_modules: list[str]  # llm_int8_skip_modules, as written in config.json
     rule_patterns: list[str]  # from quantlab.architecture.UNQUANTIZED_ROLES
-    extra_patterns: list[str]  # from the recipe's quantization.skip_modules
+    extra_patterns: list[str]  # from the recipe's quantization.skip_classes and skip_modules
     kept_linears: list[str]  # Linear modules left unquantized
     quantized_linears: int
 

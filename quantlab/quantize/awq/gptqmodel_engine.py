@@ -39,6 +39,12 @@ class GptqmodelEngine:
     name = "gptqmodel"
 
     def check(self, qconfig: AwqConfig, config: PretrainedConfig, model_class: str) -> None:
+        if qconfig.skip_classes:
+            # gptqmodel 7.6 does skip modules given as negative `dynamic` patterns ("-:regex"), but when a whole
+            # scaling group is skipped (q/k/v) it folds the next group's scales into the norm before it
+            # (awq_get_modules_for_scaling keeps that norm as prev_op for o_proj): the float model changes.
+            raise QuantlabError("quantization.skip_classes: engine gptqmodel cannot keep tensor classes unquantized "
+                                "without changing the model; use engine: quantlab")
         spec = importlib.util.find_spec("gptqmodel")
         if spec is None:
             raise QuantlabError("quantization.engine gptqmodel: not installed here; pip install 'gptqmodel==7.6.0'")

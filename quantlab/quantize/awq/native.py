@@ -25,7 +25,7 @@ from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
-from quantlab.architecture import MTP_PREFIX, UNQUANTIZED_ROLES, role_of
+from quantlab.architecture import MTP_PREFIX, UNQUANTIZED_ROLES, role_of, tensor_class
 from quantlab.errors import QuantlabError
 from quantlab.quantize.awq.engine import AwqJob, AwqOutcome
 from quantlab.quantize.awq.mappings import AWQ_ARCHITECTURES, NO_CLIP, AwqMapping
@@ -185,12 +185,7 @@ def _write_rest(model, layers_path: str, reader, job: AwqJob, writer: ShardWrite
 def _quantize_layer(model, layer, prefix: str, mappings: tuple[AwqMapping, ...], job: AwqJob, hidden, kwargs,
                     writer: ShardWriter):
     qc = job.qconfig
-    skipped = UNQUANTIZED_ROLES["awq"]
-    class_name = type(model).__name__
-    linears = {
-        name: m for name, m in layer.named_modules()
-        if isinstance(m, torch.nn.Linear) and role_of(class_name, f"{prefix}.{name}.weight") not in skipped
-    }
+    linears = _quantized_linears(model, layer, prefix, qc)
     outputs = None
     if hidden is not None:
         inputs, calls, outputs = _capture(layer, hidden, kwargs, linears, mappings)
@@ -216,6 +211,16 @@ def _quantize_layer(model, layer, prefix: str, mappings: tuple[AwqMapping, ...],
     return [f"{prefix}.{n}" for n in linears], outputs
 
 
+def _quantized_linears(model, layer, prefix: str, qc: AwqConfig) -> dict[str, torch.nn.Linear]:
+    """The layer's Linears that are quantized: not kept by the rules (UNQUANTIZED_ROLES) nor by skip_classes."""
+    skipped, class_name = UNQUANTIZED_ROLES["awq"], type(model).__name__
+    return {
+        name: m for name, m in layer.named_modules()
+        if isinstance(m, torch.nn.Linear) and role_of(class_name, f"{prefix}.{name}.weight") not in skipped
+        and tensor_class(f"{prefix}.{name}") not in qc.skip_classes
+    }
+
+
 def _capture(layer, hidden, kwargs, linears, mappings):
     """Run the float layer on every chunk; keep each quantized Linear's input and each inspected
     module's call, and return the layer outputs (the next layer's inputs)."""
@@ -224,6 +229,7 @@ def _capture(layer, hidden, kwargs, linears, mappings):
     hooks = []
     for name, fc in linears.items():
         hooks.append(fc.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0])))
+    mappings = [m for m in mappings if any(name in linears for name in m.balance)]  # no search, nothing to keep
     smooth_inputs = {m.balance[0] for m in mappings}
     for name in smooth_inputs - set(linears):
         if _has(layer, name):  # balanced but not quantized (in_proj_a): its input still feeds the search
