@@ -79,6 +79,8 @@ class GgufMethod(Method):
         if kind in CONVERTER_TYPES:
             return f"GGUF {kind}"
         mixed = "".join(f", {k} {v.upper()}" for k, v in sorted(qconfig.overrides.items()))
+        if len(qconfig.overrides) > 2:  # the card and the records' parameters list them; a table cell cannot
+            mixed = f", {len(qconfig.overrides)} classes at other types (mixed)"
         return f"GGUF {kind}{mixed}" + ("" if qconfig.imatrix else " (no imatrix)")
 
     def check(self, qconfig: GgufConfig, source) -> None:
