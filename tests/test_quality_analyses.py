@@ -353,19 +353,28 @@ def test_rtn_sensitivity_writes_a_mixed_recipe_and_checks_it(tmp_path, capsys):
     assert rows["int4 g128"] < mixed_size <= rows["int4 g32"] and "suggested mixed − uniform int4 g32" in printed
 
 
-@pytest.mark.parametrize("mode, most_alive", [("paired", 3), ("stored", 1)])
-def test_stored_mode_builds_scores_and_releases_one_candidate_at_a_time(mode, most_alive):
-    """A 27B's candidates do not fit together: with a stored reference each is released before the next is made."""
+@pytest.mark.parametrize("mode, candidate_bytes, most_alive", [("paired", None, 3), ("paired", 10**6, 2),
+                                                                 ("stored", None, 1)])
+def test_candidates_are_built_scored_and_released_as_memory_allows(mode, candidate_bytes, most_alive, monkeypatch):
+    """A 27B's candidates do not fit together: with a stored reference each is released before the next is made;
+    in paired mode as many as fit in half the free memory (4 MB here: two of 1 MB each) share a reference pass."""
+    from quantlab import fingerprint
     from quantlab.quality.sensitivity import evaluate_built
 
-    alive, peak = set(), []
+    monkeypatch.setattr(fingerprint, "available_host_ram", lambda: 4 * 10**6 + 1)
+    alive, peak, passes = set(), [], []
 
     def build(label):
         alive.add(label)
         peak.append(len(alive))
         return label
 
-    session = SimpleNamespace(q=SimpleNamespace(spec=SimpleNamespace(mode=mode)),
-                              evaluate_many=lambda built: {label: f"scored {label}" for label in built})
-    results = evaluate_built(session, {k: (lambda k=k: build(k)) for k in "abc"}, alive.discard)
+    def evaluate_many(built):
+        passes.append(list(built))
+        return {label: f"scored {label}" for label in built}
+
+    session = SimpleNamespace(q=SimpleNamespace(spec=SimpleNamespace(mode=mode)), device=CPU,
+                              evaluate_many=evaluate_many)
+    results = evaluate_built(session, {k: (lambda k=k: build(k)) for k in "abc"}, alive.discard, candidate_bytes)
     assert results == {k: f"scored {k}" for k in "abc"} and max(peak) == most_alive and not alive
+    assert [label for group in passes for label in group] == ["a", "b", "c"]

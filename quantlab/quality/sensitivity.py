@@ -98,6 +98,9 @@ class RtnSweep:
     def release(self, model) -> None:
         pass
 
+    def candidate_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
     def mixed_overrides(self, chosen: dict[str, str]) -> dict[str, int]:
         """Every class, as sized: the chosen ones at their level, the rest at the recipe's bits."""
         return {kind: self._level_bits(chosen[kind]) if kind in chosen else self.q.bits for kind in self.counts}
@@ -123,11 +126,14 @@ class RtnSweep:
                   [(f"uniform int{self.q.bits} g32", self.uniform_bytes(32), build(overrides=every, group_size=32))])]
 
 
-def evaluate_built(session, builders: dict[str, Callable[[], Any]], release: Callable[[Any], None]) -> dict:
-    """Score built candidates against the same reference windows. Paired mode holds the reference beside the
-    candidates (small models): all of them in one pass. Stored mode reuses the stored reference: one candidate at
-    a time, each released before the next is built."""
-    groups = [list(builders)] if session.q.spec.mode == "paired" else [[label] for label in builders]
+def evaluate_built(session, builders: dict[str, Callable[[], Any]], release: Callable[[Any], None],
+                   candidate_bytes: float | None = None) -> dict:
+    """Score built candidates against the same reference windows. Stored mode reuses the stored reference: one
+    candidate at a time, each released before the next is built. Paired mode holds the reference beside the
+    candidates (small models): as many per reference pass as fit in half the device's free memory."""
+    labels = list(builders)
+    at_once = candidates_at_once(session, candidate_bytes) if session.q.spec.mode == "paired" else 1
+    groups = [labels[i:i + at_once] for i in range(0, len(labels), at_once)]
     results = {}
     for group in groups:
         built = {}
@@ -141,6 +147,19 @@ def evaluate_built(session, builders: dict[str, Callable[[], Any]], release: Cal
     return results
 
 
+def candidates_at_once(session, candidate_bytes: float | None) -> int:
+    """How many candidates of `candidate_bytes` fit in half the free memory of the session's device now."""
+    import torch
+
+    from quantlab.fingerprint import available_host_ram
+
+    if not candidate_bytes:
+        return 1 << 30
+    device = getattr(session, "device", torch.device("cpu"))
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_host_ram()
+    return max(1, int(free * 0.5 // candidate_bytes))
+
+
 def sweep_effects(session, sweep) -> tuple[list[ClassEffect], Any]:
     """One candidate per class at the recipe's quantization and one per class and higher level (and the baseline
     where the sweep has one), all on the same windows; most KL per byte saved first."""
@@ -150,7 +169,7 @@ def sweep_effects(session, sweep) -> tuple[list[ClassEffect], Any]:
                  for kind in kinds for level in levels}
     if sweep.baseline_label:
         builders = {sweep.baseline_label: sweep.build_baseline, **builders}
-    results = evaluate_built(session, builders, sweep.release)
+    results = evaluate_built(session, builders, sweep.release, sweep.candidate_bytes())
     base = results.get(sweep.baseline_label) if sweep.baseline_label else None
     floor = base.kl_mean if base else 0.0
     effects = [ClassEffect(kind, n, results[kind].kl_mean,
@@ -172,9 +191,7 @@ def choose(effects: list[ClassEffect], base_bytes: float, costs: dict[tuple[str,
     """A higher level for some classes, within the budget: greedily, the move (a class to a level, or from one
     level to another) that removes the most measured KL per byte added, until none fits. Levels cost what the
     sweep measured or counted; a class's KL at a level is the KL measured with it alone at that level."""
-    if base_bytes > budget_bytes:
-        raise QuantlabError(f"--budget-gb {budget_bytes / 1e9:.6f}: below the uniform {what} build itself "
-                            f"({base_bytes / 1e9:.6f} GB)")
+    check_budget(budget_bytes, base_bytes, what)
     chosen: dict[str, str] = {}
     size = base_bytes
     while True:
@@ -194,6 +211,12 @@ def choose(effects: list[ClassEffect], base_bytes: float, costs: dict[tuple[str,
             return chosen, size
         chosen[best[0]] = best[1]
         size += best[2]
+
+
+def check_budget(budget_bytes: float, uniform_bytes: float, what: str) -> None:
+    if budget_bytes < uniform_bytes:
+        raise QuantlabError(f"--budget-gb {budget_bytes / 1e9:.6f}: below the uniform {what} build itself "
+                            f"({uniform_bytes / 1e9:.6f} GB)")
 
 
 def suggest(effects: list[ClassEffect], bits: int, high_bits: int, group_size: int, budget_bytes: float
@@ -280,6 +303,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     if args.budget_gb is not None and not args.budget_gb > 0:
         raise QuantlabError(f"--budget-gb {args.budget_gb}: a size in GB, above 0")
     plan = make_plan(loaded)
+    if recipe.quantization.overrides:
+        print("note: the recipe's quantization.overrides are not used: every class is measured from the uniform "
+              "build, and the suggested recipe replaces them")
     if recipe.quantization.method == "rtn":
         return _rtn(args, loaded, plan, out)
     return _gguf(args, loaded, plan, out)
@@ -292,9 +318,7 @@ def _rtn(args, loaded, plan, out: Path) -> int:
     qconfig = plan.recipe.quantization
     sweep = RtnSweep(plan.source.meta, qconfig, high_bits=args.high_bits)  # meta: the budget is checked before any load
     budget = args.budget_gb * 1e9 if args.budget_gb else sweep.default_budget()
-    if budget < sweep.uniform_bytes():
-        raise QuantlabError(f"--budget-gb {budget / 1e9:.6f}: below the uniform int{qconfig.bits} build itself "
-                            f"({sweep.uniform_bytes() / 1e9:.6f} GB)")
+    check_budget(budget, sweep.uniform_bytes(), f"int{qconfig.bits}")
     session = QualitySession(plan, progress=not args.no_progress)
     sweep.model = load_model(plan.source, plan.device).model
     return _sweep(args, loaded, session, sweep, budget, out)
@@ -314,9 +338,7 @@ def _gguf(args, loaded, plan, out: Path) -> int:
         session = QualitySession(plan, progress=not args.no_progress)
         sweep.prepare()
         budget = args.budget_gb * 1e9 if args.budget_gb else sweep.default_budget()
-        if budget < sweep.uniform_bytes():
-            raise QuantlabError(f"--budget-gb {budget / 1e9:.6f}: below the uniform {sweep.kind} build itself "
-                                f"({sweep.uniform_bytes() / 1e9:.6f} GB)")
+        check_budget(budget, sweep.uniform_bytes(), sweep.kind)
         return _sweep(args, loaded, session, sweep, budget, out)
 
 
@@ -340,7 +362,8 @@ def _sweep(args, loaded, session, sweep, budget: float, out: Path) -> int:
 def evaluate_checks(session, sweep, chosen: dict[str, str]) -> list[tuple[str, float, Any]]:
     """The uniform build, the suggested mixed one and the budget's uniform build, scored on the same windows."""
     builds = sweep.check_builds(chosen)
-    results = evaluate_built(session, {label: builder for label, _, builder in builds}, sweep.release)
+    results = evaluate_built(session, {label: builder for label, _, builder in builds}, sweep.release,
+                             sweep.candidate_bytes())
     return [(label, size, results[label]) for label, size, _ in builds]
 
 

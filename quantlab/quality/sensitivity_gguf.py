@@ -176,6 +176,9 @@ class GgufSweep:
     def load(self, path: Path):
         return self.runtime.load(self.plan.source, self.plan.device, {"gguf": str(path), **self.options}).model
 
+    def candidate_bytes(self) -> int:
+        return self.bf16_header.file_bytes  # a class file is mostly BF16
+
     def release(self, model) -> None:
         model.close()
         if model.path.parent == self.work and model.path != self.bf16:
