@@ -103,6 +103,41 @@ def check_type(tools: LlamaCpp, name: str) -> str:
     return upper
 
 
+def check_tensor_type(name: str, what: str) -> str:
+    """A GGML tensor type (Q5_K, Q8_0, BF16: what llama-quantize's --tensor-type takes), in llama.cpp's spelling,
+    or a clear error; a file type (Q4_K_M, a mix of tensor types) is not one."""
+    from gguf import GGMLQuantizationType
+
+    upper = name.strip().upper()
+    if upper in GGMLQuantizationType.__members__:
+        return upper
+    main = main_tensor_type(upper)
+    hint = f"{upper} is a file type, a mix of tensor types around {main}; " if main else ""
+    raise QuantlabError(f"{what}: {name.strip()!r} is not a tensor type: {hint}give one of "
+                        f"{', '.join(TENSOR_TYPES_SHOWN)} (or another GGML type)")
+
+
+TENSOR_TYPES_SHOWN = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS", "BF16", "F16")
+
+
+def main_tensor_type(file_type: str) -> str | None:
+    """The tensor type a llama.cpp file type is built around (Q4_K_M → Q4_K, Q8_0 → Q8_0); None if unknown."""
+    from gguf import GGMLQuantizationType
+
+    upper = file_type.upper()
+    for candidate in (upper, upper.rsplit("_", 1)[0]):
+        if candidate in GGMLQuantizationType.__members__:
+            return candidate
+    return None
+
+
+def bits_per_weight(tensor_type: str) -> float:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[tensor_type]]
+    return size * 8 / block
+
+
 def tool_env(tools: LlamaCpp) -> dict[str, str]:
     """The converter runs with llama.cpp's own gguf-py (the PyPI gguf lacks Qwen3.5's MTP tensors)."""
     env = dict(os.environ)

@@ -378,3 +378,43 @@ def test_candidates_are_built_scored_and_released_as_memory_allows(mode, candida
     results = evaluate_built(session, {k: (lambda k=k: build(k)) for k in "abc"}, alive.discard, candidate_bytes)
     assert results == {k: f"scored {k}" for k in "abc"} and max(peak) == most_alive and not alive
     assert [label for group in passes for label in group] == ["a", "b", "c"]
+
+
+@needs_llama
+@pytest.mark.parametrize("extra, message", [
+    (["--high-types", "Q4_K_M"], "'Q4_K_M' is not a tensor type: Q4_K_M is a file type"),
+    (["--high-types", "Q4_K,Q8_0"], "--high-types Q4_K: not above Q4_K_M's Q4_K (4.50 bits per weight)"),
+    (["--high-types", ","], "give at least one tensor type"),
+    (["--high-bits", "8"], "--high-bits: not for a gguf recipe; --high-types is its option"),
+    (["--out", "{existing}"], "already exists, and quantlab replaces nothing it did not make"),
+])
+def test_gguf_sensitivity_refuses_bad_options_before_any_work(extra, message, tmp_path, capsys):
+    from quantlab.cli import main
+
+    existing = tmp_path / "existing.yaml"
+    existing.write_text("mine")
+    args = [a.replace("{existing}", str(existing)) for a in extra]
+    assert main(["sensitivity", str(_gguf_recipe(tmp_path)), "--no-progress", *args]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "convert_hf_to_gguf" not in captured.out
+    assert existing.read_text() == "mine" and not (tmp_path / "small-gguf-mixed.yaml").exists()
+
+
+@needs_llama
+def test_gguf_overrides_name_tensor_types_not_file_types(tmp_path, capsys):
+    from quantlab.cli import main
+
+    recipe = yaml.safe_load(_gguf_recipe(tmp_path).read_text())
+    recipe["quantization"]["overrides"] = {"mlp.down": "Q6_K_M"}
+    path = tmp_path / "o.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["validate", str(path)]) != 0
+    assert "quantization.overrides.mlp.down: 'Q6_K_M' is not a tensor type" in capsys.readouterr().err
+
+
+def test_default_levels_are_above_the_recipes_type():
+    pytest.importorskip("gguf")
+    from quantlab.quality.sensitivity_gguf import default_levels
+
+    assert default_levels("Q4_K_M") == ["Q5_K", "Q6_K", "Q8_0"] and default_levels("Q5_K_M") == ["Q6_K", "Q8_0"]
+    assert default_levels("Q8_0") == ["BF16"]

@@ -92,8 +92,8 @@ class GgufMethod(Method):
             raise QuantlabError(f"quantization: GGUF type {kind} needs an importance matrix (llama.cpp refuses to write "
                                 f"it without one); set quantization.imatrix: true")
         check_convertible(tools, source.config)
-        for kind_of in qconfig.overrides.values():
-            llamacpp.check_type(tools, kind_of)
+        for cls, kind_of in qconfig.overrides.items():
+            llamacpp.check_tensor_type(kind_of, f"quantization.overrides.{cls}")
         if qconfig.overrides and kind in CONVERTER_TYPES:
             raise QuantlabError(f"quantization.overrides: type {kind} is written by the converter, which takes no "
                                 "per-tensor types; pick a llama-quantize type")

@@ -231,16 +231,16 @@ def suggest(effects: list[ClassEffect], bits: int, high_bits: int, group_size: i
 
 
 def table(effects: list[ClassEffect], baseline=None) -> list[str]:
-    lines = [f"{'class':<22} {'parameters':>14} {'MB saved':>10} {'KL added':>10} {'95% interval of KL':>22} "
+    lines = [f"{'class':<22} {'parameters':>14} {'MB saved':>10} {'KL':>9} {'95% interval':>20} {'KL added':>10} "
              f"{'KL per GB saved':>16}"]
     for e in effects:
         ci = f"[{e.kl_ci[0]:.5f}, {e.kl_ci[1]:.5f}]" if e.kl_ci else "—"
-        lines.append(f"{e.name:<22} {e.parameters:>14,} {e.bytes_saved / 1e6:>10.3f} {e.kl_added:>10.5f} {ci:>22} "
-                     f"{e.kl_per_gb:>16.3f}")
+        lines.append(f"{e.name:<22} {e.parameters:>14,} {e.bytes_saved / 1e6:>10.3f} {e.kl:>9.5f} {ci:>20} "
+                     f"{e.kl_added:>10.5f} {e.kl_per_gb:>16.3f}")
     if baseline is not None:
         ci = f"[{baseline.kl_mean_ci[0]:.5f}, {baseline.kl_mean_ci[1]:.5f}]" if baseline.kl_mean_ci else "—"
-        lines.append(f"KL added is each class's KL minus the baseline's, {baseline.kl_mean:.5f} {ci} "
-                     f"({baseline.candidate}); the interval is of the class's own KL")
+        lines.append(f"{'baseline':<22} {'':>14} {'':>10} {baseline.kl_mean:>9.5f} {ci:>20}   "
+                     f"({baseline.candidate}); KL added = KL − the baseline's")
     return lines
 
 
@@ -269,9 +269,9 @@ def add_sensitivity_parser(sub) -> None:
                    "quality section")
     p.add_argument("--budget-gb", type=float, help="weights budget of the suggested mixed build (default: RTN, the "
                    "uniform build at group size 32; GGUF, the uniform build of the next type up, e.g. Q5_K_M for Q4_K_M)")
-    p.add_argument("--high-bits", type=int, choices=(8, 16), default=8, help="RTN: bits of the classes kept higher")
-    p.add_argument("--high-types", default="Q5_K,Q6_K,Q8_0", help="GGUF: the llama.cpp types a class may be raised "
-                   "to, comma-separated (each is measured per class)")
+    p.add_argument("--high-bits", type=int, choices=(8, 16), help="RTN: bits of the classes kept higher (8)")
+    p.add_argument("--high-types", help="GGUF: the tensor types a class may be raised to, comma-separated, each "
+                   "measured per class (default: those of Q5_K, Q6_K, Q8_0 above the recipe's type)")
     p.add_argument("--out", help="where the suggested recipe goes (default: RECIPE's folder, NAME-mixed.yaml)")
     p.add_argument("--plot", help="a PNG of KL added per GB saved (needs matplotlib)")
     p.add_argument("--no-check", action="store_true", help="do not build and score the suggested mixed build beside "
@@ -302,6 +302,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         _check_new_file(Path(args.plot), "the plot", "--plot")
     if args.budget_gb is not None and not args.budget_gb > 0:
         raise QuantlabError(f"--budget-gb {args.budget_gb}: a size in GB, above 0")
+    wrong = {"rtn": ("--high-types", args.high_types), "gguf": ("--high-bits", args.high_bits)}[recipe.quantization.method]
+    if wrong[1] is not None:
+        raise QuantlabError(f"{wrong[0]}: not for a {recipe.quantization.method} recipe; "
+                            f"{'--high-bits' if wrong[0] == '--high-types' else '--high-types'} is its option")
     plan = make_plan(loaded)
     if recipe.quantization.overrides:
         print("note: the recipe's quantization.overrides are not used: every class is measured from the uniform "
@@ -316,7 +320,7 @@ def _rtn(args, loaded, plan, out: Path) -> int:
     from quantlab.runtimes.transformers import load_model
 
     qconfig = plan.recipe.quantization
-    sweep = RtnSweep(plan.source.meta, qconfig, high_bits=args.high_bits)  # meta: the budget is checked before any load
+    sweep = RtnSweep(plan.source.meta, qconfig, high_bits=args.high_bits or 8)  # meta: the budget is checked before any load
     budget = args.budget_gb * 1e9 if args.budget_gb else sweep.default_budget()
     check_budget(budget, sweep.uniform_bytes(), f"int{qconfig.bits}")
     session = QualitySession(plan, progress=not args.no_progress)
@@ -331,7 +335,7 @@ def _gguf(args, loaded, plan, out: Path) -> int:
     from quantlab.quality.session import QualitySession
 
     with tempfile.TemporaryDirectory(prefix="quantlab-sensitivity-") as work:
-        sweep = GgufSweep(plan, args.high_types.split(","), Path(work))  # llama.cpp's tools and both types, before any work
+        sweep = GgufSweep(plan, args.high_types.split(",") if args.high_types is not None else None, Path(work))  # llama.cpp's tools and both types, before any work
         if args.budget_gb is None and sweep.next_up is None:
             raise QuantlabError(f"--budget-gb: needed for type {sweep.kind}, which has no next type up in quantlab's "
                                 "ladder to size the default budget")
@@ -350,13 +354,21 @@ def _sweep(args, loaded, session, sweep, budget: float, out: Path) -> int:
         print(f"wrote {args.plot}")
     costs = {(e.name, level): sweep.upgrade_cost(e.name, level) for e in effects for level in e.levels}
     chosen, size = choose(effects, sweep.uniform_bytes(), costs, budget, sweep.label)
+    within = f"within {_gb(budget)}{f' ({sweep.budget_words()})' if not args.budget_gb else ''}"
+    if not chosen:
+        print(f"no class is raised: no move to {', '.join(sweep.levels())} both removes KL and fits {within}; "
+              f"the uniform {sweep.label} build stands, and no recipe is written")
+        return 0
     write_mixed_recipe(loaded, out, sweep.mixed_overrides(chosen), chosen, effects, size, budget)
-    print(f"suggested: {', '.join(f'{k} {v}' for k, v in chosen.items()) or 'no class fits the budget'}; "
-          f"{size / 1e9:.6f} GB of weights (from each class's own file or count) within {budget / 1e9:.6f} GB"
-          f"{f' ({sweep.budget_words()})' if not args.budget_gb else ''}; wrote {out}")
+    print(f"suggested: {', '.join(f'{k} {v}' for k, v in chosen.items())}; {_gb(size)} of weights (from each "
+          f"class's own file or count) {within}; wrote {out}")
     if not args.no_check:
         print("\n".join(check_lines(evaluate_checks(session, sweep, chosen))))
     return 0
+
+
+def _gb(size: float) -> str:
+    return f"{size / 1e9:.4g} GB"
 
 
 def evaluate_checks(session, sweep, chosen: dict[str, str]) -> list[tuple[str, float, Any]]:
@@ -382,13 +394,16 @@ def check_lines(checked: list[tuple[str, float, Any]]) -> list[str]:
         verdict = {True: "beyond the noise", False: "within the noise", None: "not comparable"}[outside_noise(difference)]
         span = f"[{difference[0]:+.5f}, {difference[1]:+.5f}]" if difference else "—"
         lines.append(f"suggested mixed − {label}: KL {span}, {verdict}")
+        if difference and difference[0] > 0:
+            lines.append(f"the uniform build ({label}) is closer to the reference at about the same size: prefer it")
     return lines
 
 
 def _check_new_file(path: Path, what: str, option: str) -> None:
     """Before any work: a new file in an existing folder (quantlab replaces nothing it did not make)."""
     if path.exists() or path.is_symlink():
-        raise QuantlabError(f"{path}: already exists; pass {option} to write {what} elsewhere")
+        raise QuantlabError(f"{path}: already exists, and quantlab replaces nothing it did not make; give {option} "
+                            f"a new file for {what}")
     if not path.parent.is_dir():
         raise QuantlabError(f"{path}: its folder {path.parent} does not exist")
 
@@ -403,7 +418,8 @@ def write_mixed_recipe(loaded, out: Path, overrides: dict, chosen: dict[str, str
                            f"higher precision (quantlab sensitivity): {size / 1e9:.6f} GB of weights")
     data["quantization"]["overrides"] = overrides
     data["quantization"].pop("only", None)
-    header = (f"# Suggested by `quantlab sensitivity {loaded.path}`: {len(chosen)} class(es) kept at higher "
-              f"precision within {budget / 1e9:.6f} GB.\n# KL added per GB saved, most harmful first: "
-              + ", ".join(f"{e.name} {e.kl_per_gb:.3f}" for e in effects[:6]) + "\n")
+    per_gb = {e.name: e.kl_per_gb for e in effects}
+    header = (f"# Suggested by `quantlab sensitivity {loaded.path}`: {len(chosen)} class(es) raised within "
+              f"{_gb(budget)}, in the order chosen (KL added per GB saved at the recipe's quantization):\n# "
+              + ", ".join(f"{k} {v} ({per_gb[k]:.3f})" for k, v in chosen.items()) + "\n")
     out.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

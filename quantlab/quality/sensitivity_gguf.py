@@ -89,7 +89,7 @@ class GgufSweep:
 
     baseline_label = "baseline: every class BF16 (llama.cpp)"
 
-    def __init__(self, plan, high_types: list[str], work: Path, echo=print):
+    def __init__(self, plan, high_types: list[str] | None, work: Path, echo=print):
         from quantlab import llamacpp
         from quantlab.runtimes.llama_cpp import LlamaCppRuntime
 
@@ -99,9 +99,12 @@ class GgufSweep:
         if self.kind in CONVERTER_TYPES:
             raise QuantlabError(f"quantlab sensitivity: type {self.kind} is written by the converter and quantizes "
                                 "nothing; give a recipe with a llama-quantize type (e.g. Q4_K_M)")
-        self.high = [llamacpp.check_type(self.tools, t.strip()) for t in high_types if t.strip()]
+        if high_types is None:
+            high_types = default_levels(self.kind)
+        self.high = list(dict.fromkeys(llamacpp.check_tensor_type(t, "--high-types") for t in high_types if t.strip()))
         if not self.high:
-            raise QuantlabError("--high-types: give at least one llama.cpp type, e.g. Q6_K,Q8_0")
+            raise QuantlabError("--high-types: give at least one tensor type, e.g. Q6_K,Q8_0")
+        check_above(self.kind, self.high)
         self.class_bytes: dict[tuple[str, str | None], int] = {}  # (class, level) → its tensors' bytes, as written
         self.next_up = NEXT_TYPE_UP.get(self.kind)
         self.runtime = LlamaCppRuntime()
@@ -201,6 +204,32 @@ class GgufSweep:
 
     def budget_words(self) -> str:
         return f"the uniform {self.next_up} build" if self.next_up else ""
+
+
+DEFAULT_LEVELS = ("Q5_K", "Q6_K", "Q8_0")
+
+
+def default_levels(kind: str) -> list[str]:
+    """Q5_K, Q6_K and Q8_0, those above the recipe's type; BF16 above Q8_0."""
+    from quantlab.llamacpp import bits_per_weight, main_tensor_type
+
+    main = main_tensor_type(kind)
+    above = [t for t in DEFAULT_LEVELS if main is None or bits_per_weight(t) > bits_per_weight(main)]
+    return above or ["BF16"]
+
+
+def check_above(kind: str, levels: list[str]) -> None:
+    """Every level must hold more bits per weight than the tensor type the recipe's type is built around."""
+    from quantlab.llamacpp import bits_per_weight, main_tensor_type
+
+    main = main_tensor_type(kind)
+    if main is None:
+        return
+    low = [t for t in levels if bits_per_weight(t) <= bits_per_weight(main)]
+    if low:
+        raise QuantlabError(f"--high-types {','.join(low)}: not above {kind}'s {main} ({bits_per_weight(main):.2f} bits "
+                            f"per weight); raise classes to types with more bits, e.g. Q6_K,Q8_0"
+                            + ("" if kind != "Q8_0" else " (for Q8_0: BF16)"))
 
 
 def check_class_file(header, tensors, same_types: bool) -> None:
