@@ -418,3 +418,19 @@ def test_default_levels_are_above_the_recipes_type():
 
     assert default_levels("Q4_K_M") == ["Q5_K", "Q6_K", "Q8_0"] and default_levels("Q5_K_M") == ["Q6_K", "Q8_0"]
     assert default_levels("Q8_0") == ["BF16"]
+
+
+def test_class_file_guard_catches_a_class_file_llama_cpp_did_not_write_as_asked():
+    from quantlab.quality.sensitivity_gguf import check_class_file
+
+    def header(**types):
+        return SimpleNamespace(path="f.gguf", tensors=[SimpleNamespace(name=n, type_name=t) for n, t in types.items()])
+
+    down = [SimpleNamespace(name="down", type_name="Q6_K")]
+    check_class_file(header(down="Q6_K", up="BF16", norm="F32"), down)
+    check_class_file(header(down="Q8_0", up="BF16"), down, "Q8_0")
+    check_class_file(header(down="BF16", up="BF16"), down, "BF16")  # a class raised to BF16 is unquantized
+    for bad, level in ((header(down="Q4_K", up="BF16"), None), (header(down="Q6_K", up="Q4_K"), None),
+                       (header(down="BF16", up="BF16"), "Q8_0"), (header(down="Q8_0", up="BF16"), "BF16")):
+        with pytest.raises(QuantlabError, match="did not follow the per-tensor types"):
+            check_class_file(bad, down, level)

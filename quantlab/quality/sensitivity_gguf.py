@@ -171,7 +171,7 @@ class GgufSweep:
         tensors = self.classes[kind]
         name = f"class-{kind}" + (f"-{level}" if level else "")
         built = self.write(name, self.kind, class_file_args(tensors, level))
-        check_class_file(built.header, tensors, same_types=level is None)
+        check_class_file(built.header, tensors, level)
         names = {t.name for t in tensors}
         self.class_bytes[(kind, level)] = sum(t.nbytes for t in built.header.tensors if t.name in names)
         return self.load(built.path)
@@ -232,17 +232,19 @@ def check_above(kind: str, levels: list[str]) -> None:
                             + ("" if kind != "Q8_0" else " (for Q8_0: BF16)"))
 
 
-def check_class_file(header, tensors, same_types: bool) -> None:
-    """The class file has the class's tensors quantized (at the uniform build's types when `same_types`) and
-    nothing else: a guard against a llama.cpp whose --tensor-type rules changed."""
-    wanted = {t.name: t.type_name for t in tensors}
+def check_class_file(header, tensors, level: str | None = None) -> None:
+    """The class file has the class's tensors at the uniform build's types (or at `level`, where llama.cpp may fall
+    back to another quantized type) and nothing else quantized: a guard against a llama.cpp whose --tensor-type
+    rules changed."""
+    wanted = {t.name: level or t.type_name for t in tensors}
     for t in header.tensors:
         expected = wanted.get(t.name)
         if expected is None:
             wrong = t.type_name not in _UNQUANTIZED
+        elif level is None or level in _UNQUANTIZED:
+            wrong = t.type_name != expected
         else:
-            wrong = t.type_name != expected if same_types else t.type_name in _UNQUANTIZED
+            wrong = t.type_name in _UNQUANTIZED
         if wrong:
-            raise QuantlabError(f"{header.path}: {t.name} is {t.type_name}, expected {expected or 'BF16'}"
-                                f"{'' if same_types or expected is None else ' or another quantized type'}: "
+            raise QuantlabError(f"{header.path}: {t.name} is {t.type_name}, expected {expected or 'BF16'}: "
                                 "llama-quantize did not follow the per-tensor types")
