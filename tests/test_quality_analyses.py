@@ -229,6 +229,7 @@ def test_sensitivity_puts_a_destroyed_class_first(tmp_path, base):
     (["--budget-gb", "-1"], "a size in GB, above 0"),
     (["--budget-gb", "0.0001"], "below the uniform int4 build itself"),
     (["--plot", "/nonexistent/dir/x.png"], "does not exist"),
+    (["--plot", "/proc/x.png"], "cannot write in /proc"),
 ])
 def test_sensitivity_refuses_bad_options_before_any_work(tmp_path, capsys, extra, message):
     from quantlab.cli import main

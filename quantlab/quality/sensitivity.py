@@ -406,6 +406,14 @@ def _check_new_file(path: Path, what: str, option: str) -> None:
                             f"a new file for {what}")
     if not path.parent.is_dir():
         raise QuantlabError(f"{path}: its folder {path.parent} does not exist")
+    import tempfile
+
+    try:  # a folder that takes no new file fails here, not after the sweep
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".quantlab-probe-"):
+            pass
+    except OSError as exc:
+        raise QuantlabError(f"{path}: cannot write in {path.parent} ({exc.strerror}); give {option} a file in a "
+                            "folder you can write") from None
 
 
 def write_mixed_recipe(loaded, out: Path, overrides: dict, chosen: dict[str, str], effects, size: float,
