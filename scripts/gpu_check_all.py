@@ -203,7 +203,7 @@ g = -torch.rand(B, T, H, device=dev, dtype=torch.float32)
 beta = torch.rand(B, T, H, device=dev, dtype=torch.bfloat16).sigmoid()
 for name, length in (("torch_chunk_gated_delta_rule", T), ("torch_recurrent_gated_delta_rule", 1)):
     impl, ref = parts(getattr(m, name))
-    print(f"{name}: {_implementation_name(getattr(m, name))}")
+    print(f"{name}: {_implementation_name(getattr(m, name), dev)}")
     kw = dict(query=q[:, :length], key=k[:, :length], value=v[:, :length], g=g[:, :length], beta=beta[:, :length],
               initial_state=None, output_final_state=True, use_qk_l2norm_in_kernel=True)
     out, state = call(impl, **kw)

@@ -18,7 +18,7 @@ from transformers import AutoConfig
 from quantlab.architecture import quantizable_linears
 from quantlab.bundled import bundled_model_dir
 from quantlab.errors import QuantlabError
-from quantlab.kernels import TORCH_FALLBACK, _implementation_name, kernels_of
+from quantlab.kernels import kernels_of
 from quantlab.measure import PointSettings, measure_point
 from quantlab.methods import bnb
 from quantlab.methods.awq import AwqConfig, AwqMethod
@@ -84,27 +84,6 @@ def test_the_old_skip_list_quantizes_vllms_vision_tower_and_mtp_draft():
 
 
 # ---- kernels and dtype ------------------------------------------------------------------------------------
-
-def test_implementation_name_reads_transformers_kernel_resolution(monkeypatch):
-    from transformers.integrations.hub_kernels import use_kernel_func_from_hub_with_fallback
-
-    fake = types.ModuleType("fakefla")
-
-    def chunk_gated_delta_rule(query, key):
-        return query
-
-    chunk_gated_delta_rule.__module__, chunk_gated_delta_rule.__qualname__ = "fakefla.ops", "chunk_gated_delta_rule"
-    fake.chunk_gated_delta_rule = chunk_gated_delta_rule
-    monkeypatch.setitem(sys.modules, "fakefla", fake)
-
-    def torch_chunk(query, key):
-        return key
-
-    found = use_kernel_func_from_hub_with_fallback("chunk_gated_delta_rule", "fakefla")(torch_chunk)
-    missing = use_kernel_func_from_hub_with_fallback("chunk_gated_delta_rule", "no_such_package_here")(torch_chunk)
-    assert _implementation_name(found) == "fakefla.ops.chunk_gated_delta_rule"
-    assert _implementation_name(missing) == TORCH_FALLBACK
-
 
 def test_kernels_of_the_bundled_model_on_this_cpu():
     spec = ModelSpec(source="bundled", device="cpu")
