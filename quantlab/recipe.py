@@ -35,6 +35,22 @@ class _Strict(BaseModel):
     model_config = STRICT
 
 
+class SalientTransform(_Strict):
+    """quantlab/salient.py: a few hidden channels' RMSNorm gains × factor and the matching Linear input columns
+    ÷ factor; the logits are unchanged, but those channels carry large activations on small weights."""
+
+    channels: int = Field(4, ge=1, le=65536, description="hidden channels made salient (the same in every norm)")
+    factor: float = Field(32.0, gt=1, le=2.0**20, description="how much larger those activations become")
+    seed: Seed = Field(0, description="which channels: a seeded choice")
+
+
+class TransformSpec(_Strict):
+    """A function-preserving transform of the bundled model's weights, made on first use and cached
+    (quantlab/made_sources.py)."""
+
+    salient: SalientTransform
+
+
 class ModelSpec(_Strict):
     """Where the weights come from, and how they are laid out in memory."""
 
@@ -44,6 +60,9 @@ class ModelSpec(_Strict):
     path: PathText | None = Field(None, description="folder of safetensors shards (source: local)")
     config: PathText | None = Field(
         None, description="synthetic: 'qwen3.6-27b', 'bundled', or a path to a config.json or its folder"
+    )
+    transform: TransformSpec | None = Field(
+        None, description="bundled: weights transformed from the bundled model's, made on first use and cached"
     )
     variant: Literal["text", "full"] = "text"
     dtype: Dtype = "bfloat16"
@@ -72,6 +91,9 @@ class ModelSpec(_Strict):
                 raise ValueError(f"model.{name} is not used with source '{self.source}'; remove it")
         if self.revision is not None and self.source != "hub":
             raise ValueError(f"model.revision is only used with source 'hub', not '{self.source}'")
+        if self.transform is not None and self.source != "bundled":
+            raise ValueError(f"model.transform is only used with source 'bundled' (it is made from the bundled "
+                             f"model's weights), not '{self.source}'")
         self._check_split()
         return self
 

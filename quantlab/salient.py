@@ -8,7 +8,9 @@ by `factor`, the Linear reads it `factor` times more weakly: the logits are unch
 channels now carry large activations and small weights, so a quantizer that ignores activations rounds the small
 weights away. Any method can be stress-tested on the result; the bundled model has almost no such channels.
 
-Done in float32 (the stored (1 + w) · factor − 1 would lose bits in bfloat16), and saved as a float32 checkpoint.
+Done in float32 (the stored (1 + w) · factor − 1 would lose bits in bfloat16), and saved as a float32 checkpoint:
+by write_salient_model into a folder of your choice (scripts/make_salient_model.py), or, for a recipe's
+`model: {source: bundled, transform: {salient: ...}}`, by `bundled_salient` into quantlab's cache on first use.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from quantlab.errors import QuantlabError
+from quantlab.made_sources import MadeModel
 
 # norm (relative to a decoder layer) → the Linears it feeds, as weight-name suffixes
 FEEDS = {
@@ -29,6 +33,10 @@ FEEDS = {
                         "linear_attn.in_proj_b", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
 }
+# The transform's version: raise it whenever make_salient or write_salient_files would write other bytes for the same
+# inputs, so that models quantlab made and cached (quantlab/made_sources.py) with the old code are made again.
+SALIENT_VERSION = 1
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 _NORM = re.compile(r"^(?P<layer>.*\.layers\.\d+)\.(?P<norm>input_layernorm|post_attention_layernorm)\.weight$")
 
 
@@ -70,28 +78,65 @@ def make_salient(state: dict[str, torch.Tensor], hidden: int, channels: int, fac
 
 def write_salient_model(source: Path, out: Path, channels: int, factor: float, seed: int = 0) -> Salient:
     """source (an HF checkpoint folder of one safetensors file) → out: the transformed float32 checkpoint, with the
-    source's config (dtype float32) and tokenizer files, and salient.json saying what was done."""
+    source's config (dtype float32) and tokenizer files, and salient.json saying what was done. Written in a hidden
+    folder beside `out`, renamed to `out` when complete."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise QuantlabError(f"{out}: already exists; remove it or pick another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        done = write_salient_files(source, partial, channels, factor, seed)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # made here, by this call
+        raise
+    return done
+
+
+def write_salient_files(source: Path, folder: Path, channels: int, factor: float, seed: int = 0) -> Salient:
+    """The transformed checkpoint's files, written into the existing, empty `folder` (see write_salient_model)."""
     from safetensors.torch import load_file, save_file
 
+    source, folder = Path(source), Path(folder)
     files = sorted(source.glob("*.safetensors"))
     if len(files) != 1:
         raise QuantlabError(f"{source}: expected one .safetensors file, found {len(files)}")
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     hidden = (config.get("text_config") or config)["hidden_size"]
     state, done = make_salient(load_file(files[0]), hidden, channels, factor, seed)
-    if out.exists():
-        raise QuantlabError(f"{out}: already exists; remove it or pick another folder")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     config["dtype"] = "float32"
-    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for name in SIDE_FILES:
         if (source / name).is_file():
-            shutil.copyfile(source / name, partial / name)
-    (partial / "salient.json").write_text(json.dumps({"source": str(source), "channels": list(done.channels),
-                                                       "factor": factor, "seed": seed, "norms": done.norms,
-                                                       "linears": done.linears}, indent=2) + "\n", encoding="utf-8")
-    partial.rename(out)
+            shutil.copyfile(source / name, folder / name)
+    (folder / "salient.json").write_text(json.dumps({"source": str(source), "channels": list(done.channels),
+                                                      "factor": factor, "seed": seed, "norms": done.norms,
+                                                      "linears": done.linears, "version": SALIENT_VERSION},
+                                                     indent=2) + "\n", encoding="utf-8")
     return done
+
+
+def bundled_salient(channels: int = 4, factor: float = 32.0, seed: int = 0) -> MadeModel:
+    """The bundled model with salient channels, as a model quantlab makes on first use and caches
+    (quantlab/made_sources.py): the same files write_salient_model writes, in a folder keyed by their inputs."""
+    from quantlab.bundled import bundled_model_dir
+
+    try:
+        source = bundled_model_dir()
+    except FileNotFoundError as exc:
+        raise QuantlabError(str(exc)) from None
+    factor = float(factor)
+    return MadeModel(
+        kind="bundled-salient", label=f"bundled-salient-c{channels}-x{number(factor)}-s{seed}", inputs=source,
+        params={"channels": channels, "factor": factor, "seed": seed}, version=SALIENT_VERSION,
+        make=lambda folder: write_salient_files(source, folder, channels, factor, seed),
+        what=f"the bundled model with {channels} salient channel(s) × {number(factor)} (seed {seed})",
+    )
+
+
+def number(value: float) -> str:
+    """32.0 → '32', 1.0000001 → '1.0000001': short, and never two factors written alike."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)

@@ -1,7 +1,7 @@
-"""Where a model's weights come from: the bundled model, a local folder, the Hub, or random weights of a config's
-shapes. `resolve(spec)` returns a ModelSource: its config, name and location, where its files are, its
-tokenizer, a fingerprint for caches, and its instance on the meta device. This is the only module that tells
-the four apart; everything after it asks the source.
+"""Where a model's weights come from: the bundled model (as shipped, or transformed: made on first use and cached),
+a local folder, the Hub, or random weights of a config's shapes. `resolve(spec)` returns a ModelSource: its
+config, name and location, where its files are, its tokenizer, a fingerprint for caches, and its instance on the
+meta device. This is the only module that tells them apart; everything after it asks the source.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from quantlab import bundled
 from quantlab.checkpoint import check_config_sizes, check_folder, compare_with_model, read_config, shard_files
 from quantlab.errors import QuantlabError, summary
 from quantlab.known_models import KNOWN_MODELS, known_by_hub_id, known_config_dir
+from quantlab.made_sources import MadeModel
 from quantlab.placement import recover_interrupted_replace
 from quantlab.schema.build import built_from
 
@@ -115,7 +116,7 @@ class ModelSource:
 
     def tokenizer(self, required: bool = False, what: str = "this run"):
         """The source's tokenizer; None where it has none, unless `required` (then a clear error)."""
-        location = self.spec.id if self.spec.source == "hub" else (None if self.synthetic else self.location)
+        location = self._tokenizer_location()
         tokenizer, why = None, "random weights have no tokenizer"
         if location is not None:
             try:
@@ -128,6 +129,9 @@ class ModelSource:
                                     f"loaded: {why}")
             return None
         return tokenizer
+
+    def _tokenizer_location(self) -> str | None:
+        return self.spec.id if self.spec.source == "hub" else (None if self.synthetic else self.location)
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the weights for a cache: the Hub commit, or file names, sizes and times."""
@@ -168,7 +172,51 @@ class ModelSource:
         return ()
 
 
+@dataclass(frozen=True)
+class MadeSource(ModelSource):
+    """The bundled model's real weights, transformed (model.transform): a folder quantlab makes when the weights are
+    first needed and caches (quantlab/made_sources.py). Planning needs none of it: the transform keeps the
+    bundled model's config (dtype float32), shapes and tokenizer."""
+
+    made: MadeModel | None = None
+
+    @property
+    def config_file(self) -> str:
+        return str(self.made.inputs / "config.json")
+
+    def files(self, download: bool = False) -> Path | None:
+        """The made folder; None while it is not made, unless `download` (then it is made first)."""
+        if not download:
+            return self.made.made()
+        folder = self.made.ensure()
+        check_folder(folder, progress=False)
+        compare_with_model(folder, self.meta)
+        return folder
+
+    def load_location(self) -> str:
+        return str(self.files(download=True))
+
+    def _tokenizer_location(self) -> str:
+        return str(self.made.inputs)  # copied unchanged into the made folder (the key covers its bytes)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"made": self.made.kind, "key": self.made.key}
+
+    def license(self) -> str | None:
+        return "apache-2.0"  # the bundled model's
+
+    def check_files(self) -> tuple[str, ...]:
+        folder = self.files()
+        if folder is None:
+            return ()  # made (and checked) on first use; the source's note says so
+        check_folder(folder, progress=False)
+        compare_with_model(folder, self.meta)
+        return ()
+
+
 def resolve(spec: ModelSpec) -> ModelSource:
+    if spec.source == "bundled" and spec.transform is not None:
+        return _transformed_bundled(spec)
     if spec.source == "bundled":
         folder = _bundled_dir()
         return ModelSource(spec, _config_from_folder(folder), "quantlab-bundled", str(folder))
@@ -238,6 +286,26 @@ def _bundled_dir() -> Path:
         return bundled.bundled_model_dir()
     except FileNotFoundError as exc:
         raise QuantlabError(str(exc)) from None
+
+
+def _transformed_bundled(spec: ModelSpec) -> MadeSource:
+    """The bundled model with model.transform applied: its config, name and cache folder, nothing made yet."""
+    import torch
+
+    from quantlab.salient import SALIENT_VERSION, bundled_salient, number
+
+    salient = spec.transform.salient
+    config = _config_from_folder(_bundled_dir())
+    hidden = (getattr(config, "text_config", None) or config).hidden_size
+    if salient.channels > hidden:
+        raise QuantlabError(f"model.transform.salient.channels: {salient.channels} exceeds the bundled model's hidden "
+                            f"size ({hidden}); pick between 1 and {hidden}")
+    config.dtype = torch.float32  # as the made config.json says: the transform is done and saved in float32
+    made = bundled_salient(salient.channels, salient.factor, salient.seed)
+    note = (f"model: the bundled model's real weights with {salient.channels} salient channel(s) × "
+            f"{number(salient.factor)} (seed {salient.seed}; quantlab/salient.py v{SALIENT_VERSION}, "
+            f"function-preserving), made on first use into {made.folder}")
+    return MadeSource(spec, config, f"quantlab-{made.label}", str(made.folder), (note,), made=made)
 
 
 def _config_from_folder(folder: Path) -> PretrainedConfig:

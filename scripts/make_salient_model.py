@@ -4,8 +4,9 @@ is for and to stress-test any quantization method.
     .venv/bin/python scripts/make_salient_model.py [--source quantlab/bundled/model] [--out build/bundled-salient]
                                                    [--channels 4] [--factor 32] [--seed 0]
 
-Then: recipes/bundled-salient-awq.yaml and recipes/bundled-salient-rtn4.yaml measure AWQ and RTN on it, each
-against the transformed model itself (float32) as the reference.
+Recipes need not run this: `model: {source: bundled, transform: {salient: {channels: 4, factor: 32, seed: 0}}}` (as in
+recipes/bundled-salient-awq.yaml and recipes/bundled-salient-rtn4.yaml) makes the same files on first use and caches
+them (quantlab/made_sources.py). This writes them to a folder of your choice, e.g. to read with `source: local`.
 """
 
 from __future__ import annotations

@@ -14,26 +14,15 @@ REPO = Path(__file__).resolve().parent.parent
 GOOD = {"name": "ok", "model": {"source": "bundled"}}
 
 
-@pytest.fixture(scope="module")
-def salient_model(tmp_path_factory) -> Path:
-    """What scripts/make_salient_model.py writes to build/bundled-salient, made in a temporary folder."""
-    from quantlab.salient import write_salient_model
-
-    out = tmp_path_factory.mktemp("salient") / "bundled-salient"
-    write_salient_model(REPO / "quantlab" / "bundled" / "model", out, channels=4, factor=32.0)
-    return out
-
-
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_recipes_validate_and_plan(path, request, tmp_path):
-    text = path.read_text(encoding="utf-8")
-    if "path: build/bundled-salient" in text:  # the salient recipes read scripts/make_salient_model.py's output
-        path = tmp_path / path.name
-        path.write_text(text.replace("build/bundled-salient", str(request.getfixturevalue("salient_model"))))
+def test_shipped_recipes_validate_and_plan(path, monkeypatch, tmp_path):
+    """As in a fresh clone: no model quantlab makes on first use (model.transform) is made to plan one."""
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
     loaded = load_recipe(path)
     plan = make_plan(loaded, for_this_machine=False)
     assert plan.parameters > 0
     assert plan.points
+    assert not (tmp_path / "cache").exists()
 
 
 def test_defaults_fill_the_measurement_plan(write_recipe):
