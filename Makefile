@@ -1,46 +1,57 @@
 # quantlab: `make run` measures the bundled model, `make test` runs the tests.
-# Both set up .venv first (once, and again when pyproject.toml changes).
+# Both set up .venv first (once, and again when the lock changes), from the lock in requirements/ (hashes checked).
 
 PYTHON ?= python3
-# The CPU wheel on machines without a GPU (pip finds it locally here); the CUDA wheel on a GPU box.
+# The CPU wheel on machines without a GPU (pip finds it locally here); the CUDA wheel on a GPU box. Not in the lock:
+# one version, different files on each kind of machine.
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/bundled-bf16.yaml
 
-.PHONY: llama-cpp quantize-gguf gguf-full-size bench-gguf-cpu-decode gpu-gguf-pack gpu-check-gguf setup run test test-fast validate report bench-overhead bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
+.PHONY: llama-cpp llama-cpp-native llama-cpp-check lock quantize-gguf gguf-full-size bench-gguf-cpu-decode \
+	bench-llama-cpp-builds gpu-gguf-pack gpu-check-gguf setup run test test-fast validate report bench-overhead \
+	bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
 	quantize-awq gpu-check-awq bench-awq-memory gpu-check-all gpu-bundle gpu-rehearse
 
 # llama.cpp, pinned, from the llama-cpp-python sdist (scripts/build_llama_cpp.sh): its converter, quantizer,
-# imatrix tool and libllama, built once into .llama.cpp/ (about 4-6 minutes on 2 cores); with CUDA where nvidia-smi
-# sees a GPU (GGML_CUDA=on|off overrides).
+# imatrix tool and libllama, built once into .llama.cpp/ and checked on this CPU (about 12 minutes on 2 cores); with
+# CUDA where nvidia-smi sees a GPU (GGML_CUDA=on|off overrides). LLAMA_CPU=portable (default: one CPU backend per
+# x86-64 level, the best chosen at run time, AMX left out) or native (-march=native: for benchmarks only).
 GGML_CUDA ?= $(if $(shell nvidia-smi -L 2>/dev/null),on,off)
-LLAMA_STAMP := .llama.cpp/.built-0.3.36-cuda-$(GGML_CUDA)
+LLAMA_CPU ?= portable
+LLAMA_STAMP := .llama.cpp/.built-$(LLAMA_CPU)-cuda-$(GGML_CUDA)
 
 setup: $(STAMP) $(LLAMA_STAMP)
 
-llama-cpp: $(LLAMA_STAMP)  ## build llama.cpp's tools and libllama into .llama.cpp/ (once)
+llama-cpp: $(LLAMA_STAMP)  ## build llama.cpp's tools and libllama into .llama.cpp/ (once), and check them on this CPU
 
 $(LLAMA_STAMP): $(STAMP) scripts/build_llama_cpp.sh
-	GGML_CUDA=$(GGML_CUDA) bash scripts/build_llama_cpp.sh $(BIN)/python
+	GGML_CUDA=$(GGML_CUDA) LLAMA_CPU=$(LLAMA_CPU) bash scripts/build_llama_cpp.sh $(BIN)/python
 
-$(STAMP): pyproject.toml
-	@echo "setting up $(VENV) (torch, transformers, ...): a few minutes the first time"
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e '.[dev,quant,plot,gguf]'
-	@touch $(STAMP)
+llama-cpp-check: $(STAMP)  ## run the llama.cpp build's self-check on this CPU again (e.g. after moving to another machine)
+	$(BIN)/python -m quantlab.llamacpp_check
+
+llama-cpp-native: $(STAMP)  ## a -march=native build into .llama.cpp-native/, for make bench-llama-cpp-builds only
+	LLAMA_CPP_DIR=$(CURDIR)/.llama.cpp-native LLAMA_CPU=native GGML_CUDA=off bash scripts/build_llama_cpp.sh $(BIN)/python
+
+# The venv: exactly the lock for this Python (requirements/lock-cpXY-linux-x86_64.txt), torch first.
+LOCK := $(wildcard $(shell $(PYTHON) scripts/pystack.py path 2>/dev/null))
+$(STAMP): pyproject.toml $(LOCK) scripts/pystack.py
+	$(PYTHON) scripts/pystack.py setup --venv $(VENV) --torch "$(TORCH)"
+
+lock:  ## resolve the newest versions pyproject.toml allows, run the whole suite with them, write the lock if it passed
+	$(PYTHON) scripts/pystack.py lock --torch "$(TORCH)"
 
 run: setup  ## the main job: measure the bundled model (CPU when there is no GPU), then the report
 	$(BIN)/quantlab run $(RECIPE)
 
 test: setup  ## every test, the slow ones included (what CI runs)
-	$(BIN)/python -m pytest -q
+	QUANTLAB_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q
 
 test-fast: setup  ## the inner loop: every test not marked slow (about 75 s on 2 cores)
-	$(BIN)/python -m pytest -q -m "not slow"
+	QUANTLAB_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q -m "not slow"
 
 validate: setup
 	$(BIN)/quantlab validate recipes/*.yaml
@@ -109,7 +120,10 @@ quantize-gguf: setup  ## GGUF build with llama.cpp's own tools: convert, imatrix
 gguf-full-size: setup  ## Qwen3.6-27B GGUF sizes and llama.cpp's memory plan at full size, synthetic weights (~3 min)
 	$(BIN)/python scripts/gguf_full_size.py
 
-bench-gguf-cpu-decode: setup  ## decode tok/s of the full-size Q4_K_M (a real 16.5 GB file) on this CPU vs its roofline
+bench-llama-cpp-builds: setup llama-cpp-native  ## decode tok/s of the portable llama.cpp build vs a native one, same GGUFs, one run
+	$(BIN)/python scripts/bench_llama_cpp_builds.py
+
+bench-gguf-cpu-decode: setup  ## decode tok/s of the full-size Q4_K_M (a real 16.5 GB file) on this CPU; roofline share only if it stayed in memory
 	$(BIN)/python scripts/bench_gguf_cpu_decode.py
 
 # The GGUF GPU check (scripts/gpu_check_gguf.py): pack here what the offline box lacks (the full-size Q4_K_M's header,
@@ -124,4 +138,4 @@ bundled-model: setup  ## rebuild the bundled model (deterministic, ~8 min on 2 c
 	$(BIN)/python -m quantlab.bundled.train
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .lock-venv .pytest_cache

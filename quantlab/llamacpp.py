@@ -6,6 +6,8 @@ converter, quantizer, importance-matrix tool and memory planner run as llama.cpp
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -17,7 +19,13 @@ from typing import Callable
 from quantlab.errors import QuantlabError
 
 SDIST_VERSION = "0.3.36"  # llama-cpp-python, whose sdist carries the llama.cpp tree quantlab builds
-BUILD_HINT = "build it once with `make llama-cpp` (about 6 minutes on 2 cores; `make setup` does it too)"
+BUILD_SCHEME = 2  # scripts/build_llama_cpp.sh's SCHEME: builds of an older scheme are refused
+BUILD_HINT = "build it once with `make llama-cpp` (about 12 minutes on 2 cores; `make setup` does it too)"
+CHECK_HINT = "check it here with `make llama-cpp-check` (about a minute)"
+SELF_CHECK_ENV = "QUANTLAB_LLAMA_CPP_SELF_CHECK"  # set by quantlab.llamacpp_check for the processes it checks with
+# The CPU features that decide which of ggml's CPU backends runs (ggml-cpu's variant scores), as /proc/cpuinfo names them
+ISA_FLAGS = ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx_vnni", "avx512f", "avx512vbmi", "avx512_vnni",
+             "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 # Types llama.cpp refuses to write without an importance matrix (src/llama-quant.cpp, tensor_requires_imatrix:
 # IQ1_S/IQ1_M/IQ2_XXS/IQ2_XS/IQ2_S/IQ3_XXS tensors, which IQ3_XS files have too, and Q2_K in a Q2_K_S file).
 # The build also asks
@@ -54,15 +62,101 @@ def default_root() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / ".llama.cpp"
 
 
-def locate(root: Path | None = None) -> LlamaCpp:
-    """The built llama.cpp, or a QuantlabError that says how to build it."""
+def locate(root: Path | None = None, checked: bool = True) -> LlamaCpp:
+    """The built llama.cpp, or a QuantlabError that says how to build it. With `checked`, only a build that passed
+    its self-check (quantlab.llamacpp_check) on this CPU: a build made or checked on another machine may hold
+    instructions this one refuses."""
     root = root or default_root()
     found = LlamaCpp(root, root / "src" / "vendor" / "llama.cpp", root / "build" / "bin")
     missing = [p for p in (found.converter, found.gguf_py, found.bin / "libllama.so", *(found.tool(t) for t in TOOLS))
                if not p.exists()]
     if missing:
         raise QuantlabError(f"llama.cpp is not built ({missing[0]} is missing): {BUILD_HINT}")
+    info = build_info(root)
+    if info is None or info.get("scheme") != BUILD_SCHEME or info.get("sdist") != SDIST_VERSION:
+        raise QuantlabError(f"{root} holds an older llama.cpp build (from before quantlab built CPU code that runs on "
+                            f"any x86-64 CPU and checked it; it can crash on another CPU): rebuild it with "
+                            f"`make llama-cpp`")
+    if checked and not os.environ.get(SELF_CHECK_ENV) and check_record(found) is None:
+        raise QuantlabError(f"llama.cpp in {root} has not passed its self-check on this CPU "
+                            f"({cpu_identity()['model']}): {CHECK_HINT}")
     return found
+
+
+def build_info(root: Path) -> dict | None:
+    """What scripts/build_llama_cpp.sh wrote into <root>/build.json; None without it (an older build)."""
+    try:
+        info = json.loads((root / "build.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def cpu_identity() -> dict:
+    """This CPU's model name and the ISA features that pick ggml's CPU backend; `key` names its self-check."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif name.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = [f for f in ISA_FLAGS if f in flags]
+    key = hashlib.sha256(json.dumps([model, isa]).encode()).hexdigest()[:16]
+    return {"model": model, "isa": isa, "key": key}
+
+
+def check_record(tools: LlamaCpp) -> dict | None:
+    """The self-check this build passed on this CPU, or None."""
+    try:
+        return json.loads((tools.root / "checked" / f"{cpu_identity()['key']}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def loaded_cpu_backend(maps: str | None = None) -> str:
+    """The CPU backend mapped into this process (/proc/self/maps): a portable build's variant (haswell, zen4, ...),
+    or "linked in" for a build with one CPU backend (native, or the GPU box's CUDA build)."""
+    if maps is None:
+        maps = Path("/proc/self/maps").read_text()
+    found = sorted({v or "linked in" for v in re.findall(r"libggml-cpu(?:-([\w.]+))?\.so", maps)})
+    return ", ".join(found) or "none loaded"
+
+
+_CPU_CODE = r"""
+import ctypes, sys
+from pathlib import Path
+from quantlab.llamacpp import loaded_cpu_backend
+bin_dir = Path(sys.argv[1])
+ggml = ctypes.CDLL(str(bin_dir / "libggml.so"))
+ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+ggml.ggml_backend_load_all_from_path(str(bin_dir).encode())
+llama = ctypes.CDLL(str(bin_dir / "libllama.so"))
+llama.llama_print_system_info.restype = ctypes.c_char_p
+print(f"ggml-cpu {loaded_cpu_backend()} ({' '.join(llama.llama_print_system_info().decode().split())})")
+"""
+
+
+def cpu_code(bin_dir: Path) -> str:
+    """'ggml-cpu haswell (CPU : SSE3 = 1 | ... )': the CPU backend a build's binaries load here and llama.cpp's
+    system-info line, read in a separate process (loading runs no kernel, but a process of its own keeps it apart)."""
+    here = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _CPU_CODE, str(bin_dir)], capture_output=True, text=True,
+                          errors="replace", timeout=120, env=env)
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if done.returncode == 0 and lines else f"unknown (reading it failed: {done.stderr.strip()[-200:]})"
+
+
+def write_check(tools: LlamaCpp, passed: dict) -> None:
+    path = tools.root / "checked" / f"{passed['cpu']['key']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps(passed, indent=2) + "\n", encoding="utf-8")
+    partial.replace(path)
 
 
 def available(root: Path | None = None) -> bool:

@@ -39,7 +39,8 @@ def write_report(output_dir: str | Path) -> Path:
     check_measurements_folder(output_dir)  # never over a README.md that quantlab did not write
     records, problems = load_records(output_dir)
     target = Path(output_dir) / REPORT_NAME
-    extra = _estimate_section(output_dir) + _gguf_full_size_section(output_dir) + _quality_section(output_dir, records)
+    extra = (_estimate_section(output_dir) + _gguf_full_size_section(output_dir)
+             + gguf_cpu_decode_section(output_dir) + _quality_section(output_dir, records))
     replace_file(target, render_report(records, problems, extra))
     return target
 
@@ -85,6 +86,45 @@ def _gguf_full_size_section(output_dir: str | Path) -> list[str]:
                      and a["kv_type"] == "f16" and a["slots"] == 1), None)
         lines.append(f"| {kind} | {sizes[True] / 1e9:.2f} / {sizes[False] / 1e9:.2f} GB | {published:.2f} GB | "
                      + (f"{plan['total'] / 2**30:.2f} GiB" if plan else "—") + " |")
+    return lines + [""]
+
+
+def gguf_cpu_decode_section(output_dir: str | Path) -> list[str]:
+    """scripts/bench_gguf_cpu_decode.py's result (gguf-cpu-decode.json): decode tok/s and the read bandwidth as
+    measured, and a share of the roofline only where quantlab.residency's checks pass on the stored numbers (judged
+    here again, not taken from the file); otherwise why there is none."""
+    import json
+
+    from quantlab.residency import cv, drift, roofline_share
+
+    path = Path(output_dir) / "gguf-cpu-decode.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text(encoding="utf-8"))
+    share, problems = roofline_share(r)
+    samples = r.get("samples_tokens_per_s") or []
+    before, after = r.get("bandwidth_before_gb_s") or [], r.get("bandwidth_after_gb_s") or []
+    lines = ["## Qwen3.6-27B GGUF Q4_K_M decode on a CPU, against its bandwidth roofline", "",
+             f"*{r['label']}; {r['cpu']}, {r['threads']} threads; {r['llama_cpp']}"
+             + (f", CPU code {r['cpu_code']}" if r.get("cpu_code") else "") + f"; {r['created_at']}.* "
+             "From `make bench-gguf-cpu-decode` (scripts/bench_gguf_cpu_decode.py).", "",
+             f"- Decode: {r['decode_tokens_per_s']:.3f} ± {r['decode_stddev']:.3f} tok/s "
+             f"({len(samples)} samples); {r['bytes_read_per_token'] / 1e9:.2f} GB read per token.",
+             f"- Read bandwidth: {r['read_bandwidth_gb_s']:.1f} GB/s"
+             + (f" ({min(before + after):.1f}-{max(before + after):.1f} in {len(before + after)} passes), "
+                if before + after else ", ")
+             + r.get("bandwidth_method", "torch's sum over a separate 4 GiB buffer") + "."]
+    if share is None:
+        lines.append("- No roofline share: " + "; ".join(problems) + ".")
+    else:
+        c = r["checks"]
+        lines.append(f"- {share:.0%} of the roofline ({r['decode_tokens_per_s'] / share:.3f} tok/s): the model stayed in "
+                     f"memory (of the pages the decode reads from the file, {c['mapped_resident_start']:.1%} were "
+                     f"cached when the timing began and {c['mapped_resident_end']:.1%} when it ended; "
+                     f"{c['decode_major_faults']} major page faults while timed), and the machine held still: the "
+                     f"bandwidth passes vary by {cv(before + after):.1%} and the decode samples by {cv(samples):.1%} "
+                     f"(standard deviation ÷ mean), and the bandwidth before and after the decode is "
+                     f"{drift(before, after):.1%} apart.")
     return lines + [""]
 
 
@@ -212,7 +252,8 @@ def _kernel_lines(records) -> list[str]:
         k = r.kernels
         seen[r.method.label] = ("not recorded (a record from before quantlab recorded kernels)" if k is None else
                                 f"DeltaNet {k.deltanet_summary}; Linear {', '.join(k.linear) or 'torch.nn.Linear'}; "
-                                f"attention {k.attention}; ran in {k.compute_dtype}")
+                                f"attention {k.attention}; ran in {k.compute_dtype}"
+                                + (f"; CPU code {k.cpu_backend}" if k.cpu_backend else ""))
     return [f"- {label}: {text}" for label, text in sorted(seen.items())]
 
 

@@ -264,7 +264,8 @@ def _roofline(hardware, loaded: _Loaded, batch: int, result: PointResult):
 
 def describe_kernels(k: Kernels) -> str:
     linear = ", ".join(k.linear) or "torch.nn.Linear"
-    return f"runs in {k.compute_dtype}; DeltaNet: {k.deltanet_summary}; Linear: {linear}; attention: {k.attention}"
+    cpu = f"; CPU code: {k.cpu_backend.split(' (')[0]}" if k.cpu_backend else ""
+    return f"runs in {k.compute_dtype}; DeltaNet: {k.deltanet_summary}; Linear: {linear}; attention: {k.attention}{cpu}"
 
 
 def _notes(hardware) -> tuple[str, ...]:

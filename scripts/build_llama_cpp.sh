@@ -1,28 +1,79 @@
 #!/usr/bin/env bash
 # llama.cpp at one pinned version, from the llama-cpp-python sdist (which carries the whole llama.cpp tree,
-# converter included), built once into .llama.cpp/ and reused:
-#   .llama.cpp/src/      the sdist, unpacked (vendor/llama.cpp: convert_hf_to_gguf.py, gguf-py, the C++ sources)
-#   .llama.cpp/build/bin libllama.so + llama-quantize, llama-imatrix, llama-perplexity, llama-bench, llama-fit-params
-#   the llama_cpp Python binding, installed into the venv without a second C++ build (LLAMA_CPP_LIB_PATH points at bin)
-# Usage: scripts/build_llama_cpp.sh VENV_PYTHON    (GGML_CUDA=on in the environment builds the CUDA backend)
+# converter included), built once into .llama.cpp/, checked on this CPU, and reused:
+#   .llama.cpp/src/        the sdist, unpacked (vendor/llama.cpp: convert_hf_to_gguf.py, gguf-py, the C++ sources)
+#   .llama.cpp/build/bin   libllama.so, libggml*.so, the CPU backends and llama-quantize, llama-imatrix,
+#                          llama-perplexity, llama-bench, llama-fit-params
+#   .llama.cpp/build.json  how it was built (quantlab refuses a .llama.cpp/ without it, or from an older scheme)
+#   the llama_cpp Python binding, installed into the venv without a second C++ build (quantlab points it at bin)
+#
+# LLAMA_CPU picks the CPU code:
+#   portable (default)  llama.cpp's own release scheme: GGML_NATIVE=OFF, GGML_BACKEND_DL=ON, GGML_CPU_ALL_VARIANTS=ON,
+#                       one CPU backend per x86-64 ISA level (x64 ... zen4), the best this CPU runs chosen at run time,
+#                       so the build runs on any x86-64 CPU, whichever machine built it. The AMX variant
+#                       (sapphirerapids) is left out: the pinned ggml asks the kernel for AMX tile permission on the
+#                       main thread only, and its worker threads die with SIGILL (ggml-org/llama.cpp PR 26954).
+#                       Sapphire Rapids and later CPUs get the zen4 variant (AVX-512 VBMI/VNNI/BF16).
+#   native              -march=native, one backend for exactly this CPU (AMX included where the CPU has it); for
+#                       benchmarks against the portable build, never for builds that travel.
+# LLAMA_CPU_EXCLUDE="zen4 icelake" leaves more variants out (a variant that fails the self-check on some CPU).
+# After building, quantlab.llamacpp_check runs Q8_0 and Q4_K_M GGUFs through llama-bench and through libllama as
+# quantlab's runtime loads it; a crash fails the build with one line naming the CPU and the variant.
+# Usage: scripts/build_llama_cpp.sh VENV_PYTHON    (GGML_CUDA=on builds the CUDA backend too; LLAMA_CPP_DIR=... elsewhere)
 set -euo pipefail
 VERSION=0.3.36
+SCHEME=2   # bump when the build changes in a way that makes older builds stale
 PY=${1:?usage: build_llama_cpp.sh VENV_PYTHON}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-DEST=$ROOT/.llama.cpp
-STAMP=$DEST/.built-$VERSION-cuda-${GGML_CUDA:-off}
+DEST=${LLAMA_CPP_DIR:-$ROOT/.llama.cpp}
+CPU=${LLAMA_CPU:-portable}
+CUDA=${GGML_CUDA:-off}
+EXCLUDE=$(echo "${LLAMA_CPU_EXCLUDE:-}" | tr ',' ' ' | xargs -n1 2>/dev/null | sort -u | xargs)
 JOBS=${JOBS:-$(nproc)}
-
+STAMP=$DEST/.built-$CPU-cuda-$CUDA
 TOOLS="llama-quantize llama-imatrix llama-perplexity llama-bench llama-fit-params"
+case $CPU in portable|native) ;; *) echo "LLAMA_CPU=$CPU: give portable or native"; exit 2 ;; esac
+case $CUDA in on|off) ;; *) echo "GGML_CUDA=$CUDA: give on or off"; exit 2 ;; esac
+[ "$CPU" = native ] && [ -n "$EXCLUDE" ] && { echo "LLAMA_CPU_EXCLUDE only applies to LLAMA_CPU=portable"; exit 2; }
+[ "$CPU" = portable ] && [ "$(uname -m)" != x86_64 ] && {
+  echo "LLAMA_CPU=portable is written for x86-64; this is $(uname -m): build with LLAMA_CPU=native"; exit 2; }
+
+WANT="{\"sdist\": \"$VERSION\", \"scheme\": $SCHEME, \"cpu\": \"$CPU\", \"cuda\": \"$CUDA\", \"exclude\": \"$EXCLUDE\"}"
+install_binding() {
+  echo "llama.cpp: installing the llama_cpp Python binding (no C++ build: quantlab loads $DEST/build/bin/libllama.so)"
+  # --no-deps: its dependencies are in quantlab's gguf extra, so that the lock pins them
+  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$PY" -m pip install --quiet --no-deps --force-reinstall \
+    "$DEST/download/llama_cpp_python-$VERSION.tar.gz"
+}
+binding_ok() { LLAMA_CPP_LIB_PATH="$DEST/build/bin" "$PY" -c "import llama_cpp" 2>/dev/null; }
 built() {
-  [ -f "$STAMP" ] && [ -f "$DEST/build/bin/libllama.so" ] || return 1
+  [ -f "$DEST/build.json" ] && [ -f "$DEST/build/bin/libllama.so" ] || return 1
+  "$PY" - "$DEST/build.json" "$WANT" <<'EOF' || return 1
+import json, sys
+have, want = json.load(open(sys.argv[1])), json.loads(sys.argv[2])
+sys.exit(0 if all(have.get(k) == v for k, v in want.items()) else 1)
+EOF
   for tool in $TOOLS; do [ -x "$DEST/build/bin/$tool" ] || return 1; done
-  LLAMA_CPP_LIB_PATH="$DEST/build/bin" "$PY" -c "import llama_cpp" 2>/dev/null
+  [ -f "$DEST/download/llama_cpp_python-$VERSION.tar.gz" ]
+}
+self_check() {
+  "$PY" -m quantlab.llamacpp_check --root "$DEST" || {
+    echo "llama.cpp in $DEST was built but failed its self-check on this CPU (above); nothing of it will be used"
+    rm -f "$STAMP"
+    exit 1
+  }
 }
 if built; then
-  echo "llama.cpp $VERSION already built in $DEST"
+  echo "llama.cpp $VERSION ($CPU CPU code, CUDA $CUDA) already built in $DEST"
+  binding_ok || install_binding  # a new venv (the lock changed) has no binding yet
+  self_check
   touch "$STAMP"
   exit 0
+fi
+if [ -d "$DEST/build" ]; then
+  # a build of another scheme or configuration (or a broken one): its CPU backends must not linger in bin/
+  echo "llama.cpp: replacing the older or different build in $DEST/build"
+  rm -rf "$DEST/build" "$DEST/build.json" "$DEST"/.built-* "$DEST/checked"
 fi
 mkdir -p "$DEST/download"
 start=$(date +%s)
@@ -33,19 +84,45 @@ mkdir -p "$DEST/src.partial"
 tar xzf "$DEST/download/llama_cpp_python-$VERSION.tar.gz" -C "$DEST/src.partial" --strip-components=1
 rm -rf "$DEST/src"
 mv "$DEST/src.partial" "$DEST/src"
+LLAMA=$DEST/src/vendor/llama.cpp
 
-echo "llama.cpp: building libllama and its tools with $JOBS jobs (about 6 minutes on 2 cores, CPU backend)"
-cmake -S "$DEST/src/vendor/llama.cpp" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release \
+if [ "$CPU" = portable ]; then
+  # The variant list is llama.cpp's own (ggml/src/CMakeLists.txt); quantlab only removes lines from it.
+  VARIANTS_FILE=$LLAMA/ggml/src/CMakeLists.txt
+  grep -q 'ggml_add_cpu_backend_variant(sapphirerapids' "$VARIANTS_FILE" \
+    || { echo "llama.cpp $VERSION: no sapphirerapids variant in $VARIANTS_FILE; re-read the AMX exclusion"; exit 1; }
+  sed -i '/ggml_add_cpu_backend_variant(.*AMX_/d' "$VARIANTS_FILE"
+  for name in $EXCLUDE; do
+    grep -q "ggml_add_cpu_backend_variant($name " "$VARIANTS_FILE" \
+      || { echo "LLAMA_CPU_EXCLUDE: $name is not one of llama.cpp's x86 CPU variants"; exit 2; }
+    sed -i "/ggml_add_cpu_backend_variant($name /d" "$VARIANTS_FILE"
+  done
+  CPU_FLAGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON"
+  WHAT="one CPU backend per x86-64 level, AMX left out${EXCLUDE:+, and $EXCLUDE}; about 12 minutes on 2 cores"
+else
+  CPU_FLAGS="-DGGML_NATIVE=ON"
+  WHAT="-march=native for this CPU only; about 5 minutes on 2 cores"
+fi
+
+echo "llama.cpp: building libllama and its tools with $JOBS jobs ($WHAT)"
+# shellcheck disable=SC2086
+cmake -S "$LLAMA" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release \
   -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON -DGGML_CUDA="${GGML_CUDA:-off}" > "$DEST/cmake-configure.log" 2>&1 \
+  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON -DGGML_CUDA="$CUDA" $CPU_FLAGS > "$DEST/cmake-configure.log" 2>&1 \
   || { tail -20 "$DEST/cmake-configure.log"; echo "llama.cpp configure failed: $DEST/cmake-configure.log"; exit 1; }
 # shellcheck disable=SC2086
 cmake --build "$DEST/build" -j "$JOBS" --target llama $TOOLS > "$DEST/cmake-build.log" 2>&1 \
   || { tail -20 "$DEST/cmake-build.log"; echo "llama.cpp build failed: $DEST/cmake-build.log"; exit 1; }
+VARIANTS=native
+[ "$CPU" = portable ] && VARIANTS=$(cd "$DEST/build/bin" && ls libggml-cpu-*.so | sed 's/^libggml-cpu-//; s/\.so$//' | xargs)
 
-echo "llama.cpp: installing the llama_cpp Python binding (no C++ build: it loads .llama.cpp/build/bin/libllama.so)"
-CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$PY" -m pip install --quiet \
-  "$DEST/download/llama_cpp_python-$VERSION.tar.gz"
+install_binding
+"$PY" - "$DEST/build.json" "$WANT" "$VARIANTS" <<'EOF'
+import json, sys
+info = json.loads(sys.argv[2]) | {"cpu_backends": sys.argv[3].split()}
+open(sys.argv[1], "w").write(json.dumps(info, indent=2) + "\n")
+EOF
+echo "llama.cpp $VERSION built in $(( $(date +%s) - start )) s; CPU backends: $VARIANTS"
+self_check
 rm -f "$DEST"/.built-*
 touch "$STAMP"
-echo "llama.cpp $VERSION built in $(( $(date +%s) - start )) s"

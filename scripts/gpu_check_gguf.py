@@ -113,7 +113,7 @@ def check(args) -> int:
         model, layers = _sparse_model(Path(args.work)), 999
     result = {"label": _label(args.rehearse), "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "llama_cpp_bin": str(bin_dir), "version": _run([str(bin_dir / "llama-bench"), "--version"], env, 60)[-400:],
-              "model": str(model), "gpu_layers": layers, "points": []}
+              "cpu_code": _cpu_code(bin_dir), "model": str(model), "gpu_layers": layers, "points": []}
     for context in contexts:
         if time.monotonic() > deadline - 60:
             result["points"].append({"context": context, "status": "skipped: out of time"})
@@ -130,6 +130,13 @@ def check(args) -> int:
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out / name}.json")
     return 0
+
+
+def _cpu_code(bin_dir: Path) -> str:
+    """The CPU backend those binaries load on this host, and llama.cpp's system-info line."""
+    from quantlab.llamacpp import cpu_code
+
+    return cpu_code(bin_dir)
 
 
 def _speeds(bench: list) -> str:

@@ -210,7 +210,8 @@ _LOG = None
 
 
 def library():
-    """The binding, loading .llama.cpp/build/bin/libllama.so (LLAMA_CPP_LIB_PATH), once per process."""
+    """The binding, loading .llama.cpp/build/bin/libllama.so (LLAMA_CPP_LIB_PATH), once per process, with the CPU
+    backend that build chose for this CPU."""
     global _LIB
     if _LIB is None:
         from quantlab import llamacpp
@@ -221,9 +222,30 @@ def library():
             import llama_cpp.llama_cpp as lib
         except ImportError as exc:
             raise QuantlabError(f"the llama_cpp Python binding is not installed ({exc}): {llamacpp.BUILD_HINT}") from None
+        _load_backends(tools.bin)
         lib.llama_backend_init()
         _LIB = lib
     return _LIB
+
+
+def _load_backends(bin_dir: Path) -> None:
+    """ggml's backends from the build's own folder: left to itself, ggml looks beside the executable (python's bin)
+    and in the working directory, where a stray libggml-cpu-*.so could win."""
+    ggml = ctypes.CDLL(str(bin_dir / "libggml.so"))
+    ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_load_all_from_path(str(bin_dir).encode())
+    if ggml.ggml_backend_reg_count() == 0:
+        raise QuantlabError(f"llama.cpp found no backend in {bin_dir}: rebuild it with `make llama-cpp`")
+
+
+def cpu_backend() -> dict[str, str]:
+    """The CPU backend this process loaded (a portable build's variant; "linked in" for a build with one) and
+    llama.cpp's system-info line (the features that backend was compiled for)."""
+    from quantlab import llamacpp
+
+    lib = library()
+    return {"variant": llamacpp.loaded_cpu_backend(),
+            "system_info": " ".join(lib.llama_print_system_info().decode("utf-8", "replace").split())}
 
 
 def process_log() -> "_Log":
@@ -265,25 +287,17 @@ class LlamaCppRuntime:
         return model.settings.as_dict()
 
     def load(self, source, device: torch.device, load_kwargs: dict[str, Any] | None = None, split=None) -> Any:
-        from quantlab.gguf_file import read_header
         from quantlab.runtimes.transformers import LoadedModel
 
         kwargs = dict(load_kwargs or {})
         path = Path(kwargs["gguf"])
         settings: LlamaCppSettings = kwargs["settings"]
-        header = read_header(path)  # not a GGUF, or cut short: a clear error before llama.cpp sees it
         if device.type == "cuda" and not self.lib.llama_supports_gpu_offload():
             # the records would say GPU while llama.cpp ran on the CPU
             raise QuantlabError("this llama.cpp build has no GPU backend, so the model would run on the CPU: build it "
                                 "with `GGML_CUDA=on make llama-cpp`, or set model.device: cpu")
-        params = self.lib.llama_model_default_params()
-        params.n_gpu_layers = settings.gpu_layers
-        with self.log.capture() as lines:
-            model = self.lib.llama_model_load_from_file(str(path).encode(), params)
-        if not model:
-            raise QuantlabError(f"{path}: llama.cpp could not load it: {self.log.last_error(lines)}")
-        vocab = self.lib.llama_vocab_n_tokens(self.lib.llama_model_get_vocab(model))
-        loaded = LlamaCppModel(self.lib, model, vocab, path, settings, self.log, header, buffers=parse_buffers(lines))
+        loaded = open_gguf(path, settings)
+        header = loaded.header
         info = WeightsInfo(name=source.name, source=source.spec.source, weights=source.weights, location=str(path),
                            model_class=f"GGUF {header.architecture}", variant=source.spec.variant,
                            dtype=describe_types(header))
@@ -330,9 +344,33 @@ class LlamaCppRuntime:
     def kernels(self, model: LlamaCppModel) -> Kernels:
         header = model.header
         s = model.settings
+        backend = cpu_backend()
         return Kernels(deltanet={"gated_delta_net": "ggml"}, linear=tuple(f"ggml {t}" for t in header.parameters_by_type()),
                        attention=f"llama.cpp, flash attention {s.flash_attn}, KV {s.kv_type}",
-                       compute_dtype=describe_types(header))
+                       compute_dtype=describe_types(header),
+                       cpu_backend=f"ggml-cpu {backend['variant']} ({backend['system_info']})")
+
+
+def open_gguf(path: Path, settings: LlamaCppSettings) -> LlamaCppModel:
+    """A GGUF loaded by libllama, with no context yet."""
+    from quantlab.gguf_file import read_header
+
+    lib, log = library(), process_log()
+    header = read_header(path)  # not a GGUF, or cut short: a clear error before llama.cpp sees it
+    params = lib.llama_model_default_params()
+    params.n_gpu_layers = settings.gpu_layers
+    with log.capture() as lines:
+        model = lib.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise QuantlabError(f"{path}: llama.cpp could not load it: {log.last_error(lines)}")
+    vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
+    return LlamaCppModel(lib, model, vocab, path, settings, log, header, buffers=parse_buffers(lines))
+
+
+def load_gguf_for_check(path: Path, threads: int) -> LlamaCppModel:
+    """The build's self-check (quantlab.llamacpp_check): a GGUF on the CPU with llama-bench's defaults."""
+    return open_gguf(path, LlamaCppSettings(threads=threads, gpu_layers=0, flash_attn="auto", kv_type="f16", slots=1,
+                                            ubatch=512, batch=2048))
 
 
 def describe_types(header) -> str:

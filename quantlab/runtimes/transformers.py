@@ -71,7 +71,11 @@ class TransformersRuntime:
         return lookup_table_bytes(model)
 
     def kernels(self, model: torch.nn.Module) -> Kernels:
-        return kernels_of(model)
+        found = kernels_of(model)
+        if any(p.device.type == "cpu" for p in model.parameters()):
+            # the ISA level torch's CPU kernels dispatch to here (DEFAULT, AVX2, AVX512...): the CPU code that ran
+            found = found.model_copy(update={"cpu_backend": f"torch {torch.backends.cpu.get_cpu_capability()}"})
+        return found
 
 
 # ---- loading ------------------------------------------------------------------------------------------------

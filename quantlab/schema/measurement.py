@@ -102,6 +102,9 @@ class Kernels(Frozen):
     linear: tuple[str, ...]  # classes of the quantized Linear modules (e.g. AwqGEMMTritonLinear); () when none
     attention: str | None  # transformers' attention implementation (sdpa, eager, flash_attention_2)
     compute_dtype: str  # dtype of the model's floating-point weights as loaded (AWQ on CUDA: float16)
+    # The CPU code that ran: llama.cpp's CPU backend variant and its system-info line; torch's CPU capability for a
+    # transformers run on the CPU. None in records from before quantlab recorded it.
+    cpu_backend: str | None = None
 
     @property
     def deltanet_summary(self) -> str:
