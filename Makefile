@@ -16,7 +16,7 @@ RECIPE ?= recipes/bundled-bf16.yaml
 	quantize-awq gpu-check-awq bench-awq-memory gpu-check-all gpu-bundle gpu-rehearse
 
 # llama.cpp, pinned, from the llama-cpp-python sdist (scripts/build_llama_cpp.sh): its converter, quantizer,
-# imatrix tool and libllama, built once into .llama.cpp/ and checked on this CPU (about 12 minutes on 2 cores); with
+# imatrix tool and libllama, built once into .llama.cpp/ and checked on this CPU (about 10 minutes on 2 cores); with
 # CUDA where nvidia-smi sees a GPU (GGML_CUDA=on|off overrides). LLAMA_CPU=portable (default: one CPU backend per
 # x86-64 level, the best chosen at run time, AMX left out) or native (-march=native: for benchmarks only).
 GGML_CUDA ?= $(if $(shell nvidia-smi -L 2>/dev/null),on,off)

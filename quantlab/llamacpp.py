@@ -19,8 +19,8 @@ from typing import Callable
 from quantlab.errors import QuantlabError
 
 SDIST_VERSION = "0.3.36"  # llama-cpp-python, whose sdist carries the llama.cpp tree quantlab builds
-BUILD_SCHEME = 2  # scripts/build_llama_cpp.sh's SCHEME: builds of an older scheme are refused
-BUILD_HINT = "build it once with `make llama-cpp` (about 12 minutes on 2 cores; `make setup` does it too)"
+BUILD_SCHEME = 3  # scripts/build_llama_cpp.sh's SCHEME: builds of an older scheme are refused
+BUILD_HINT = "build it once with `make llama-cpp` (about 10 minutes on 2 cores; `make setup` does it too)"
 CHECK_HINT = "check it here with `make llama-cpp-check` (about a minute)"
 SELF_CHECK_ENV = "QUANTLAB_LLAMA_CPP_SELF_CHECK"  # set by quantlab.llamacpp_check for the processes it checks with
 # The CPU features that decide which of ggml's CPU backends runs (ggml-cpu's variant scores), as /proc/cpuinfo names them
@@ -74,13 +74,19 @@ def locate(root: Path | None = None, checked: bool = True) -> LlamaCpp:
         raise QuantlabError(f"llama.cpp is not built ({missing[0]} is missing): {BUILD_HINT}")
     info = build_info(root)
     if info is None or info.get("scheme") != BUILD_SCHEME or info.get("sdist") != SDIST_VERSION:
-        raise QuantlabError(f"{root} holds an older llama.cpp build (from before quantlab built CPU code that runs on "
-                            f"any x86-64 CPU and checked it; it can crash on another CPU): rebuild it with "
-                            f"`make llama-cpp`")
+        raise QuantlabError(f"{root} holds an older llama.cpp build ({_built_as(info)}; this quantlab needs "
+                            f"llama-cpp-python {SDIST_VERSION}'s llama.cpp built by scheme {BUILD_SCHEME}: CPU code for "
+                            f"any x86-64 CPU, checked here, relocatable): rebuild it with `make llama-cpp`")
     if checked and not os.environ.get(SELF_CHECK_ENV) and check_record(found) is None:
         raise QuantlabError(f"llama.cpp in {root} has not passed its self-check on this CPU "
                             f"({cpu_identity()['model']}): {CHECK_HINT}")
     return found
+
+
+def _built_as(info: dict | None) -> str:
+    if info is None:
+        return "no build.json: from before quantlab's portable, self-checked build"
+    return f"llama-cpp-python {info.get('sdist', '?')}'s llama.cpp, build scheme {info.get('scheme', '?')}"
 
 
 def build_info(root: Path) -> dict | None:
@@ -110,11 +116,22 @@ def cpu_identity() -> dict:
 
 
 def check_record(tools: LlamaCpp) -> dict | None:
-    """The self-check this build passed on this CPU, or None."""
+    """The self-check this build (as build.json describes it now) passed on this CPU, or None."""
     try:
-        return json.loads((tools.root / "checked" / f"{cpu_identity()['key']}.json").read_text(encoding="utf-8"))
+        passed = json.loads((tools.root / "checked" / f"{cpu_identity()['key']}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return passed if isinstance(passed, dict) and passed.get("build") == build_key(tools.root) else None
+
+
+def build_key(root: Path) -> str | None:
+    """A hash of build.json and of libllama.so's size and time: a check passed by another build does not count."""
+    try:
+        lib = (root / "build" / "bin" / "libllama.so").stat()
+        text = (root / "build.json").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return hashlib.sha256(f"{text}|{lib.st_size}|{lib.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def loaded_cpu_backend(maps: str | None = None) -> str:
@@ -124,6 +141,17 @@ def loaded_cpu_backend(maps: str | None = None) -> str:
         maps = Path("/proc/self/maps").read_text()
     found = sorted({v or "linked in" for v in re.findall(r"libggml-cpu(?:-([\w.]+))?\.so", maps)})
     return ", ".join(found) or "none loaded"
+
+
+def foreign_libraries(bin_dir: Path, maps: str | None = None) -> list[str]:
+    """libllama and ggml libraries mapped into this process from anywhere but `bin_dir`: another copy's (a build
+    whose RUNPATH names the folder it was built in, then moved) or one LD_LIBRARY_PATH put first. Two ggml copies in
+    one process keep two backend registries, and libllama then finds no backend in its own."""
+    if maps is None:
+        maps = Path("/proc/self/maps").read_text()
+    own = {item.resolve() for item in Path(bin_dir).iterdir()}  # the kernel names a mapped symlink by its target
+    paths = set(re.findall(r"(/\S*/lib(?:ggml|llama)[\w.-]*\.so[\w.]*)$", maps, flags=re.M))
+    return sorted(p for p in paths if Path(p).resolve() not in own)
 
 
 _CPU_CODE = r"""
@@ -145,13 +173,18 @@ def cpu_code(bin_dir: Path) -> str:
     system-info line, read in a separate process (loading runs no kernel, but a process of its own keeps it apart)."""
     here = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", _CPU_CODE, str(bin_dir)], capture_output=True, text=True,
-                          errors="replace", timeout=120, env=env)
+    try:
+        done = subprocess.run([sys.executable, "-c", _CPU_CODE, str(bin_dir)], capture_output=True, text=True,
+                              errors="replace", timeout=120, env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown (reading it failed: {exc})"
     lines = done.stdout.strip().splitlines()
     return lines[-1] if done.returncode == 0 and lines else f"unknown (reading it failed: {done.stderr.strip()[-200:]})"
 
 
 def write_check(tools: LlamaCpp, passed: dict) -> None:
+    """Remember a passed self-check, for this CPU and this build."""
+    passed = {**passed, "build": build_key(tools.root)}
     path = tools.root / "checked" / f"{passed['cpu']['key']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")

@@ -116,7 +116,8 @@ def _run_step(tools, cpu: dict, backend: dict, what: str, command: list[str], en
         raise SelfCheckFailed(f"{what} did not finish in {TIMEOUT_S} s on {_cpu_text(cpu, backend)}") from None
     if done.returncode == 0:
         return done.stdout
-    raise SelfCheckFailed(f"{what} {_death(done.returncode)} on {_cpu_text(cpu, backend)}. {_fix(tools, backend)} "
+    fix = _fix(tools, backend) if done.returncode < 0 else _fix_failure(tools)
+    raise SelfCheckFailed(f"{what} {_death(done.returncode)} on {_cpu_text(cpu, backend)}. {fix} "
                           f"(last output: {_last_line(done)})")
 
 
@@ -143,6 +144,12 @@ def _fix(tools: llamacpp.LlamaCpp, backend: dict) -> str:
         return (f"Fix: rebuild without that variant, `make llama-cpp LLAMA_CPU_EXCLUDE={variant}` "
                 "(the next one down is then used), and please report it")
     return "Fix: none known here; please report it with this line"
+
+
+def _fix_failure(tools: llamacpp.LlamaCpp) -> str:
+    """An error exit, not a crash: the CPU code ran or was never reached; its own message says why."""
+    return (f"Fix: the last output says why; if it is about the build, rebuild it: `rm -r {tools.root} && "
+            "make llama-cpp`")
 
 
 def _last_line(done: subprocess.CompletedProcess) -> str:

@@ -115,9 +115,24 @@ def header_fields(lock: Path) -> dict[str, str]:
     return fields
 
 
+def check_supported() -> None:
+    """A StackError when pyproject.toml's requires-python does not admit this Python (no lock can be made for it)."""
+    try:
+        from pip._vendor.packaging.specifiers import SpecifierSet
+    except ImportError:  # a Python without pip: making its venv fails next, with pip's own message
+        return
+    wanted = _toml(ROOT / "pyproject.toml").get("project", {}).get("requires-python", "")
+    if platform.python_version() not in SpecifierSet(wanted):
+        have = available_locks()
+        use = f": `make setup PYTHON={_python_of(have[0])}`" if have else ""
+        raise StackError(f"quantlab supports Python {wanted} (pyproject.toml), not {platform.python_version()}; use "
+                         f"one of those{use}")
+
+
 def check_lock(lock: Path) -> dict[str, str]:
     """The lock's header, or a StackError saying why this Python or this pyproject cannot use it."""
     here = f"Python {platform.python_version()} on {platform_tag()}"
+    check_supported()
     if not lock.is_file():
         have = available_locks()
         other = next((_python_of(name) for name in have if platform_tag() in name), None)
@@ -184,6 +199,7 @@ def _pip_check(python: Path) -> None:
 # ---- lock: resolve, test, write ----------------------------------------------------------------------------------
 
 def lock(venv: Path, torch: str, run_tests: bool) -> None:
+    check_supported()
     if venv.exists():
         _replace_own_venv(venv)
     start = time.monotonic()
@@ -241,7 +257,7 @@ def _install_llama_binding(python: Path) -> None:
 
 
 def _run_suite(python: Path) -> str:
-    print("lock: the whole test suite, with exactly these versions (about 6 minutes on 2 cores)", flush=True)
+    print("lock: the whole test suite, with exactly these versions (about 10 minutes on 2 cores)", flush=True)
     env = {**os.environ, "QUANTLAB_REQUIRE_LLAMA_CPP": "1", LOCKING_ENV: "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

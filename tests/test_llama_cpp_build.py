@@ -18,7 +18,17 @@ from quantlab import llamacpp
 from quantlab.errors import QuantlabError
 
 REPO = Path(__file__).resolve().parents[1]
-needs_build = pytest.mark.skipif(not llamacpp.available(), reason="llama.cpp is not built (make llama-cpp)")
+
+
+def _why_not_built() -> str | None:
+    try:
+        llamacpp.locate()
+    except QuantlabError as exc:
+        return str(exc)
+    return None
+
+
+needs_build = pytest.mark.skipif(_why_not_built() is not None, reason=_why_not_built() or "")
 
 # The tile instructions of AMX-TILE, AMX-INT8, AMX-BF16 and AMX-FP16, as objdump spells them.
 AMX_MNEMONICS = ("ldtilecfg", "sttilecfg", "tileloadd", "tileloaddt1", "tilestored", "tilerelease", "tilezero",
@@ -124,6 +134,11 @@ def test_a_build_not_checked_on_this_cpu_is_refused(tmp_path, monkeypatch):
     tools = llamacpp.locate(root, checked=False)
     llamacpp.write_check(tools, {"cpu": llamacpp.cpu_identity(), "cpu_backend": "haswell"})
     assert llamacpp.locate(root).root == root
+    (root / "build.json").write_text(json.dumps({**CURRENT, "exclude": "zen4"}))  # rebuilt since: checked again
+    with pytest.raises(QuantlabError, match="self-check"):
+        llamacpp.locate(root)
+    llamacpp.write_check(tools, {"cpu": llamacpp.cpu_identity()})
+    assert llamacpp.locate(root).root == root
     other = {**llamacpp.cpu_identity(), "key": "another-cpu"}  # checked elsewhere only
     shutil.rmtree(root / "checked")
     llamacpp.write_check(tools, {"cpu": other})
@@ -133,8 +148,9 @@ def test_a_build_not_checked_on_this_cpu_is_refused(tmp_path, monkeypatch):
 
 # ---- the self-check --------------------------------------------------------------------------------------------
 
-def build_with_crashing_tool(tmp_path: Path, signal_name: str) -> Path:
-    """The real build, but llama-bench dies with the given signal (as on a CPU that refuses an instruction)."""
+def build_with_crashing_tool(tmp_path: Path, death: str) -> Path:
+    """The real build, but llama-bench dies as `death` says (a shell command: a signal, as on a CPU that refuses an
+    instruction, or an error exit)."""
     real = llamacpp.locate()
     root = tmp_path / "llama"
     (root / "build" / "bin").mkdir(parents=True)
@@ -146,16 +162,20 @@ def build_with_crashing_tool(tmp_path: Path, signal_name: str) -> Path:
         (root / "build" / "bin" / item.name).symlink_to(item)
     bench = root / "build" / "bin" / "llama-bench"
     bench.unlink()
-    bench.write_text(f"#!/bin/sh\nkill -s {signal_name} $$\n")
+    bench.write_text(f"#!/bin/sh\necho 'error: something went wrong' >&2\n{death}\n")
     bench.chmod(0o755)
     return root
 
 
 @needs_build
 @pytest.mark.slow
-@pytest.mark.parametrize("signal_name", ["ILL", "SEGV"])
-def test_a_crash_fails_the_self_check_with_one_line_naming_cpu_and_backend(tmp_path, signal_name):
-    root = build_with_crashing_tool(tmp_path, signal_name)
+@pytest.mark.parametrize("death, said, fix", [
+    ("kill -s ILL $$", "died with SIGILL", "make llama-cpp LLAMA_CPU_EXCLUDE="),
+    ("kill -s SEGV $$", "died with SIGSEGV", "make llama-cpp LLAMA_CPU_EXCLUDE="),
+    ("exit 3", "exited with status 3", "the last output says why"),  # not a crash: no variant to blame
+])
+def test_a_crash_fails_the_self_check_with_one_line_naming_cpu_and_backend(tmp_path, death, said, fix):
+    root = build_with_crashing_tool(tmp_path, death)
     done = subprocess.run([sys.executable, "-m", "quantlab.llamacpp_check", "--root", str(root)], capture_output=True,
                           text=True, timeout=600, cwd=REPO)
     assert done.returncode == 1
@@ -164,10 +184,61 @@ def test_a_crash_fails_the_self_check_with_one_line_naming_cpu_and_backend(tmp_p
     line = lines[0]
     cpu = llamacpp.cpu_identity()
     backend = json.loads((llamacpp.locate().root / "checked" / f"{cpu['key']}.json").read_text())["cpu_backend"]
-    assert line.startswith("llama.cpp self-check FAILED: llama-bench on the Q8_0 GGUF died with SIG" + signal_name)
+    assert line.startswith("llama.cpp self-check FAILED: llama-bench on the Q8_0 GGUF " + said)
     assert cpu["model"] in line and f"CPU backend {backend}" in line
-    assert "Fix: " in line and "make llama-cpp" in line
+    assert "Fix: " in line and fix in line and "make llama-cpp" in line
+    assert "(last output: error: something went wrong)" in line
     assert not (root / "checked" / f"{cpu['key']}.json").exists()  # a failed check is never remembered as passed
+
+
+def test_a_ggml_library_from_another_folder_is_found(tmp_path):
+    own = tmp_path / "build" / "bin"
+    own.mkdir(parents=True)
+    for name in ("libllama.so", "libggml.so.0.25.3", "libggml-cpu-haswell.so"):
+        (own / name).write_bytes(b"")
+    (own / "libggml.so.0").symlink_to("libggml.so.0.25.3")
+    moved_from = "/tmp/elsewhere/.llama.cpp/build/bin/libggml-base.so.0.25.3"
+    maps = "\n".join([
+        f"7f00-7f01 r-xp 00000000 fd:01 1 {own / 'libllama.so'}",
+        f"7f01-7f02 r-xp 00000000 fd:01 2 {own / 'libggml.so.0.25.3'}",
+        f"7f02-7f03 r--p 00000000 fd:01 3 {own / 'libggml-cpu-haswell.so'}",
+        f"7f03-7f04 r-xp 00000000 fd:01 4 {moved_from}",
+        "7f04-7f05 r-xp 00000000 fd:01 5 /usr/lib/x86_64-linux-gnu/libc.so.6",
+        "7f05-7f06 rw-p 00000000 00:00 0 ",
+    ])
+    assert llamacpp.foreign_libraries(own, maps) == [moved_from]
+    assert llamacpp.foreign_libraries(own, maps.replace(moved_from, str(own / "libggml.so.0"))) == []
+
+
+@needs_build
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf")
+def test_the_build_finds_its_libraries_beside_itself():
+    """RUNPATH $ORIGIN only: a .llama.cpp/ moved or copied elsewhere loads its own libraries, not the old folder's."""
+    tools = llamacpp.locate()
+    elves = [p for p in tools.bin.iterdir() if p.is_file() and not p.is_symlink() and p.read_bytes()[:4] == b"\x7fELF"]
+    assert any(p.name.startswith("libllama.so") for p in elves)
+    for elf in elves:
+        dynamic = subprocess.run(["readelf", "-d", str(elf)], capture_output=True, text=True, check=True).stdout
+        paths = re.findall(r"\((?:RUNPATH|RPATH)\)\s+Library r(?:un)?path: \[(.*)\]", dynamic)
+        assert all(set(filter(None, p.split(":"))) <= {"$ORIGIN"} for p in paths), (elf.name, paths)
+
+
+def test_the_runtime_refuses_a_ggml_from_another_folder(monkeypatch, tmp_path):
+    from quantlab.runtimes import llama_cpp as runtime
+
+    class FakeGgml:
+        def __init__(self, *args):
+            self.ggml_backend_load_all_from_path = lambda path: None
+            self.ggml_backend_reg_count = lambda: 1
+
+    bin_dir = tmp_path / ".llama.cpp" / "build" / "bin"
+    bin_dir.mkdir(parents=True)
+    monkeypatch.setattr(runtime.ctypes, "CDLL", FakeGgml)
+    monkeypatch.setattr(llamacpp, "foreign_libraries", lambda own: ["/old/place/build/bin/libggml-base.so"])
+    with pytest.raises(QuantlabError, match=r"loaded /old/place/build/bin/libggml-base.so, not its own copy.*rm -r"):
+        runtime._load_backends(bin_dir)
+    monkeypatch.setattr(llamacpp, "foreign_libraries", lambda own: [])
+    runtime._load_backends(bin_dir)
 
 
 @needs_build

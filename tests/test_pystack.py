@@ -78,6 +78,17 @@ def test_no_lock_for_this_python_names_the_locks_and_the_fix(monkeypatch, tmp_pa
     assert "make setup PYTHON=python3.11" in text and "make lock PYTHON=" in text
 
 
+def test_a_python_outside_requires_python_is_refused_before_any_lock_is_read(monkeypatch, tmp_path):
+    (tmp_path / "lock-cp311-linux-x86_64.txt").write_text("")
+    monkeypatch.setattr(pystack.platform, "python_version", lambda: "3.13.0")
+    text = run_check(monkeypatch, tmp_path, None)
+    assert text.startswith("quantlab supports Python >=3.11,<3.13 (pyproject.toml), not 3.13.0")
+    assert "make setup PYTHON=python3.11" in text
+    with pytest.raises(pystack.StackError, match="supports Python"):
+        pystack.lock(tmp_path / "venv", "torch==2.13.0", run_tests=False)
+    assert not (tmp_path / "venv").exists()
+
+
 def test_a_lock_for_other_ranges_says_refresh_it(monkeypatch, tmp_path):
     header = pystack.lock_text({}, "26.3", "torch==2.13.0", "suite: 1 passed").replace(
         f"# ranges: {pystack.ranges_hash()}", "# ranges: 0000000000000000")

@@ -236,6 +236,13 @@ def _load_backends(bin_dir: Path) -> None:
     ggml.ggml_backend_load_all_from_path(str(bin_dir).encode())
     if ggml.ggml_backend_reg_count() == 0:
         raise QuantlabError(f"llama.cpp found no backend in {bin_dir}: rebuild it with `make llama-cpp`")
+    from quantlab import llamacpp
+
+    foreign = llamacpp.foreign_libraries(bin_dir)
+    if foreign:
+        raise QuantlabError(f"llama.cpp in {bin_dir.parents[1]} loaded {foreign[0]}, not its own copy (a build moved "
+                            "from where it was built, or LD_LIBRARY_PATH); rebuild it in place: `rm -r "
+                            f"{bin_dir.parents[1]} && make llama-cpp`, or unset LD_LIBRARY_PATH")
 
 
 def cpu_backend() -> dict[str, str]:
