@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import numpy as np
@@ -16,8 +17,15 @@ gpu = pytest.mark.gpu
 MB = 1_000_000
 
 
+def quiet_heap() -> None:
+    """Garbage left by earlier tests collected now, not inside the tracked block: a collection there (the allocation
+    below can trigger one) frees memory while the block grows, and the growth read 0 in one full-suite run."""
+    gc.collect()
+
+
 def test_known_cpu_allocation_within_5_percent():
     size = 300 * MB
+    quiet_heap()
     with MemoryTracker("cpu", interval_s=0.002) as mem:
         block = np.ones(size, dtype=np.uint8)  # ones: every page is touched, so it is resident
     growth = mem.result.rss_growth_bytes
@@ -28,6 +36,7 @@ def test_known_cpu_allocation_within_5_percent():
 
 def test_short_lived_peak_is_caught_by_the_sampler():
     size = 300 * MB
+    quiet_heap()
     with MemoryTracker("cpu", interval_s=0.002) as mem:
         block = np.ones(size, dtype=np.uint8)
         time.sleep(0.05)  # several sampling intervals while the block is alive
@@ -45,12 +54,15 @@ def test_cpu_tracker_reports_no_gpu_figures_rather_than_zero():
 
 
 def test_timer_measures_a_known_sleep():
-    durations = []
+    durations, outer = [], []
     for _ in range(3):
+        start = time.perf_counter()
         with Timer("cpu") as t:
             time.sleep(0.2)
+        outer.append(time.perf_counter() - start)  # a busy machine oversleeps: bound by what really passed
         durations.append(t.result.seconds)
-    assert 0.2 <= summarize(durations).median < 0.23
+    assert all(0.2 <= d <= o for d, o in zip(durations, outer)), (durations, outer)
+    assert 0.2 <= summarize(durations).median <= max(outer)
     assert t.result.synchronized is False
 
 
