@@ -82,6 +82,8 @@ def check_checksums(folder: Path) -> tuple[list[str], list[str]]:
         path = folder / name
         if path.is_symlink():
             problems.append(f"{name}: a symbolic link; a build holds regular files only")
+        elif path.exists() and not path.is_file():
+            problems.append(f"{name}: not a regular file (a folder, a pipe or a device); a build holds regular files")
         elif not path.is_file():
             problems.append(f"{name}: missing")
         elif root not in path.resolve().parents:

@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_hf_cache_location()
     quiet_libraries()
     try:
+        _check_path_options(args)
         return args.func(args)
     except QuantlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -24,6 +25,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: records already written are complete; nothing partial was kept", file=sys.stderr)
         return 130
+
+
+PATH_OPTIONS = {"out": "--out", "output": "--output", "json": "--json", "plot": "--plot"}
+
+
+def _check_path_options(args: argparse.Namespace) -> None:
+    """Every path option of every command held to a recipe path's rules, before the command starts: an empty path
+    would mean the working folder or a default, and a newline would end up in a folder's name."""
+    from quantlab.fields import path_option
+
+    for dest, option in PATH_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str):
+            path_option(value, option)
 
 
 def os_error_message(exc: OSError) -> str:

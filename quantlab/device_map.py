@@ -48,7 +48,9 @@ class DeviceSplit:
     device_map: dict[str, str]  # module -> device
     bytes_per_device: dict[str, int]  # weights placed on each device, as accelerate sizes them
     layers_per_device: dict[str, tuple[int, ...]]  # decoder layer indices on each device
-    strategy: str = "balanced"  # accelerate's device_map="auto"; "sequential" where the balanced map spills
+    # accelerate's device_map="auto"; "sequential" where the balanced map spills; "even": the sequential map
+    # under one cap per GPU (even_split), which the estimate takes where it fits more
+    strategy: str = "balanced"
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -91,6 +93,9 @@ class DeviceSplit:
             lines.append("accelerate's balanced map would spill past what was offered (each GPU but the last is capped "
                          "near an even share, less than the largest module it must hold whole): this is its "
                          "sequential map, which fills the GPUs in order")
+        if self.strategy == "even":
+            lines.append("an even map: accelerate's sequential map (device_map=\"sequential\") with each GPU "
+                         "offered the cap above, the smallest at which the model fits")
         return lines
 
 
@@ -113,26 +118,85 @@ def check_devices_visible(devices, visible_gpus: int, what: str) -> None:
         raise QuantlabError(f"{what} names {', '.join(missing)} but {seen}")
 
 
+@dataclass(frozen=True)
+class MetaLayout:
+    """A model as from_pretrained builds it on the meta device, sized as accelerate sizes it: every map of one
+    model and method is computed on one layout (building it takes about a second at 27B; a map, milliseconds)."""
+
+    model: Any
+    quantizer: Any
+    special: dict[str, Any]  # accelerate's special_dtypes for the quantized parameters
+    sizes: dict[str, int]  # module -> bytes ('' is the whole model)
+    layers: list[tuple[int, str]]  # (decoder layer index, module name)
+
+    @classmethod
+    def build(cls, config: PretrainedConfig, auto_class: type, dtype: torch.dtype,
+              quantization_config: Any = None) -> MetaLayout:
+        from accelerate.utils import compute_module_sizes
+
+        model, quantizer = meta_model_as_loaded(config, auto_class, dtype, quantization_config)
+        special = quantized_dtypes(model, quantizer)
+        sizes = compute_module_sizes(model, special_dtypes=special)
+        layers = [(int(m.group(1)), name) for name, _ in model.named_modules() if (m := _LAYER.search(name))]
+        return cls(model, quantizer, special, sizes, layers)
+
+    @property
+    def largest(self) -> int:
+        """The largest module a device must hold whole: a decoder layer, the embedding or lm_head."""
+        return max([self.sizes[name] for _, name in self.layers]
+                   + [v for k, v in self.sizes.items() if k.endswith(("embed_tokens", "lm_head"))])
+
+    def split(self, offered: dict[str, int], balanced: bool) -> DeviceSplit:
+        raw = _accelerate_map(self.model, self.quantizer, self.special, offered, balanced=balanced)
+        return _split_of(raw, self.sizes, offered, self.layers)
+
+
 def plan_split(config: PretrainedConfig, auto_class: type, dtype: torch.dtype, offered: dict[str, int],
                quantization_config: Any = None) -> DeviceSplit:
     """The device map for `config` loaded in `dtype` (and quantized at load by `quantization_config`, as
     bitsandbytes is), within `offered` bytes per device: accelerate's balanced map, or, where that one spills
     although the model fits, accelerate's sequential map (device_map="sequential"), said in `strategy`.
     Refuses, naming the sizes, when neither fits, and when no GPU would hold any of it."""
-    from accelerate.utils import compute_module_sizes
+    return run_split(MetaLayout.build(config, auto_class, dtype, quantization_config), offered)
 
-    model, quantizer = meta_model_as_loaded(config, auto_class, dtype, quantization_config)
-    special = quantized_dtypes(model, quantizer)
-    sizes = compute_module_sizes(model, special_dtypes=special)
-    layers = [(int(m.group(1)), name) for name, _ in model.named_modules() if (m := _LAYER.search(name))]
-    split = _split_of(_accelerate_map(model, quantizer, special, offered, balanced=True), sizes, offered, layers)
+
+def run_split(layout: MetaLayout, offered: dict[str, int]) -> DeviceSplit:
+    """plan_split's map on a layout already built."""
+    split = layout.split(offered, balanced=True)
     if _spilled(split, offered):
-        sequential = _split_of(_accelerate_map(model, quantizer, special, offered, balanced=False), sizes, offered, layers)
+        sequential = layout.split(offered, balanced=False)
         if not _spilled(sequential, offered):
             split = replace(sequential, strategy="sequential")
-    largest = max([sizes[name] for _, name in layers] + [v for k, v in sizes.items() if k.endswith(("embed_tokens", "lm_head"))])
-    _check_fits(split, sizes[""], largest, offered)
+    _check_fits(split, layout.sizes[""], layout.largest, offered)
     return split
+
+
+EVEN_CAP_STEP = 64 << 20  # the even cap is found to 64 MiB: finer changes no whole layer's place
+
+
+def even_split(layout: MetaLayout, offered: dict[str, int]) -> DeviceSplit | None:
+    """accelerate's sequential map with every GPU capped at one size, the smallest (to 64 MiB) at which nothing
+    spills: the weights as evenly spread over the GPUs as whole modules allow. It is accelerate's own
+    infer_auto_device_map given that cap as max_memory for every GPU (device_map="sequential"). None when no cap
+    within `offered` fits.
+    Why: accelerate's balanced map caps every GPU but the last near an even share, which can be less than the
+    embedding it must hold whole; the embedding then moves on and on, and many GPUs are left empty."""
+    gpus = [d for d in offered if d.startswith("cuda:")]
+    if not gpus:
+        return None
+
+    def capped(cap: int) -> DeviceSplit:  # the GPUs alone: weights sent to a cpu entry count as spilled here
+        return replace(layout.split({g: cap for g in gpus}, balanced=False), strategy="even")
+
+    low, high = layout.sizes[""] // len(gpus) - 1, min(offered[g] for g in gpus)
+    best = capped(high)
+    if _spilled(best, best.max_memory):
+        return None
+    while high - low > EVEN_CAP_STEP:  # fits(high), and a cap at or below low cannot hold the weights
+        mid = (low + high) // 2
+        trial = capped(mid)
+        low, high, best = (low, mid, trial) if not _spilled(trial, trial.max_memory) else (mid, high, best)
+    return best
 
 
 def _accelerate_map(model, quantizer, special: dict, offered: dict[str, int], balanced: bool) -> dict[str, int | str]:
@@ -251,11 +315,18 @@ def _device_order(device: str) -> tuple[int, int]:
 
 
 def device_list(devices: tuple[str, ...]) -> str:
-    """'cuda:3-63 (61 GPUs)' for a run of GPUs, else the names."""
+    """'cuda:3-63 (61 GPUs)' for a run of GPUs, 'cuda:0, cuda:25-31 (8 GPUs)' for several, else the names."""
     indices = [int(d.split(":")[1]) for d in devices if d.startswith("cuda:")]
-    if len(indices) > 3 and len(indices) == len(devices) and indices == list(range(indices[0], indices[-1] + 1)):
-        return f"cuda:{indices[0]}-{indices[-1]} ({len(indices)} GPUs)"
-    return ", ".join(devices)
+    if len(indices) != len(devices) or len(indices) <= 3:
+        return ", ".join(devices)
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    names = [f"cuda:{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(f"cuda:{i}" for i in r) for r in runs]
+    return f"{', '.join(names)} ({len(indices)} GPUs)"
 
 
 def size_text(n: float, binary: bool = False) -> str:

@@ -101,8 +101,8 @@ _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MI
 _MEMORY_SIZE = re.compile(r"\s*(\d{1,6}(?:\.\d{1,3})?)\s*([MGT]i?B)\s*", re.I)
 
 # Device memory as accelerate's max_memory takes it: '20GiB', '24GB', '512 MiB'.
-MemorySize = Annotated[str, BeforeValidator(lambda v: _unit_needed(v)), Field(max_length=20),
-                       AfterValidator(lambda v: _memory_size_text(v))]
+MemorySize = Annotated[str, BeforeValidator(lambda v: _unit_needed(v)), AfterValidator(lambda v: _memory_size_text(v))]
+MAX_DEVICE_BYTES = 64 << 40  # 64 TiB: more than any one device (or host) quantlab can place weights on
 
 
 def _unit_needed(value):
@@ -112,10 +112,14 @@ def _unit_needed(value):
 
 
 def _memory_size_text(text: str) -> str:
-    if not _MEMORY_SIZE.fullmatch(text):
-        raise ValueError(f"{excerpt(text)} is not a memory size like 20GiB, 24GB or 512MiB")
-    if memory_bytes(text) <= 0:
+    if len(text) > 24 or not _MEMORY_SIZE.fullmatch(text):
+        raise ValueError(f"{excerpt(text)} is not a memory size like 20GiB, 24GB or 512MiB (at most 6 digits, 3 "
+                         "decimals and a unit)")
+    size = memory_bytes(text)
+    if size <= 0:
         raise ValueError(f"{excerpt(text)}: a memory size must be more than zero")
+    if size > MAX_DEVICE_BYTES:
+        raise ValueError(f"{excerpt(text)}: more memory than any one device has (at most 64TiB)")
     return text
 
 
@@ -131,3 +135,21 @@ def parse_size(text: str) -> int:
     if not match:
         raise QuantlabError(f"build.max_shard_size: {text!r} is not a size like 5GB or 500MiB")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def path_option(value: str | None, option: str) -> str | None:
+    """A path given on the command line, held to a recipe path's rules (not empty, one line, of sane length), or a
+    QuantlabError naming the option; None stays None (the option was not given)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from quantlab.errors import QuantlabError
+
+    if value is None:
+        return None
+    if not value.strip():
+        raise QuantlabError(f"{option} {excerpt(value)}: an empty path; give a file or folder name")
+    try:
+        return TypeAdapter(PathText).validate_python(value)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise QuantlabError(f"{option} {excerpt(value)}: {reason}") from None

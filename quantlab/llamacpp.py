@@ -244,6 +244,49 @@ def check_tensor_type(name: str, what: str) -> str:
                         f"{', '.join(TENSOR_TYPES_SHOWN)} (or another GGML type)")
 
 
+# tensor_requires_imatrix in src/llama-quant.cpp, as the pinned tree has it: used only if its source cannot be read
+IMATRIX_TENSOR_TYPES = frozenset({"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"})
+
+
+def imatrix_tensor_types(tools: LlamaCpp) -> frozenset[str]:
+    """The tensor types llama-quantize refuses to write without an importance matrix (token_embd and output
+    aside), read from its own rule in src/llama-quant.cpp, so that a recipe is refused before any work."""
+    try:
+        text = (tools.source / "src" / "llama-quant.cpp").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return IMATRIX_TENSOR_TYPES
+    body = re.search(r"bool tensor_requires_imatrix\(.*?switch \(dst_type\) \{(.*?)return true;", text, flags=re.S)
+    found = frozenset(re.findall(r"case GGML_TYPE_(\w+):", body.group(1))) if body else frozenset()
+    return found or IMATRIX_TENSOR_TYPES
+
+
+def imatrix_data_types(tools: LlamaCpp) -> frozenset[str]:
+    """The tensor types ggml quantizes only with importance-matrix data for the tensor itself (ggml.c,
+    ggml_quantize_requires_imatrix: it aborts without): never possible for token_embd, which no matmul reads."""
+    try:
+        text = (tools.source / "ggml" / "src" / "ggml.c").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset({"IQ2_XXS", "IQ2_XS", "IQ1_S"})
+    body = re.search(r"bool ggml_quantize_requires_imatrix\(.*?\{(.*?)\n\}", text, flags=re.S)
+    code = "\n".join(line.split("//")[0] for line in body.group(1).splitlines()) if body else ""
+    return frozenset(re.findall(r"GGML_TYPE_(\w+)", code)) or frozenset({"IQ2_XXS", "IQ2_XS", "IQ1_S"})
+
+
+def imatrix_min_chunks(tools: LlamaCpp) -> int:
+    """llama-imatrix's minimum text, in contexts: it refuses fewer than N × n_ctx tokens (tools/imatrix/imatrix.cpp)."""
+    try:
+        text = (tools.source / "tools" / "imatrix" / "imatrix.cpp").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return 2
+    found = re.search(r"int\(tokens\.size\(\)\)\s*<\s*(\d+)\s*\*\s*n_ctx", text)
+    return int(found.group(1)) if found else 2
+
+
+def moe_only(file_type: str) -> bool:
+    """A file type that quantizes the experts of an MoE model only (MXFP4_MOE: every other tensor is Q8_0)."""
+    return file_type.upper().endswith("_MOE")
+
+
 TENSOR_TYPES_SHOWN = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_XS", "BF16", "F16")
 
 
@@ -297,8 +340,18 @@ def run_tool(tools: LlamaCpp, args: list[str], what: str, echo: Callable[[str], 
         raise
     if code != 0:
         tail = "\n".join("    " + line for line in lines[-TAIL_LINES:])
-        raise QuantlabError(f"{what} failed (exit {code}); its last lines:\n{tail}")
+        how = f"died with {_signal_name(-code)}" if code < 0 else f"failed (exit {code})"
+        raise QuantlabError(f"{what} {how}; its last lines:\n{tail}")
     return "\n".join(lines)
+
+
+def _signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _completed(command: list[str], timeout: float) -> subprocess.CompletedProcess:

@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from quantlab.checksums import build_files, read_checksums
-from quantlab.schema.build import CHECKSUMS_NAME, GGUF_MANIFEST_NAME, MANIFEST_NAME, is_gguf_build, read_manifest
+from quantlab.schema.build import (CHECKSUMS_NAME, GGUF_MANIFEST_NAME, MANIFEST_NAME, is_gguf_build,
+                                   read_gguf_manifest, read_manifest)
 from quantlab.errors import QuantlabError
 
 PARTIAL = ".partial-"
@@ -61,7 +62,9 @@ def check_replaceable(target: Path) -> None:
     if not target.is_dir():
         raise QuantlabError(f"{target}: a file, not a build folder{refuse}")
     try:
-        if not is_gguf_build(target):
+        if is_gguf_build(target):
+            read_gguf_manifest(target)
+        else:
             read_manifest(target)
     except QuantlabError as exc:
         raise QuantlabError(f"{exc}{refuse}") from None

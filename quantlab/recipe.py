@@ -10,7 +10,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -121,8 +121,9 @@ class LlamaCppSpec(_Strict):
     """The llama.cpp runtime's settings (measure.runtime: llama.cpp), as llama-bench and llama-server name them."""
 
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (-t); default: the cores quantlab uses")
-    gpu_layers: int | Literal["all"] | None = Field(
-        None, description="layers offloaded to the GPU (-ngl); default: all on a GPU, none on the CPU")
+    gpu_layers: Annotated[int, Field(ge=0, le=10_000)] | Literal["all"] | None = Field(
+        None, description="layers offloaded to the GPU (-ngl); default: all on a GPU, none on the CPU; records say "
+        "how many llama.cpp offloaded (at most the model's layers + 1)")
     flash_attn: Literal["auto", "on", "off"] = "auto"
     kv_type: Literal["f16", "q8_0"] = Field("f16", description="KV cache type, K and V (-ctk/-ctv)")
     slots: int = Field(1, ge=1, le=64, description="parallel sequence slots (-np): each gets its own recurrent state")
@@ -251,6 +252,10 @@ class Recipe(_Strict):
         if gguf and self.model.source == "synthetic":
             raise ValueError("quantization.method gguf converts a checkpoint's files; synthetic weights have none "
                              "(scripts/gguf_full_size.py makes full-size GGUFs of synthetic weights)")
+        layers = self.measure.llama_cpp.gpu_layers if self.measure.llama_cpp else None
+        if llama and self.model.device == "cpu" and layers not in (None, 0):
+            raise ValueError(f"measure.llama_cpp.gpu_layers {layers!r} offloads layers to a GPU, but model.device is "
+                             "cpu: leave gpu_layers out, or set model.device: cuda")
         if gguf and self.model.split:
             raise ValueError("a GGUF is split across GPUs by llama.cpp (measure.llama_cpp), not by model.gpus")
         return self

@@ -11,12 +11,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TypeVar
 
+from pydantic import BaseModel, ValidationError
 
+from quantlab.schema.bounds import first_error
 from quantlab.schema.record import Record
 
 RECORDS_SUBDIR = "records"
 MAX_RECORD_BYTES = 16 << 20  # a record is a few kilobytes (its recipe text is at most 64 KiB)
+M = TypeVar("M", bound=BaseModel)
 
 
 def records_dir(output_dir: str | Path) -> Path:
@@ -71,28 +75,38 @@ def replace_file(target: Path, content: str | bytes) -> None:
 
 def load_records(output_dir: str | Path) -> tuple[list[Record], list[str]]:
     """All readable records, oldest first, and one problem line per unreadable entry (a folder or a broken
-    link named *.json, a file too large or nested too deeply to be a record, invalid JSON): listed, skipped."""
+    link named *.json, a file too large or nested too deeply to be a record, invalid JSON, a field of the wrong
+    type or out of its range, named): listed, skipped."""
     records, problems = [], []
     directory = records_dir(output_dir)
     for path in sorted(directory.glob("[!.]*.json")) if directory.is_dir() else []:
         try:
-            records.append(_read_record(path))
-        except (OSError, ValueError, RecursionError) as exc:  # ValidationError, JSONDecodeError, UnicodeDecodeError
-            problems.append(f"{path}: skipped, not a valid record ({_why(exc)})")
+            records.append(read_model(path, Record))
+        except UNREADABLE as exc:
+            problems.append(f"{path}: skipped, not a valid record ({why(exc)})")
     records.sort(key=lambda r: (r.created_at, r.record_id))
     return records, problems
 
 
-def _why(exc: BaseException) -> str:
+# What reading a damaged or hostile JSON file can raise: OSError, ValueError (ValidationError, JSONDecodeError,
+# UnicodeDecodeError, an integer too long to parse), RecursionError (nesting too deep).
+UNREADABLE = (OSError, ValueError, RecursionError)
+
+
+def why(exc: BaseException) -> str:
+    """One line: why a file could not be read as what it should be; a schema error names its field."""
     if isinstance(exc, RecursionError):
         return "nested too deeply"
+    if isinstance(exc, ValidationError):
+        return first_error(exc)
     first = (str(exc).strip().splitlines() or [""])[0][:160]
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _read_record(path: Path) -> Record:
+def read_model(path: Path, model: type[M], max_bytes: int = MAX_RECORD_BYTES) -> M:
+    """`path` validated as `model` (types and ranges); raises one of UNREADABLE."""
     if not path.is_file():  # a folder, a broken link, a pipe that would block the read
         raise ValueError("not a regular file")
-    if path.stat().st_size > MAX_RECORD_BYTES:
-        raise ValueError(f"larger than {MAX_RECORD_BYTES:,} bytes")
-    return Record.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    if path.stat().st_size > max_bytes:
+        raise ValueError(f"larger than {max_bytes:,} bytes")
+    return model.model_validate(json.loads(path.read_text(encoding="utf-8")))

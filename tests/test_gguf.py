@@ -618,7 +618,8 @@ def test_load_options_follow_measure_llama_cpp(runtime):
     assert chosen.as_dict() == dict(threads=3, gpu_layers=7, flash_attn="on", kv_type="q8_0", slots=2, ubatch=128,
                                     batch=256)
     every = MeasureSpec(runtime="llama.cpp", llama_cpp={"gpu_layers": "all"})
-    assert runtime.load_options(every, cpu)["settings"].gpu_layers == 999
+    assert runtime.load_options(every, cuda)["settings"].gpu_layers == 999
+    assert runtime.load_options(every, cpu)["settings"].gpu_layers == 0  # on the CPU nothing is offloaded
     none = MeasureSpec(runtime="llama.cpp", llama_cpp={"gpu_layers": 0})
     assert runtime.load_options(none, cuda)["settings"].gpu_layers == 0
 

@@ -182,6 +182,42 @@ def test_stored_statistics_are_cached_and_small(work, candidates, results):
     assert other.prepare().folder != folder
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate", "meta-sums"])
+def test_a_damaged_reference_cache_is_recomputed_never_read(work, tmp_path, candidates, results, damage):
+    """Every cache carries a checksum of what it holds: a window file changed since it was written (flipped
+    bytes, cut short) or a meta.json whose sums were edited is never read; the statistics are computed again."""
+    shutil.copytree(work / "measurements" / "quality-cache", tmp_path / "measurements" / "quality-cache")
+    quality = {**SMALL, "mode": "stored", "top_k": 128}
+    folder = session(tmp_path, "stored", quality).prepare().folder
+    window = folder / "window-00002.safetensors"
+    data = bytearray(window.read_bytes())
+    if damage == "flip":
+        data[-300:-44] = bytes(b ^ 0xFF for b in data[-300:-44])
+        window.write_bytes(bytes(data))
+    elif damage == "truncate":
+        window.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["sha256"][window.name] = "0" * 64
+        (folder / "meta.json").write_text(json.dumps(meta))
+    said: list[str] = []
+    again = QualitySession(make_plan(load_recipe(write(tmp_path, "stored", quality))), progress=False, echo=said.append)
+    stored = again.prepare()
+    assert not stored.reused and stored.folder == folder
+    assert any("cannot be used" in line and window.name in line for line in said), said
+    assert again.evaluate(candidates["rtn8"]).kl_mean == pytest.approx(results["stored-rtn8"].kl_mean, rel=1e-6)
+    assert session(tmp_path, "stored", quality).prepare().reused  # and the recomputed cache is whole again
+
+
+def test_a_window_changed_during_a_run_is_one_clear_error(work, tmp_path):
+    shutil.copytree(work / "measurements" / "quality-cache", tmp_path / "measurements" / "quality-cache")
+    stored = session(tmp_path, "stored", {**SMALL, "mode": "stored", "top_k": 128}).prepare()
+    assert stored.reused
+    (stored.folder / "window-00001.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(QuantlabError, match="changed while this run read"):
+        stored.window(1)
+
+
 # -- acceptance: the streaming computation equals a direct one -------------------------------------------
 
 

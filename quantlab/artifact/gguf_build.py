@@ -19,7 +19,7 @@ from quantlab.gguf_file import read_header
 from quantlab.outputs import check_measurements_folder
 from quantlab.placement import building, check_target
 from quantlab.recipe import BuildSpec
-from quantlab.schema.build import GGUF_MANIFEST_NAME
+from quantlab.schema.build import CHECKSUMS_NAME, GGUF_MANIFEST_NAME, read_gguf_manifest
 
 MANIFEST_NAME = GGUF_MANIFEST_NAME
 
@@ -98,6 +98,10 @@ def run_greedy(runtime, source, gguf: Path, ids: list[int], new_tokens: int, mea
 
     loaded = runtime.load(source, device, {"gguf": str(gguf), **runtime.load_options(measure, device)})
     try:
+        vocab = runtime.vocab_size(loaded.model)
+        if any(not 0 <= i < vocab for i in ids):
+            raise QuantlabError(f"{gguf.name}: the greedy check's prompt ids are not all in its vocabulary "
+                                f"({vocab:,} tokens)")
         runtime.prepare_point(loaded.model, len(ids), 1, new_tokens)
         first, position = runtime.prefill(loaded.model, torch.tensor([ids]))
         return runtime.decode(loaded.model, first, position, new_tokens - 1)[0].tolist()
@@ -105,33 +109,59 @@ def run_greedy(runtime, source, gguf: Path, ids: list[int], new_tokens: int, mea
         loaded.model.close()
 
 
-def verify_gguf(folder: Path, load: bool, echo):
-    from types import SimpleNamespace
-
-    import torch
-
-    from quantlab.runtimes.llama_cpp import LlamaCppRuntime
-
+def verify_gguf(folder: Path, load: bool, device: str, echo):
     problems, good = check_checksums(folder)
     for p in problems:
         echo(f"  FAIL {p}")
     echo(f"checksums: {len(good)} file(s) match" + (f", {len(problems)} problem(s)" if problems else ""))
+    manifest = read_gguf_manifest(folder)  # schema-checked: its file is a name in this folder, its counts bounded
     if problems or not load:
         return VerifyResult(not problems, tuple(problems), len(good))
-    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-    header = read_header(folder / manifest["file"])
-    echo(f"GGUF header: {header.architecture}, {len(header.tensors)} tensors, {header.file_bytes:,} bytes")
-    g = manifest["greedy"]
-    source = SimpleNamespace(name=manifest["base_model"], spec=SimpleNamespace(source="build", variant="text"),
-                             weights="real", config=None)
-    from quantlab.recipe import MeasureSpec
+    if device != "cpu":
+        raise QuantlabError(f"--device {device[:20]!r}: a GGUF build is verified through llama.cpp on the CPU, where "
+                            "its greedy tokens were recorded; leave --device out")
+    mismatch = _file_problem(folder, manifest, good)
+    if mismatch:
+        echo(f"  FAIL {mismatch}")
+        return VerifyResult(False, (mismatch,), len(good))
+    return _verify_greedy(folder, manifest, good, echo)
 
-    tokens = run_greedy(LlamaCppRuntime(), source, folder / manifest["file"], g["prompt_ids"], g["new_tokens"],
+
+def _file_problem(folder: Path, manifest, good: list[str]) -> str | None:
+    """Why the manifest's GGUF is not this build's checked file, or None: listed and matching in SHA256SUMS, a GGUF
+    of the recorded size and tensor types."""
+    if manifest.file not in good:
+        return f"{manifest.file}: the manifest's GGUF is not a file of this build listed in {CHECKSUMS_NAME}"
+    header = read_header(folder / manifest.file)
+    if header.file_bytes != manifest.file_bytes or header.parameters_by_type() != manifest.parameters_by_type:
+        return (f"{manifest.file}: {header.file_bytes:,} bytes and {len(header.parameters_by_type())} tensor type(s), "
+                f"not the {manifest.file_bytes:,} bytes and types {MANIFEST_NAME} records")
+    return None
+
+
+def _verify_greedy(folder: Path, manifest, good: list[str], echo) -> VerifyResult:
+    from types import SimpleNamespace
+
+    import torch
+
+    from quantlab.recipe import MeasureSpec
+    from quantlab.runtimes.llama_cpp import LlamaCppRuntime
+    from quantlab.threads import fit_threads
+
+    header = read_header(folder / manifest.file)
+    echo(f"GGUF header: {header.architecture}, {len(header.tensors)} tensors, {header.file_bytes:,} bytes")
+    g = manifest.greedy
+    source = SimpleNamespace(name=manifest.base_model, spec=SimpleNamespace(source="build", variant="text"),
+                             weights="real", config=None)
+    note = fit_threads()  # llama.cpp's threads spin like torch's: as many as there are idle cores
+    if note:
+        echo(f"note: {note}")
+    tokens = run_greedy(LlamaCppRuntime(), source, folder / manifest.file, list(g.prompt_ids), g.new_tokens,
                         MeasureSpec(runtime="llama.cpp"), torch.device("cpu"))
-    same = tokens == g["tokens"]
+    same = tokens == list(g.tokens)
     echo(f"greedy tokens through llama.cpp: {'the same' if same else 'DIFFERENT'} ({len(tokens)} tokens)")
     if not same:
-        return VerifyResult(False, (f"greedy tokens differ: recorded {g['tokens'][:8]}..., now {tokens[:8]}...",),
+        return VerifyResult(False, (f"greedy tokens differ: recorded {list(g.tokens[:8])}..., now {tokens[:8]}...",),
                             len(good))
     return VerifyResult(True, (), len(good))
 

@@ -67,7 +67,7 @@ def verify_build(folder: str | Path, device: str = "cpu", load: bool = True, ech
     if is_gguf_build(folder):
         from quantlab.artifact.gguf_build import verify_gguf
 
-        return verify_gguf(folder, load, echo)
+        return verify_gguf(folder, load, device, echo)
     if load:
         torch_device = verify_device(device)
     manifest = read_manifest(folder)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from quantlab.errors import QuantlabError
 from quantlab.estimate.model import EstimationModel, load_model
+from quantlab.estimate.overheads import contradiction
 from quantlab.estimate.runtime import RuntimeAssumptions, memory_at
 from quantlab.methods import method_named
 from quantlab.estimate.schemes import Scheme, get_scheme
@@ -78,6 +79,8 @@ def check_records(records: list[Record], rt: RuntimeAssumptions) -> tuple[list[M
         memory = r.result.prefill_memory
         if r.hardware.kind != "gpu" or r.result.status != "ok" or memory is None or not memory.allocated_peak_bytes:
             continue
+        if contradiction(r) is not None:
+            continue  # said once, by overheads.skipped_records
         scheme = scheme_for(r)
         model = _cached_model(models, model_argument(r), notes)
         if scheme is None or model is None:
@@ -91,8 +94,8 @@ def _cached_model(models: dict[str, EstimationModel | None], name: str, notes: l
     if name not in models:
         try:
             models[name] = load_model(name)
-        except QuantlabError as exc:
-            notes.append(f"{name}: {exc}")
+        except QuantlabError as exc:  # the message names the config already, or is given its name
+            notes.append(str(exc) if str(exc).startswith(name) else f"{name}: {exc}")
             models[name] = None
     return models[name]
 

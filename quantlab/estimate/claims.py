@@ -7,36 +7,15 @@ stated overheads. Measured figures come from quantlab's GPU records when there a
 
 from __future__ import annotations
 
-
-from pydantic import BaseModel, ConfigDict
-
 from quantlab.claims import article_claims, claims_data, gpu_weight_bytes, judge, latest_gpu_weights
 from quantlab.estimate.model import EstimationModel
 from quantlab.estimate.runtime import RuntimeAssumptions, max_context, memory_at, runtime_profile
 from quantlab.estimate.schemes import get_scheme
 from quantlab.estimate.weights import WeightsEstimate, estimate_weights
+from quantlab.schema.estimate import ClaimRow
 from quantlab.schema.record import Record
 
 GIB = 1 << 30
-
-
-class ClaimRow(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    id: str
-    claim: str
-    estimate: str
-    measured: str
-    verdict: str
-    detail: str = ""
-    # What the verdict rests on: a GPU measurement, a runtime's allocation, a published file or report, or
-    # quantlab's estimate; where an estimate contradicts the evidence it cites, the verdict says so.
-    basis: str = "estimate"
-    assumptions: str = ""  # the runtime profile behind the row, shared by several rows
-    estimate_gb: float | None = None  # for the plot
-    claimed_low_gb: float | None = None
-    claimed_high_gb: float | None = None
-    measured_gb: float | None = None
 
 
 def check_claims(dense: EstimationModel, moe: EstimationModel, records: list[Record]) -> list[ClaimRow]:
@@ -325,4 +304,5 @@ def _moe_multi_gpu(moe: EstimationModel) -> ClaimRow:
 
 
 def _split_name(split: str) -> str:
-    return {"accelerate": "accelerate map", "vllm-tp": "vLLM TP"}.get(split, split)
+    return {"accelerate": "accelerate map", "accelerate-sequential": "accelerate map (sequential)",
+            "accelerate-even": "accelerate map (even cap)", "vllm-tp": "vLLM TP"}.get(split, split)

@@ -23,11 +23,12 @@ def add_estimate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated, or 'all' (default: {DEFAULT_METHODS})")
     p.add_argument("--contexts", default=DEFAULT_CONTEXTS, help=f"tokens, comma-separated (default: {DEFAULT_CONTEXTS})")
-    p.add_argument("--batch", type=int, default=1, help="sequences (default: 1)")
+    # whole numbers read by cmd_estimate, not argparse: a bad one is one line (exit 2), not the usage text
+    p.add_argument("--batch", default="1", help="sequences (default: 1)")
     p.add_argument("--kv-dtype", choices=["bf16", "fp16", "fp8", "q8_0", "f32"],
                    help="KV cache dtype (default: bf16 on the transformers profile, fp16 on llama.cpp)")
     p.add_argument("--state-dtype", choices=["float32", "bfloat16", "float16"], help="DeltaNet state dtype (default: float32)")
-    p.add_argument("--prefill-chunk", type=int,
+    p.add_argument("--prefill-chunk",
                    help="tokens per prefill forward (default: the whole prompt on transformers, 512 on llama.cpp)")
     p.add_argument("--runtime", choices=["transformers", "llama.cpp"], default="transformers",
                    help="runtime profile (default: transformers, as quantlab measures)")
@@ -43,18 +44,20 @@ def add_estimate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from quantlab.estimate.command import EstimateOptions, run_estimate, write_outputs
+    from quantlab.estimate.command import EstimateOptions, check_output_files, run_estimate, write_outputs
     from quantlab.estimate.render import markdown_text, terminal_text
     from quantlab.outputs import check_measurements_folder
     from quantlab.report import write_report
 
+    batch, chunk = whole_number(args.batch, "--batch"), whole_number(args.prefill_chunk, "--prefill-chunk")
     options = EstimateOptions(
-        model=args.model, methods=args.methods, contexts=args.contexts, batch=args.batch, gpu_gb=args.gpu_gb,
-        runtime=args.runtime, kv_dtype=args.kv_dtype, state_dtype=args.state_dtype, prefill_chunk=args.prefill_chunk,
+        model=args.model, methods=args.methods, contexts=args.contexts, batch=batch, gpu_gb=args.gpu_gb,
+        runtime=args.runtime, kv_dtype=args.kv_dtype, state_dtype=args.state_dtype, prefill_chunk=chunk,
         with_vision=args.with_vision, with_mtp=args.with_mtp, gpus=args.gpus, output=args.output,
     )
     if not args.no_write:
         check_measurements_folder(args.output)  # refused before the estimate, not after its table is printed
+        check_output_files(args.output)
     result = run_estimate(options)
     print(markdown_text(result) if args.markdown else terminal_text(result), end="")
     if not args.no_write:
@@ -62,3 +65,18 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         print(f"report: {write_report(args.output)}")
     return 0
+
+
+def whole_number(text: str | None, flag: str) -> int | None:
+    """An integer option as typed (1_000 too), or one QuantlabError naming it; None stays None."""
+    from quantlab.errors import QuantlabError
+
+    if text is None:
+        return None
+    digits = str(text).strip().replace("_", "")
+    try:
+        return int(digits)
+    except ValueError:
+        if digits.lstrip("+-").isdigit():  # Python refuses to read 4,300+ digits
+            raise QuantlabError(f"{flag}: a number of {len(digits):,} digits is out of range") from None
+        raise QuantlabError(f"{flag}: '{str(text)[:40]}' is not a whole number (e.g. {flag} 4)") from None

@@ -6,19 +6,23 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from quantlab.errors import QuantlabError
 from quantlab.extras import install_hint, installed
-from quantlab.estimate.overheads import calibrate
+from quantlab.estimate.overheads import calibrate, skipped_records
 from quantlab.estimate.against_records import check_records
 from quantlab.claims import claims_data
 from quantlab.estimate.claims import check_claims
 from quantlab.estimate import DEFAULT_CONTEXTS, DEFAULT_METHODS, ESTIMATES_NAME, PLOT_NAME
+from quantlab.estimate.config_check import excerpt_number
 from quantlab.estimate.estimator import EstimateRequest, EstimateResult, estimate
 from quantlab.estimate.model import EstimationModel, load_model
-from quantlab.estimate.multi_gpu import parse_gpu_sets
-from quantlab.estimate.runtime import runtime_profile
+from quantlab.estimate.multi_gpu import check_gpu_gib, parse_gpu_sets
+from quantlab.estimate.runtime import MAX_BATCH, runtime_profile
 from quantlab.estimate.schemes import parse_schemes
 from quantlab.known_models import KNOWN_MODELS
+from quantlab.recipe import MAX_CONTEXT
 from quantlab.store import load_records, replace_file
 
 
@@ -40,9 +44,39 @@ class EstimateOptions:
     output: str | None = "measurements"  # where GPU records are read from (None: no records)
 
 
+@dataclass(frozen=True)
+class NumericOptions:
+    """The numbers the command line gives, each checked before any model is read."""
+
+    contexts: tuple[int, ...]
+    gpu_gib: tuple[float, ...]
+    gpu_sets: tuple
+
+
+def parse_numeric_options(options: EstimateOptions) -> NumericOptions:
+    """Every numeric option in range, or one QuantlabError naming the option: bad input is refused before any work."""
+    contexts = tuple(parse_numbers(options.contexts, "--contexts", int))
+    for context in contexts:
+        in_range(context, "--contexts", "context", (1, MAX_CONTEXT), " tokens")
+    in_range(options.batch, "--batch", "batch", (1, MAX_BATCH))
+    if options.prefill_chunk is not None:
+        in_range(options.prefill_chunk, "--prefill-chunk", "prefill chunk", (1, MAX_CONTEXT), " tokens")
+    gpu_gib = tuple(parse_numbers(options.gpu_gb, "--gpu-gb", float))
+    for gib in gpu_gib:
+        check_gpu_gib(gib, "--gpu-gb", f"{gib:g}")
+    gpu_sets = parse_gpu_sets(options.gpus) if options.gpus is not None else ()
+    return NumericOptions(contexts, gpu_gib, gpu_sets)
+
+
+def in_range(value: int, flag: str, what: str, bounds: tuple[int, int], unit: str = "") -> None:
+    least, most = bounds
+    if not least <= value <= most:
+        raise QuantlabError(f"{flag}: {what} must be between {least:,} and {most:,}{unit}, got {excerpt_number(value)}")
+
+
 def run_estimate(options: EstimateOptions) -> EstimateResult:
     """The whole estimate, with the claims (for Qwen3.6-27B) and checks against GPU records."""
-    gpu_sets = parse_gpu_sets(options.gpus) if options.gpus is not None else ()  # bad input refused before any work
+    numbers = parse_numeric_options(options)
     records, _ = load_records(options.output) if options.output else ([], [])
     model = load_model(options.model)
     # The DeltaNet state dtype: the option, else the config's mamba_ssm_dtype, else the profile's (float32).
@@ -54,22 +88,29 @@ def run_estimate(options: EstimateOptions) -> EstimateResult:
         raise QuantlabError(f"--with-vision: {model.name} has no vision tower")
     schemes, notes = _schemes(options.methods)
     request = EstimateRequest(
-        schemes=schemes,
-        contexts=tuple(parse_numbers(options.contexts, "--contexts", int)),
-        batch=options.batch,
-        gpu_gib=tuple(parse_numbers(options.gpu_gb, "--gpu-gb", float)),
-        runtime=rt,
-        include_vision=options.with_vision,
-        include_mtp=options.with_mtp,
-        gpu_sets=gpu_sets,
+        schemes=schemes, contexts=numbers.contexts, batch=options.batch, gpu_gib=numbers.gpu_gib, runtime=rt,
+        include_vision=options.with_vision, include_mtp=options.with_mtp, gpu_sets=numbers.gpu_sets,
     )
-    result = estimate(model, request)
+    result = _estimate_in_range(model, request)
+    checks, unchecked = check_records(records, calibrate(runtime_profile("transformers"), records))
+    notes += [*skipped_records(records), *unchecked]
     result = result.model_copy(update={"model": result.model.model_copy(update={"notes": [*result.model.notes, *notes]})})
     claims = _claims(model, records)
-    checks, _ = check_records(records, calibrate(runtime_profile("transformers"), records))
     return result.model_copy(
         update={"claims": [c.model_dump() for c in claims], "checks": [c.model_dump() for c in checks]}
     )
+
+
+def _estimate_in_range(model: EstimationModel, request: EstimateRequest) -> EstimateResult:
+    """The estimate, or one line where a figure of it falls outside what estimates.json may hold (an exabyte: a
+    config of huge KV heads at a million tokens and a batch of thousands)."""
+    try:
+        return estimate(model, request)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        raise QuantlabError(f"{model.name}: the estimate's {field or 'figures'} is outside what an estimate may hold "
+                            f"({error['msg']}); ask for shorter --contexts or a smaller --batch") from None
 
 
 def _schemes(methods: str) -> tuple[tuple, list[str]]:
@@ -88,15 +129,22 @@ def _claims(model: EstimationModel, records: list) -> list:
     return check_claims(model, load_model(claims_data()["moe_model"]), records)
 
 
+MAX_LISTED = 32  # values in one list option: each is a column of the table
+
+
 def parse_numbers(text: str, flag: str, kind: type) -> list:
+    items = [part.strip() for part in str(text).split(",")]
+    if len(items) > MAX_LISTED:
+        raise QuantlabError(f"{flag}: {len(items):,} values; give at most {MAX_LISTED}")
     values = []
-    for item in (part.strip() for part in str(text).split(",")):
+    for item in items:
         try:
             values.append(kind(item.replace("_", "")))
         except ValueError:
-            raise QuantlabError(f"{flag}: '{item}' is not a number (give a comma-separated list, e.g. 4096,32768)") from None
+            raise QuantlabError(f"{flag}: '{item[:40]}' is not a number "
+                                "(give a comma-separated list, e.g. 4096,32768)") from None
     if kind is float and any(not math.isfinite(v) or v <= 0 for v in values):
-        raise QuantlabError(f"{flag}: sizes must be positive finite numbers, got {text}")
+        raise QuantlabError(f"{flag}: sizes must be positive finite numbers, got {str(text)[:80]}")
     return values
 
 
@@ -106,6 +154,7 @@ def write_outputs(result: EstimateResult, output_dir: str | Path) -> list[Path]:
     from quantlab.outputs import check_measurements_folder
 
     check_measurements_folder(output_dir)
+    check_output_files(output_dir)
     target = Path(output_dir) / ESTIMATES_NAME
     replace_file(target, result.model_dump_json(indent=1) + "\n")
     paths = [target]
@@ -114,3 +163,13 @@ def write_outputs(result: EstimateResult, output_dir: str | Path) -> list[Path]:
     elif result.claims:
         print(f"no {PLOT_NAME}: matplotlib is not installed here ({install_hint('matplotlib')})")
     return paths
+
+
+def check_output_files(output_dir: str | Path) -> None:
+    """estimates.json and memory.png are replaced whole, by a rename: a folder (or a pipe) of either name is refused
+    up front, by its name, not after the estimate on the temporary file's."""
+    for name in (ESTIMATES_NAME, PLOT_NAME):
+        path = Path(output_dir) / name
+        if path.exists() and not path.is_file():
+            raise QuantlabError(f"{path}: not a file (a folder or a special file); `quantlab estimate` writes a file "
+                                f"of that name there: move it away, or give another --output")

@@ -12,7 +12,7 @@ import quantlab
 from quantlab.estimate import DEFAULT_CONTEXTS
 from quantlab.estimate.overheads import describe_overheads
 from quantlab.estimate.model import EstimationModel
-from quantlab.estimate.multi_gpu import GpuSet, multi_gpu_estimates
+from quantlab.estimate.multi_gpu import GpuSet, multi_gpu_estimates, note_fewer_gpus_fit_more
 from quantlab.estimate.runtime import (
     RuntimeAssumptions,
     activation_bytes_per_token,
@@ -80,7 +80,7 @@ def _multi_gpu(model: EstimationModel, request: EstimateRequest) -> list:
         weights = weights_for(model, scheme, request.dtype)
         for gpus in request.gpu_sets:
             rows += multi_gpu_estimates(model, scheme, weights, weights.bytes(False, False), gpus, request.batch, rt)
-    return rows
+    return note_fewer_gpus_fit_more(rows)
 
 
 def lookup_table_bytes(weights: WeightsEstimate) -> int:

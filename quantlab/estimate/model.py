@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from quantlab.errors import QuantlabError
+from quantlab.estimate.config_check import check_config_values, check_parameter_count
 from quantlab.estimate.hybrid import HybridShape, check_fields, hybrid_shape
 from quantlab.estimate.inventory import ModelInventory, estimator_class, model_inventory, text_config_of
 from quantlab.known_models import KNOWN_MODELS
@@ -48,9 +49,19 @@ def load_model(model: str) -> EstimationModel:
     raw = _raw_config(model)
     if raw is not None:
         check_fields(raw, model)
+    check_config_values(resolved.config, model[:200])  # before any tensor is built from the sizes
     shape = hybrid_shape(text_config_of(resolved.config))
-    inventory = model_inventory(resolved.config)
+    inventory = _inventory(resolved.config, model)
+    check_parameter_count(inventory.parameters(), model[:200])
     return EstimationModel(resolved.name, resolved.location, inventory, shape, resolved.notes, resolved.variant())
+
+
+def _inventory(config, model: str) -> ModelInventory:
+    try:
+        return model_inventory(config)
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as exc:  # sizes the checks let by
+        raise QuantlabError(f"{model[:200]}: transformers cannot build the model from it "
+                            f"({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def model_spec(model: str) -> ModelSpec:

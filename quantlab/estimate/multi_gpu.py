@@ -14,6 +14,7 @@ The longest context of a GPU set is the longest at which every GPU fits.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -37,6 +38,8 @@ from quantlab.schema.estimate import GpuShareEstimate, MultiGpuEstimate
 GIB = 1 << 30
 MAX_GPUS_PER_SET = 64
 MAX_GPU_SETS = 8  # each set maps every method on the meta device: about a second each
+# GPU sizes, GiB: from a tenth (the bundled model fits) to 4 TiB, past any GPU or unified-memory machine made
+MIN_GPU_GIB, MAX_GPU_GIB = 0.1, 4096.0
 _GPU_SET = re.compile(r"(\d{1,3})\s*[x×]\s*(\d{1,4}(?:\.\d{1,3})?)")
 
 
@@ -60,13 +63,21 @@ def parse_gpu_sets(text: str) -> tuple[GpuSet, ...]:
         if not match:
             raise QuantlabError(f"--gpus: '{item[:40]}' is not COUNTxSIZE (e.g. 2x24 for two 24 GB GPUs, 1x48 for one 48 GB)")
         count, gib = int(match.group(1)), float(match.group(2))
-        if not 1 <= count <= MAX_GPUS_PER_SET or gib <= 0:
+        if not 1 <= count <= MAX_GPUS_PER_SET:
             raise QuantlabError(f"--gpus: '{item}': 1 to {MAX_GPUS_PER_SET} GPUs of a positive size")
+        check_gpu_gib(gib, "--gpus", item)
         sets.append(GpuSet(count, gib))
     unique = tuple(dict.fromkeys(sets))
     if len(unique) > MAX_GPU_SETS:
         raise QuantlabError(f"--gpus: {len(unique)} GPU sets; give at most {MAX_GPU_SETS}")
     return unique
+
+
+def check_gpu_gib(gib: float, flag: str, given: str) -> None:
+    """A GPU size in GiB: finite and within MIN_GPU_GIB..MAX_GPU_GIB, or one line naming the option."""
+    if not (math.isfinite(gib) and MIN_GPU_GIB <= gib <= MAX_GPU_GIB):
+        raise QuantlabError(f"{flag}: '{given[:40]}': a GPU size is {MIN_GPU_GIB:g} to {MAX_GPU_GIB:,.0f} GiB "
+                            "(e.g. 24 for a 24 GB card)")
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,7 @@ class GpuShare:
     full_attention_layers: int
     deltanet_layers: int
     has_lm_head: bool
-    strategy: str = "balanced"  # accelerate's map: balanced (device_map="auto"), or sequential where that spills
+    strategy: str = "balanced"  # accelerate's map: balanced (device_map="auto"), sequential where that spills, even
 
 
 @dataclass(frozen=True)
@@ -93,20 +104,37 @@ class SplitMemory:
     total: int
 
 
+@dataclass(frozen=True)
+class AccelerateMaps:
+    """Two accelerate maps of one method on one GPU set: the one a run computes, and the even one."""
+
+    run: tuple[GpuShare, ...]  # device_map="auto" (balanced; sequential where that spills), as quantlab run plans it
+    even: tuple[GpuShare, ...] | None  # the sequential map under one cap per GPU (device_map.even_split)
+    even_cap: int | None  # that cap, bytes per GPU
+
+
 def accelerate_shares(model: EstimationModel, scheme: Scheme, weights_bytes: int, gpus: GpuSet,
                       rt: RuntimeAssumptions) -> tuple[GpuShare, ...] | str:
-    """Each GPU's share under accelerate's device map; a sentence instead when there is no such split."""
+    """Each GPU's share under the device map a run computes; a sentence instead when there is no such split."""
+    maps = accelerate_maps(model, scheme, weights_bytes, gpus, rt)
+    return maps if isinstance(maps, str) else maps.run
+
+
+def accelerate_maps(model: EstimationModel, scheme: Scheme, weights_bytes: int, gpus: GpuSet,
+                    rt: RuntimeAssumptions) -> AccelerateMaps | str:
+    """The run's map and the even map, both from one meta-device build; a sentence when there is no split."""
     if scheme.is_gguf:
         return "GGUF files run in llama.cpp, which splits by its own rules (--tensor-split), not accelerate's"
     if model.text_model is None:
         return "no text model to map"
-    from quantlab.device_map import DoesNotFit, plan_split
+    from quantlab.device_map import DoesNotFit, MetaLayout, even_split, run_split
 
-    auto_class = model.text_model[1]
     offered = {f"cuda:{i}": round(gpus.gib * GIB) - rt.cuda_context_bytes for i in range(gpus.count)}
     try:
         config, quantization_config = _as_loaded(scheme, model)
-        split = plan_split(config, auto_class, _torch_dtype(), offered, quantization_config)
+        layout = MetaLayout.build(config, model.text_model[1], _torch_dtype(), quantization_config)
+        split = run_split(layout, offered)
+        even = even_split(layout, offered)
     except DoesNotFit as exc:
         if exc.total > 1.25 * weights_bytes:
             return _not_this_scheme(exc.total, weights_bytes)
@@ -118,8 +146,18 @@ def accelerate_shares(model: EstimationModel, scheme: Scheme, weights_bytes: int
     if mapped > 1.25 * weights_bytes:  # e.g. fused MoE expert tensors, which transformers' quantizer leaves whole
         return _not_this_scheme(mapped, weights_bytes)
     layer_types = _layer_types(config)
+    return AccelerateMaps(
+        run=_shares(split, offered, layer_types, weights_bytes, mapped),
+        even=_shares(even, offered, layer_types, weights_bytes, mapped) if even else None,
+        even_cap=next(iter(even.max_memory.values())) if even else None,
+    )
+
+
+def _shares(split, offered: dict[str, int], layer_types: list[str], weights_bytes: int,
+            mapped: int) -> tuple[GpuShare, ...]:
+    """Every GPU of the set, empty ones too, in order; the scheme's bytes split in the map's proportions."""
     shares = []
-    for device in sorted(offered, key=lambda d: int(d.split(":")[1])):  # every GPU of the set, empty ones too
+    for device in sorted(offered, key=lambda d: int(d.split(":")[1])):
         kinds = Counter(layer_types[i] for i in split.layers_per_device.get(device, ()))
         shares.append(GpuShare(
             device=device,
@@ -168,32 +206,105 @@ def longest_context(shares: tuple[GpuShare, ...], model: EstimationModel, weight
 
 def multi_gpu_estimates(model: EstimationModel, scheme: Scheme, weights: WeightsEstimate, loaded_bytes: int,
                         gpus: GpuSet, batch: int, rt: RuntimeAssumptions) -> list[MultiGpuEstimate]:
-    """`scheme` on `gpus`, split by accelerate's device map and by vLLM's tensor parallelism."""
-    return [accelerate_estimate(model, scheme, weights, loaded_bytes, gpus, batch, rt),
+    """`scheme` on `gpus`, split by accelerate's device map (the run's or the even one, whichever fits more) and
+    by vLLM's tensor parallelism."""
+    return [chosen_accelerate_estimate(model, scheme, weights, loaded_bytes, gpus, batch, rt),
             tensor_parallel_row(model, scheme, gpus, batch)]
 
 
 def accelerate_estimate(model: EstimationModel, scheme: Scheme, weights: WeightsEstimate, loaded_bytes: int,
                         gpus: GpuSet, batch: int, rt: RuntimeAssumptions) -> MultiGpuEstimate:
-    row = dict(method=scheme.key, gpus=gpus.label, count=gpus.count, gpu_gib=gpus.gib, split="accelerate")
+    """The row of the map a run computes, whatever it fits."""
     shares = accelerate_shares(model, scheme, loaded_bytes, gpus, rt)
     if isinstance(shares, str):
-        return MultiGpuEstimate(**row, unavailable=shares)
+        return MultiGpuEstimate(**_row_head(scheme, gpus, "accelerate"), unavailable=shares)
+    return _map_row(shares, model, scheme, weights, gpus, batch, rt)
+
+
+def chosen_accelerate_estimate(model: EstimationModel, scheme: Scheme, weights: WeightsEstimate, loaded_bytes: int,
+                               gpus: GpuSet, batch: int, rt: RuntimeAssumptions) -> MultiGpuEstimate:
+    """The run's map, unless the even map fits a longer context: then the even map, saying why and what the run's
+    map would fit. Where both fit the same, the run's map, saying which GPUs it leaves empty."""
+    maps = accelerate_maps(model, scheme, loaded_bytes, gpus, rt)
+    if isinstance(maps, str):
+        return MultiGpuEstimate(**_row_head(scheme, gpus, "accelerate"), unavailable=maps)
+    run = _map_row(maps.run, model, scheme, weights, gpus, batch, rt)
+    if maps.even is None:
+        return run
+    even = _map_row(maps.even, model, scheme, weights, gpus, batch, rt)
+    if even.max_context > run.max_context:
+        why = (f"even map: accelerate's sequential map with each GPU offered {maps.even_cap / GIB:.2f} GiB "
+               f"(device_map=\"sequential\", max_memory), chosen over the map a run computes, "
+               f"{_strategy_name(run.split)}, which {_what_it_does(run)}")
+        return even.model_copy(update={"limit": f"{even.limit}; {why}"})
+    if _empty_gpus(run):
+        return run.model_copy(update={"limit": f"{run.limit}; the map {_what_it_does(run)}; an even map (one cap on "
+                                               f"every GPU) fits no more ({even.max_context:,} tokens)"})
+    return run
+
+
+def _map_row(shares: tuple[GpuShare, ...], model: EstimationModel, scheme: Scheme, weights: WeightsEstimate,
+             gpus: GpuSet, batch: int, rt: RuntimeAssumptions) -> MultiGpuEstimate:
     tokens, limit = longest_context(shares, model, weights, gpus, batch, rt)
-    if shares[0].strategy != "balanced":
-        row["split"] = f"accelerate-{shares[0].strategy}"
+    split = "accelerate" if shares[0].strategy == "balanced" else f"accelerate-{shares[0].strategy}"
+    if not tokens:
+        limit += ": the weights fit, but not one token's memory beside them"
     per_gpu = [GpuShareEstimate(
         device=s.device, weights=s.weight_bytes, full_attention_layers=s.full_attention_layers,
         deltanet_layers=s.deltanet_layers,
         total_at_max_context=share_memory(s, model, weights, tokens, batch, rt).total if tokens else None,
     ) for s in shares]
-    return MultiGpuEstimate(**row, per_gpu=per_gpu, max_context=tokens, limit=limit)
+    return MultiGpuEstimate(**_row_head(scheme, gpus, split), per_gpu=per_gpu, max_context=tokens, limit=limit)
+
+
+def _row_head(scheme: Scheme, gpus: GpuSet, split: str) -> dict:
+    return dict(method=scheme.key, gpus=gpus.label, count=gpus.count, gpu_gib=gpus.gib, split=split)
+
+
+def _strategy_name(split: str) -> str:
+    return "accelerate's sequential map" if split == "accelerate-sequential" else "accelerate's balanced map"
+
+
+def _empty_gpus(row: MultiGpuEstimate) -> tuple[str, ...]:
+    return tuple(g.device for g in row.per_gpu if not g.weights)
+
+
+def _what_it_does(row: MultiGpuEstimate) -> str:
+    """'leaves cuda:0-6 (7 GPUs) empty and fits 12,226 tokens'."""
+    from quantlab.device_map import device_list
+
+    empty = _empty_gpus(row)
+    fits = f"fits {row.max_context:,} tokens" if row.max_context else "leaves no room for one token"
+    return f"leaves {device_list(empty)} empty and {fits}" if empty else fits
+
+
+def note_fewer_gpus_fit_more(rows: list[MultiGpuEstimate]) -> list[MultiGpuEstimate]:
+    """More GPUs of one size should fit at least the context fewer do; where a split's rules make them fit less,
+    the row says which smaller set fits more, rather than letting more GPUs read as less context silently."""
+    noted = []
+    for row in rows:
+        fewer = [r for r in rows if _same_kind(r, row) and r.count < row.count and r.max_context > row.max_context]
+        if fewer and not row.unavailable:
+            best = max(fewer, key=lambda r: r.max_context)
+            row = row.model_copy(update={"limit": f"{row.limit}; fewer GPUs fit more: {best.gpus} fits "
+                                                  f"{best.max_context:,} tokens"})
+        noted.append(row)
+    return noted
+
+
+def _same_kind(a: MultiGpuEstimate, b: MultiGpuEstimate) -> bool:
+    return (a.method == b.method and a.gpu_gib == b.gpu_gib and _family(a) == _family(b) and not a.unavailable)
+
+
+def _family(row: MultiGpuEstimate) -> str:
+    """accelerate (its run, sequential and even maps alike) or vllm."""
+    return row.split.split("-")[0]
 
 
 def tensor_parallel_row(model: EstimationModel, scheme: Scheme, gpus: GpuSet, batch: int) -> MultiGpuEstimate:
     from quantlab.estimate.tensor_parallel import tensor_parallel_estimate
 
-    row = dict(method=scheme.key, gpus=gpus.label, count=gpus.count, gpu_gib=gpus.gib, split="vllm-tp")
+    row = _row_head(scheme, gpus, "vllm-tp")
     try:
         tp = tensor_parallel_estimate(model, scheme, gpus.count)
     except QuantlabError as exc:

@@ -20,13 +20,45 @@ def overhead_samples(records: list[Record]) -> list[tuple[float, int]]:
     """(allocator overhead share, CUDA context bytes) per usable GPU record."""
     samples = []
     for r in records:
-        m = r.result.prefill_memory if r.hardware.kind == "gpu" and r.result.status == "ok" else None
-        if m is None or not (m.allocated_peak_bytes and m.reserved_peak_bytes and m.nvml_process_used_peak_bytes):
+        m = _fitted_memory(r)
+        if m is None or contradiction(r) is not None:
             continue
         share = m.reserved_peak_bytes / m.allocated_peak_bytes - 1
         context = m.nvml_process_used_peak_bytes - m.reserved_peak_bytes
         samples.append((share, context))
     return samples
+
+
+def _fitted_memory(r: Record):
+    """The prefill memory of a GPU record that has every figure the fit needs, else None."""
+    m = r.result.prefill_memory if r.hardware.kind == "gpu" and r.result.status == "ok" else None
+    if m is None or not (m.allocated_peak_bytes and m.reserved_peak_bytes and m.nvml_process_used_peak_bytes):
+        return None
+    return m
+
+
+def contradiction(r: Record) -> str | None:
+    """Why a GPU record's memory figures cannot all be true (one would poison the median fit or the check against
+    the estimate); None when they agree: allocated <= reserved <= the process's NVML total, and the prefill peak
+    at least the weights allocated at load."""
+    m = r.result.prefill_memory
+    if m is None or not m.allocated_peak_bytes:
+        return None
+    if m.reserved_peak_bytes and m.reserved_peak_bytes < m.allocated_peak_bytes:
+        return "its reserved peak is below its allocated peak"
+    nvml, reserved = m.nvml_process_used_peak_bytes, m.reserved_peak_bytes
+    if nvml and reserved and nvml < reserved:
+        return "its process memory (NVML) is below torch's reserved peak"
+    loaded = r.load_memory.allocated_end_bytes
+    if loaded and m.allocated_peak_bytes < loaded:
+        return "its prefill peak is below the weights allocated at load"
+    return None
+
+
+def skipped_records(records: list[Record]) -> list[str]:
+    """One line per GPU record left out of the fit and the checks, and why."""
+    return [f"GPU record {r.record_id[:80]}: skipped, {why}" for r in records
+            if r.hardware.kind == "gpu" and r.result.status == "ok" and (why := contradiction(r)) is not None]
 
 
 def calibrate(rt: RuntimeAssumptions, records: list[Record]) -> RuntimeAssumptions:

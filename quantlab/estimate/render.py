@@ -80,7 +80,7 @@ def memory_table(result: EstimateResult) -> Table:
 
 
 SPLIT_NAMES = {"accelerate": "accelerate device map", "accelerate-sequential": "accelerate device map (sequential)",
-               "vllm-tp": "vLLM tensor parallel"}
+               "accelerate-even": "accelerate device map (even cap)", "vllm-tp": "vLLM tensor parallel"}
 
 
 def multi_gpu_table(result: EstimateResult) -> Table:
@@ -113,7 +113,9 @@ def _per_gpu(values: list[int | None]) -> str:
 def multi_gpu_lines(result: EstimateResult) -> list[str]:
     return [
         "accelerate: whole decoder layers per GPU, the map a run computes (each GPU offering its size less the CUDA "
-        "context; '-' for a GPU the map leaves empty), one GPU working at a time, on the transformers profile; vLLM: every layer cut across the GPUs (KV heads copied when GPUs "
+        "context; '-' for a GPU the map leaves empty), or, where it fits a shorter context, an even map (accelerate's "
+        "sequential map with one cap on every GPU, the cap and the run's map's context named in the row), one GPU "
+        "working at a time, on the transformers profile; vLLM: every layer cut across the GPUs (KV heads copied when GPUs "
         "outnumber them), 0.9 of each GPU (--gpu-memory-utilization), bf16 KV cache and state, 8,192-token "
         "prefill chunks. Text model only. GB = 10⁹ bytes.",
     ]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from quantlab.estimate import ESTIMATES_NAME, PLOT_NAME
+from quantlab.outputs import md_text
+from quantlab.schema.bench import FITS_PAIR, GgufFullSize
 from quantlab.schema.estimate import EstimateResult
+from quantlab.store import UNREADABLE, read_model, why
 from quantlab.estimate.render import (
     checks_table, claim_notes, claims_table, header_lines, markdown, memory_table, multi_gpu_lines, multi_gpu_table,
 )
@@ -18,34 +18,46 @@ from quantlab.estimate.render import (
 def estimate_section(output_dir: str | Path) -> list[str]:
     """Markdown lines for the report; [] when there is no estimates.json."""
     path = Path(output_dir) / ESTIMATES_NAME
-    if not path.is_file():
-        return []
+    if not path.exists() and not path.is_symlink():
+        return []  # a folder or a broken link named estimates.json is said below, not dropped in silence
     try:
-        result = EstimateResult.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, RecursionError, json.JSONDecodeError, ValidationError, UnicodeDecodeError) as exc:
-        return ["## Estimates", "", f"- {path}: skipped, not a valid estimate ({type(exc).__name__}); rerun `quantlab estimate`", ""]
-    return _section(result, (Path(output_dir) / PLOT_NAME).is_file(), llama_plan_cells(output_dir))
+        result = read_model(path, EstimateResult)
+    except UNREADABLE as exc:
+        return ["## Estimates", "", f"- {md_text(path)}: skipped, not a valid estimate ({md_text(why(exc))}); this "
+                "section is left out; rerun `quantlab estimate`", ""]
+    return _section(_escaped(result), (Path(output_dir) / PLOT_NAME).is_file(), llama_plan_cells(output_dir))
+
+
+def _escaped(result: EstimateResult) -> EstimateResult:
+    """The estimate with every text it holds escaped for Markdown (it is a data file, so text from anywhere), but
+    claim ids, which are looked up, not shown. Escaping is one-to-one: labels still match their keys."""
+    def escape(value, key=None):
+        if isinstance(value, str):
+            return value if key == "id" else md_text(value)
+        if isinstance(value, dict):
+            return {k: escape(v, k) for k, v in value.items()}
+        return [escape(v, key) for v in value] if isinstance(value, list) else value
+    return EstimateResult.model_validate(escape(result.model_dump()))
 
 
 def llama_plan_cells(output_dir: str | Path) -> dict[str, str]:
     """Claim id → llama.cpp's own numbers from gguf-full-size.json (scripts/gguf_full_size.py), when it is there."""
-    path = Path(output_dir) / "gguf-full-size.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        sizes, plans, fits = data["sizes"], data["allocations"], data["fits_24gib"]
-    except (OSError, ValueError, KeyError, TypeError):
+    try:  # the report's own gguf-full-size section says what is wrong with the file
+        data = read_model(Path(output_dir) / "gguf-full-size.json", GgufFullSize)
+    except UNREADABLE:
         return {}
+    fits = data.fits_24gib
     cells = {}
     for kind in ("Q8_0", "Q6_K", "Q4_K_M"):
-        size = {s["mtp"]: s["tensor_bytes"] for s in sizes if s["type"] == kind}
-        plan = {a["context"]: a["total"] for a in plans if a["type"] == kind and a["kv_type"] == "f16" and a["slots"] == 1}
+        size = {s.mtp: s.tensor_bytes for s in data.sizes if s.type == kind}
+        plan = {a.context: a.total for a in data.allocations if a.type == kind and a.kv_type == "f16" and a.slots == 1}
         if not size or 4096 not in plan:
             continue
         cells[f"weights_{kind.lower()}"] = (f"file tensors {size[False] / 1e9:.2f} GB without MTP, "
                                             f"{size[True] / 1e9:.2f} GB with (llama-quantize --dry-run)")
         cells[f"fits_{kind.lower()}"] = (f"all buffers {plan[4096] / 1e9:.1f} GB at 4,096 tokens, "
                                          f"{plan.get(32768, 0) / 1e9:.1f} GB at 32,768 (f16 KV, 1 slot)")
-    if "f16_without_token_embd" in fits:
+    if FITS_PAIR[0] in fits:
         cells["room_for_context"] = (f"24 GiB holds {fits['f16_without_token_embd']:,} tokens (f16 KV) / "
                                      f"{fits['q8_0_without_token_embd']:,} (q8_0) without token_embd, kept in host "
                                      "memory; CUDA context and workspace not included")

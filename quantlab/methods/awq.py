@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from quantlab.architecture import TENSOR_CLASS_NAMES, tensor_class
 from quantlab.errors import QuantlabError
@@ -27,6 +27,7 @@ from quantlab.textsource import TextSourceSpec
 
 PACK_MULTIPLE = 8  # eight 4-bit values per int32 along out_features
 DTYPES = ("bfloat16", "float16", "float32")
+MAX_CALIBRATION_TOKENS = 1 << 22  # 4,194,304 tokens: far above any calibration set, far below a memory problem
 
 
 class CalibrationSpec(TextSourceSpec):
@@ -42,6 +43,14 @@ class CalibrationSpec(TextSourceSpec):
     samples: int = Field(128, ge=1, le=100_000, description="calibration windows")
     seq_len: int = Field(512, ge=16, le=32_768, description="tokens per window")
     seed: Seed = Field(0, description="which windows are drawn")
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> "CalibrationSpec":
+        tokens = self.samples * self.seq_len
+        if tokens > MAX_CALIBRATION_TOKENS:  # the token ids alone are 8 bytes each, held at once
+            raise ValueError(f"{self.WHERE}: samples × seq_len is {tokens:,} tokens; at most "
+                             f"{MAX_CALIBRATION_TOKENS:,} (calibration sets are thousands to a few hundred thousand)")
+        return self
 
 
 class AwqConfig(MethodConfig):

@@ -94,6 +94,7 @@ class GgufMethod(Method):
         check_convertible(tools, source.config)
         for cls, kind_of in qconfig.overrides.items():
             llamacpp.check_tensor_type(kind_of, f"quantization.overrides.{cls}")
+        check_llama_rules(tools, qconfig, kind, source.config)
         if qconfig.overrides and kind in CONVERTER_TYPES:
             raise QuantlabError(f"quantization.overrides: type {kind} is written by the converter, which takes no "
                                 "per-tensor types; pick a llama-quantize type")
@@ -157,6 +158,46 @@ class GgufMethod(Method):
         return [("method", self.name), ("type", params.get("type")), ("imatrix", params.get("imatrix")),
                 ("per-class types", params.get("overrides") or "none"),
                 ("MTP head", "kept (blk.N)" if params.get("mtp", True) else "left out (--no-mtp)")]
+
+
+def check_llama_rules(tools, qconfig: GgufConfig, kind: str, config) -> None:
+    """llama.cpp's own rules, read from its source, before any work: which tensor types need an importance matrix,
+    how much text llama-imatrix needs, and which file types are for MoE models only."""
+    from quantlab import llamacpp
+
+    for cls, kind_of in sorted(qconfig.overrides.items()):
+        check_override_writable(tools, cls, kind_of.upper(), qconfig.imatrix)
+    chunks = llamacpp.imatrix_min_chunks(tools)
+    if qconfig.imatrix and kind not in CONVERTER_TYPES and qconfig.calibration.samples < chunks:
+        raise QuantlabError(f"quantization.calibration.samples {qconfig.calibration.samples}: llama-imatrix needs at "
+                            f"least {chunks} chunks of seq_len tokens; give samples: {chunks} or more")
+    if llamacpp.moe_only(kind) and not has_experts(config):
+        raise QuantlabError(f"quantization.type {kind} quantizes the experts of MoE models only; this model is dense, "
+                            "so every tensor would be Q8_0: use type Q8_0 (or another type)")
+
+
+# llama-imatrix collects data for the blocks' matmuls only: token_embd is read by no matmul, and output.weight only
+# with --process-output, which quantlab does not pass (tools/imatrix/imatrix.cpp)
+NO_MATRIX_DATA = ("embeddings", "lm_head")
+
+
+def check_override_writable(tools, cls: str, kind: str, imatrix: bool) -> None:
+    """llama-quantize refuses a type of tensor_requires_imatrix without a matrix (token_embd and output exempt), and
+    ggml aborts on a type of ggml_quantize_requires_imatrix for a tensor without matrix data."""
+    from quantlab import llamacpp
+
+    if kind in llamacpp.imatrix_data_types(tools) and (cls in NO_MATRIX_DATA or not imatrix):
+        why = "llama-imatrix records no data for it" if cls in NO_MATRIX_DATA else "quantization.imatrix is false"
+        raise QuantlabError(f"quantization.overrides.{cls}: ggml writes {kind} only with importance-matrix data for "
+                            f"the tensor, and {why} (llama-quantize would abort); pick another type")
+    if kind in llamacpp.imatrix_tensor_types(tools) and not imatrix and cls not in NO_MATRIX_DATA:
+        raise QuantlabError(f"quantization.overrides.{cls}: tensor type {kind} needs an importance matrix "
+                            "(llama-quantize refuses it without one); set quantization.imatrix: true")
+
+
+def has_experts(config) -> bool:
+    text = getattr(config, "text_config", None) or config
+    return any(int(getattr(text, key, 0) or 0) > 0 for key in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
 def check_needs_no_imatrix(tools, bf16: Path, kind: str) -> None:
@@ -244,12 +285,12 @@ def _tensor_pattern(name: str) -> str:
 
 
 def quantize(tools, src: Path, dst: Path, kind: str, imatrix: Path | None, dry_run: bool = False,
-             tensor_types: list[str] | None = None) -> str:
+             tensor_types: list[str] | None = None, what: str | None = None) -> str:
     from quantlab import llamacpp
 
     args = ["llama-quantize", *(["--imatrix", str(imatrix)] if imatrix else []), *(["--dry-run"] if dry_run else []),
             *(tensor_types or []), str(src), *([] if dry_run else [str(dst)]), kind]
-    return llamacpp.run_tool(tools, args, f"llama-quantize {kind}")
+    return llamacpp.run_tool(tools, args, what or f"llama-quantize {kind}")
 
 
 def tensor_types(path: Path) -> dict[str, str]:

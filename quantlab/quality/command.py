@@ -64,6 +64,10 @@ def run_quality(recipe_path: str | Path, output_dir: str | Path | None = None, p
     from quantlab.recipe import QualitySpec, load_recipe
 
     loaded = load_recipe(recipe_path)
+    if loaded.recipe.quantization.method == "gguf":  # before any work: the passes below load through transformers
+        raise QuantlabError(f"{recipe_path}: `quantlab quality` scores a model quantized in memory, and a GGUF is a "
+                            "file llama.cpp's tools write; give the recipe a quality section and run `quantlab run` "
+                            "on it (or `quantlab build`): the GGUF's quality is measured through llama.cpp there")
     if loaded.recipe.quality is None:
         loaded = dataclasses.replace(loaded, recipe=loaded.recipe.model_copy(update={"quality": QualitySpec()}))
     plan = make_plan(loaded)

@@ -12,7 +12,9 @@ That is 8·k + 16 bytes per token: ~1 KiB at k = 128, 32 MiB for 32k tokens.
 The folder name carries a hash of everything the statistics depend on (reference weights, dtype,
 device type, text, token ids, windows, k, tokenizer): a changed input never reuses stale statistics.
 A folder is written under a temporary name and renamed when complete, so an interrupted reference
-pass leaves nothing that a later run would mistake for finished statistics.
+pass leaves nothing that a later run would mistake for finished statistics. meta.json holds each
+window file's SHA-256: a file damaged since (flipped bytes, cut short) fails the check and the
+statistics are computed again, never read.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from quantlab.errors import QuantlabError
 
-FORMAT = 1
+FORMAT = 2  # 2: meta.json carries each window file's sha256
 META = "meta.json"
 
 
@@ -69,20 +71,41 @@ class StoredReference:
     seconds: float | None
 
     def window(self, index: int) -> dict[str, torch.Tensor]:
-        return load_file(self.folder / _window_file(index))
+        """One window's statistics, checked against the sha256 the reference pass recorded."""
+        name = _window_file(index)
+        data = _read_bytes(self.folder / name)
+        if data is None or hashlib.sha256(data).hexdigest() != self.meta["sha256"][name]:
+            raise QuantlabError(f"quality: {self.folder / name} changed while this run read the reference statistics "
+                                "(its sha256 no longer matches); run again to recompute them")
+        return load(data)
 
 
-def find_complete(folder: Path, windows: int) -> dict[str, Any] | None:
-    """The metadata of a finished statistics folder, or None (absent, partial or another format)."""
+def find_complete(folder: Path, windows: int) -> tuple[dict[str, Any] | None, str | None]:
+    """(the metadata of a finished, undamaged statistics folder, None) or (None, why it cannot be used; None when
+    there is no folder at all)."""
+    if not folder.exists():
+        return None, None
     try:
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
+        return None, f"{META} is missing or not JSON (an unfinished pass)"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("windows") != windows:
+        return None, "of another format or window count"
+    sums = meta.get("sha256")
+    for name in (_window_file(i) for i in range(windows)):
+        data = _read_bytes(folder / name)
+        if data is None:
+            return None, f"{name} is missing or unreadable"
+        if not isinstance(sums, dict) or hashlib.sha256(data).hexdigest() != sums.get(name):
+            return None, f"{name} does not match its recorded sha256 (damaged since it was written)"
+    return meta, None
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes() if path.is_file() else None
+    except OSError:
         return None
-    if meta.get("format") != FORMAT or meta.get("windows") != windows:
-        return None
-    if not all((folder / _window_file(i)).is_file() for i in range(windows)):
-        return None
-    return meta
 
 
 class StatsWriter:
@@ -94,18 +117,27 @@ class StatsWriter:
         self.tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
+        self.sums: dict[str, str] = {}
 
     def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(self.tmp / _window_file(index)))
+        path = self.tmp / _window_file(index)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+        self.sums[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
 
-    def finish(self, meta: dict[str, Any]) -> None:
-        (self.tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=1, default=str) + "\n", encoding="utf-8")
+    def finish(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Rename the finished statistics into place; the metadata in place (this run's, or a run's that finished
+        the same statistics first)."""
+        meta = {"format": FORMAT, **meta, "sha256": dict(self.sums)}
+        (self.tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n", encoding="utf-8")
         try:
             os.rename(self.tmp, self.folder)
         except OSError:  # another run finished the same statistics first: keep theirs
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if find_complete(self.folder, meta["windows"]) is None:
+            theirs, _ = find_complete(self.folder, meta["windows"])
+            if theirs is None:
                 raise
+            return theirs
+        return meta
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -299,6 +299,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else loaded.path.with_name(f"{recipe.name}-mixed.yaml")
     _check_new_file(out, "the suggested recipe", "--out")
     if args.plot:
+        if Path(args.plot).resolve() == out.resolve():
+            raise QuantlabError(f"--plot {args.plot}: the same file as the suggested recipe ({out}); give each its own")
         _check_new_file(Path(args.plot), "the plot", "--plot")
     if args.budget_gb is not None and not args.budget_gb > 0:
         raise QuantlabError(f"--budget-gb {args.budget_gb}: a size in GB, above 0")

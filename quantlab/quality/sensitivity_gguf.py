@@ -105,6 +105,7 @@ class GgufSweep:
         if not self.high:
             raise QuantlabError("--high-types: give at least one tensor type, e.g. Q6_K,Q8_0")
         check_above(self.kind, self.high)
+        check_levels_writable(self.tools, self.high, self.q.imatrix)
         self.class_bytes: dict[tuple[str, str | None], int] = {}  # (class, level) → its tensors' bytes, as written
         self.next_up = NEXT_TYPE_UP.get(self.kind)
         self.runtime = LlamaCppRuntime()
@@ -141,7 +142,7 @@ class GgufSweep:
 
         path = self.work / f"{name}.gguf"
         self.step(f"llama-quantize {name}", lambda: quantize(self.tools, self.bf16, path, kind, self.imatrix,
-                                                             tensor_types=tensor_types))
+                                                             tensor_types=tensor_types, what=f"llama-quantize {name}"))
         return _Built(path, read_header(path))
 
     # -- what the driver asks ---------------------------------------------------------------------------------
@@ -230,6 +231,22 @@ def check_above(kind: str, levels: list[str]) -> None:
         raise QuantlabError(f"--high-types {','.join(low)}: not above {kind}'s {main} ({bits_per_weight(main):.2f} bits "
                             f"per weight); raise classes to types with more bits, e.g. Q6_K,Q8_0"
                             + ("" if kind != "Q8_0" else " (for Q8_0: BF16)"))
+
+
+def check_levels_writable(tools, levels: list[str], imatrix: bool) -> None:
+    """Before any work, llama.cpp's own rules for the levels: types that need an importance matrix (none without
+    one), and types ggml writes only with matrix data for the tensor itself, which token_embd never has."""
+    from quantlab import llamacpp
+
+    no_data = [t for t in levels if t in llamacpp.imatrix_data_types(tools)]
+    if no_data:
+        raise QuantlabError(f"--high-types {','.join(no_data)}: ggml writes {no_data[0]} only with importance-matrix "
+                            "data for the tensor itself, and the token embeddings never have any (llama-quantize "
+                            "aborts); raise classes to other types, e.g. IQ3_S,Q4_K,Q6_K")
+    needs = [t for t in levels if t in llamacpp.imatrix_tensor_types(tools)]
+    if needs and not imatrix:
+        raise QuantlabError(f"--high-types {','.join(needs)}: llama-quantize writes {needs[0]} only with an importance "
+                            "matrix, and the recipe has quantization.imatrix: false")
 
 
 def check_class_file(header, tensors, level: str | None = None) -> None:

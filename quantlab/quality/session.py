@@ -79,12 +79,13 @@ class QualitySession:
         top_k = min(self.q.spec.top_k, self.q.vocab_size)
         key = refstats.cache_key(self._cache_payload(top_k))
         folder = refstats.cache_folder(self.cache_dir, self.q.reference_label.split(" (")[0], key)
-        meta = refstats.find_complete(folder, len(self.windows))
+        meta, unusable = refstats.find_complete(folder, len(self.windows))
         if meta is not None:
-            self.echo(f"quality: reusing reference statistics {folder}")
+            self.echo(f"quality: reusing reference statistics {folder} (every window file matches its sha256)")
             self.stored = refstats.StoredReference(folder, meta, reused=True, seconds=None)
             return self.stored
-        if folder.exists():  # unfinished or of another format: quantlab's own cache, safe to redo
+        if unusable is not None:  # quantlab's own cache folder (named by its key), unfinished or damaged: redo it
+            self.echo(f"note: reference statistics {folder} cannot be used ({unusable}); computing them again")
             shutil.rmtree(folder)
         reference = self._load_reference()
         writer = refstats.StatsWriter(folder)
@@ -102,7 +103,7 @@ class QualitySession:
             seconds = time.perf_counter() - start
             meta = {"windows": len(self.windows), "top_k": top_k, "reference": self.q.reference_label,
                     "text": self.text.description, "seconds": seconds, **self._cache_payload(top_k)}
-            writer.finish(meta)
+            meta = writer.finish(meta)
         except BaseException:
             writer.abort()
             raise

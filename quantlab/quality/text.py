@@ -82,7 +82,9 @@ def default_text(split: str = "heldout") -> HeldoutText:
 
 def _from_file(path: Path, column: str, where: str) -> HeldoutText:
     if not path.is_file():
-        raise QuantlabError(f"{where}.path: {path}: file not found")
+        why = "a folder" if path.is_dir() else "not a regular file (a device, a pipe or a socket)" if path.exists() \
+            else "file not found"
+        raise QuantlabError(f"{where}.path: {path}: {why}")
     text = read_text_file(path, column, where)
     sha = _sha256(text)
     description = {"source": "file", "path": str(path.resolve()), "sha256": sha, "chars": len(text)}
@@ -91,7 +93,7 @@ def _from_file(path: Path, column: str, where: str) -> HeldoutText:
 
 def _from_folder(folder: Path, column: str, where: str) -> HeldoutText:
     if not folder.is_dir():
-        raise QuantlabError(f"{where}.path: {folder}: folder not found")
+        raise QuantlabError(f"{where}.path: {folder}: {'not a folder' if folder.exists() else 'folder not found'}")
     files = sorted(
         p for p in folder.rglob("*")
         if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + TABLE_SUFFIXES

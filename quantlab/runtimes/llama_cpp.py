@@ -14,7 +14,7 @@ import os
 import re
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ NAME = "llama.cpp"
 BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|RS|compute|output)\s+buffer size\s*=\s*([\d.]+)\s*MiB")
 KV_TYPES = {"f16": 1, "q8_0": 8, "f32": 0, "bf16": 30}  # GGML_TYPE_* ids
 FLASH = {"auto": -1, "off": 0, "on": 1}
+LLAMA_ALL_LAYERS = 999  # -ngl 999: llama.cpp offloads at most every layer and the output (n_layer + 1)
 
 
 @dataclass
@@ -278,9 +279,10 @@ class LlamaCppRuntime:
             from quantlab.recipe import LlamaCppSpec
 
             spec = LlamaCppSpec()
-        layers = spec.gpu_layers if spec.gpu_layers not in (None, "all") else (999 if device.type == "cuda" else 0)
-        if spec.gpu_layers == "all":
-            layers = 999
+        if device.type != "cuda":
+            layers = 0  # on the CPU nothing is offloaded, whatever a GPU recipe's measure asks
+        else:
+            layers = LLAMA_ALL_LAYERS if spec.gpu_layers in (None, "all") else spec.gpu_layers
         return {"settings": LlamaCppSettings(threads=spec.threads or torch.get_num_threads(), gpu_layers=layers,
                                              flash_attn=spec.flash_attn, kv_type=spec.kv_type, slots=spec.slots,
                                              ubatch=spec.ubatch, batch=spec.batch)}
@@ -371,7 +373,20 @@ def open_gguf(path: Path, settings: LlamaCppSettings) -> LlamaCppModel:
     if not model:
         raise QuantlabError(f"{path}: llama.cpp could not load it: {log.last_error(lines)}")
     vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
-    return LlamaCppModel(lib, model, vocab, path, settings, log, header, buffers=parse_buffers(lines))
+    ran = settings_that_run(settings, _layers(lib, model, header), bool(lib.llama_supports_gpu_offload()))
+    return LlamaCppModel(lib, model, vocab, path, ran, log, header, buffers=parse_buffers(lines))
+
+
+def settings_that_run(asked: LlamaCppSettings, layers: int, offload: bool) -> LlamaCppSettings:
+    """The settings as llama.cpp applies them, which records state: it offloads at most n_layer + 1 layers (none
+    without a GPU backend) and runs micro-batches of min(ubatch, batch)."""
+    return replace(asked, gpu_layers=min(asked.gpu_layers, layers + 1) if offload else 0,
+                   ubatch=min(asked.ubatch, asked.batch))
+
+
+def _layers(lib, model, header) -> int:
+    count = getattr(lib, "llama_model_n_layer", None)
+    return int(count(model)) if count is not None else int(header.block_count or 0)
 
 
 def load_gguf_for_check(path: Path, threads: int) -> LlamaCppModel:

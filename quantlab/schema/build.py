@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StrictBool, StrictInt, ValidationError
 
 from quantlab.errors import QuantlabError
 from quantlab.schema.frozen import Frozen
@@ -93,17 +95,72 @@ class BuildManifest(Frozen):
     engine: dict[str, Any] | None = None  # engine-written methods (AWQ): engine name, calibration, notes
 
 
+TokenId = Annotated[StrictInt, Field(ge=0, lt=1 << 31)]
+GGUF_FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}\.gguf$"  # a name in the build folder itself: no path
+MAX_GGUF_MANIFEST_BYTES = 1 << 20
+
+
+class GgufGreedy(Frozen):
+    """The greedy tokens llama.cpp produced at build time (BuildSpec: prompt, check_tokens), for verify to repeat."""
+
+    prompt: str = Field(max_length=4096)
+    prompt_ids: list[TokenId] = Field(min_length=1, max_length=4096)
+    new_tokens: StrictInt = Field(ge=1, le=512)
+    tokens: list[TokenId] = Field(max_length=512)
+
+
+class GgufManifest(Frozen):
+    """quantlab_gguf_build.json (quantlab/artifact/gguf_build.py writes it). Every path in it is a file name inside
+    the build folder: verify reads nothing else."""
+
+    format: Literal["gguf"]
+    base_model: str = Field(max_length=300)
+    recipe: str = Field(max_length=300)
+    method: MethodRef
+    llama_cpp: str | None = Field(None, max_length=300)
+    notes: list[str] = []
+    calibration: str | None = None
+    quantize_seconds: float = Field(ge=0, allow_inf_nan=False)
+    file: str = Field(pattern=GGUF_FILE_NAME)
+    file_bytes: StrictInt = Field(ge=0, lt=1 << 50)
+    block_count: StrictInt | None = Field(None, ge=0, le=100_000)
+    mtp: StrictBool
+    parameters_by_type: dict[str, Annotated[StrictInt, Field(ge=0, lt=1 << 50)]]
+    greedy: GgufGreedy
+    record_ids: list[str] = []
+
+
 def write_manifest(folder: Path, manifest: BuildManifest) -> None:
     (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1) + "\n", encoding="utf-8")
 
 
 def is_gguf_build(folder: str | Path) -> bool:
-    """A folder `quantlab build` made for the gguf method: its manifest says format gguf."""
+    """A folder that claims to be a GGUF build: it holds quantlab_gguf_build.json (read_gguf_manifest checks it)."""
+    path = Path(folder) / GGUF_MANIFEST_NAME
+    return path.exists() or path.is_symlink()
+
+
+def read_gguf_manifest(folder: str | Path) -> GgufManifest:
+    """The GGUF build's manifest, schema-checked; a QuantlabError in one line saying what is wrong."""
+    path = Path(folder) / GGUF_MANIFEST_NAME
+    bad = f"{path}: not a valid GGUF build manifest"
+    if path.is_symlink() or not path.is_file():
+        raise QuantlabError(f"{bad} (a symbolic link or not a regular file)")
     try:
-        data = json.loads((Path(folder) / GGUF_MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("format") == "gguf"
+        if path.stat().st_size > MAX_GGUF_MANIFEST_BYTES:
+            raise QuantlabError(f"{bad} (larger than {MAX_GGUF_MANIFEST_BYTES:,} bytes)")
+        return GgufManifest.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise QuantlabError(f"{bad} (cannot read it: {exc.strerror})") from None
+    except ValidationError as exc:
+        raise QuantlabError(f"{bad} ({_first_error(exc)})") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "the file"
+    more = f"; {exc.error_count() - 1} more problem(s)" if exc.error_count() > 1 else ""
+    return f"{where}: {error['msg']}{more}"[:300]
 
 
 def read_manifest(folder: str | Path) -> BuildManifest:

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from quantlab.schema.bounds import AtLeastOne, Bytes
 from quantlab.schema.frozen import Frozen
 
 
 class Hardware(Frozen):
-    kind: str  # "gpu" or "cpu": what ran the model
+    kind: Literal["gpu", "cpu"]  # what ran the model
     device: str
     name: str  # the GPU's name, or the CPU model on a CPU run
-    gpu_memory_bytes: int | None = None
+    gpu_memory_bytes: Bytes | None = None
     gpu_driver: str | None = None
     cuda_version: str | None = None
     cpu_model: str
-    cpu_cores: int
-    ram_bytes: int
+    cpu_cores: AtLeastOne
+    ram_bytes: Bytes
     notes: tuple[str, ...] = ()
 
 
@@ -25,7 +28,7 @@ class Software(Frozen):
     git_commit: str | None
     git_dirty: bool | None
     packages: dict[str, str]
-    torch_threads: int
+    torch_threads: AtLeastOne
     # Settings that change what the allocator and the kernels do, as set when the run started
     # (gptqmodel, imported to load AWQ, sets PYTORCH_ALLOC_CONF for later processes' allocators).
     environment: dict[str, str] | None = None

@@ -2,23 +2,45 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, model_validator
+
+from quantlab.schema.bounds import AtLeastOne, Bytes, Count, Finite, NonNegative, Positive, SmallId, check_interval
 from quantlab.schema.frozen import Frozen
 
 TORCH_FALLBACK = "torch fallback (transformers' reference implementation)"
 
 
 class Summary(Frozen):
-    n: int
-    median: float
-    min: float
-    max: float
-    mean: float
-    stdev: float | None = None
-    p90: float | None = None
+    n: AtLeastOne
+    median: Finite
+    min: Finite
+    max: Finite
+    mean: Finite
+    stdev: NonNegative | None = None
+    p90: Finite | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Summary:
+        check_interval(self.min, self.max, self.median, "min-max")
+        if self.p90 is not None:
+            check_interval(self.min, self.max, self.p90, "min-max around p90")
+        return self
+
+
+def _positive(s: Summary) -> Summary:
+    if s.min <= 0:
+        raise ValueError(f"a speed or a duration must be above 0 (min {s.min!r})")
+    return s
+
+
+# Speeds and durations: a zero or negative one was not measured.
+PositiveSummary = Annotated[Summary, AfterValidator(_positive)]
 
 
 class TimingResult(Frozen):
-    seconds: float
+    seconds: NonNegative
     synchronized: bool  # True when CUDA work was waited for at both ends
 
 
@@ -26,39 +48,39 @@ class DeviceMemory(Frozen):
     """One GPU's figures, for a model split across several (MemoryResult.per_device)."""
 
     device: str
-    allocated_start_bytes: int | None = None
-    allocated_end_bytes: int | None = None
-    allocated_peak_bytes: int | None = None
-    reserved_start_bytes: int | None = None
-    reserved_end_bytes: int | None = None
-    reserved_peak_bytes: int | None = None
-    nvml_device_used_start_bytes: int | None = None
-    nvml_device_used_end_bytes: int | None = None
-    nvml_device_used_peak_bytes: int | None = None  # every process on this GPU
-    nvml_process_used_peak_bytes: int | None = None  # this process on this GPU, CUDA context included
+    allocated_start_bytes: Bytes | None = None
+    allocated_end_bytes: Bytes | None = None
+    allocated_peak_bytes: Bytes | None = None
+    reserved_start_bytes: Bytes | None = None
+    reserved_end_bytes: Bytes | None = None
+    reserved_peak_bytes: Bytes | None = None
+    nvml_device_used_start_bytes: Bytes | None = None
+    nvml_device_used_end_bytes: Bytes | None = None
+    nvml_device_used_peak_bytes: Bytes | None = None  # every process on this GPU
+    nvml_process_used_peak_bytes: Bytes | None = None  # this process on this GPU, CUDA context included
     nvml_process_basis: str | None = None
 
 
 class MemoryResult(Frozen):
     device: str
-    rss_start_bytes: int
-    rss_end_bytes: int
-    rss_peak_bytes: int  # sampled, so a spike shorter than the interval can be missed
+    rss_start_bytes: Bytes
+    rss_end_bytes: Bytes
+    rss_peak_bytes: Bytes  # sampled, so a spike shorter than the interval can be missed
     # CUDA only; None on the CPU (never 0 as a stand-in).
-    allocated_end_bytes: int | None = None
-    allocated_peak_bytes: int | None = None
-    reserved_end_bytes: int | None = None
-    reserved_peak_bytes: int | None = None
-    nvml_device_used_end_bytes: int | None = None
-    nvml_device_used_peak_bytes: int | None = None  # every process on the GPU (nvidia-smi's Memory-Usage)
-    nvml_process_used_peak_bytes: int | None = None  # this process only, CUDA context included
+    allocated_end_bytes: Bytes | None = None
+    allocated_peak_bytes: Bytes | None = None
+    reserved_end_bytes: Bytes | None = None
+    reserved_peak_bytes: Bytes | None = None
+    nvml_device_used_end_bytes: Bytes | None = None
+    nvml_device_used_peak_bytes: Bytes | None = None  # every process on the GPU (nvidia-smi's Memory-Usage)
+    nvml_process_used_peak_bytes: Bytes | None = None  # this process only, CUDA context included
     nvml_process_basis: str | None = None  # how this process's NVML figure was found (PID match, sole process)
     # Where the tracked span started from: the allocator's figures then, and the state it was put in.
-    allocated_start_bytes: int | None = None
-    reserved_start_bytes: int | None = None
-    nvml_device_used_start_bytes: int | None = None
+    allocated_start_bytes: Bytes | None = None
+    reserved_start_bytes: Bytes | None = None
+    nvml_device_used_start_bytes: Bytes | None = None
     start_state: str | None = None  # e.g. "after gc.collect() and torch.cuda.empty_cache()"; None: as found
-    samples: int = 0
+    samples: Count = 0
     notes: tuple[str, ...] = ()
     # A model split across GPUs: each GPU's own figures; the fields above are then their sums.
     per_device: tuple[DeviceMemory, ...] = ()
@@ -69,30 +91,31 @@ class MemoryResult(Frozen):
 
 
 class PointResult(Frozen):
-    status: str  # "ok" or "oom"
+    status: Literal["ok", "oom"]
     error: str | None = None
-    prefill_tokens_per_s: Summary | None = None
-    time_to_first_token_s: Summary | None = None
-    decode_tokens_per_s: Summary | None = None  # aggregate: every sequence of the batch (batch × tokens ÷ seconds)
-    decode_tokens_per_s_per_sequence: Summary | None = None  # what one sequence sees (tokens ÷ seconds)
-    decode_ms_per_token: Summary | None = None  # per decode step, in which every sequence advances one token
+    prefill_tokens_per_s: PositiveSummary | None = None
+    time_to_first_token_s: PositiveSummary | None = None
+    # aggregate: every sequence of the batch (batch × tokens ÷ seconds)
+    decode_tokens_per_s: PositiveSummary | None = None
+    decode_tokens_per_s_per_sequence: PositiveSummary | None = None  # what one sequence sees (tokens ÷ seconds)
+    decode_ms_per_token: PositiveSummary | None = None  # per decode step, in which every sequence advances one token
     prefill_memory: MemoryResult | None = None  # the repeat with the highest peak
     decode_memory: MemoryResult | None = None
-    cache_bytes: int | None = None  # KV cache + DeltaNet states after the last decode step
-    first_tokens: list[int] | None = None  # greedy tokens of sequence 0, for reproducibility checks
+    cache_bytes: Bytes | None = None  # KV cache + DeltaNet states after the last decode step
+    first_tokens: list[SmallId] | None = None  # greedy tokens of sequence 0, for reproducibility checks
     # The runtime's own accounting of its buffers (llama.cpp: "CPU KV", "CUDA0 compute", ...), bytes
-    runtime_buffers: dict[str, int] | None = None
+    runtime_buffers: dict[str, Bytes] | None = None
 
 
 class Roofline(Frozen):
     gpu: str
-    bandwidth_gb_s: float
+    bandwidth_gb_s: Positive
     bandwidth_source: str
-    bytes_per_step: int
-    bound_tokens_per_s: float
-    fraction_of_bound: float
+    bytes_per_step: Bytes
+    bound_tokens_per_s: Positive
+    fraction_of_bound: NonNegative
     weight_bytes_read: int | None = None  # of bytes_per_step: weights (input embedding table excluded)
-    cache_bytes: int | None = None  # of bytes_per_step: KV cache + DeltaNet state
+    cache_bytes: Bytes | None = None  # of bytes_per_step: KV cache + DeltaNet state
 
 
 class Kernels(Frozen):

@@ -9,12 +9,16 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field
 
 from quantlab.quality.result import QualityResult
+from quantlab.schema.bounds import AtLeastOne, Bytes, Count, NonNegative, SmallId
 from quantlab.schema.environment import Hardware, Software, WeightsInfo
 from quantlab.schema.frozen import Frozen
 from quantlab.schema.measurement import Kernels, MemoryResult, PointResult, Roofline
+from quantlab.schema.quality_bounds import quality_in_range
 
 SCHEMA_VERSION = 1
 
@@ -33,12 +37,12 @@ class MethodRef(Frozen):
 
 
 class PointRef(Frozen):
-    context: int
-    batch: int
-    new_tokens: int
-    warmup: int
-    repeats: int
-    seed: int
+    context: AtLeastOne
+    batch: AtLeastOne
+    new_tokens: AtLeastOne
+    warmup: Count
+    repeats: AtLeastOne
+    seed: SmallId
 
 
 class SplitRef(Frozen):
@@ -50,10 +54,10 @@ class SplitRef(Frozen):
     def gpus(self) -> tuple[str, ...]:
         return tuple(d for d in self.devices if d.startswith("cuda"))
     gpu_names: dict[str, str] = {}  # device -> its GPU's name
-    gpu_memory_bytes: dict[str, int] = {}  # device -> its GPU's total memory
-    offered_bytes: dict[str, int]  # the recipe's max_memory (or each GPU's free memory for gpus: N)
-    weight_bytes_per_device: dict[str, int]  # as accelerate sized them when it made the map
-    layers_per_device: dict[str, tuple[int, ...]]
+    gpu_memory_bytes: dict[str, Bytes] = {}  # device -> its GPU's total memory
+    offered_bytes: dict[str, Bytes]  # the recipe's max_memory (or each GPU's free memory for gpus: N)
+    weight_bytes_per_device: dict[str, Bytes]  # as accelerate sized them when it made the map
+    layers_per_device: dict[str, tuple[Count, ...]]
     device_map: dict[str, str]  # module -> device
 
 
@@ -66,24 +70,25 @@ class RuntimeRef(Frozen):
 
 
 class Record(Frozen):
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Annotated[int, Field(ge=1, le=SCHEMA_VERSION)] = SCHEMA_VERSION
     record_id: str
     run_id: str
     created_at: str  # UTC, ISO 8601
     produced_by: str  # e.g. "GPU NVIDIA H200, synthetic weights"
     recipe: RecipeRef
     model: WeightsInfo
-    parameters: int
-    weight_bytes: int  # parameters + buffers of the model as measured (after quantization)
+    parameters: Count
+    weight_bytes: Bytes  # parameters + buffers of the model as measured (after quantization)
     method: MethodRef
     hardware: Hardware
     software: Software
     point: PointRef
-    load_seconds: float
+    load_seconds: NonNegative
     load_memory: MemoryResult
     result: PointResult
     roofline: Roofline | None = None
-    quality: QualityResult | None = None  # once per run, against the reference (recipe's quality section)
+    # once per run, against the reference (recipe's quality section)
+    quality: Annotated[QualityResult, AfterValidator(quality_in_range)] | None = None
     kernels: Kernels | None = None  # what really ran: DeltaNet functions, quantized Linear classes, dtype
     split: SplitRef | None = None  # a model split across devices; None: one device (hardware.device)
     runtime: RuntimeRef | None = None  # None in records written before runtimes were recorded: transformers
