@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -182,7 +183,7 @@ def test_stored_statistics_are_cached_and_small(work, candidates, results):
     assert other.prepare().folder != folder
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "meta-sums"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "meta-sums", "meta-top_k", "meta-fifo", "window-link"])
 def test_a_damaged_reference_cache_is_recomputed_never_read(work, tmp_path, candidates, results, damage):
     """Every cache carries a checksum of what it holds: a window file changed since it was written (flipped
     bytes, cut short) or a meta.json whose sums were edited is never read; the statistics are computed again."""
@@ -196,15 +197,29 @@ def test_a_damaged_reference_cache_is_recomputed_never_read(work, tmp_path, cand
         window.write_bytes(bytes(data))
     elif damage == "truncate":
         window.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "meta-fifo":  # never waited on
+        (folder / "meta.json").unlink()
+        os.mkfifo(folder / "meta.json")
+    elif damage == "window-link":  # never followed out of the cache, and only the link is removed
+        outside = tmp_path / "outside.safetensors"
+        outside.write_bytes(bytes(data))
+        window.unlink()
+        window.symlink_to(outside)
     else:
         meta = json.loads((folder / "meta.json").read_text())
-        meta["sha256"][window.name] = "0" * 64
+        if damage == "meta-sums":
+            meta["sha256"][window.name] = "0" * 64
+        else:
+            meta["top_k"] = "x"
         (folder / "meta.json").write_text(json.dumps(meta))
     said: list[str] = []
     again = QualitySession(make_plan(load_recipe(write(tmp_path, "stored", quality))), progress=False, echo=said.append)
     stored = again.prepare()
     assert not stored.reused and stored.folder == folder
-    assert any("cannot be used" in line and window.name in line for line in said), said
+    named = {"meta-top_k": "top_k", "meta-fifo": "meta.json"}.get(damage, window.name)
+    assert any("cannot be used" in line and named in line for line in said), said
+    if damage == "window-link":
+        assert outside.read_bytes() == bytes(data)
     assert again.evaluate(candidates["rtn8"]).kl_mean == pytest.approx(results["stored-rtn8"].kl_mean, rel=1e-6)
     assert session(tmp_path, "stored", quality).prepare().reused  # and the recomputed cache is whole again
 

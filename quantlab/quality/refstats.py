@@ -80,17 +80,21 @@ class StoredReference:
         return load(data)
 
 
-def find_complete(folder: Path, windows: int) -> tuple[dict[str, Any] | None, str | None]:
+def find_complete(folder: Path, windows: int, expected: dict[str, Any] | None = None
+                  ) -> tuple[dict[str, Any] | None, str | None]:
     """(the metadata of a finished, undamaged statistics folder, None) or (None, why it cannot be used; None when
-    there is no folder at all)."""
-    if not folder.exists():
+    there is no folder at all). `expected`: values meta.json must hold (what the statistics were computed for)."""
+    if not (folder.exists() or folder.is_symlink()):
         return None, None
     try:
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None, f"{META} is missing or not JSON (an unfinished pass)"
+        meta = json.loads(_read_bytes(folder / META) or b"")
+    except ValueError:
+        return None, f"{META} is missing, not a regular file or not JSON (an unfinished pass)"
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("windows") != windows:
         return None, "of another format or window count"
+    changed = sorted(key for key, value in (expected or {}).items() if meta.get(key) != value)
+    if changed:
+        return None, f"{META} was changed since it was written ({', '.join(changed)})"
     sums = meta.get("sha256")
     for name in (_window_file(i) for i in range(windows)):
         data = _read_bytes(folder / name)
@@ -102,8 +106,10 @@ def find_complete(folder: Path, windows: int) -> tuple[dict[str, Any] | None, st
 
 
 def _read_bytes(path: Path) -> bytes | None:
+    """A regular file's bytes; None for anything else (a link is never followed out of the cache, a pipe never
+    waited on)."""
     try:
-        return path.read_bytes() if path.is_file() else None
+        return path.read_bytes() if path.is_file() and not path.is_symlink() else None
     except OSError:
         return None
 

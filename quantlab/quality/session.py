@@ -79,12 +79,17 @@ class QualitySession:
         top_k = min(self.q.spec.top_k, self.q.vocab_size)
         key = refstats.cache_key(self._cache_payload(top_k))
         folder = refstats.cache_folder(self.cache_dir, self.q.reference_label.split(" (")[0], key)
-        meta, unusable = refstats.find_complete(folder, len(self.windows))
+        expected = {"windows": len(self.windows), "top_k": top_k, "reference": self.q.reference_label,
+                    **self._cache_payload(top_k)}
+        meta, unusable = refstats.find_complete(folder, len(self.windows), json.loads(json.dumps(expected, default=str)))
         if meta is not None:
             self.echo(f"quality: reusing reference statistics {folder} (every window file matches its sha256)")
             self.stored = refstats.StoredReference(folder, meta, reused=True, seconds=None)
             return self.stored
         if unusable is not None:  # quantlab's own cache folder (named by its key), unfinished or damaged: redo it
+            if folder.is_symlink() or not folder.is_dir():
+                raise QuantlabError(f"quality: {folder} cannot be used ({unusable}) and is not a folder quantlab made "
+                                    "(a link or a file); move it away")
             self.echo(f"note: reference statistics {folder} cannot be used ({unusable}); computing them again")
             shutil.rmtree(folder)
         reference = self._load_reference()
