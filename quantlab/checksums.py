@@ -70,6 +70,8 @@ def read_checksums(folder: Path) -> dict[str, str]:
 def check_checksums(folder: Path) -> tuple[list[str], list[str]]:
     """(problems, good files). Problems: a missing checksum file, changed, missing or unlisted files, and
     files that are symbolic links or lead out of the folder."""
+    if (folder / CHECKSUMS_NAME).is_symlink():
+        return [f"{CHECKSUMS_NAME}: a symbolic link; a build holds regular files only"], []
     if not (folder / CHECKSUMS_NAME).is_file():
         return [f"{folder}: no {CHECKSUMS_NAME}; not a complete quantlab build"], []
     try:

@@ -194,8 +194,14 @@ def test_verify_checks_the_manifest_describes_the_gguf_it_holds(gguf_build, tmp_
     result = verify_build(folder, echo=lambda line: None)
     assert not result.ok and "not the" in result.problems[0] and "bytes and types" in result.problems[0]
     rewrite_manifest(folder, file_bytes=manifest["file_bytes"], file="spare.gguf")  # a GGUF the sums do not list
-    result = verify_build(folder, echo=lambda line: None)
-    assert not result.ok and "not a file of this build listed" in result.problems[0]
+    for load in (True, False):  # --checksums-only too
+        result = verify_build(folder, load=load, echo=lambda line: None)
+        assert not result.ok and "not a file of this build listed" in result.problems[0]
+    rewrite_manifest(folder, file="model.gguf")
+    (folder / "SHA256SUMS").rename(folder / "sums")
+    (folder / "SHA256SUMS").symlink_to(folder / "sums")  # the same lines, through a link
+    result = verify_build(folder, load=False, echo=lambda line: None)
+    assert not result.ok and "SHA256SUMS: a symbolic link" in result.problems[0]
 
 
 @needs_llama

@@ -115,6 +115,9 @@ def verify_gguf(folder: Path, load: bool, device: str, echo):
         echo(f"  FAIL {p}")
     echo(f"checksums: {len(good)} file(s) match" + (f", {len(problems)} problem(s)" if problems else ""))
     manifest = read_gguf_manifest(folder)  # schema-checked: its file is a name in this folder, its counts bounded
+    if not problems and manifest.file not in good:
+        problems = [f"{manifest.file}: the manifest's GGUF is not a file of this build listed in {CHECKSUMS_NAME}"]
+        echo(f"  FAIL {problems[0]}")
     if problems or not load:
         return VerifyResult(not problems, tuple(problems), len(good))
     if device != "cpu":
