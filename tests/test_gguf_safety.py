@@ -310,8 +310,11 @@ def test_a_run_records_the_layers_and_micro_batch_llama_cpp_used(write_recipe, t
     (["run", "RECIPE", "--output", " "], "--output ' ': an empty path"),
     (["quality", "RECIPE", "--json", "x\ty.json"], "--json"),
     (["sensitivity", "RECIPE", "--out", "same.yaml", "--plot", "same.yaml"], "the same file as the suggested recipe"),
+    (["sensitivity", "RECIPE", "--budget-gb", "inf"], "--budget-gb inf: a size in GB, above 0 and at most"),
+    (["sensitivity", "RECIPE", "--budget-gb", "nan"], "--budget-gb nan: a size in GB"),
+    (["sensitivity", "RECIPE", "--budget-gb", "1e308"], "--budget-gb 1e+308: a size in GB"),
 ])
-def test_path_options_are_held_to_a_recipes_path_rules(argv, expected, write_recipe, tmp_path, capsys, monkeypatch):
+def test_bad_options_are_refused_before_any_work(argv, expected, write_recipe, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     recipe = write_recipe(recipe_data(quantization={"method": "rtn", "bits": 4}, quality={"tokens": 256, "context": 64}))
     before = sorted(p.name for p in tmp_path.iterdir())

@@ -263,6 +263,9 @@ def render_png(effects: list[ClassEffect], label: str = "") -> bytes:
     return buffer.getvalue()
 
 
+MAX_BUDGET_GB = 100_000  # far above any model's weights
+
+
 def add_sensitivity_parser(sub) -> None:
     p = sub.add_parser("sensitivity", help="the KL each tensor class adds when quantized alone, and a mixed recipe")
     p.add_argument("recipe", metavar="RECIPE", help="an RTN or GGUF recipe (quantization.method rtn or gguf) with a "
@@ -302,8 +305,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         if Path(args.plot).resolve() == out.resolve():
             raise QuantlabError(f"--plot {args.plot}: the same file as the suggested recipe ({out}); give each its own")
         _check_new_file(Path(args.plot), "the plot", "--plot")
-    if args.budget_gb is not None and not args.budget_gb > 0:
-        raise QuantlabError(f"--budget-gb {args.budget_gb}: a size in GB, above 0")
+    if args.budget_gb is not None and not 0 < args.budget_gb <= MAX_BUDGET_GB:  # NaN and inf fail here too
+        raise QuantlabError(f"--budget-gb {args.budget_gb}: a size in GB, above 0 and at most {MAX_BUDGET_GB:,}")
     wrong = {"rtn": ("--high-types", args.high_types), "gguf": ("--high-bits", args.high_bits)}[recipe.quantization.method]
     if wrong[1] is not None:
         raise QuantlabError(f"{wrong[0]}: not for a {recipe.quantization.method} recipe; "
