@@ -87,7 +87,10 @@ def git_state(repo: Path) -> tuple[str | None, bool | None]:
     """The commit quantlab runs from, and whether its tracked files differ from it."""
     def git(*args: str) -> str | None:
         try:
-            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+            # --no-optional-locks: `git status` refreshes the index otherwise, writing .git/index.lock in the
+            # user's checkout (and failing beside their own git command)
+            out = subprocess.run(["git", "--no-optional-locks", "-C", str(repo), *args], capture_output=True,
+                                 text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
