@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-PATH_OPTIONS = {"out": "--out", "output": "--output", "json": "--json", "plot": "--plot"}
+PATH_OPTIONS = {"out": "--out", "output": "--output", "json": "--json", "plot": "--plot", "build": "BUILD"}
 
 
 def _check_path_options(args: argparse.Namespace) -> None:

@@ -48,9 +48,9 @@ def check_target(target: Path, force: bool, protected: dict[str, Path | None]) -
     if enclosing is not None:
         raise QuantlabError(f"{target}: inside the quantlab build {enclosing}; a build goes in a folder of its own")
     if target.exists() or target.is_symlink():
+        check_replaceable(target)  # first: --force is suggested only where it would be taken
         if not force:
             raise QuantlabError(f"{target}: already exists; pass --force to replace it, or --out to build elsewhere")
-        check_replaceable(target)
 
 
 def check_replaceable(target: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from quantlab.errors import QuantlabError, RecipeError
 from quantlab.fields import parse_size, STRICT, MemorySize, PathText, RepoId, Revision, Seed
@@ -117,11 +117,18 @@ class ModelSpec(_Strict):
         return self.gpus is not None or self.max_memory is not None
 
 
+def _gpu_layers(value: Any) -> Any:
+    """One problem, said once, for a value that is neither 'all' nor a layer count (not two from the union)."""
+    if value is None or value == "all" or (type(value) is int and 0 <= value <= 10_000):
+        return value
+    raise ValueError(f"{excerpt(value)}: a whole number of layers from 0 to 10,000, or 'all'")
+
+
 class LlamaCppSpec(_Strict):
     """The llama.cpp runtime's settings (measure.runtime: llama.cpp), as llama-bench and llama-server name them."""
 
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (-t); default: the cores quantlab uses")
-    gpu_layers: Annotated[int, Field(ge=0, le=10_000)] | Literal["all"] | None = Field(
+    gpu_layers: Annotated[int | Literal["all"] | None, BeforeValidator(_gpu_layers)] = Field(
         None, description="layers offloaded to the GPU (-ngl); default: all on a GPU, none on the CPU; records say "
         "how many llama.cpp offloaded (at most the model's layers + 1)")
     flash_attn: Literal["auto", "on", "off"] = "auto"

@@ -61,6 +61,7 @@ def test_the_valid_manifest_is_accepted(tmp_path):
     ({"greedy": {**VALID_MANIFEST["greedy"], "new_tokens": 1_000_000_000}}, "greedy.new_tokens"),
     ({"greedy": {**VALID_MANIFEST["greedy"], "prompt_ids": []}}, "greedy.prompt_ids"),
     ({"greedy": {**VALID_MANIFEST["greedy"], "prompt_ids": [-1]}}, "greedy.prompt_ids"),
+    ({"greedy": {**VALID_MANIFEST["greedy"], "new_tokens": 3}}, "greedy: Value error, 4 tokens recorded for new_tokens 3"),
     ({"file_bytes": -1}, "file_bytes"),
     ({"quantize_seconds": float("nan")}, "quantize_seconds"),
     ({"format": "safetensors"}, "format"),
@@ -193,6 +194,10 @@ def test_verify_checks_the_manifest_describes_the_gguf_it_holds(gguf_build, tmp_
     rewrite_manifest(folder, file_bytes=manifest["file_bytes"] + 1)
     result = verify_build(folder, echo=lambda line: None)
     assert not result.ok and "not the" in result.problems[0] and "bytes and types" in result.problems[0]
+    for change in ({"block_count": 3}, {"mtp": True}, {"method": {**manifest["method"], "params": {"type": "Q4_0"}}}):
+        rewrite_manifest(folder, **{**manifest, **change})
+        result = verify_build(folder, echo=lambda line: None)
+        assert not result.ok and "header contradicts" in result.problems[0] and next(iter(change)) in result.problems[0]
     rewrite_manifest(folder, file_bytes=manifest["file_bytes"], file="spare.gguf")  # a GGUF the sums do not list
     for load in (True, False):  # --checksums-only too
         result = verify_build(folder, load=load, echo=lambda line: None)
@@ -354,3 +359,22 @@ def test_an_absurd_max_memory_size_says_what_is_wrong_with_the_size(size, expect
     assert main(["validate", str(path), "--schema-only"]) == 1
     err = capsys.readouterr().err
     assert expected in err and "items" not in err, err
+
+
+@pytest.mark.parametrize("make", ["file", "folder", "link", "dangling"])
+def test_force_is_suggested_only_where_it_would_be_taken(make, tmp_path):
+    from quantlab.placement import check_target
+
+    target = tmp_path / "target"
+    if make == "file":
+        target.write_text("mine")
+    elif make == "folder":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    else:
+        (tmp_path / "real").mkdir()
+        target.symlink_to(tmp_path / ("real" if make == "link" else "nowhere"))
+    with pytest.raises(QuantlabError) as caught:
+        check_target(target, force=False, protected={})
+    assert "pass --force" not in str(caught.value) and "--force replaces only a folder that quantlab built" in str(
+        caught.value)

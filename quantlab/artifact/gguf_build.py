@@ -139,7 +139,22 @@ def _file_problem(folder: Path, manifest, good: list[str]) -> str | None:
     if header.file_bytes != manifest.file_bytes or header.parameters_by_type() != manifest.parameters_by_type:
         return (f"{manifest.file}: {header.file_bytes:,} bytes and {len(header.parameters_by_type())} tensor type(s), "
                 f"not the {manifest.file_bytes:,} bytes and types {MANIFEST_NAME} records")
+    kind = manifest.method.params.get("type")
+    said = {"block_count": (manifest.block_count, manifest.block_count, header.block_count),
+            "mtp": (manifest.mtp, manifest.mtp, header.has_mtp()),
+            "method.params.type": (kind, _file_type(kind), header.file_type)}
+    wrong = [f"{key} {shown!r}" for key, (shown, mine, found) in said.items() if mine is not None and mine != found]
+    if wrong:
+        return f"{MANIFEST_NAME} says {', '.join(wrong)}, which {manifest.file}'s header contradicts"
     return None
+
+
+def _file_type(name) -> int | None:
+    """llama.cpp's general.file_type for a type name (gguf-py's LlamaFileType); None for a name it has no value for."""
+    from gguf import LlamaFileType
+
+    member = LlamaFileType.__members__.get(f"MOSTLY_{str(name).upper()}")
+    return int(member) if member is not None else None
 
 
 def _verify_greedy(folder: Path, manifest, good: list[str], echo) -> VerifyResult:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictBool, StrictInt, ValidationError
+from pydantic import Field, StrictBool, StrictInt, ValidationError, model_validator
 
 from quantlab.errors import QuantlabError
 from quantlab.schema.frozen import Frozen
@@ -107,6 +107,12 @@ class GgufGreedy(Frozen):
     prompt_ids: list[TokenId] = Field(min_length=1, max_length=4096)
     new_tokens: StrictInt = Field(ge=1, le=512)
     tokens: list[TokenId] = Field(max_length=512)
+
+    @model_validator(mode="after")
+    def _as_many_tokens_as_asked(self) -> "GgufGreedy":
+        if len(self.tokens) != self.new_tokens:
+            raise ValueError(f"{len(self.tokens)} tokens recorded for new_tokens {self.new_tokens}")
+        return self
 
 
 class GgufManifest(Frozen):
