@@ -123,6 +123,8 @@ class TokenStats:
         if self.tail:
             out["reference_tail_mass_mean"] = torch.cat(self.tail).mean().item()
         out.update(self._depth_and_noise(kl, nll_ref, nll_cand))
+        for name, point in (("kl_mean_ci", out["kl_mean"]), ("ppl_ratio_ci", out["ppl_ratio"])):
+            out[name] = _around(out[name], point)
         return out
 
     def _depth_and_noise(self, kl, nll_ref, nll_cand) -> dict:
@@ -131,6 +133,12 @@ class TokenStats:
         kl_ci, ratio_ci = intervals(sums.numpy())
         return {"kl_by_position": kl_by_position(kl, position) if bool((position >= 0).all()) else None,
                 "kl_mean_ci": kl_ci, "ppl_ratio_ci": ratio_ci, "window_sums": sums.tolist()}
+
+
+def _around(interval: list[float] | None, point: float) -> list[float] | None:
+    """The bootstrap interval, widened to hold its own point: the point is summed in another precision and order,
+    and a percentile interval of a ratio may miss it by a hair; a record holds low <= point <= high (schema)."""
+    return None if interval is None else [min(interval[0], point), max(interval[1], point)]
 
 
 def kl_by_position(kl: torch.Tensor, position: torch.Tensor) -> list[dict]:
