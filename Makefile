@@ -31,7 +31,7 @@ $(LLAMA_STAMP): $(STAMP) scripts/build_llama_cpp.sh
 	GGML_CUDA=$(GGML_CUDA) LLAMA_CPU=$(LLAMA_CPU) bash scripts/build_llama_cpp.sh $(BIN)/python
 
 llama-cpp-check: $(STAMP)  ## run the llama.cpp build's self-check on this CPU again (e.g. after moving to another machine)
-	$(BIN)/python -m quantlab.llamacpp_check
+	$(BIN)/python -m quantlab.llamacpp.check
 
 llama-cpp-native: $(STAMP)  ## a -march=native build into .llama.cpp-native/, for make bench-llama-cpp-builds only
 	LLAMA_CPP_DIR=$(CURDIR)/.llama.cpp-native LLAMA_CPU=native GGML_CUDA=off bash scripts/build_llama_cpp.sh $(BIN)/python

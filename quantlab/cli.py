@@ -74,9 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     from quantlab.estimate.cli import add_estimate_parser
 
     add_estimate_parser(sub)
+    sub.choices["estimate"].set_defaults(func=_cmd_estimate)
 
-    from quantlab.quality.command import add_quality_parser
-    from quantlab.quality.sensitivity import add_sensitivity_parser
+    from quantlab.assess.command import add_quality_parser
+    from quantlab.assess.sensitivity import add_sensitivity_parser
 
     add_quality_parser(sub)
     add_sensitivity_parser(sub)
@@ -143,6 +144,17 @@ def _plan_line(plan) -> str:
         + (f"split across {', '.join(plan.split.devices)} (accelerate's device map):" if plan.split else
            f"device {r.model.device}" + (f", split across {r.model.gpus} GPUs (mapped on the machine)" if r.model.gpus else ""))
     )
+
+
+def _cmd_estimate(args) -> int:
+    """`quantlab estimate`, then the report regenerated from what it wrote."""
+    from quantlab.estimate.cli import cmd_estimate
+    from quantlab.report import write_report
+
+    code = cmd_estimate(args)
+    if code == 0 and not args.no_write:
+        print(f"report: {write_report(args.output)}")
+    return code
 
 
 def _cmd_report(args) -> int:

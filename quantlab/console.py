@@ -34,8 +34,6 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|bitsandbytes)\b")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from quantlab.methods.bnb import quiet_bnb_logs
-
     quiet_bnb_logs()  # bitsandbytes logs (not warns) a cast per 8-bit matmul: keep the first only
     # gptqmodel (AWQ kernels) logs a banner and kernel choices through its "logbar" logger; torchao,
     # which it pulls in, warns about CUDA-only extensions it cannot load on a CPU machine.
@@ -46,3 +44,31 @@ def quiet_libraries() -> None:
             from logbar import LogBar
 
             LogBar.shared().setLevel(logging.ERROR)  # shared() itself sets INFO when it first creates the logger
+
+
+class _OnceFilter(logging.Filter):
+    """Pass the first record whose message starts with one of `once`; drop those in `never`."""
+
+    def __init__(self, once: tuple[str, ...] = (), never: tuple[str, ...] = ()):
+        super().__init__()
+        self.once, self.never, self.seen = once, never, set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if msg.startswith(self.never):
+            return False
+        for prefix in self.once:
+            if msg.startswith(prefix):
+                if prefix in self.seen:
+                    return False
+                self.seen.add(prefix)
+        return True
+
+
+def quiet_bnb_logs() -> None:
+    """Filters on the two bitsandbytes loggers that would otherwise flood quantlab's output (once per process)."""
+    cast = logging.getLogger("bitsandbytes.autograd._functions")
+    if any(isinstance(f, _OnceFilter) for f in cast.filters):
+        return
+    cast.addFilter(_OnceFilter(once=("MatMul8bitLt: inputs will be cast",)))
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OnceFilter(never=("Failed to load CPU gemm_4bit_forward",)))

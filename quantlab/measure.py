@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from quantlab.runtimes.base import Runtime
 from quantlab.schema.measurement import MemoryResult, PointResult
 from quantlab.stats import summarize
 from quantlab.trackers import MemoryTracker, Timer
@@ -32,7 +33,7 @@ class PointSettings:
 
 
 def measure_point(
-    runtime: Any, model: Any, settings: PointSettings, device: torch.device, nvml: NvmlProbe | None = None,
+    runtime: Runtime, model: Any, settings: PointSettings, device: torch.device, nvml: NvmlProbe | None = None,
     progress: bool = True, devices: tuple[torch.device, ...] = (),
 ) -> PointResult:
     """One (context, batch) point of `model`, run through `runtime` (quantlab/runtimes/). `device` takes the
@@ -49,9 +50,7 @@ def measure_point(
 
 def _measure(model, runtime, s: PointSettings, device, nvml, progress, devices) -> PointResult:
     ids = prompt_ids(runtime.vocab_size(model), s.batch, s.context, s.seed, device)
-    prepare = getattr(runtime, "prepare_point", None)
-    if prepare is not None:  # a runtime that allocates its cache whole (llama.cpp's context), outside the timing
-        prepare(model, s.context, s.batch, s.new_tokens)
+    runtime.prepare_point(model, s.context, s.batch, s.new_tokens)  # outside the timing (llama.cpp's context)
     prefill_tps, ttft, decode_tps, decode_seq_tps, decode_ms = [], [], [], [], []
     prefill_mem: list[MemoryResult] = []
     decode_mem: list[MemoryResult] = []
@@ -88,7 +87,7 @@ def _measure(model, runtime, s: PointSettings, device, nvml, progress, devices) 
         decode_memory=_highest_peak(decode_mem),
         cache_bytes=cache_bytes,
         first_tokens=tokens[0].tolist(),
-        runtime_buffers=runtime.point_buffers(model) if hasattr(runtime, "point_buffers") else None,
+        runtime_buffers=runtime.point_buffers(model),
     )
 
 

@@ -14,7 +14,7 @@ from quantlab.checkpoint import check_config_sizes
 from quantlab.device_map import DeviceSplit, check_devices_visible, offered_memory, plan_split
 from quantlab.errors import QuantlabError
 from quantlab.outputs import check_measurements_folder
-from quantlab.quality.plan import QualityPlan, plan_quality
+from quantlab.plan_quality import QualityPlan, plan_quality
 from quantlab.methods import checkpoint_method, method_for
 from quantlab.recipe import DTYPE_BYTES, LoadedRecipe
 from quantlab.sources import ModelSource, model_class_name, resolve
@@ -34,7 +34,7 @@ class RunPlan:
     method_label: str
     points: tuple[tuple[int, int], ...]  # (context, batch), in measurement order
     notes: tuple[str, ...]
-    quality: QualityPlan | None = None  # the recipe's quality section, checked (quantlab/quality/plan.py)
+    quality: QualityPlan | None = None  # the recipe's quality section, checked (quantlab/plan_quality.py)
     # What records call the method: the recipe's, or the checkpoint's when it is already quantized.
     method_name: str = "none"
     method_params: dict[str, Any] = field(default_factory=dict)

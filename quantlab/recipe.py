@@ -17,125 +17,19 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_v
 
 from quantlab.errors import QuantlabError, RecipeError
 from quantlab.fields import parse_size, STRICT, MemorySize, PathText, RepoId, Revision, Seed
-from quantlab.methods import NoQuant, QuantConfig, config_class, known_methods
+from quantlab.methods import NoQuant, QuantConfig, check_runtime, config_class, known_methods, method_for
 from quantlab.runtimes import RUNTIME_NAMES
 from quantlab.strict_yaml import excerpt, load_strict, read_text_file
-from quantlab.textsource import TextSourceSpec
+from quantlab.text.source import TextSourceSpec
+from quantlab.model_spec import (  # noqa: F401  (the recipe's own names for its model section)
+    DTYPE_BYTES, MAX_GPUS, Dtype, ModelSpec, SalientTransform, TransformSpec, _Strict,
+)
+from quantlab.llamacpp.settings import LlamaCppSpec  # noqa: F401
 
-Dtype = Literal["bfloat16", "float16", "float32"]
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 MAX_CONTEXT = 1_048_576  # ~1M tokens: the YaRN-extended ceiling of Qwen3.6; anything above is a typo
 MAX_RECIPE_BYTES = 64 * 1024  # a recipe is a few kilobytes; records keep its text
 MAX_POINTS = 64  # contexts, and batch sizes, measured by one recipe
-MAX_PROBLEMS = 20
-MAX_GPUS = 64  # GPUs one split may name  # validation problems listed in one error; the rest are counted
-
-
-class _Strict(BaseModel):
-    model_config = STRICT
-
-
-class SalientTransform(_Strict):
-    """quantlab/salient.py: a few hidden channels' RMSNorm gains × factor and the matching Linear input columns
-    ÷ factor; the logits are unchanged, but those channels carry large activations on small weights."""
-
-    channels: int = Field(4, ge=1, le=65536, description="hidden channels made salient (the same in every norm)")
-    factor: float = Field(32.0, gt=1, le=2.0**20, description="how much larger those activations become")
-    seed: Seed = Field(0, description="which channels: a seeded choice")
-
-
-class TransformSpec(_Strict):
-    """A function-preserving transform of the bundled model's weights, made on first use and cached
-    (quantlab/made_sources.py)."""
-
-    salient: SalientTransform
-
-
-class ModelSpec(_Strict):
-    """Where the weights come from, and how they are laid out in memory."""
-
-    source: Literal["bundled", "hub", "local", "synthetic"]
-    id: RepoId | None = Field(None, description="Hub repo id (source: hub)")
-    revision: Revision | None = Field(None, description="Hub revision (source: hub)")
-    path: PathText | None = Field(None, description="folder of safetensors shards (source: local)")
-    config: PathText | None = Field(
-        None, description="synthetic: 'qwen3.6-27b', 'bundled', or a path to a config.json or its folder"
-    )
-    transform: TransformSpec | None = Field(
-        None, description="bundled: weights transformed from the bundled model's, made on first use and cached"
-    )
-    variant: Literal["text", "full"] = "text"
-    dtype: Dtype = "bfloat16"
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d{1,3})?)$")
-    seed: Seed = 0
-    # A model split across devices with accelerate's device map (device: auto only): `gpus` takes the first N
-    # visible GPUs with all their free memory; `max_memory` says how much of each device to use, as accelerate
-    # takes it ({cuda:0: 20GiB, cuda:1: 20GiB}), a `cpu` entry allowing offload to host RAM.
-    gpus: int | None = Field(None, ge=1, le=MAX_GPUS, description="split across the first N visible GPUs")
-    max_memory: dict[str, MemorySize] | None = Field(
-        None, min_length=1, max_length=MAX_GPUS + 1, description="memory per device for the split: cuda:N or cpu"
-    )
-    awq_kernel: str | None = Field(
-        None, max_length=40, description="AWQ checkpoints: the kernel transformers loads them with (its AwqConfig "
-        "backend, e.g. gemm_triton, marlin, torch_awq); default: gptqmodel's own choice"
-    )
-
-    @model_validator(mode="after")
-    def _fields_match_source(self) -> "ModelSpec":
-        needs = {"hub": "id", "local": "path", "synthetic": "config", "bundled": None}
-        required = needs[self.source]
-        if required and getattr(self, required) is None:
-            raise ValueError(f"source '{self.source}' needs model.{required}")
-        for name in ("id", "path", "config"):
-            if name != required and getattr(self, name) is not None:
-                raise ValueError(f"model.{name} is not used with source '{self.source}'; remove it")
-        if self.revision is not None and self.source != "hub":
-            raise ValueError(f"model.revision is only used with source 'hub', not '{self.source}'")
-        if self.transform is not None and self.source != "bundled":
-            raise ValueError(f"model.transform is only used with source 'bundled' (it is made from the bundled "
-                             f"model's weights), not '{self.source}'")
-        self._check_split()
-        return self
-
-    def _check_split(self) -> None:
-        if self.gpus is None and self.max_memory is None:
-            return
-        if self.gpus is not None and self.max_memory is not None:
-            raise ValueError("give model.gpus or model.max_memory, not both (gpus: N is max_memory with every "
-                             "listed GPU's whole free memory)")
-        if self.device != "auto":
-            raise ValueError(f"a split across devices needs model.device: auto, not {self.device!r}")
-        for key in self.max_memory or {}:
-            if not re.fullmatch(r"cuda:(0|[1-9]\d?)|cpu", key):
-                raise ValueError(f"model.max_memory: {excerpt(key)} is not a device; write cuda:0, cuda:1, ... or cpu")
-        if self.max_memory is not None and set(self.max_memory) == {"cpu"}:
-            raise ValueError("model.max_memory names no GPU; list at least one cuda:N (or use device: cpu)")
-
-    @property
-    def split(self) -> bool:
-        """Whether the model is split across devices with accelerate's device map."""
-        return self.gpus is not None or self.max_memory is not None
-
-
-def _gpu_layers(value: Any) -> Any:
-    """One problem, said once, for a value that is neither 'all' nor a layer count (not two from the union)."""
-    if value is None or value == "all" or (type(value) is int and 0 <= value <= 10_000):
-        return value
-    raise ValueError(f"{excerpt(value)}: a whole number of layers from 0 to 10,000, or 'all'")
-
-
-class LlamaCppSpec(_Strict):
-    """The llama.cpp runtime's settings (measure.runtime: llama.cpp), as llama-bench and llama-server name them."""
-
-    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (-t); default: the cores quantlab uses")
-    gpu_layers: Annotated[int | Literal["all"] | None, BeforeValidator(_gpu_layers)] = Field(
-        None, description="layers offloaded to the GPU (-ngl); default: all on a GPU, none on the CPU; records say "
-        "how many llama.cpp offloaded (at most the model's layers + 1)")
-    flash_attn: Literal["auto", "on", "off"] = "auto"
-    kv_type: Literal["f16", "q8_0"] = Field("f16", description="KV cache type, K and V (-ctk/-ctv)")
-    slots: int = Field(1, ge=1, le=64, description="parallel sequence slots (-np): each gets its own recurrent state")
-    ubatch: int = Field(512, ge=1, le=65536, description="micro-batch (-ub)")
-    batch: int = Field(2048, ge=1, le=65536, description="logical batch (-b)")
+MAX_PROBLEMS = 20  # validation problems listed in one error; the rest are counted
 
 
 class MeasureSpec(_Strict):
@@ -250,21 +144,12 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _method_matches_runtime(self) -> "Recipe":
-        gguf, llama = self.quantization.method == "gguf", self.measure.runtime == "llama.cpp"
-        if gguf and not llama:
-            raise ValueError("quantization.method gguf is measured through llama.cpp: set measure.runtime: llama.cpp")
-        if llama and not gguf:
-            raise ValueError("measure.runtime llama.cpp runs GGUF files: set quantization.method: gguf "
-                             "(type: BF16 for the unquantized model)")
-        if gguf and self.model.source == "synthetic":
-            raise ValueError("quantization.method gguf converts a checkpoint's files; synthetic weights have none "
-                             "(scripts/gguf_full_size.py makes full-size GGUFs of synthetic weights)")
+        check_runtime(self.quantization, self.measure.runtime)
+        method_for(self.quantization).check_model(self.quantization, self.model)
         layers = self.measure.llama_cpp.gpu_layers if self.measure.llama_cpp else None
-        if llama and self.model.device == "cpu" and layers not in (None, 0):
+        if self.model.device == "cpu" and layers not in (None, 0):
             raise ValueError(f"measure.llama_cpp.gpu_layers {layers!r} offloads layers to a GPU, but model.device is "
                              "cpu: leave gpu_layers out, or set model.device: cuda")
-        if gguf and self.model.split:
-            raise ValueError("a GGUF is split across GPUs by llama.cpp (measure.llama_cpp), not by model.gpus")
         return self
 
 

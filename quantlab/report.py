@@ -12,7 +12,7 @@ from pathlib import Path
 
 from quantlab.claims import article_claims, judge, gpu_weight_bytes, latest_gpu_weights, tolerance
 from quantlab.outputs import REPORT_MARKER, check_measurements_folder, md_text as md
-from quantlab.quality.result import QualityResult, quality_cell
+from quantlab.schema.quality import QualityResult, quality_cell
 from quantlab.schema.bench import GgufCpuDecode, GgufFullSize
 from quantlab.schema.record import Record
 from quantlab.store import UNREADABLE, load_records, read_model, replace_file, why

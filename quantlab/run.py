@@ -27,12 +27,13 @@ from quantlab.measure import PointSettings, free_memory, measure_point
 from quantlab.methods import method_for
 from quantlab.methods.base import Method, WrittenCheckpoint
 from quantlab.plan import RunPlan, make_plan
-from quantlab.quality.plan import describe_quality_plan
-from quantlab.quality.result import QualityResult, quality_line
-from quantlab.quality.session import QualitySession
+from quantlab.plan_quality import describe_quality_plan
+from quantlab.schema.quality import QualityResult, quality_line
+from quantlab.assess.session import QualitySession
 from quantlab.recipe import BuildSpec, LoadedRecipe
 from quantlab.roofline import decode_roofline, gpu_spec
 from quantlab.runtimes import runtime_for
+from quantlab.runtimes.base import LoadRequest
 from quantlab.schema.build import QuantizeCost
 from quantlab.schema.environment import WeightsInfo
 from quantlab.schema.measurement import Kernels, MemoryResult, PointResult
@@ -58,7 +59,8 @@ class Candidate:
     """What a run measures: the source it loads, what quantizes it once loaded, and what the records call it."""
 
     source: ModelSource
-    load_kwargs: dict[str, Any] = field(default_factory=dict)
+    from_pretrained: dict[str, Any] = field(default_factory=dict)  # the method's extra from_pretrained arguments
+    gguf: Path | None = None  # the GGUF file the llama.cpp runtime loads
     quantize: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     names: dict[str, str] = field(default_factory=dict)  # WeightsInfo fields the records state instead of the loaded ones
     notes: tuple[str, ...] = ()
@@ -106,7 +108,7 @@ def run_recipe(
         source = plan.source  # the records name the recipe's model, not the temporary folder
         names = {"name": source.name, "source": source.spec.source, "location": source.location, "weights": source.weights}
         if method.artifact_file:
-            candidate = Candidate(source, {"gguf": str(Path(tmp) / method.artifact_file)}, names=names, notes=notes)
+            candidate = Candidate(source, gguf=Path(tmp) / method.artifact_file, names=names, notes=notes)
         else:
             candidate = checkpoint_candidate(plan, Path(tmp), names, notes)
         return measure_candidate(plan, candidate, out, progress, echo, append)
@@ -176,8 +178,8 @@ def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: 
 def _load(runtime, candidate: Candidate, plan: RunPlan, nvml, echo) -> _Loaded:
     device, devices = plan.device, plan.devices
     with MemoryTracker(device, nvml=nvml, devices=devices) as memory, Timer(device, devices) as timer:
-        options = {**candidate.load_kwargs, **runtime.load_options(plan.recipe.measure, device)}
-        loaded = runtime.load(candidate.source, device, options, plan.split)
+        loaded = runtime.load(LoadRequest(candidate.source, device, plan.split, candidate.from_pretrained,
+                                          candidate.gguf, runtime.options(plan.recipe.measure, device)))
         model = candidate.quantize(loaded.model) if candidate.quantize else loaded.model
     kernels = runtime.kernels(model)
     weight_bytes = runtime.weight_bytes(model)

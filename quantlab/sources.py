@@ -6,7 +6,6 @@ meta device. This is the only module that tells them apart; everything after it 
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -14,12 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from quantlab import bundled
 from quantlab.checkpoint import check_config_sizes, check_folder, compare_with_model, read_config, shard_files
 from quantlab.errors import QuantlabError, summary
+from quantlab.hf_loading import hub_unavailable_message, select_variant  # noqa: F401  (sources' own names too)
 from quantlab.known_models import KNOWN_MODELS, known_by_hub_id, known_config_dir
 from quantlab.made_sources import MadeModel
 from quantlab.placement import recover_interrupted_replace
@@ -28,7 +28,7 @@ from quantlab.schema.build import built_from
 if TYPE_CHECKING:
     import torch
 
-    from quantlab.recipe import ModelSpec
+    from quantlab.model_spec import ModelSpec
 
 HUB_SNAPSHOT = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/([^/]+)")  # the Hugging Face cache's layout
 
@@ -232,19 +232,6 @@ def resolve(spec: ModelSpec) -> ModelSource:
     return _hub_source(spec)
 
 
-def select_variant(config: PretrainedConfig, variant: str) -> tuple[PretrainedConfig, type]:
-    """The config to instantiate and the auto class that loads it."""
-    text_config = getattr(config, "text_config", None)
-    if variant == "text":
-        return (text_config or config), AutoModelForCausalLM
-    if text_config is None:
-        raise QuantlabError(
-            f"model.variant 'full' needs a checkpoint with a vision tower; this one ({config.model_type}) is text-only. "
-            "Use variant: text."
-        )
-    return config, AutoModelForImageTextToText
-
-
 def model_class_name(config: PretrainedConfig, auto_class: type) -> str:
     return auto_class._model_mapping[type(config)].__name__
 
@@ -261,22 +248,6 @@ def meta_model(config: PretrainedConfig, auto_class: type | None = None, where: 
             return auto_class.from_config(config)
     except Exception as exc:  # noqa: BLE001 - a user's config that transformers cannot build: one message
         raise QuantlabError(f"{where}: transformers cannot build the model from it ({summary(exc)})") from None
-
-
-def hub_unavailable_message(repo_id: str, exc: BaseException) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-    why = "HF_HUB_OFFLINE is set" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    known = known_by_hub_id(repo_id)
-    synthetic = f"\n  - or measure with random weights of the exact shapes: model: {{source: synthetic, config: {known.key}}}" if known else ""
-    from huggingface_hub import constants
-
-    return (
-        f"{repo_id}: the weights are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
-        f"cannot be reached ({why}).\nTo get them:\n"
-        f"  - on a machine with network: hf download {repo_id}   (HF_HOME decides where the cache is)\n"
-        f"  - or copy a downloaded folder here and use model: {{source: local, path: /that/folder}}"
-        f"{synthetic}"
-    )
 
 
 # ---- resolving ---------------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ def quantize(folder: Path, out: Path, recipe: Path, grid: int | None) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     from quantlab.quantize.awq import ENGINES
-    from quantlab.quantize.awq.calibration import calibration_samples
+    from quantlab.text.calibration import calibration_samples
+    from quantlab.methods.awq import engine_params
     from quantlab.quantize.awq.engine import AwqJob
     from quantlab.quantize.awq.search import GRID
     from quantlab.recipe import load_recipe
@@ -109,7 +110,8 @@ def quantize(folder: Path, out: Path, recipe: Path, grid: int | None) -> dict:
     sampler = RssSampler()
     before = psutil.Process().memory_info().rss
     sampler.start()
-    job = AwqJob(folder, AutoConfig.from_pretrained(folder), out, qconfig, calibration.input_ids, torch.device("cpu"),
+    config = AutoConfig.from_pretrained(folder)
+    job = AwqJob(folder, config, out, engine_params(qconfig, config.architectures[0]), calibration.input_ids, torch.device("cpu"),
                  torch.bfloat16, max_shard_bytes=2 * 10**9, progress=False, on_layer=sampler.mark, search_grid=grid)
     start = time.perf_counter()
     ENGINES[qconfig.engine].quantize(job)

@@ -45,10 +45,10 @@ import json, sys, tempfile, time, torch
 from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 from quantlab.bundled import bundled_model_dir
-from quantlab.quantize.awq.calibration import calibration_samples
+from quantlab.text.calibration import calibration_samples
 from quantlab.quantize.awq.engine import AwqJob
 from quantlab.quantize.awq.native import QuantlabEngine
-from quantlab.methods.awq import AwqConfig
+from quantlab.methods.awq import AwqConfig, engine_params
 if sys.argv[3] == "fit":
     from quantlab.threads import fit_threads
     fit_threads()
@@ -59,7 +59,8 @@ times = []
 for _ in range(int(sys.argv[2])):
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        QuantlabEngine().quantize(AwqJob(folder, AutoConfig.from_pretrained(folder), Path(tmp), q, cal.input_ids,
+        config = AutoConfig.from_pretrained(folder)
+        QuantlabEngine().quantize(AwqJob(folder, config, Path(tmp), engine_params(q, config.architectures[0]), cal.input_ids,
                                          torch.device("cpu"), torch.bfloat16, 10**9, progress=False))
         times.append(time.perf_counter() - start)
 print(json.dumps({"seconds": sorted(times)[len(times) // 2], "threads": torch.get_num_threads()}))

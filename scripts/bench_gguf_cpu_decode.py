@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from quantlab import fingerprint, llamacpp, residency  # noqa: E402
-from quantlab.gguf_file import read_header  # noqa: E402
+from quantlab.llamacpp.gguf_file import read_header  # noqa: E402
 
 LABEL = ("CPU, synthetic weights (zeros) of Qwen3.6-27B's real shapes, GGUF Q4_K_M without MTP, llama.cpp CPU "
          "backend (llama-bench), decode at depth 0")

@@ -73,16 +73,15 @@ def layer_pack_seconds(layers: int) -> None:
     from transformers import AutoConfig
 
     from quantlab.known_models import known_config_dir
-    from quantlab.quantize.awq.engine import AwqJob
+    from quantlab.quantize.awq.engine import AwqJob, AwqParams
     from quantlab.quantize.awq.native import QuantlabEngine
-    from quantlab.methods.awq import AwqConfig
 
     config = AutoConfig.from_pretrained(known_config_dir("qwen3.6-27b")).text_config
     config.num_hidden_layers = layers
     config.layer_types = config.layer_types[:layers]
     config.vocab_size = 1024  # the embeddings and lm_head are copies, timed by the writer above
     with tempfile.TemporaryDirectory() as tmp:
-        job = AwqJob(source=None, config=config, out=Path(tmp), qconfig=AwqConfig(method="awq"), calibration=None,
+        job = AwqJob(source=None, config=config, out=Path(tmp), params=AwqParams(config.architectures[0]), calibration=None,
                      device=torch.device("cpu"), dtype=torch.bfloat16, max_shard_bytes=5 * 10**9, progress=False)
         start = time.perf_counter()
         QuantlabEngine().quantize(job)

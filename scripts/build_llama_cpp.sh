@@ -17,7 +17,7 @@
 #   native              -march=native, one backend for exactly this CPU (AMX included where the CPU has it); for
 #                       benchmarks against the portable build, never for builds that travel.
 # LLAMA_CPU_EXCLUDE="zen4 icelake" leaves more variants out (a variant that fails the self-check on some CPU).
-# After building, quantlab.llamacpp_check runs Q8_0 and Q4_K_M GGUFs through llama-bench and through libllama as
+# After building, quantlab.llamacpp.check runs Q8_0 and Q4_K_M GGUFs through llama-bench and through libllama as
 # quantlab's runtime loads it; a crash fails the build with one line naming the CPU and the variant.
 # Usage: scripts/build_llama_cpp.sh VENV_PYTHON    (GGML_CUDA=on builds the CUDA backend too; LLAMA_CPP_DIR=... elsewhere)
 set -euo pipefail
@@ -57,7 +57,7 @@ EOF
   [ -f "$DEST/download/llama_cpp_python-$VERSION.tar.gz" ]
 }
 self_check() {
-  "$PY" -m quantlab.llamacpp_check --root "$DEST" || {
+  "$PY" -m quantlab.llamacpp.check --root "$DEST" || {
     echo "llama.cpp in $DEST was built but failed its self-check on this CPU (above); nothing of it will be used"
     rm -f "$STAMP"
     exit 1

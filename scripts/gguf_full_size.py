@@ -1,5 +1,5 @@
 """The article's GGUF table at full size, without a GPU and without 55 GB of RAM: Qwen3.6-27B's exact tensor shapes,
-synthetic (sparse) weights, and llama.cpp's own answers (quantlab/gguf_full_size.py says how).
+synthetic (sparse) weights, and llama.cpp's own answers (quantlab/llamacpp/full_size.py says how).
 
     .venv/bin/python scripts/gguf_full_size.py [--work DIR] [--out measurements]
 
@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from quantlab import fingerprint, llamacpp  # noqa: E402
-from quantlab.gguf_file import read_header  # noqa: E402
-from quantlab.gguf_full_size import (  # noqa: E402
+from quantlab.llamacpp.gguf_file import read_header  # noqa: E402
+from quantlab.llamacpp.full_size import (  # noqa: E402
     dry_run, fit_print, meta_tensors, write_sparse_quantized, write_sparse_safetensors,
 )
-from quantlab.methods.gguf import convert  # noqa: E402
+from quantlab.llamacpp.steps import convert  # noqa: E402
 
 TYPES = {"Q8_0": 7, "Q6_K": 18, "Q4_K_M": 15}  # llama_ftype of each, for general.file_type
 PUBLISHED_GB = {"Q8_0": 28.60, "Q6_K": 22.52, "Q4_K_M": 16.82}  # files people download (shared/reference)

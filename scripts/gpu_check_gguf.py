@@ -59,7 +59,7 @@ def pack(source: Path, cuda_bin: Path) -> int:
     if not source.is_file():
         print(f"{source}: not there; run `make gguf-full-size` first", file=sys.stderr)
         return 1
-    from quantlab.gguf_file import read_header
+    from quantlab.llamacpp.gguf_file import read_header
 
     header = read_header(source)
     data_start = header.file_bytes - _padded_data_bytes(source)
@@ -192,7 +192,7 @@ def _sparse_model(work: Path) -> Path:
 
 def _rehearsal_model(work: Path) -> Path:
     from quantlab import llamacpp
-    from quantlab.methods.gguf import convert, quantize
+    from quantlab.llamacpp.steps import convert, quantize
 
     tools = llamacpp.locate()
     bf16, q4 = work / "bundled-bf16.gguf", work / "bundled-q4_k_m.gguf"

@@ -1,5 +1,5 @@
-"""The shape of the package: no import cycles, short functions, data that reads without torch, and methods that
-answer every hook."""
+"""The shape of the package: its floors and the one direction of its imports, no import cycles, short functions,
+data that reads without torch, and methods and runtimes that answer every hook."""
 
 from __future__ import annotations
 
@@ -24,28 +24,14 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
-def _type_checking_lines(tree: ast.AST) -> set[int]:
-    """Lines inside `if TYPE_CHECKING:` blocks: annotations only, never executed."""
-    lines = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            for child in node.body:
-                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
-    return lines
-
-
 def import_graph() -> dict[str, set[str]]:
-    """Module → the quantlab modules it imports, at module level or inside functions (a lazy import is still a
-    dependency), but not under TYPE_CHECKING."""
+    """Module → the quantlab modules it imports: at module level, inside functions (a lazy import is still a
+    dependency) and under TYPE_CHECKING (a type named from a floor above is a tie to that floor too)."""
     modules = _modules()
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        skip = _type_checking_lines(tree)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(tree):
-            if getattr(node, "lineno", None) in skip:
-                continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -55,8 +41,67 @@ def import_graph() -> dict[str, set[str]]:
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             else:
                 continue
-            graph[name].update(t for t in targets if t in modules and t != name)
+            graph[name].update(_known(t, modules) for t in targets if _known(t, modules) not in (None, name))
     return graph
+
+
+def _known(target: str, modules: dict[str, Path]) -> str | None:
+    """The quantlab module an import names (`import quantlab.a.b as x` names quantlab.a.b)."""
+    while target and target not in modules:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+# The floors, bottom to top: a module imports from its own floor and the floors below it, never from one above.
+# Each entry is a top-level module or package of quantlab/ ("quantlab" is the package's own __init__).
+FLOORS = (
+    ("base", ("quantlab", "errors", "console", "fields", "strict_yaml", "architecture", "known_models", "extras",
+              "stats", "threads", "outputs", "residency", "schema", "store", "claims", "roofline", "cost", "kernels",
+              "trackers", "checkpoint", "checksums", "device_map", "fingerprint", "placement", "made_sources",
+              "hf_loading", "model_spec", "quality")),
+    ("text", ("text", "bundled", "salient")),
+    ("llamacpp", ("llamacpp",)),
+    ("engines", ("quantize", "finite")),
+    ("runtimes", ("runtimes", "measure")),
+    ("sources", ("sources",)),
+    ("methods", ("methods",)),
+    ("recipe", ("recipe",)),
+    ("plan", ("plan", "plan_quality")),
+    ("commands", ("assess", "run", "estimate", "report", "artifact", "cli", "__main__")),
+)
+# The rules the floors exist for, said on their own so that a failure names the rule it breaks
+LOW_FLOORS = ("schema", "text", "llamacpp", "quantize", "errors", "console", "fields")
+ABOVE_THE_LOW_FLOORS = ("methods", "recipe", "sources", "runtimes", "assess", "plan", "plan_quality", "run", "report")
+RULES = (
+    (LOW_FLOORS, ABOVE_THE_LOW_FLOORS, "the low floors import nothing from methods, recipe, sources, runtimes, "
+                                        "quality commands, plan, run or report"),
+    (("methods",), ("runtimes", "assess"), "methods import no runtime and no quality command"),
+    (("runtimes",), ("recipe", "methods"), "runtimes import neither recipe nor methods"),
+)
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _floor_of(module: str) -> int:
+    top = _top(module)
+    for number, (_, members) in enumerate(FLOORS):
+        if top in members:
+            return number
+    raise AssertionError(f"{module}: on no floor; add {top!r} to FLOORS in tests/test_architecture.py (and the README)")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} (floor {FLOORS[_floor_of(a)][0]}) imports {b} (floor {FLOORS[_floor_of(b)][0]})"
+                  for a, targets in graph.items() for b in targets if _floor_of(b) > _floor_of(a))
+
+
+def broken_rules(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{rule}: {a} imports {b}" for sources, forbidden, rule in RULES
+                  for a, targets in graph.items() if _top(a) in sources
+                  for b in targets if _top(b) in forbidden)
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -100,8 +145,36 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_import_cycles_inside_quantlab():
+def test_no_import_cycles_inside_quantlab_counting_every_import():
     assert cycles(import_graph()) == []
+
+
+def test_every_module_is_on_a_floor_and_imports_nothing_from_above():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_floors_rules_hold():
+    assert broken_rules(import_graph()) == []
+
+
+def test_the_floor_checks_find_what_they_look_for():
+    graph = {"quantlab.schema.record": {"quantlab.methods.base"}, "quantlab.runtimes.x": {"quantlab.recipe"},
+             "quantlab.methods.base": {"quantlab.errors"}, "quantlab.errors": set(), "quantlab.recipe": set()}
+    assert upward_imports(graph) == [
+        "quantlab.runtimes.x (floor runtimes) imports quantlab.recipe (floor recipe)",
+        "quantlab.schema.record (floor base) imports quantlab.methods.base (floor methods)"]
+    assert len(broken_rules(graph)) == 2
+
+
+def test_type_checking_imports_count(tmp_path, monkeypatch):
+    package = tmp_path / "quantlab"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from quantlab.b import B\n")
+    (package / "b.py").write_text("def f():\n    import quantlab.a as a\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
+    assert import_graph() == {"quantlab": set(), "quantlab.a": {"quantlab.b"}, "quantlab.b": {"quantlab.a"}}
 
 
 def test_no_function_is_longer_than_a_screen():

@@ -25,7 +25,7 @@ from quantlab.quantize.awq.mappings import AwqMapping
 from quantlab.quantize.awq.native import _adds_one, _balance, _capture, _fold
 from quantlab.quantize.awq.pack import AWQ_ORDER, PACK_BITS, PER_WORD, pack_gemm
 from quantlab.quantize.awq.search import apply_clip, search_clip, search_scales
-from quantlab.methods.awq import AwqConfig, AwqMethod
+from quantlab.methods.awq import AwqConfig, AwqMethod, engine_params
 from quantlab.quantize.groupwise import dequantize_groups, fake_quantize, quantize_groups
 from quantlab.recipe import load_recipe
 from quantlab.sources import resolve
@@ -192,11 +192,12 @@ def test_gptqmodel_folds_qwen3_5_norms_wrongly_and_the_engine_mends_it():
 # ---- the engines on real models -----------------------------------------------------------------------------
 
 def _job(source: Path | None, out: Path, config, engine="quantlab", calibration=True, **qc) -> AwqJob:
-    from quantlab.quantize.awq.calibration import calibration_samples
+    from quantlab.text.calibration import calibration_samples
 
     qconfig = AwqConfig(method="awq", engine=engine, calibration=SMALL_CALIBRATION, **qc)
     ids = calibration_samples(qconfig.calibration, AutoTokenizer.from_pretrained(source)).input_ids if calibration else None
-    return AwqJob(source, config, out, qconfig, ids, torch.device("cpu"), torch.bfloat16, 5 * 10**9, progress=False)
+    params = engine_params(qconfig, config.architectures[0])
+    return AwqJob(source, config, out, params, ids, torch.device("cpu"), torch.bfloat16, 5 * 10**9, progress=False)
 
 
 def _finish(out: Path, config, source: Path | None = None, qconfig: AwqConfig | None = None) -> None:
@@ -251,7 +252,7 @@ def test_bundled_awq_reloads_with_plain_transformers_and_generates(bundled_awq):
 def test_awq_beats_round_to_nearest_on_held_out_text(bundled_awq):
     """Same bits, same groups, same packing: AWQ's KL to the BF16 model is lower than plain rounding's.
     (The full measurement, `quantlab quality`, is in the records; this is a fast, smaller version.)"""
-    from quantlab.quality.text import default_text
+    from quantlab.text.heldout import default_text
     from quantlab.methods.rtn import RtnConfig, RtnMethod
 
     threads = torch.get_num_threads()

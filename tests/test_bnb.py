@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from quantlab.console import quiet_bnb_logs
 from quantlab.bundled import bundled_model_dir
 from quantlab.errors import QuantlabError, RecipeError
 from quantlab.estimate.against_records import scheme_for
@@ -250,7 +251,7 @@ def test_a_foreign_bnb_checkpoint_is_labelled_from_its_quantization_config(tmp_p
 # ---- log noise ------------------------------------------------------------------------------------------------
 
 def test_cast_warning_is_logged_once_and_kernel_message_never():
-    bnb.quiet_bnb_logs()
+    quiet_bnb_logs()
     seen: list[str] = []
 
     class Collect(logging.Handler):

@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from quantlab import bundled, corpus
+from quantlab import bundled
+from quantlab.text import corpus
 from quantlab.bundled import train as build
 from quantlab.bundled.evaluate import perplexity
 

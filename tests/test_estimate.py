@@ -222,7 +222,7 @@ def _awq_saver(group_size: int):
     def save(model: torch.nn.Module, folder: Path) -> None:
         import tempfile
 
-        from quantlab.methods.awq import AwqConfig, AwqMethod, quantization_config, write_config
+        from quantlab.methods.awq import AwqConfig, AwqMethod, engine_params, quantization_config, write_config
         from quantlab.quantize.awq import ENGINES
         from quantlab.quantize.awq.engine import AwqJob
         from quantlab.recipe import ModelSpec
@@ -232,7 +232,7 @@ def _awq_saver(group_size: int):
         with tempfile.TemporaryDirectory() as source:
             model.to(torch.bfloat16).save_pretrained(source)
             config = type(model.config).from_pretrained(source)
-            ENGINES["quantlab"].quantize(AwqJob(Path(source), config, folder, qconfig, None, torch.device("cpu"),
+            ENGINES["quantlab"].quantize(AwqJob(Path(source), config, folder, engine_params(qconfig, type(model).__name__), None, torch.device("cpu"),
                                                 torch.bfloat16, 5 * 10**9, progress=False))
         source = ModelSource(ModelSpec(source="synthetic", config="bundled"), config, "x", "x")
         write_config(config, quantization_config(qconfig, AwqMethod().skip_rules(qconfig, source).patterns), folder)

@@ -25,9 +25,10 @@ import torch
 from quantlab import llamacpp
 from quantlab.cli import main
 from quantlab.errors import QuantlabError, RecipeError
-from quantlab.gguf_file import read_header
+from quantlab.llamacpp.gguf_file import read_header
 from quantlab.recipe import load_recipe
-from quantlab.runtimes.llama_cpp import LlamaCppSettings, model_buffers, parse_buffers
+from quantlab.llamacpp.binding import LlamaCppSettings, model_buffers, parse_buffers
+from quantlab.runtimes.base import LoadRequest
 
 from conftest import REPO
 
@@ -81,7 +82,7 @@ def tools():
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory, tools) -> dict[str, Path]:
     """The bundled model converted to BF16 by llama.cpp's converter, then quantized to Q8_0 and Q4_K_M."""
-    from quantlab.methods.gguf import convert, quantize
+    from quantlab.llamacpp.steps import convert, quantize
 
     folder = tmp_path_factory.mktemp("gguf")
     files = {"BF16": folder / "bf16.gguf", "Q8_0": folder / "q8_0.gguf", "Q4_K_M": folder / "q4_k_m.gguf"}
@@ -96,7 +97,7 @@ _RUNTIMES: list = []  # llama.cpp keeps the log callback of the last runtime mad
 
 @pytest.fixture(scope="module")
 def runtime(tools):
-    from quantlab.runtimes.llama_cpp import LlamaCppRuntime
+    from quantlab.runtimes.libllama import LlamaCppRuntime
 
     if not _RUNTIMES:
         _RUNTIMES.append(LlamaCppRuntime())
@@ -109,7 +110,7 @@ def load_gguf(runtime):
     loaded = []
 
     def load(path: Path, **changes):
-        model = runtime.load(SOURCE, torch.device("cpu"), {"gguf": str(path), "settings": settings(**changes)}).model
+        model = runtime.load(LoadRequest(SOURCE, torch.device("cpu"), gguf=Path(path), settings=settings(**changes))).model
         loaded.append(model)
         return model
 
@@ -197,7 +198,7 @@ def test_recipe_level_mismatches_are_recipe_errors(case, data, expected, write_r
 
 @needs_llama
 def test_model_the_converter_does_not_know_is_refused(tools):
-    from quantlab.methods.gguf import check_convertible
+    from quantlab.llamacpp.steps import check_convertible
 
     with pytest.raises(QuantlabError, match=r"does not know this model \(NoSuchModelForCausalLM\)") as caught:
         check_convertible(tools, SimpleNamespace(architectures=["NoSuchModelForCausalLM"]))
@@ -307,8 +308,8 @@ def test_gguf_tokenizer_gives_the_reference_ids(ggufs, runtime):
     import gguf
     from transformers import AutoTokenizer
 
-    from quantlab.quality.text import default_text
-    from quantlab.runtimes.llama_cpp import library
+    from quantlab.text.heldout import default_text
+    from quantlab.llamacpp.binding import library
 
     assert gguf.GGUFReader(ggufs["BF16"]).fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # gguf_convert's name
     lib = library()
@@ -352,7 +353,7 @@ def test_gguf_logits_agree_with_transformers_and_quantization_costs_some(ggufs, 
     """The BF16 GGUF computes the bundled model as transformers does; Q4_K_M drifts further from it than BF16."""
     from transformers import AutoTokenizer
 
-    from quantlab.quality.text import default_text
+    from quantlab.text.heldout import default_text
     from quantlab.recipe import ModelSpec
 
     from conftest import load_source
@@ -377,7 +378,7 @@ def test_gguf_logits_agree_with_transformers_and_quantization_costs_some(ggufs, 
 
 
 def test_gpt2_byte_level_detection(tmp_path):
-    from quantlab.gguf_convert import _is_gpt2_byte_level
+    from quantlab.llamacpp.convert import _is_gpt2_byte_level
 
     assert _is_gpt2_byte_level(BUNDLED)
     data = json.loads((BUNDLED / "tokenizer.json").read_text())
@@ -404,7 +405,7 @@ def _holes_supported(folder: Path) -> bool:
 def test_sparse_conversion_has_the_same_header_and_size_but_no_data(ggufs, tools, tmp_path):
     import gguf
 
-    from quantlab.methods.gguf import convert, quantize
+    from quantlab.llamacpp.steps import convert, quantize
 
     if not _holes_supported(tmp_path):
         pytest.skip("this file system does not keep holes in sparse files")
@@ -436,7 +437,7 @@ def test_sparse_conversion_has_the_same_header_and_size_but_no_data(ggufs, tools
 @needs_llama
 @pytest.mark.slow
 def test_quantized_files_have_llama_cpps_types_and_sizes(ggufs):
-    from quantlab.methods.gguf import tensor_types
+    from quantlab.llamacpp.steps import tensor_types
 
     headers = {kind: read_header(path) for kind, path in ggufs.items()}
     assert headers["Q8_0"].file_type == 7 and headers["Q4_K_M"].file_type == 15  # LLAMA_FTYPE_MOSTLY_*
@@ -459,7 +460,7 @@ def test_quantized_files_have_llama_cpps_types_and_sizes(ggufs):
 @needs_llama
 @pytest.mark.slow
 def test_quantize_dry_run_reports_the_size_and_writes_nothing(ggufs, tools, tmp_path):
-    from quantlab.methods.gguf import quantize
+    from quantlab.llamacpp.steps import quantize
 
     out = quantize(tools, ggufs["BF16"], tmp_path / "never.gguf", "Q4_K_M", None, dry_run=True)
     size = re.search(r"quant size\s*=\s*([\d.]+) MiB", out)
@@ -472,7 +473,7 @@ def test_quantize_dry_run_reports_the_size_and_writes_nothing(ggufs, tools, tmp_
 @pytest.mark.slow
 def test_needs_imatrix_list_agrees_with_llama_quantize(ggufs, tools, tmp_path):
     """What llama-quantize --dry-run says needs an imatrix is what quantlab refuses without one (IQ3_XS included)."""
-    from quantlab.methods.gguf import quantize
+    from quantlab.llamacpp.steps import quantize
 
     assert llamacpp.NEEDS_IMATRIX <= set(llamacpp.quant_types(tools))
     disagree = []
@@ -487,7 +488,7 @@ def test_needs_imatrix_list_agrees_with_llama_quantize(ggufs, tools, tmp_path):
 @needs_llama
 @pytest.mark.slow
 def test_quantize_failure_quotes_llama_quantize_and_leaves_no_file(ggufs, tools, tmp_path):
-    from quantlab.methods.gguf import quantize
+    from quantlab.llamacpp.steps import quantize
 
     with pytest.raises(QuantlabError, match=r"llama-quantize IQ2_XXS failed \(exit \d+\); its last lines:") as caught:
         quantize(tools, ggufs["BF16"], tmp_path / "iq2.gguf", "IQ2_XXS", None)
@@ -501,7 +502,7 @@ def test_quantize_failure_quotes_llama_quantize_and_leaves_no_file(ggufs, tools,
 @needs_llama
 @pytest.mark.slow
 def test_runtime_loads_a_gguf_and_describes_it(ggufs, runtime):
-    loaded = runtime.load(SOURCE, torch.device("cpu"), {"gguf": str(ggufs["Q4_K_M"]), "settings": settings()})
+    loaded = runtime.load(LoadRequest(SOURCE, torch.device("cpu"), gguf=Path(ggufs["Q4_K_M"]), settings=settings()))
     model = loaded.model
     try:
         info = loaded.info
@@ -599,7 +600,7 @@ def test_loading_a_broken_gguf_is_a_clear_error(ggufs, runtime, tmp_path):
     not_gguf.write_bytes(b"\x00" * 4096)
     for path in (cut, not_gguf, tmp_path / "absent.gguf"):
         with pytest.raises(QuantlabError) as caught:
-            runtime.load(SOURCE, torch.device("cpu"), {"gguf": str(path), "settings": settings()})
+            runtime.load(LoadRequest(SOURCE, torch.device("cpu"), gguf=Path(path), settings=settings()))
         assert str(caught.value).startswith(str(path)), caught.value
 
 
@@ -608,32 +609,35 @@ def test_load_options_follow_measure_llama_cpp(runtime):
     from quantlab.recipe import MeasureSpec
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    default = runtime.load_options(MeasureSpec(runtime="llama.cpp"), cpu)["settings"]
+    default = runtime.options(MeasureSpec(runtime="llama.cpp"), cpu)
     assert default.gpu_layers == 0 and default.threads == torch.get_num_threads()
     assert (default.flash_attn, default.kv_type, default.slots, default.ubatch, default.batch) == ("auto", "f16", 1, 512, 2048)
-    assert runtime.load_options(MeasureSpec(runtime="llama.cpp"), cuda)["settings"].gpu_layers == 999
+    assert runtime.options(MeasureSpec(runtime="llama.cpp"), cuda).gpu_layers == 999
     spec = MeasureSpec(runtime="llama.cpp", llama_cpp={"threads": 3, "gpu_layers": 7, "kv_type": "q8_0", "slots": 2,
                                                        "ubatch": 128, "batch": 256, "flash_attn": "on"})
-    chosen = runtime.load_options(spec, cuda)["settings"]
+    chosen = runtime.options(spec, cuda)
     assert chosen.as_dict() == dict(threads=3, gpu_layers=7, flash_attn="on", kv_type="q8_0", slots=2, ubatch=128,
                                     batch=256)
     every = MeasureSpec(runtime="llama.cpp", llama_cpp={"gpu_layers": "all"})
-    assert runtime.load_options(every, cuda)["settings"].gpu_layers == 999
-    assert runtime.load_options(every, cpu)["settings"].gpu_layers == 0  # on the CPU nothing is offloaded
+    assert runtime.options(every, cuda).gpu_layers == 999
+    assert runtime.options(every, cpu).gpu_layers == 0  # on the CPU nothing is offloaded
     none = MeasureSpec(runtime="llama.cpp", llama_cpp={"gpu_layers": 0})
-    assert runtime.load_options(none, cuda)["settings"].gpu_layers == 0
+    assert runtime.options(none, cuda).gpu_layers == 0
 
 
 RUNTIME_SCRIPT = """
     import gc, sys
+    from pathlib import Path
     from types import SimpleNamespace
     import torch
     from quantlab.errors import QuantlabError
-    from quantlab.runtimes.llama_cpp import LlamaCppRuntime, LlamaCppSettings
+    from quantlab.llamacpp.binding import LlamaCppSettings
+    from quantlab.runtimes.base import LoadRequest
+    from quantlab.runtimes.libllama import LlamaCppRuntime
     source = SimpleNamespace(name="b", spec=SimpleNamespace(source="bundled", variant="text"), weights="real", config=None)
     settings = LlamaCppSettings(threads=1, gpu_layers=0, flash_attn="auto", kv_type="f16", slots=1, ubatch=512, batch=2048)
     first = LlamaCppRuntime()
-    model = first.load(source, torch.device("cpu"), {"gguf": sys.argv[1], "settings": settings}).model
+    model = first.load(LoadRequest(source, torch.device("cpu"), gguf=Path(sys.argv[1]), settings=settings)).model
 """
 
 
@@ -796,7 +800,8 @@ def test_gguf_build_refuses_to_replace_a_folder_it_did_not_make(write_recipe, tm
 @needs_llama
 @pytest.mark.slow
 def test_per_class_types_reach_llama_quantize(ggufs, tools, tmp_path):
-    from quantlab.methods.gguf import quantize, tensor_type_args
+    from quantlab.llamacpp.names import tensor_type_args
+    from quantlab.llamacpp.steps import quantize
 
     out = tmp_path / "mixed.gguf"
     quantize(tools, ggufs["BF16"], out, "Q4_K_M", None,
@@ -826,4 +831,4 @@ def test_a_cpu_only_build_refuses_a_gpu_device(ggufs, runtime):
     if runtime.lib.llama_supports_gpu_offload():
         pytest.skip("this llama.cpp build has a GPU backend")
     with pytest.raises(QuantlabError, match="no GPU backend"):
-        runtime.load(SOURCE, torch.device("cuda"), {"gguf": str(ggufs["Q4_K_M"]), "settings": settings()})
+        runtime.load(LoadRequest(SOURCE, torch.device("cuda"), gguf=Path(ggufs["Q4_K_M"]), settings=settings()))

@@ -269,7 +269,7 @@ def test_sensitivity_levels_llama_cpp_cannot_write_are_refused_before_any_work(w
 # ---- settings recorded as llama.cpp ran them ---------------------------------------------------------------------
 
 def test_records_state_the_settings_that_ran():
-    from quantlab.runtimes.llama_cpp import settings_that_run
+    from quantlab.llamacpp.binding import settings_that_run
 
     ran = settings_that_run(settings(gpu_layers=999, ubatch=65536, batch=16), layers=4, offload=True)
     assert (ran.gpu_layers, ran.ubatch, ran.batch) == (5, 16, 16)

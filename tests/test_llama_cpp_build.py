@@ -176,7 +176,7 @@ def build_with_crashing_tool(tmp_path: Path, death: str) -> Path:
 ])
 def test_a_crash_fails_the_self_check_with_one_line_naming_cpu_and_backend(tmp_path, death, said, fix):
     root = build_with_crashing_tool(tmp_path, death)
-    done = subprocess.run([sys.executable, "-m", "quantlab.llamacpp_check", "--root", str(root)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "quantlab.llamacpp.check", "--root", str(root)], capture_output=True,
                           text=True, timeout=600, cwd=REPO)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
@@ -224,7 +224,8 @@ def test_the_build_finds_its_libraries_beside_itself():
 
 
 def test_the_runtime_refuses_a_ggml_from_another_folder(monkeypatch, tmp_path):
-    from quantlab.runtimes import llama_cpp as runtime
+    from quantlab.llamacpp import binding as runtime
+    from quantlab.llamacpp import tools
 
     class FakeGgml:
         def __init__(self, *args):
@@ -234,10 +235,10 @@ def test_the_runtime_refuses_a_ggml_from_another_folder(monkeypatch, tmp_path):
     bin_dir = tmp_path / ".llama.cpp" / "build" / "bin"
     bin_dir.mkdir(parents=True)
     monkeypatch.setattr(runtime.ctypes, "CDLL", FakeGgml)
-    monkeypatch.setattr(llamacpp, "foreign_libraries", lambda own: ["/old/place/build/bin/libggml-base.so"])
+    monkeypatch.setattr(tools, "foreign_libraries", lambda own: ["/old/place/build/bin/libggml-base.so"])
     with pytest.raises(QuantlabError, match=r"loaded /old/place/build/bin/libggml-base.so, not its own copy.*rm -r"):
         runtime._load_backends(bin_dir)
-    monkeypatch.setattr(llamacpp, "foreign_libraries", lambda own: [])
+    monkeypatch.setattr(tools, "foreign_libraries", lambda own: [])
     runtime._load_backends(bin_dir)
 
 
@@ -252,7 +253,8 @@ def test_the_check_of_this_build_passed_here_and_names_the_backend():
 
 @needs_build
 def test_llama_cpp_records_name_the_cpu_backend_that_ran():
-    from quantlab.runtimes.llama_cpp import LlamaCppRuntime, load_gguf_for_check
+    from quantlab.llamacpp.binding import load_gguf_for_check
+    from quantlab.runtimes.libllama import LlamaCppRuntime
 
     gguf = llamacpp.locate().root / "checked" / "gguf" / "bundled-q8_0.gguf"
     model = load_gguf_for_check(gguf, threads=2)

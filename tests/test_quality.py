@@ -25,9 +25,9 @@ from quantlab.errors import QuantlabError, RecipeError
 from quantlab.plan import make_plan
 from quantlab.quality import QualityResult, quality_card_lines
 from quantlab.quality.metrics import sliding_windows
-from quantlab.quality.result import quality_cell, quality_table
-from quantlab.quality.session import QualitySession
-from quantlab.quality.text import load_heldout
+from quantlab.schema.quality import quality_cell, quality_table
+from quantlab.assess.session import QualitySession
+from quantlab.text.heldout import load_heldout
 from quantlab.methods.rtn import RtnConfig, RtnMethod
 from quantlab.recipe import ModelSpec, QualitySpec, load_recipe
 from quantlab.report import render_report
@@ -351,7 +351,7 @@ def test_unknown_source_exits_2(tmp_path, capsys):
 
 
 def test_default_text_is_the_stdlib_heldout_split():
-    from quantlab import corpus
+    from quantlab.text import corpus
 
     text = load_heldout(QualitySpec())
     assert text.description["split"] == "heldout" and text.description["source"] == "python-stdlib"

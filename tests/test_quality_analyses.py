@@ -17,7 +17,7 @@ from quantlab.methods.rtn import RtnConfig, RtnMethod
 from quantlab.plan import make_plan
 from quantlab.quality import compare, noise
 from quantlab.quality.metrics import kl_by_position
-from quantlab.quality.session import QualitySession
+from quantlab.assess.session import QualitySession
 from quantlab.recipe import ModelSpec, load_recipe
 from quantlab.salient import make_salient, write_salient_model
 
@@ -203,7 +203,7 @@ def test_sensitivity_puts_a_destroyed_class_first(tmp_path, base):
     """A quantizer that shuffles mlp.down's weights at the recipe's bits (and rounds everything else as RTN does):
     that class must come first, with a large KL, and be the first raised to int8."""
     from quantlab.methods.rtn import RtnMethod
-    from quantlab.quality.sensitivity import measure_effects, suggest
+    from quantlab.assess.sensitivity import measure_effects, suggest
 
     def destructive(model, config):
         if config.only == ["mlp.down"] and not config.overrides:
@@ -240,7 +240,7 @@ def test_sensitivity_refuses_bad_options_before_any_work(tmp_path, capsys, extra
 
 
 def test_choose_raises_classes_by_kl_removed_per_byte_within_the_budget():
-    from quantlab.quality.sensitivity import ClassEffect, choose
+    from quantlab.assess.sensitivity import ClassEffect, choose
 
     effects = [ClassEffect("a", 100, 0.010, None, 100, levels={"Q5_K": 0.004, "Q8_0": 0.001}),
                ClassEffect("b", 100, 0.002, None, 100, levels={"Q5_K": 0.001, "Q8_0": 0.0005}),
@@ -255,7 +255,8 @@ def test_choose_raises_classes_by_kl_removed_per_byte_within_the_budget():
 
 
 def test_gguf_tensor_names_map_to_the_tensor_classes():
-    from quantlab.quality.sensitivity_gguf import class_file_args, gguf_class
+    from quantlab.assess.sensitivity_gguf import class_file_args
+    from quantlab.llamacpp.names import gguf_class
 
     assert gguf_class("blk.0.attn_qkv.weight") == "deltanet.in_proj_qkv"
     assert gguf_class("blk.3.attn_q.weight") == "attention.q" and gguf_class("blk.3.attn_output.weight") == "attention.o"
@@ -284,8 +285,8 @@ needs_llama = pytest.mark.skipif(not __import__("quantlab.llamacpp").llamacpp.av
 @needs_llama
 @pytest.mark.slow
 def test_gguf_class_files_hold_one_class_at_the_uniform_builds_types(tmp_path):
-    from quantlab.gguf_file import read_header
-    from quantlab.quality.sensitivity_gguf import GgufSweep
+    from quantlab.llamacpp.gguf_file import read_header
+    from quantlab.assess.sensitivity_gguf import GgufSweep
 
     sweep = GgufSweep(make_plan(load_recipe(_gguf_recipe(tmp_path))), ["Q8_0"], tmp_path, echo=lambda _: None)
     sweep.prepare()
@@ -360,7 +361,7 @@ def test_candidates_are_built_scored_and_released_as_memory_allows(mode, candida
     """A 27B's candidates do not fit together: with a stored reference each is released before the next is made;
     in paired mode as many as fit in half the free memory (4 MB here: two of 1 MB each) share a reference pass."""
     from quantlab import fingerprint
-    from quantlab.quality.sensitivity import evaluate_built
+    from quantlab.assess.sensitivity import evaluate_built
 
     monkeypatch.setattr(fingerprint, "available_host_ram", lambda: 4 * 10**6 + 1)
     alive, peak, passes = set(), [], []
@@ -415,14 +416,14 @@ def test_gguf_overrides_name_tensor_types_not_file_types(tmp_path, capsys):
 
 def test_default_levels_are_above_the_recipes_type():
     pytest.importorskip("gguf")
-    from quantlab.quality.sensitivity_gguf import default_levels
+    from quantlab.assess.sensitivity_gguf import default_levels
 
     assert default_levels("Q4_K_M") == ["Q5_K", "Q6_K", "Q8_0"] and default_levels("Q5_K_M") == ["Q6_K", "Q8_0"]
     assert default_levels("Q8_0") == ["BF16"]
 
 
 def test_class_file_guard_catches_a_class_file_llama_cpp_did_not_write_as_asked():
-    from quantlab.quality.sensitivity_gguf import check_class_file
+    from quantlab.assess.sensitivity_gguf import check_class_file
 
     def header(**types):
         return SimpleNamespace(path="f.gguf", tensors=[SimpleNamespace(name=n, type_name=t) for n, t in types.items()])

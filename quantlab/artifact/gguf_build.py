@@ -15,10 +15,11 @@ from typing import Callable
 from quantlab.artifact.results import BuildResult, VerifyResult
 from quantlab.checksums import check_checksums, write_checksums
 from quantlab.errors import QuantlabError
-from quantlab.gguf_file import read_header
+from quantlab.llamacpp.gguf_file import read_header
 from quantlab.outputs import check_measurements_folder
 from quantlab.placement import building, check_target
 from quantlab.recipe import BuildSpec
+from quantlab.runtimes.base import LoadRequest
 from quantlab.schema.build import CHECKSUMS_NAME, GGUF_MANIFEST_NAME, read_gguf_manifest
 
 MANIFEST_NAME = GGUF_MANIFEST_NAME
@@ -43,8 +44,8 @@ def build_gguf(loaded, target: Path, force: bool, out_dir: Path, measure: bool, 
         records = []
         if measure:
             note = f"measured from the build folder {target}"
-            candidate = Candidate(plan.source, {"gguf": str(gguf)}, names={"name": plan.source.name,
-                                                                           "location": str(target)}, notes=(note,))
+            candidate = Candidate(plan.source, gguf=gguf, names={"name": plan.source.name, "location": str(target)},
+                                  notes=(note,))
             records = list(measure_candidate(plan, candidate, out_dir, progress, echo, append=False).records)
         header = read_header(gguf)
         manifest = {
@@ -83,7 +84,7 @@ def greedy_check(plan, gguf: Path, spec: BuildSpec, echo) -> dict:
     """The prompt's greedy continuation through llama.cpp, recorded for `quantlab verify` to reproduce."""
     import torch
 
-    from quantlab.runtimes.llama_cpp import LlamaCppRuntime
+    from quantlab.runtimes.libllama import LlamaCppRuntime
 
     tokenizer = plan.source.tokenizer()
     ids = tokenizer(spec.prompt, add_special_tokens=False)["input_ids"] if tokenizer is not None else [0]
@@ -96,7 +97,7 @@ def greedy_check(plan, gguf: Path, spec: BuildSpec, echo) -> dict:
 def run_greedy(runtime, source, gguf: Path, ids: list[int], new_tokens: int, measure, device) -> list[int]:
     import torch
 
-    loaded = runtime.load(source, device, {"gguf": str(gguf), **runtime.load_options(measure, device)})
+    loaded = runtime.load(LoadRequest(source, device, gguf=gguf, settings=runtime.options(measure, device)))
     try:
         vocab = runtime.vocab_size(loaded.model)
         if any(not 0 <= i < vocab for i in ids):
@@ -163,7 +164,7 @@ def _verify_greedy(folder: Path, manifest, good: list[str], echo) -> VerifyResul
     import torch
 
     from quantlab.recipe import MeasureSpec
-    from quantlab.runtimes.llama_cpp import LlamaCppRuntime
+    from quantlab.runtimes.libllama import LlamaCppRuntime
     from quantlab.threads import fit_threads
 
     header = read_header(folder / manifest.file)
@@ -230,7 +231,7 @@ def card(m: dict, header, records, name: str) -> str:
         lines += ["## Measured at build time", "", *[f"- {describe_point(r)}" for r in records], ""]
         q = records[0].quality
         if q is not None:
-            from quantlab.quality.result import quality_card_lines
+            from quantlab.schema.quality import quality_card_lines
 
             lines += quality_card_lines(q)
     return "\n".join(lines) + "\n"

@@ -82,7 +82,7 @@ def verify_build(folder: str | Path, device: str = "cpu", load: bool = True, ech
 
     import transformers
     from quantlab.checkpoint import check_folder
-    from quantlab.methods.bnb import quiet_bnb_logs
+    from quantlab.console import quiet_bnb_logs
     from quantlab.runtimes.transformers import load_pretrained
 
     quiet_bnb_logs()

@@ -34,7 +34,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-from quantlab import corpus
+from quantlab.text import corpus
 from quantlab.bundled import BUNDLED_MODEL_DIR
 from quantlab.bundled.evaluate import perplexity
 

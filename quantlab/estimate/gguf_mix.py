@@ -25,9 +25,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 from quantlab.estimate.inventory import TensorGroup
+from quantlab.llamacpp.names import ATTN_V_LIKE_HF_NAMES
 
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-_ATTN_V_LIKE = ("self_attn.v_proj.weight", "linear_attn.in_proj_qkv.weight")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class MixContext:
 
 
 def mix_context(groups: tuple[TensorGroup, ...], n_layers: int) -> MixContext:
-    layers = sorted({i for g in groups if g.role != "mtp" and g.name.endswith(_ATTN_V_LIKE) for i in g.layers})
+    layers = sorted({i for g in groups if g.role != "mtp" and g.name.endswith(ATTN_V_LIKE_HF_NAMES) for i in g.layers})
     mtp = {i for g in groups if g.role == "mtp" and ".layers.{i}." in g.name for i in g.layers}
     return MixContext(n_layers, tuple(layers), len(mtp))
 
@@ -64,7 +64,7 @@ def _chosen_type(group: TensorGroup, layer: int, default: str, mix: str | None, 
         return default
     mtp = group.role == "mtp"
     n_attn_v = len(ctx.attn_v_layers) + ctx.mtp_layers
-    if group.name.endswith(_ATTN_V_LIKE):
+    if group.name.endswith(ATTN_V_LIKE_HF_NAMES):
         index = len(ctx.attn_v_layers) + layer if mtp else ctx.attn_v_layers.index(layer)
         return "Q6_K" if use_more_bits(index, n_attn_v) else default
     if "down_proj" in group.name and use_more_bits(ctx.n_layers + layer if mtp else layer, ctx.n_layers + ctx.mtp_layers):

@@ -337,27 +337,17 @@ def _torch_dtype():
 
 
 def _as_loaded(scheme: Scheme, model: EstimationModel):
-    """The config and from_pretrained's quantization_config for the scheme, as a run would load it: bitsandbytes
-    quantizes at load (its config goes to from_pretrained); an AWQ checkpoint's config.json carries its own.
-    Either way transformers' quantizer sizes the quantized layers of the map."""
-    import copy
-
+    """The config and from_pretrained's quantization_config for the scheme, as a run would load it, from the method
+    the scheme stands for (bitsandbytes quantizes at load; an AWQ checkpoint's config.json carries its own). Either
+    way transformers' quantizer sizes the quantized layers of the map."""
+    from quantlab.methods import method_named
     from quantlab.quantize.skips import skip_plan
     from quantlab.sources import meta_model
 
     config, auto_class = model.text_model
-    if scheme.method not in ("bnb_int8", "bnb_4bit", "awq"):
+    method = method_named(scheme.method)
+    qconfig = method.scheme_config(scheme.key) if method is not None else None
+    if qconfig is None:
         return config, None
-    from quantlab.methods import method_for
-    from quantlab.methods.awq import AwqConfig, quantization_config
-    from quantlab.methods.bnb import Bnb4bitConfig, BnbInt8Config
-
-    patterns = skip_plan(meta_model(config, auto_class), scheme.method).patterns
-    if scheme.method == "awq":
-        qconfig = AwqConfig(method="awq", group_size=int(scheme.key.removeprefix("awq-g")))
-        config = copy.deepcopy(config)
-        config.quantization_config = quantization_config(qconfig, patterns)
-        return config, None
-    qconfig = BnbInt8Config(method="bnb_int8") if scheme.method == "bnb_int8" else Bnb4bitConfig(
-        method="bnb_4bit", quant_type="fp4" if "fp4" in scheme.key else "nf4", double_quant="dq" in scheme.key)
-    return config, method_for(qconfig).transformers_config(qconfig, patterns)
+    patterns = skip_plan(meta_model(config, auto_class), method.name).patterns
+    return method.as_loaded(qconfig, config, tuple(patterns))

@@ -12,45 +12,22 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from quantlab.architecture import TENSOR_CLASS_NAMES, tensor_class
 from quantlab.errors import QuantlabError
-from quantlab.fields import IntOnly, Seed, SkipClasses
+from quantlab.fields import IntOnly, SkipClasses
 from quantlab.methods.base import CardFacts, Method, MethodConfig, WrittenCheckpoint, register
+from quantlab.quantize.awq.engine import AwqParams
 from quantlab.quantize.groupwise import check_group_size
 from quantlab.quantize.skips import SkipPlan, classes_label, skip_plan
 from quantlab.quantize.vllm_layout import VLLM_NAMING, serving_skip_list, vllm_layers, vllm_reading
-from quantlab.textsource import TextSourceSpec
+from quantlab.text.calibration import CalibrationSpec
 
 PACK_MULTIPLE = 8  # eight 4-bit values per int32 along out_features
 DTYPES = ("bfloat16", "float16", "float32")
-MAX_CALIBRATION_TOKENS = 1 << 22  # 4,194,304 tokens: far above any calibration set, far below a memory problem
-
-
-class CalibrationSpec(TextSourceSpec):
-    """AWQ's calibration text, cut into `samples` windows of `seq_len` tokens drawn with `seed`.
-
-    Default: the Python standard library's "calibration" split, gathered on this machine at run time
-    (source code suits a coding model; nothing is downloaded or copied into the repository).
-    """
-
-    WHERE: ClassVar[str] = "quantization.calibration"
-    DEFAULT_SPLIT: ClassVar[str] = "train"
-
-    samples: int = Field(128, ge=1, le=100_000, description="calibration windows")
-    seq_len: int = Field(512, ge=16, le=32_768, description="tokens per window")
-    seed: Seed = Field(0, description="which windows are drawn")
-
-    @model_validator(mode="after")
-    def _fits_in_memory(self) -> "CalibrationSpec":
-        tokens = self.samples * self.seq_len
-        if tokens > MAX_CALIBRATION_TOKENS:  # the token ids alone are 8 bytes each, held at once
-            raise ValueError(f"{self.WHERE}: samples × seq_len is {tokens:,} tokens; at most "
-                             f"{MAX_CALIBRATION_TOKENS:,} (calibration sets are thousands to a few hundred thousand)")
-        return self
 
 
 class AwqConfig(MethodConfig):
@@ -84,7 +61,7 @@ class AwqMethod(Method):
 
     def check(self, qconfig: AwqConfig, source) -> None:
         model = source.checkpoint_meta  # the engine writes the whole checkpoint, a vision tower included
-        _engine(qconfig).check(qconfig, source.config, type(model).__name__)
+        _engine(qconfig).check(engine_params(qconfig, type(model).__name__), source.config)
         plan = self.skip_rules(qconfig, source)  # an unknown class fails here with the classes quantlab knows
         _check_vllm_reading(plan)
         modules = dict(model.named_modules())
@@ -104,7 +81,7 @@ class AwqMethod(Method):
 
     def check_source(self, qconfig: AwqConfig, source) -> tuple[str, ...]:
         """The calibration text, tokenized and cut, before any weights load. Synthetic weights need none."""
-        from quantlab.quantize.awq.calibration import calibration_samples
+        from quantlab.text.calibration import calibration_samples
 
         if source.synthetic:
             return ("synthetic weights: AWQ-format round-to-nearest packing, no calibration (same memory and speed "
@@ -131,9 +108,10 @@ class AwqMethod(Method):
     def write_checkpoint(self, qconfig: AwqConfig, source, folder: Path, device, max_shard_bytes: int,
                          progress: bool, echo) -> WrittenCheckpoint:
         """Quantize the source with the recipe's engine into `folder`: shards and config.json."""
-        from quantlab.quantize.awq.calibration import calibration_samples
+        from quantlab.text.calibration import calibration_samples
+        import torch
+
         from quantlab.quantize.awq.engine import AwqJob
-        from quantlab.runtimes.transformers import DTYPES as TORCH_DTYPES
 
         files = source.files(download=True)
         calibration = None
@@ -141,9 +119,10 @@ class AwqMethod(Method):
             calibration = calibration_samples(qconfig.calibration, source.tokenizer())
             echo(f"AWQ calibration: {calibration.label}")
         job = AwqJob(
-            source=files, config=source.config, out=folder, qconfig=qconfig,
+            source=files, config=source.config, out=folder,
+            params=engine_params(qconfig, type(source.checkpoint_meta).__name__),
             calibration=calibration.input_ids if calibration else None, device=device,
-            dtype=TORCH_DTYPES[source.spec.dtype], max_shard_bytes=max_shard_bytes, seed=source.spec.seed,
+            dtype=getattr(torch, source.spec.dtype), max_shard_bytes=max_shard_bytes, seed=source.spec.seed,
             progress=progress,
         )
         outcome = _engine(qconfig).quantize(job)
@@ -162,6 +141,18 @@ class AwqMethod(Method):
         if params.get("skip_classes"):
             return None  # more kept at the model dtype than the scheme table prices
         return f"awq-g{params.get('group_size', 128)}"
+
+    def scheme_config(self, scheme: str) -> AwqConfig | None:
+        group = scheme.removeprefix("awq-g")
+        return AwqConfig(method="awq", group_size=int(group)) if scheme.startswith("awq-g") and group.isdigit() else None
+
+    def as_loaded(self, qconfig: AwqConfig, config, skip_patterns: tuple[str, ...]):
+        """An AWQ checkpoint's config.json carries its quantization_config; from_pretrained takes none."""
+        import copy
+
+        config = copy.deepcopy(config)
+        config.quantization_config = quantization_config(qconfig, skip_patterns)
+        return config, None
 
     def card_rows(self, params: dict) -> list[tuple[str, object]]:
         return [
@@ -222,6 +213,13 @@ def _class_order(name: str) -> int:
 
 def _and(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def engine_params(qconfig: AwqConfig, model_class: str) -> AwqParams:
+    """The fields an engine uses, apart from the recipe."""
+    return AwqParams(model_class=model_class, bits=qconfig.bits, group_size=qconfig.group_size,
+                     zero_point=qconfig.zero_point, clip=qconfig.clip, batch_size=qconfig.batch_size,
+                     skip_classes=tuple(qconfig.skip_classes))
 
 
 def _engine(qconfig: AwqConfig):

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from quantlab.quantize.skips import SkipPlan
+    from quantlab.model_spec import ModelSpec
     from quantlab.sources import ModelSource
 
 _REGISTRY: dict[type, "Method"] = {}
@@ -62,6 +63,11 @@ class Method:
     builds: ClassVar[bool] = False  # `quantlab build` makes community artifacts with it
     card: ClassVar[CardFacts | None] = None  # None: no model card (a method that is not built)
     artifact_file: ClassVar[str | None] = None  # its engine writes one file a runtime loads (GGUF), not a checkpoint
+    runtimes: ClassVar[tuple[str, ...]] = ("transformers",)  # the runtimes that measure what it makes
+    measured_form: ClassVar[str] = "checkpoints"  # what those runtimes load, said in errors ("GGUF files")
+    unquantized_hint: ClassVar[str] = ""  # how a recipe of this method names the unquantized model, said in errors
+    # `quantlab sensitivity`: the option naming the levels a tensor class may be raised to (None: not swept)
+    sensitivity_option: ClassVar[str | None] = None
 
     def label(self, qconfig: MethodConfig, dtype: str) -> str:
         """A short name for tables, e.g. 'BF16' or 'bnb nf4'."""
@@ -69,6 +75,10 @@ class Method:
 
     def check(self, qconfig: MethodConfig, source: ModelSource) -> None:
         """Cross-field checks against the model (its meta-device instance); raise QuantlabError. Before any load."""
+
+    def check_model(self, qconfig: MethodConfig, model: ModelSpec) -> None:
+        """The recipe's own checks of its model section against this method (raise ValueError), before any file
+        is read: e.g. a method that converts a checkpoint's files refuses synthetic weights."""
 
     def check_source(self, qconfig: MethodConfig, source: ModelSource) -> tuple[str, ...]:
         """Checks that need the source's files but not its weights (AWQ: the calibration text); plan notes."""
@@ -98,6 +108,15 @@ class Method:
     def estimator_scheme(self, params: dict[str, Any], dtype: str) -> str | None:
         """The estimator's scheme for these parameters (quantlab/data/quant_schemes.yaml); None: it has none."""
         return None
+
+    def scheme_config(self, scheme: str) -> MethodConfig | None:
+        """The other way: this method's config that the estimator's scheme stands for; None: not this method's."""
+        return None
+
+    def as_loaded(self, qconfig: MethodConfig, config: Any, skip_patterns: tuple[str, ...]) -> tuple[Any, dict | None]:
+        """The model config and from_pretrained's quantization_config as a run of `qconfig` loads the model (the
+        multi-GPU estimate sizes accelerate's map with them). Default: the config as it is, none."""
+        return config, None
 
     def card_rows(self, params: dict[str, Any]) -> list[tuple[str, object]]:
         """The model card's table of the method's parameters."""

@@ -6,7 +6,7 @@ are quantized by transformers at `from_pretrained` (`load_kwargs`); synthetic we
 are quantized here by module replacement (`apply`).
 
 bitsandbytes is imported lazily: importing it prints a kernel message, and every 8-bit CPU matmul logs a cast
-warning. `quiet_bnb_logs` keeps the first cast warning and drops the rest.
+warning. `quiet_bnb_logs` (quantlab/console.py) keeps the first cast warning and drops the rest.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field
 
+from quantlab.console import quiet_bnb_logs
 from quantlab.errors import QuantlabError
 from quantlab.fields import SkipClasses
 from quantlab.methods.base import CardFacts, Method, MethodConfig, register
@@ -112,6 +113,14 @@ class _Bitsandbytes(Method):
         setattr(model, self.flag, True)
         return model
 
+    def as_loaded(self, qconfig, config, skip_patterns: tuple[str, ...]):
+        """bitsandbytes quantizes while transformers loads: its config goes to from_pretrained."""
+        return config, self.transformers_config(qconfig, list(skip_patterns))
+
+    def transformers_config(self, qconfig, patterns):
+        """from_pretrained's quantization_config (BitsAndBytesConfig) for `qconfig`, skipping `patterns`."""
+        raise NotImplementedError
+
     def _extras(self, qconfig) -> list[str]:
         extras = [classes_label(qconfig.skip_classes)] if qconfig.skip_classes else []
         return extras + ([f"+{len(qconfig.skip_modules)} skip pattern(s)"] if qconfig.skip_modules else [])
@@ -151,6 +160,9 @@ class BnbInt8Method(_Bitsandbytes):
 
     def estimator_scheme(self, params: dict, dtype: str) -> str | None:
         return None if _keeps_more(params) else "int8"
+
+    def scheme_config(self, scheme: str) -> BnbInt8Config | None:
+        return BnbInt8Config(method="bnb_int8") if scheme == "int8" else None
 
     def card_rows(self, params: dict) -> list[tuple[str, object]]:
         return [("method", self.name), ("weights", "int8, one absmax scale per output row (LLM.int8)"),
@@ -209,6 +221,12 @@ class Bnb4bitMethod(_Bitsandbytes):
         double = any(params.get(k) for k in ("double_quant", "use_double_quant", "bnb_4bit_use_double_quant"))
         return f"{kind}-dq" if double else kind
 
+    def scheme_config(self, scheme: str) -> Bnb4bitConfig | None:
+        kind, _, double = scheme.partition("-")
+        if kind not in ("nf4", "fp4") or double not in ("", "dq"):
+            return None
+        return Bnb4bitConfig(method="bnb_4bit", quant_type=kind, double_quant=double == "dq")
+
     def card_rows(self, params: dict) -> list[tuple[str, object]]:
         return [("method", self.name), ("weights", f"4-bit {params.get('quant_type')}, blocks of {BLOCKSIZE}"),
                 *[(k, params.get(k)) for k in ("quant_type", "double_quant", "compute_dtype", "quant_storage")],
@@ -250,34 +268,6 @@ def import_bnb():
 
 def is_bnb_quantized(model: torch.nn.Module) -> bool:
     return any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in model.modules())
-
-
-class _OnceFilter(logging.Filter):
-    """Pass the first record whose message starts with one of `once`; drop those in `never`."""
-
-    def __init__(self, once: tuple[str, ...] = (), never: tuple[str, ...] = ()):
-        super().__init__()
-        self.once, self.never, self.seen = once, never, set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = str(record.msg)
-        if msg.startswith(self.never):
-            return False
-        for prefix in self.once:
-            if msg.startswith(prefix):
-                if prefix in self.seen:
-                    return False
-                self.seen.add(prefix)
-        return True
-
-
-def quiet_bnb_logs() -> None:
-    """Filters on the two bitsandbytes loggers that would otherwise flood quantlab's output (once per process)."""
-    cast = logging.getLogger("bitsandbytes.autograd._functions")
-    if any(isinstance(f, _OnceFilter) for f in cast.filters):
-        return
-    cast.addFilter(_OnceFilter(once=("MatMul8bitLt: inputs will be cast",)))
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OnceFilter(never=("Failed to load CPU gemm_4bit_forward",)))
 
 
 def _keeps_more(params: dict) -> bool:

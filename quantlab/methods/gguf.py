@@ -2,37 +2,28 @@
 BF16 GGUF, llama-imatrix computes an importance matrix on the calibration text, llama-quantize writes the type.
 
 Which tensors get which type is llama.cpp's decision (src/llama-quant.cpp), not quantlab's. The GGUF is measured
-through the llama.cpp runtime (quantlab/runtimes/llama_cpp.py); a recipe with this method says
-`measure.runtime: llama.cpp`.
+through the llama.cpp runtime (quantlab/runtimes/libllama.py); a recipe with this method says
+`measure.runtime: llama.cpp`. The steps themselves, and the GGUF tensor names, are quantlab/llamacpp/'s.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from quantlab.errors import QuantlabError
-from quantlab.methods.awq import CalibrationSpec
+from quantlab.llamacpp import tools as llamacpp
+from quantlab.llamacpp.names import GGUF_TENSOR_NAMES, tensor_type_args
+from quantlab.llamacpp.steps import (
+    BF16_NAME, CONVERTER_TYPES, GGUF_NAME, check_convertible, check_needs_no_imatrix, convert, has_experts, has_mtp,
+    make_imatrix, quantize, tensor_types, timed,
+)
 from quantlab.methods.base import CardFacts, Method, MethodConfig, WrittenCheckpoint, register
+from quantlab.text.calibration import CalibrationSpec, calibration_samples
 
-# Tensor classes (quantlab.architecture.TENSOR_CLASSES) → the GGUF tensor names llama.cpp gives them in qwen35 files,
-# for llama-quantize's --tensor-type NAME=TYPE
-GGUF_TENSOR_NAMES = {
-    "deltanet.in_proj_qkv": ("attn_qkv",), "deltanet.in_proj_z": ("attn_gate",),
-    "deltanet.in_proj_ab": ("ssm_alpha", "ssm_beta"), "deltanet.out_proj": ("ssm_out",),
-    "attention.q": ("attn_q",), "attention.k": ("attn_k",), "attention.v": ("attn_v",),
-    "attention.o": ("attn_output",), "mlp.gate": ("ffn_gate",), "mlp.up": ("ffn_up",), "mlp.down": ("ffn_down",),
-    "lm_head": ("output",), "embeddings": ("token_embd",),
-}
-# Types written by the converter itself (no llama-quantize step)
-CONVERTER_TYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
-GGUF_NAME = "model.gguf"
-IMATRIX_NAME = "imatrix.gguf"
-BF16_NAME = "model-bf16.gguf"
 
 
 class GgufCalibration(CalibrationSpec):
@@ -72,6 +63,10 @@ class GgufMethod(Method):
     writes_checkpoint = True
     builds = True
     artifact_file = GGUF_NAME
+    runtimes = ("llama.cpp",)
+    measured_form = "GGUF files"
+    unquantized_hint = "type: BF16 for the unquantized model"
+    sensitivity_option = "--high-types"
     card = CardFacts("llama.cpp", "needs llama.cpp (or Ollama, LM Studio, llama-cpp-python)", "", ("gguf", "llama.cpp"))
 
     def label(self, qconfig: GgufConfig, dtype: str) -> str:
@@ -84,8 +79,6 @@ class GgufMethod(Method):
         return f"GGUF {kind}{mixed}" + ("" if qconfig.imatrix else " (no imatrix)")
 
     def check(self, qconfig: GgufConfig, source) -> None:
-        from quantlab import llamacpp
-
         tools = llamacpp.locate()
         kind = llamacpp.check_type(tools, qconfig.type)
         if kind in llamacpp.NEEDS_IMATRIX and not qconfig.imatrix:
@@ -99,6 +92,13 @@ class GgufMethod(Method):
             raise QuantlabError(f"quantization.overrides: type {kind} is written by the converter, which takes no "
                                 "per-tensor types; pick a llama-quantize type")
 
+    def check_model(self, qconfig: GgufConfig, model) -> None:
+        if model.source == "synthetic":
+            raise ValueError("quantization.method gguf converts a checkpoint's files; synthetic weights have none "
+                             "(scripts/gguf_full_size.py makes full-size GGUFs of synthetic weights)")
+        if model.split:
+            raise ValueError("a GGUF is split across GPUs by llama.cpp (measure.llama_cpp), not by model.gpus")
+
     def check_source(self, qconfig: GgufConfig, source) -> tuple[str, ...]:
         if not self.uses_imatrix(qconfig):
             return ()
@@ -106,8 +106,6 @@ class GgufMethod(Method):
             return ("synthetic weights: no imatrix (random weights have no activations worth weighting)",)
         if source.files() is None:
             return ("imatrix calibration: checked after the model's files are downloaded",)
-        from quantlab.quantize.awq.calibration import calibration_samples
-
         return (f"imatrix calibration: {calibration_samples(qconfig.calibration, source.tokenizer()).label}",)
 
     def uses_imatrix(self, qconfig: GgufConfig) -> bool:
@@ -120,8 +118,6 @@ class GgufMethod(Method):
     def write_checkpoint(self, qconfig: GgufConfig, source, folder: Path, device, max_shard_bytes: int,
                          progress: bool, echo) -> WrittenCheckpoint:
         """Convert, (imatrix), quantize, into `folder`: model.gguf (and imatrix.gguf)."""
-        from quantlab import llamacpp
-
         tools = llamacpp.locate()
         kind = llamacpp.check_type(tools, qconfig.type)
         files = source.files(download=True)
@@ -141,7 +137,8 @@ class GgufMethod(Method):
         if kind not in CONVERTER_TYPES:
             imatrix = None
             if qconfig.imatrix:
-                imatrix, calibration_label = make_imatrix(tools, qconfig, source, bf16, folder, step)
+                imatrix, calibration_label = make_imatrix(tools, qconfig.calibration, source.tokenizer(), bf16,
+                                                           folder, step)
             if imatrix is None:
                 check_needs_no_imatrix(tools, bf16, kind)
             step(f"llama-quantize {kind}", lambda: quantize(tools, bf16, folder / GGUF_NAME, kind, imatrix,
@@ -163,8 +160,6 @@ class GgufMethod(Method):
 def check_llama_rules(tools, qconfig: GgufConfig, kind: str, config) -> None:
     """llama.cpp's own rules, read from its source, before any work: which tensor types need an importance matrix,
     how much text llama-imatrix needs, and which file types are for MoE models only."""
-    from quantlab import llamacpp
-
     for cls, kind_of in sorted(qconfig.overrides.items()):
         check_override_writable(tools, cls, kind_of.upper(), qconfig.imatrix)
     chunks = llamacpp.imatrix_min_chunks(tools)
@@ -184,8 +179,6 @@ NO_MATRIX_DATA = ("embeddings", "lm_head")
 def check_override_writable(tools, cls: str, kind: str, imatrix: bool) -> None:
     """llama-quantize refuses a type of tensor_requires_imatrix without a matrix (token_embd and output exempt), and
     ggml aborts on a type of ggml_quantize_requires_imatrix for a tensor without matrix data."""
-    from quantlab import llamacpp
-
     if kind in llamacpp.imatrix_data_types(tools) and (cls in NO_MATRIX_DATA or not imatrix):
         why = "llama-imatrix records no data for it" if cls in NO_MATRIX_DATA else "quantization.imatrix is false"
         raise QuantlabError(f"quantization.overrides.{cls}: ggml writes {kind} only with importance-matrix data for "
@@ -193,108 +186,3 @@ def check_override_writable(tools, cls: str, kind: str, imatrix: bool) -> None:
     if kind in llamacpp.imatrix_tensor_types(tools) and not imatrix and cls not in NO_MATRIX_DATA:
         raise QuantlabError(f"quantization.overrides.{cls}: tensor type {kind} needs an importance matrix "
                             "(llama-quantize refuses it without one); set quantization.imatrix: true")
-
-
-def has_experts(config) -> bool:
-    text = getattr(config, "text_config", None) or config
-    return any(int(getattr(text, key, 0) or 0) > 0 for key in ("num_experts", "num_local_experts", "n_routed_experts"))
-
-
-def check_needs_no_imatrix(tools, bf16: Path, kind: str) -> None:
-    """llama-quantize's own dry run says whether this type, on this model, needs an importance matrix."""
-    out = quantize(tools, bf16, bf16, kind, None, dry_run=True)
-    if "will require an imatrix" in out:
-        raise QuantlabError(f"GGUF type {kind} needs an importance matrix on this model (llama-quantize's dry run "
-                            "says so); set quantization.imatrix: true")
-
-
-def make_imatrix(tools, qconfig: GgufConfig, source, bf16: Path, folder: Path, step) -> tuple[Path, str]:
-    """llama-imatrix on the recipe's calibration text: (folder/imatrix.gguf, the calibration's label)."""
-    from quantlab.quantize.awq.calibration import calibration_samples
-
-    calibration = calibration_samples(qconfig.calibration, source.tokenizer())
-    text = folder / "calibration.txt"
-    text.write_text(_calibration_text(calibration, source.tokenizer()), encoding="utf-8")
-    imatrix = folder / IMATRIX_NAME
-    step(f"llama-imatrix on {calibration.label}", lambda: compute_imatrix(
-        tools, bf16, text, imatrix, qconfig.calibration.seq_len, qconfig.calibration.samples))
-    text.unlink()
-    return imatrix, calibration.label
-
-
-def timed(echo):
-    def step(what: str, work) -> None:
-        echo(f"{what} ...")
-        start = time.perf_counter()
-        work()
-        echo(f"{what}: {time.perf_counter() - start:,.1f} s")
-    return step
-
-
-def _calibration_text(calibration, tokenizer) -> str:
-    """The calibration windows as text, one after another, for llama-imatrix to tokenize with the GGUF's own
-    vocabulary (the tokenizer test shows both give the same ids)."""
-    return "".join(tokenizer.decode(row.tolist()) for row in calibration.input_ids)
-
-
-def has_mtp(config) -> bool:
-    """Whether the checkpoint carries an MTP head (mtp.* tensors; config's mtp_num_hidden_layers)."""
-    text = getattr(config, "text_config", None) or config
-    return int(getattr(text, "mtp_num_hidden_layers", 0) or 0) > 0
-
-
-def check_convertible(tools, config) -> None:
-    """A clear error, before any work, for a model llama.cpp's converter has no class for."""
-    import re
-
-    archs = list(getattr(config, "architectures", None) or [])
-    text = "\n".join(p.read_text(encoding="utf-8") for p in (tools.source / "conversion").glob("*.py"))
-    registered = set(re.findall(r'"([A-Za-z0-9_]+For[A-Za-z0-9_]+)"', text))
-    if not archs or not any(a in registered for a in archs):
-        named = ", ".join(archs) or "config.json names no architectures"
-        raise QuantlabError(f"llama.cpp's converter does not know this model ({named}); it converts "
-                            f"{len(registered)} architectures, Qwen3_5ForConditionalGeneration and "
-                            "Qwen3_5ForCausalLM among them")
-
-
-def convert(tools, hf_folder: Path, out: Path, outtype: str, mtp: bool, sparse: bool = False, echo=None) -> None:
-    from quantlab import llamacpp
-
-    args = ["-m", "quantlab.gguf_convert", str(hf_folder), "--outfile", str(out), "--outtype", outtype]
-    args += [] if mtp else ["--no-mtp"]
-    args += ["--sparse"] if sparse else []
-    llamacpp.run_tool(tools, args, "convert_hf_to_gguf.py", echo=echo, python=True)
-
-
-def compute_imatrix(tools, model: Path, text: Path, out: Path, ctx: int, chunks: int) -> None:
-    from quantlab import llamacpp
-
-    llamacpp.run_tool(tools, ["llama-imatrix", "-m", str(model), "-f", str(text), "-o", str(out), "-c", str(ctx),
-                              "--chunks", str(chunks), "-b", str(ctx), "--no-ppl"], "llama-imatrix")
-
-
-def tensor_type_args(overrides: dict[str, str]) -> list[str]:
-    """llama-quantize's --tensor-type flags for per-class overrides. Anchored: llama-quantize searches each pattern
-    in the tensor name, so a bare `attn_q` would also take attn_qkv, and `output` attn_output."""
-    return [arg for cls, kind in sorted(overrides.items()) for name in GGUF_TENSOR_NAMES[cls]
-            for arg in ("--tensor-type", f"{_tensor_pattern(name)}={kind.lower()}")]
-
-
-def _tensor_pattern(name: str) -> str:
-    return rf"^{name}\.weight$" if name in ("output", "token_embd") else rf"^blk\.\d+\.{name}\.weight$"
-
-
-def quantize(tools, src: Path, dst: Path, kind: str, imatrix: Path | None, dry_run: bool = False,
-             tensor_types: list[str] | None = None, what: str | None = None) -> str:
-    from quantlab import llamacpp
-
-    args = ["llama-quantize", *(["--imatrix", str(imatrix)] if imatrix else []), *(["--dry-run"] if dry_run else []),
-            *(tensor_types or []), str(src), *([] if dry_run else [str(dst)]), kind]
-    return llamacpp.run_tool(tools, args, what or f"llama-quantize {kind}")
-
-
-def tensor_types(path: Path) -> dict[str, str]:
-    """Tensor name → GGML type name, read from a GGUF's header."""
-    from quantlab.gguf_file import read_header
-
-    return {t.name: t.type_name for t in read_header(path).tensors}

@@ -39,6 +39,7 @@ class RtnConfig(MethodConfig):
 class RtnMethod(Method):
     name = "rtn"
     config = RtnConfig
+    sensitivity_option = "--high-bits"
 
     def label(self, qconfig: RtnConfig, dtype: str) -> str:
         mixed = ""

@@ -11,6 +11,6 @@ Modules:
 Only `result` is imported here: records.py needs it, and it must stay free of torch-heavy imports.
 """
 
-from quantlab.quality.result import QualityResult, quality_card_lines
+from quantlab.schema.quality import QualityResult, quality_card_lines
 
 __all__ = ["QualityResult", "quality_card_lines"]

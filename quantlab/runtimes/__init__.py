@@ -11,7 +11,7 @@ import importlib
 # name -> (module, class): the runtime class is imported on first use
 RUNTIMES = {
     "transformers": ("quantlab.runtimes.transformers", "TransformersRuntime"),
-    "llama.cpp": ("quantlab.runtimes.llama_cpp", "LlamaCppRuntime"),
+    "llama.cpp": ("quantlab.runtimes.libllama", "LlamaCppRuntime"),
 }
 RUNTIME_NAMES = tuple(RUNTIMES)
 

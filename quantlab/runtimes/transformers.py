@@ -6,7 +6,6 @@ shared by every runtime; this module is what it calls for transformers.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,27 +14,17 @@ from transformers import PretrainedConfig
 from quantlab.device_map import DeviceSplit, accelerate_device
 from quantlab.errors import QuantlabError
 from quantlab.kernels import compute_dtype, kernels_of
+from quantlab.hf_loading import hub_unavailable_message
+from quantlab.runtimes.base import LoadedModel, LoadRequest, Runtime
 from quantlab.schema.environment import WeightsInfo
 from quantlab.schema.measurement import Kernels
-from quantlab.sources import ModelSource, hub_unavailable_message
 
 NAME = "transformers"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: Any | None
-    config: PretrainedConfig
-    info: WeightsInfo
-
-
-class TransformersRuntime:
+class TransformersRuntime(Runtime):
     name = NAME
-
-    def load_options(self, measure, device: torch.device) -> dict[str, Any]:
-        return {}
 
     def version(self) -> str:
         import transformers
@@ -48,9 +37,8 @@ class TransformersRuntime:
     def parameter_count(self, model: torch.nn.Module) -> int:
         return sum(p.numel() for p in model.parameters())
 
-    def load(self, source: ModelSource, device: torch.device, load_kwargs: dict[str, Any] | None = None,
-             split: DeviceSplit | None = None) -> LoadedModel:
-        return load_model(source, device, load_kwargs, split)
+    def load(self, request: LoadRequest) -> LoadedModel:
+        return load_model(request.source, request.device, dict(request.from_pretrained), request.split)
 
     def prefill(self, model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         return prefill(model, ids)
@@ -80,9 +68,9 @@ class TransformersRuntime:
 
 # ---- loading ------------------------------------------------------------------------------------------------
 
-def load_model(source: ModelSource, device: torch.device, load_kwargs: dict[str, Any] | None = None,
+def load_model(source, device: torch.device, load_kwargs: dict[str, Any] | None = None,
                split: DeviceSplit | None = None) -> LoadedModel:
-    """`load_kwargs`: extra from_pretrained arguments from the method (e.g. bitsandbytes' quantization_config);
+    """`source`: a quantlab.sources.ModelSource. `load_kwargs`: extra from_pretrained arguments from the method (e.g. bitsandbytes' quantization_config);
     synthetic weights never go through from_pretrained, so they ignore them. `split`: the plan's device map
     for a model split across devices, given to from_pretrained (or to accelerate's dispatch) as it is."""
     spec = source.spec

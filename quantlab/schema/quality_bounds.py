@@ -1,4 +1,4 @@
-"""The ranges a record's quality figures can take (quantlab.quality.result.QualityResult holds their types): a KL
+"""The ranges a record's quality figures can take (quantlab.schema.quality.QualityResult holds their types): a KL
 is never negative, a perplexity is at least 1, a 95% interval contains its point. Checked where a record is read
 or made, so the report never draws a build from impossible numbers."""
 

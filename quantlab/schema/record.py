@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
-from quantlab.quality.result import QualityResult
+from quantlab.schema.quality import QualityResult
 from quantlab.schema.bounds import AtLeastOne, Bytes, Count, NonNegative, SmallId
 from quantlab.schema.environment import Hardware, Software, WeightsInfo
 from quantlab.schema.frozen import Frozen

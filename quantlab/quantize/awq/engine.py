@@ -4,7 +4,7 @@ An engine reads the source checkpoint (or creates synthetic weights), quantizes,
 safetensors shards into `job.out`. Everything around it is shared and engine-independent: the
 recipe, the calibration samples, the skip rules, config.json's quantization_config, the build
 folder, measurement and records. Engines register in ENGINES (quantize/awq/__init__.py): each has a `name`,
-`check(qconfig, config, model_class)` (raise QuantlabError before any weights load when it cannot quantize
+`check(params, config)` (raise QuantlabError before any weights load when it cannot quantize
 the model) and `quantize(job) -> AwqOutcome` (write the shards, not config.json, into job.out).
 """
 
@@ -12,14 +12,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from transformers import PretrainedConfig
 
-if TYPE_CHECKING:
-    from quantlab.methods.awq import AwqConfig
 
+@dataclass(frozen=True)
+class AwqParams:
+    """What an engine needs of a recipe's AWQ section (quantlab.methods.awq.AwqConfig makes it), and the class of
+    the model it quantizes. Engines take these, not the recipe's config: they sit on a floor below the methods."""
+
+    model_class: str  # the checkpoint's HF class, e.g. Qwen3_5ForConditionalGeneration
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    clip: bool = True  # search a clipping threshold per group after the scales
+    batch_size: int = 8  # calibration windows per forward pass
+    skip_classes: tuple[str, ...] = ()  # tensor classes kept at the model dtype
 
 
 @dataclass(frozen=True)
@@ -27,7 +37,7 @@ class AwqJob:
     source: Path | None  # checkpoint folder; None: synthetic weights (seeded), packed without calibration
     config: PretrainedConfig  # the checkpoint's own config (a vision-language config keeps its tower)
     out: Path
-    qconfig: AwqConfig
+    params: AwqParams
     calibration: torch.Tensor | None  # [samples, seq_len] token ids; None only with synthetic weights
     device: torch.device
     dtype: torch.dtype

@@ -15,8 +15,6 @@ and prints a banner.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import contextlib
 import importlib.util
 import os
@@ -29,17 +27,15 @@ from transformers import PretrainedConfig
 
 from quantlab.architecture import MTP_PREFIX
 from quantlab.errors import QuantlabError
-from quantlab.quantize.awq.engine import AwqJob, AwqOutcome
+from quantlab.quantize.awq.engine import AwqJob, AwqOutcome, AwqParams
 from quantlab.quantize.awq.shards import ShardReader, ShardWriter
 
-if TYPE_CHECKING:
-    from quantlab.methods.awq import AwqConfig
 
 class GptqmodelEngine:
     name = "gptqmodel"
 
-    def check(self, qconfig: AwqConfig, config: PretrainedConfig, model_class: str) -> None:
-        if qconfig.skip_classes:
+    def check(self, params: AwqParams, config: PretrainedConfig) -> None:
+        if params.skip_classes:
             # gptqmodel 7.6 does skip modules given as negative `dynamic` patterns ("-:regex"), but when a whole
             # scaling group is skipped (q/k/v) it folds the next group's scales into the norm before it
             # (awq_get_modules_for_scaling keeps that norm as prev_op for o_proj): the float model changes.
@@ -67,12 +63,12 @@ class GptqmodelEngine:
         from gptqmodel.quantization.config import AWQConfig
 
         samples = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in job.calibration]
-        qc = AWQConfig(bits=job.qconfig.bits, group_size=job.qconfig.group_size, sym=not job.qconfig.zero_point)
+        qc = AWQConfig(bits=job.params.bits, group_size=job.params.group_size, sym=not job.params.zero_point)
         backend = BACKEND.AWQ_TORCH if job.device.type == "cpu" else BACKEND.AUTO
         with tempfile.TemporaryDirectory(prefix="quantlab-gptqmodel-", dir=job.out.parent) as tmp, _norm_fix(), \
                 _working_directory(tmp):  # gptqmodel writes logs/awq_log_*.log into the working directory
             model = GPTQModel.load(str(job.source), qc, device=str(job.device))
-            model.quantize(samples, batch_size=job.qconfig.batch_size, backend=backend)
+            model.quantize(samples, batch_size=job.params.batch_size, backend=backend)
             model.save(tmp)
             del model
             quantized = _copy_without_mtp(Path(tmp), job.out, job.max_shard_bytes)

@@ -14,8 +14,6 @@ checkpoint then costs the same memory and runs at the same speed as a calibrated
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import contextlib
 import ctypes
 from collections import defaultdict
@@ -27,15 +25,13 @@ from transformers import PretrainedConfig
 
 from quantlab.architecture import MTP_PREFIX, UNQUANTIZED_ROLES, role_of, tensor_class
 from quantlab.errors import QuantlabError
-from quantlab.quantize.awq.engine import AwqJob, AwqOutcome
+from quantlab.quantize.awq.engine import AwqJob, AwqOutcome, AwqParams
 from quantlab.quantize.awq.mappings import AWQ_ARCHITECTURES, NO_CLIP, AwqMapping
 from quantlab.quantize.awq.pack import pack_gemm
 from quantlab.quantize.awq.search import GRID, apply_clip, search_clip, search_scales
 from quantlab.quantize.awq.shards import ShardReader, ShardWriter
 from quantlab.quantize.groupwise import quantize_rows, scale_columns
 
-if TYPE_CHECKING:
-    from quantlab.methods.awq import AwqConfig
 
 class _StopForward(Exception):
     pass
@@ -44,16 +40,16 @@ class _StopForward(Exception):
 class QuantlabEngine:
     name = "quantlab"
 
-    def check(self, qconfig: AwqConfig, config: PretrainedConfig, model_class: str) -> None:
-        if model_class not in AWQ_ARCHITECTURES:
+    def check(self, params: AwqParams, config: PretrainedConfig) -> None:
+        if params.model_class not in AWQ_ARCHITECTURES:
             raise QuantlabError(
-                f"quantization.engine quantlab: no AWQ mappings for {model_class} (model_type "
+                f"quantization.engine quantlab: no AWQ mappings for {params.model_class} (model_type "
                 f"{getattr(config, 'model_type', '?')}); it knows {', '.join(sorted(AWQ_ARCHITECTURES))}. "
                 "Add the class to quantlab/quantize/awq/mappings.py"
             )
 
     def quantize(self, job: AwqJob) -> AwqOutcome:
-        from quantlab.sources import select_variant
+        from quantlab.hf_loading import select_variant
 
         auto_class = select_variant(job.config, "full" if hasattr(job.config, "text_config") else "text")[1]
         with torch.device("meta"):
@@ -145,7 +141,7 @@ def _first_layer_inputs(model, layers_path: str, reader, job: AwqJob):
     for i in range(len(layers)):
         layers[i] = Capture(i)
     try:
-        for chunk in job.calibration.split(job.qconfig.batch_size):
+        for chunk in job.calibration.split(job.params.batch_size):
             captured.append({"kwargs": []})
             with torch.no_grad(), contextlib.suppress(_StopForward):
                 text_model(input_ids=chunk.to(job.device), use_cache=False)
@@ -184,7 +180,7 @@ def _write_rest(model, layers_path: str, reader, job: AwqJob, writer: ShardWrite
 
 def _quantize_layer(model, layer, prefix: str, mappings: tuple[AwqMapping, ...], job: AwqJob, hidden, kwargs,
                     writer: ShardWriter):
-    qc = job.qconfig
+    qc = job.params
     linears = _quantized_linears(model, layer, prefix, qc)
     outputs = None
     if hidden is not None:
@@ -211,7 +207,7 @@ def _quantize_layer(model, layer, prefix: str, mappings: tuple[AwqMapping, ...],
     return [f"{prefix}.{n}" for n in linears], outputs
 
 
-def _quantized_linears(model, layer, prefix: str, qc: AwqConfig) -> dict[str, torch.nn.Linear]:
+def _quantized_linears(model, layer, prefix: str, qc: AwqParams) -> dict[str, torch.nn.Linear]:
     """The layer's Linears that are quantized: not kept by the rules (UNQUANTIZED_ROLES) nor by skip_classes."""
     skipped, class_name = UNQUANTIZED_ROLES["awq"], type(model).__name__
     return {
@@ -247,7 +243,7 @@ def _capture(layer, hidden, kwargs, linears, mappings):
     return inputs, calls, outputs
 
 
-def _balance(layer, mapping: AwqMapping, linears, inputs, calls, qc: AwqConfig, grid: int = GRID) -> None:
+def _balance(layer, mapping: AwqMapping, linears, inputs, calls, qc: AwqParams, grid: int = GRID) -> None:
     present = [name for name in mapping.balance if _has(layer, name)]
     if not present or not _has(layer, mapping.smooth):
         return

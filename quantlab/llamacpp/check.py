@@ -2,7 +2,7 @@
 quantlab's runtime loads it, each in a process of its own, so that an instruction this CPU (or its kernel) refuses
 fails here, with one line naming the CPU and the CPU backend, and never as a segfault later in a run or a test.
 
-    python -m quantlab.llamacpp_check [--root .llama.cpp]      (scripts/build_llama_cpp.sh runs it after building)
+    python -m quantlab.llamacpp.check [--root .llama.cpp]      (scripts/build_llama_cpp.sh runs it after building)
 
 The GGUFs are the bundled model's, made once by llama.cpp's own converter and quantizer into <root>/checked/.
 Q8_0 and Q4_K_M reach the quantized matmul kernels (AMX on Intel CPUs that have it, in a native build); BF16 does
@@ -64,7 +64,7 @@ def check(tools: llamacpp.LlamaCpp) -> str:
                   [str(tools.tool("llama-bench")), "-m", str(path), "-p", str(PROMPT_TOKENS), "-n", str(DECODE_TOKENS),
                    "-r", "1", "-t", str(threads), "-o", "json"])
         _run_step(tools, cpu, backend, f"libllama (quantlab's runtime) on the {kind} GGUF",
-                  [sys.executable, "-m", "quantlab.llamacpp_check", "--in-process", str(path)],
+                  [sys.executable, "-m", "quantlab.llamacpp.check", "--in-process", str(path)],
                   env={"QUANTLAB_LLAMA_CPP": str(tools.root), "QUANTLAB_THREADS": str(threads)})
     passed = {"cpu": cpu, "cpu_backend": backend["variant"], "system_info": backend["system_info"],
               "types": list(TYPES), "threads": threads, "seconds": round(time.monotonic() - start, 1),
@@ -76,7 +76,7 @@ def check(tools: llamacpp.LlamaCpp) -> str:
 
 def _probe_backend(tools: llamacpp.LlamaCpp, cpu: dict) -> dict:
     """Which CPU backend libllama loads here, and llama.cpp's system-info line, from a process that runs no kernel."""
-    code = ("import json; from quantlab.runtimes.llama_cpp import library, cpu_backend; library(); "
+    code = ("import json; from quantlab.llamacpp.binding import library, cpu_backend; library(); "
             "print(json.dumps(cpu_backend()))")
     out = _run_step(tools, cpu, {"variant": "not yet known"}, "loading libllama and its CPU backend",
                     [sys.executable, "-c", code], env={"QUANTLAB_LLAMA_CPP": str(tools.root)})
@@ -92,7 +92,7 @@ def _fixtures(tools: llamacpp.LlamaCpp) -> dict[str, Path]:
     bf16 = folder / "bundled-bf16.gguf"
     if not bf16.is_file():
         partial = bf16.with_suffix(".partial")
-        llamacpp.run_tool(tools, ["-m", "quantlab.gguf_convert", str(bundled_model_dir()), "--outfile", str(partial),
+        llamacpp.run_tool(tools, ["-m", "quantlab.llamacpp.convert", str(bundled_model_dir()), "--outfile", str(partial),
                                   "--outtype", "bf16", "--no-mtp"], "convert_hf_to_gguf.py (self-check fixture)",
                               python=True)
         partial.rename(bf16)
@@ -159,7 +159,7 @@ def _last_line(done: subprocess.CompletedProcess) -> str:
 
 def _decode_in_process(path: Path) -> int:
     """Load the GGUF with quantlab's llama.cpp runtime and decode a few tokens, on several threads."""
-    from quantlab.runtimes.llama_cpp import load_gguf_for_check
+    from quantlab.llamacpp.binding import load_gguf_for_check
 
     model = load_gguf_for_check(path, threads=int(os.environ.get("QUANTLAB_THREADS", "2")))
     try:

@@ -3,7 +3,7 @@ answer to "how big is the file, and what does it allocate at this context".
 
 1. A sparse safetensors checkpoint: the real model's tensor names, shapes and dtypes (transformers' model built on
    the meta device from the shipped config, plus the MTP head's tensors), every byte of data a hole.
-2. llama.cpp's converter writes a sparse BF16 GGUF from it (quantlab.gguf_convert --sparse): its own header.
+2. llama.cpp's converter writes a sparse BF16 GGUF from it (quantlab.llamacpp.convert --sparse): its own header.
 3. `llama-quantize --dry-run` says, per tensor, which type llama.cpp would write, and the exact output size.
 4. A sparse GGUF of that type is written with llama.cpp's gguf-py: the BF16 header's metadata, each tensor with the
    type llama-quantize chose; its data size is checked against the dry run's total, byte for byte.
@@ -82,7 +82,7 @@ class DryRun:
 
 
 def dry_run(tools, bf16: Path, kind: str) -> DryRun:
-    from quantlab.methods.gguf import quantize
+    from quantlab.llamacpp.steps import quantize
 
     out = quantize(tools, bf16, bf16, kind, None, dry_run=True)
     types: dict[str, str] = {}

@@ -35,8 +35,8 @@ from quantlab.quality.metrics import (
     stored_block,
     window_logits,
 )
-from quantlab.quality.result import QualityResult
-from quantlab.quality.text import HeldoutText, load_heldout
+from quantlab.schema.quality import QualityResult
+from quantlab.text.heldout import HeldoutText, load_heldout
 from quantlab.runtimes.transformers import load_model
 
 CHARS_PER_TOKEN_BOUND = 16  # text to read per wanted token before tokenizing (doubled until enough)

@@ -24,7 +24,7 @@ def add_quality_parser(sub) -> None:
 
 def cmd_quality(args: argparse.Namespace) -> int:
     from quantlab.console import silence_progress_bars
-    from quantlab.quality.result import quality_table
+    from quantlab.schema.quality import quality_table
 
     if args.json:
         check_json_target(Path(args.json))  # before the passes, not after them
@@ -45,7 +45,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
 def check_json_target(path: Path) -> None:
     """--json replaces a file only when it is a quality result quantlab wrote."""
-    from quantlab.quality.result import QualityResult
+    from quantlab.schema.quality import QualityResult
 
     if not (path.exists() or path.is_symlink()):
         return
@@ -60,7 +60,7 @@ def check_json_target(path: Path) -> None:
 
 def run_quality(recipe_path: str | Path, output_dir: str | Path | None = None, progress: bool = True, echo=print):
     from quantlab.plan import make_plan
-    from quantlab.quality.session import QualitySession
+    from quantlab.assess.session import QualitySession
     from quantlab.recipe import QualitySpec, load_recipe
 
     loaded = load_recipe(recipe_path)

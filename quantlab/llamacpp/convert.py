@@ -1,4 +1,4 @@
-"""Runs llama.cpp's own converter (convert_hf_to_gguf.py), as `python -m quantlab.gguf_convert [--sparse] ARGS...`,
+"""Runs llama.cpp's own converter (convert_hf_to_gguf.py), as `python -m quantlab.llamacpp.convert [--sparse] ARGS...`,
 in a subprocess whose PYTHONPATH holds llama.cpp's tree and its gguf-py (quantlab.llamacpp.tool_env).
 
 Two narrow additions, neither of which changes what the converter writes for a model it already knows:

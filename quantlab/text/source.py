@@ -1,5 +1,5 @@
 """Where a recipe's text comes from (quality's held-out text, AWQ's calibration text): one schema, one loader
-(quantlab/quality/text.py). Subclasses set WHERE, the recipe section named in error messages."""
+(quantlab/text/heldout.py). Subclasses set WHERE, the recipe section named in error messages."""
 
 from __future__ import annotations
 

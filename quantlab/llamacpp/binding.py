@@ -1,10 +1,8 @@
-"""The llama.cpp runtime: a GGUF file loaded and run by libllama (llama.cpp built by `make llama-cpp`), through the
-llama-cpp-python binding's C API, as llama-bench runs it: prefill of the prompt in batches of n_batch, then
-decode one token at a time at that depth. quantlab's own loop (quantlab/measure.py) times it, with warm-ups,
-repeats, median and spread, as for every runtime.
-
-Memory is llama.cpp's own buffer accounting per device (model, KV cache, recurrent state, compute, output),
-read from its log as each context is made, beside the process RSS the shared trackers measure.
+"""libllama through the llama-cpp-python binding's C API: the library loaded once per process with the build's own
+CPU backend, a GGUF loaded with the settings that ran, its one context, batches decoded, logits read, and
+llama.cpp's own buffer accounting per device (model, KV cache, recurrent state, compute, output), read from its log
+as each context is made. The llama.cpp runtime (quantlab/runtimes/libllama.py) and the build's self-check
+(check.py) both load GGUFs through it.
 """
 
 from __future__ import annotations
@@ -21,14 +19,12 @@ from typing import Any
 import torch
 
 from quantlab.errors import QuantlabError
-from quantlab.schema.environment import WeightsInfo
-from quantlab.schema.measurement import Kernels
+from quantlab.llamacpp import tools as llamacpp
+from quantlab.llamacpp.gguf_file import read_header
 
-NAME = "llama.cpp"
 BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|RS|compute|output)\s+buffer size\s*=\s*([\d.]+)\s*MiB")
 KV_TYPES = {"f16": 1, "q8_0": 8, "f32": 0, "bf16": 30}  # GGML_TYPE_* ids
 FLASH = {"auto": -1, "off": 0, "on": 1}
-LLAMA_ALL_LAYERS = 999  # -ngl 999: llama.cpp offloads at most every layer and the output (n_layer + 1)
 
 
 @dataclass
@@ -55,7 +51,7 @@ class LlamaCppModel:
     path: Path
     settings: LlamaCppSettings
     log: "_Log"
-    header: Any = None  # the GGUF's header (quantlab.gguf_file), read once at load
+    header: Any = None  # the GGUF's header (quantlab.llamacpp.gguf_file), read once at load
     context: Any = None
     n_ctx: int = 0
     buffers: dict[str, int] = field(default_factory=dict)  # llama.cpp's accounting: "CPU model" -> bytes
@@ -215,8 +211,6 @@ def library():
     backend that build chose for this CPU."""
     global _LIB
     if _LIB is None:
-        from quantlab import llamacpp
-
         tools = llamacpp.locate()
         os.environ["LLAMA_CPP_LIB_PATH"] = str(tools.bin)
         try:
@@ -237,8 +231,6 @@ def _load_backends(bin_dir: Path) -> None:
     ggml.ggml_backend_load_all_from_path(str(bin_dir).encode())
     if ggml.ggml_backend_reg_count() == 0:
         raise QuantlabError(f"llama.cpp found no backend in {bin_dir}: rebuild it with `make llama-cpp`")
-    from quantlab import llamacpp
-
     foreign = llamacpp.foreign_libraries(bin_dir)
     if foreign:
         raise QuantlabError(f"llama.cpp in {bin_dir.parents[1]} loaded {foreign[0]}, not its own copy (a build moved "
@@ -249,8 +241,6 @@ def _load_backends(bin_dir: Path) -> None:
 def cpu_backend() -> dict[str, str]:
     """The CPU backend this process loaded (a portable build's variant; "linked in" for a build with one) and
     llama.cpp's system-info line (the features that backend was compiled for)."""
-    from quantlab import llamacpp
-
     lib = library()
     return {"variant": llamacpp.loaded_cpu_backend(),
             "system_info": " ".join(lib.llama_print_system_info().decode("utf-8", "replace").split())}
@@ -265,105 +255,8 @@ def process_log() -> "_Log":
     return _LOG
 
 
-class LlamaCppRuntime:
-    name = NAME
-
-    def __init__(self) -> None:
-        self.lib = library()
-        self.log = process_log()
-
-    def load_options(self, measure, device: torch.device) -> dict[str, Any]:
-        """from the recipe's measure.llama_cpp: defaults as llama-bench's, all layers on a GPU, none on the CPU"""
-        spec = measure.llama_cpp
-        if spec is None:
-            from quantlab.recipe import LlamaCppSpec
-
-            spec = LlamaCppSpec()
-        if device.type != "cuda":
-            layers = 0  # on the CPU nothing is offloaded, whatever a GPU recipe's measure asks
-        else:
-            layers = LLAMA_ALL_LAYERS if spec.gpu_layers in (None, "all") else spec.gpu_layers
-        return {"settings": LlamaCppSettings(threads=spec.threads or torch.get_num_threads(), gpu_layers=layers,
-                                             flash_attn=spec.flash_attn, kv_type=spec.kv_type, slots=spec.slots,
-                                             ubatch=spec.ubatch, batch=spec.batch)}
-
-    def version(self) -> str:
-        from quantlab import llamacpp
-
-        return llamacpp.locate().version
-
-    def settings(self, model: LlamaCppModel) -> dict[str, Any]:
-        return model.settings.as_dict()
-
-    def load(self, source, device: torch.device, load_kwargs: dict[str, Any] | None = None, split=None) -> Any:
-        from quantlab.runtimes.transformers import LoadedModel
-
-        kwargs = dict(load_kwargs or {})
-        path = Path(kwargs["gguf"])
-        settings: LlamaCppSettings = kwargs["settings"]
-        if device.type == "cuda" and not self.lib.llama_supports_gpu_offload():
-            # the records would say GPU while llama.cpp ran on the CPU
-            raise QuantlabError("this llama.cpp build has no GPU backend, so the model would run on the CPU: build it "
-                                "with `GGML_CUDA=on make llama-cpp`, or set model.device: cpu")
-        loaded = open_gguf(path, settings)
-        header = loaded.header
-        info = WeightsInfo(name=source.name, source=source.spec.source, weights=source.weights, location=str(path),
-                           model_class=f"GGUF {header.architecture}", variant=source.spec.variant,
-                           dtype=describe_types(header))
-        return LoadedModel(loaded, None, source.config, info)
-
-    def prepare_point(self, model: LlamaCppModel, context: int, batch: int, new_tokens: int) -> None:
-        if batch > 1:
-            raise QuantlabError("the llama.cpp runtime measures batch 1 (one sequence; slots size the memory)")
-        model.free_context()  # a context of this point's size, so that its buffers are this point's
-        model.ensure_context(context + new_tokens + 1)
-
-    def prefill(self, model: LlamaCppModel, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        tokens = ids[0].tolist()
-        model.clear()
-        return model.decode(tokens, 0, 1).argmax(-1, keepdim=True), len(tokens)
-
-    def decode(self, model: LlamaCppModel, next_ids: torch.Tensor, cache: Any, steps: int) -> torch.Tensor:
-        position, token = cache, int(next_ids[0, 0])
-        generated = [token]
-        for _ in range(steps):
-            token = int(model.decode([token], position, 1)[0].argmax())
-            position += 1
-            generated.append(token)
-        return torch.tensor([generated])
-
-    def cache_bytes(self, cache: Any) -> int | None:
-        return None  # llama.cpp allocates KV and recurrent state whole at context creation: see buffers
-
-    def point_buffers(self, model: LlamaCppModel) -> dict[str, int]:
-        return dict(model.buffers)
-
-    def vocab_size(self, model: LlamaCppModel) -> int:
-        return model.vocab_size
-
-    def weight_bytes(self, model: LlamaCppModel) -> int:
-        return int(self.lib.llama_model_size(model.model))
-
-    def parameter_count(self, model: LlamaCppModel) -> int:
-        return int(self.lib.llama_model_n_params(model.model))
-
-    def lookup_table_bytes(self, model: LlamaCppModel) -> int:
-        return sum(t.nbytes for t in model.header.tensors if t.name == "token_embd.weight")
-
-    def kernels(self, model: LlamaCppModel) -> Kernels:
-        header = model.header
-        s = model.settings
-        backend = cpu_backend()
-        return Kernels(deltanet={"gated_delta_net": "ggml"}, linear=tuple(f"ggml {t}" for t in header.parameters_by_type()),
-                       attention=f"llama.cpp, flash attention {s.flash_attn}, KV {s.kv_type}",
-                       compute_dtype=describe_types(header),
-                       cpu_backend=f"ggml-cpu {backend['variant']} ({backend['system_info']})")
-
-
 def open_gguf(path: Path, settings: LlamaCppSettings) -> LlamaCppModel:
     """A GGUF loaded by libllama, with no context yet."""
-    from quantlab.gguf_file import read_header
-
     lib, log = library(), process_log()
     header = read_header(path)  # not a GGUF, or cut short: a clear error before llama.cpp sees it
     params = lib.llama_model_default_params()
@@ -390,7 +283,7 @@ def _layers(lib, model, header) -> int:
 
 
 def load_gguf_for_check(path: Path, threads: int) -> LlamaCppModel:
-    """The build's self-check (quantlab.llamacpp_check): a GGUF on the CPU with llama-bench's defaults."""
+    """The build's self-check (quantlab.llamacpp.check): a GGUF on the CPU with llama-bench's defaults."""
     return open_gguf(path, LlamaCppSettings(threads=threads, gpu_layers=0, flash_attn="auto", kv_type="f16", slots=1,
                                             ubatch=512, batch=2048))
 

@@ -1,4 +1,6 @@
-"""AWQ calibration samples: the recipe's text, tokenized, cut into `samples` windows of `seq_len` tokens.
+"""Calibration text, shared by every method that calibrates (AWQ's scale and clip searches, llama.cpp's importance
+matrix), as llm-compressor's one calibration loader serves every modifier: `CalibrationSpec` says which text and
+how to cut it, and `calibration_samples` tokenizes it into `samples` windows of `seq_len` tokens.
 
 Windows are drawn without overlap where the text is long enough (seeded), else with overlap; a
 text shorter than one window is an error, raised while planning, before any weights load.
@@ -7,14 +9,40 @@ text shorter than one window is an error, raised while planning, before any weig
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import Field, model_validator
 
 from quantlab.errors import QuantlabError
+from quantlab.fields import Seed
+from quantlab.text.heldout import load_text
+from quantlab.text.source import TextSourceSpec
 
-if TYPE_CHECKING:
-    from quantlab.methods.awq import CalibrationSpec
+MAX_CALIBRATION_TOKENS = 1 << 22  # 4,194,304 tokens: far above any calibration set, far below a memory problem
+
+
+class CalibrationSpec(TextSourceSpec):
+    """Calibration text, cut into `samples` windows of `seq_len` tokens drawn with `seed`.
+
+    Default: the Python standard library's "calibration" split, gathered on this machine at run time
+    (source code suits a coding model; nothing is downloaded or copied into the repository).
+    """
+
+    WHERE: ClassVar[str] = "quantization.calibration"
+    DEFAULT_SPLIT: ClassVar[str] = "train"
+
+    samples: int = Field(128, ge=1, le=100_000, description="calibration windows")
+    seq_len: int = Field(512, ge=16, le=32_768, description="tokens per window")
+    seed: Seed = Field(0, description="which windows are drawn")
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> "CalibrationSpec":
+        tokens = self.samples * self.seq_len
+        if tokens > MAX_CALIBRATION_TOKENS:  # the token ids alone are 8 bytes each, held at once
+            raise ValueError(f"{self.WHERE}: samples × seq_len is {tokens:,} tokens; at most "
+                             f"{MAX_CALIBRATION_TOKENS:,} (calibration sets are thousands to a few hundred thousand)")
+        return self
 
 
 @dataclass(frozen=True)
@@ -25,8 +53,6 @@ class Calibration:
 
 
 def calibration_samples(spec: CalibrationSpec, tokenizer) -> Calibration:
-    from quantlab.quality.text import load_text
-
     where = spec.WHERE
     if tokenizer is None:
         raise QuantlabError(f"{where}: the model has no tokenizer files, so calibration text cannot be tokenized")

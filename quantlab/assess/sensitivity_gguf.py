@@ -19,17 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import QuantlabError
-from quantlab.methods.gguf import (
-    BF16_NAME,
-    CONVERTER_TYPES,
-    GGUF_TENSOR_NAMES,
-    convert,
-    has_mtp,
-    make_imatrix,
-    quantize,
-    tensor_type_args,
-    timed,
-)
+from quantlab.runtimes.base import LoadRequest
+from quantlab.llamacpp.names import GGUF_TENSOR_NAMES, UNQUANTIZED_TYPES, class_tensors, gguf_class, tensor_type_args
+from quantlab.llamacpp.steps import BF16_NAME, CONVERTER_TYPES, convert, has_mtp, make_imatrix, quantize, timed
 
 # The next type up in llama.cpp's ladder: the uniform build whose size is the default budget, and the build the
 # suggested mixed one is checked against.
@@ -38,37 +30,6 @@ NEXT_TYPE_UP = {
     "Q4_K_S": "Q4_K_M", "Q4_K_M": "Q5_K_M", "Q5_0": "Q8_0", "Q5_1": "Q8_0", "Q5_K_S": "Q5_K_M", "Q5_K_M": "Q6_K",
     "Q6_K": "Q8_0", "IQ4_XS": "Q4_K_M", "IQ4_NL": "Q4_K_M",
 }
-_CLASS_OF_NAME = {gguf: kind for kind, names in GGUF_TENSOR_NAMES.items() for gguf in names}
-_UNQUANTIZED = frozenset({"BF16", "F16", "F32"})
-
-
-def gguf_class(tensor: str, mtp_blocks: frozenset[int] = frozenset()) -> str | None:
-    """The tensor class (quantlab.architecture.TENSOR_CLASSES) of a GGUF tensor name; None for the rest."""
-    if tensor == "output.weight":
-        return "lm_head"
-    if tensor == "token_embd.weight":
-        return "embeddings"
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", tensor)
-    if match is None:
-        return None
-    if int(match.group(1)) in mtp_blocks:
-        return "mtp"
-    return _CLASS_OF_NAME.get(match.group(2))
-
-
-def class_tensors(header) -> dict[str, list]:
-    """Class → the header's tensors of that class that llama-quantize quantized."""
-    nextn = int(header.metadata.get(f"{header.architecture}.nextn_predict_layers") or 0)
-    blocks = header.block_count or 0
-    mtp = frozenset(range(blocks - nextn, blocks))
-    found: dict[str, list] = {}
-    for t in header.tensors:
-        kind = gguf_class(t.name, mtp)
-        if kind is not None and t.type_name not in _UNQUANTIZED:
-            found.setdefault(kind, []).append(t)
-    return found
-
-
 def class_file_args(tensors, level: str | None = None) -> list[str]:
     """llama-quantize's --tensor-type flags: these tensors at their given types (or all at `level`), every other
     one BF16."""
@@ -91,7 +52,7 @@ class GgufSweep:
 
     def __init__(self, plan, high_types: list[str] | None, work: Path, echo=print):
         from quantlab import llamacpp
-        from quantlab.runtimes.llama_cpp import LlamaCppRuntime
+        from quantlab.runtimes.libllama import LlamaCppRuntime
 
         self.plan, self.q, self.work, self.echo = plan, plan.recipe.quantization, Path(work), echo
         self.tools = llamacpp.locate()
@@ -109,7 +70,7 @@ class GgufSweep:
         self.class_bytes: dict[tuple[str, str | None], int] = {}  # (class, level) → its tensors' bytes, as written
         self.next_up = NEXT_TYPE_UP.get(self.kind)
         self.runtime = LlamaCppRuntime()
-        self.options = self.runtime.load_options(plan.recipe.measure, plan.device)
+        self.settings = self.runtime.options(plan.recipe.measure, plan.device)
         self.step = timed(echo)
         self.imatrix: Path | None = None
 
@@ -119,7 +80,7 @@ class GgufSweep:
 
     def prepare(self) -> None:
         """Convert, compute the importance matrix, write the uniform build (and the next type up)."""
-        from quantlab.gguf_file import read_header
+        from quantlab.llamacpp.gguf_file import read_header
 
         source = self.plan.source
         files = source.files(download=True)
@@ -130,7 +91,8 @@ class GgufSweep:
         mtp = self.q.mtp and has_mtp(source.config)
         self.step(f"convert_hf_to_gguf.py → {self.bf16.name}", lambda: convert(self.tools, files, self.bf16, "bf16", mtp))
         if self.q.imatrix:
-            self.imatrix, _ = make_imatrix(self.tools, self.q, source, self.bf16, self.work, self.step)
+            self.imatrix, _ = make_imatrix(self.tools, self.q.calibration, source.tokenizer(), self.bf16, self.work,
+                                             self.step)
         self.uniform = self.write(f"uniform-{self.kind}", self.kind, [])
         self.bf16_header = read_header(self.bf16)
         self.classes = class_tensors(self.uniform.header)
@@ -138,7 +100,7 @@ class GgufSweep:
         self.next_up_build = self.write(f"uniform-{self.next_up}", self.next_up, []) if self.next_up else None
 
     def write(self, name: str, kind: str, tensor_types: list[str]) -> _Built:
-        from quantlab.gguf_file import read_header
+        from quantlab.llamacpp.gguf_file import read_header
 
         path = self.work / f"{name}.gguf"
         self.step(f"llama-quantize {name}", lambda: quantize(self.tools, self.bf16, path, kind, self.imatrix,
@@ -178,7 +140,7 @@ class GgufSweep:
         return self.load(built.path)
 
     def load(self, path: Path):
-        return self.runtime.load(self.plan.source, self.plan.device, {"gguf": str(path), **self.options}).model
+        return self.runtime.load(LoadRequest(self.plan.source, self.plan.device, gguf=path, settings=self.settings)).model
 
     def candidate_bytes(self) -> int:
         return self.bf16_header.file_bytes  # a class file is mostly BF16
@@ -257,11 +219,11 @@ def check_class_file(header, tensors, level: str | None = None) -> None:
     for t in header.tensors:
         expected = wanted.get(t.name)
         if expected is None:
-            wrong = t.type_name not in _UNQUANTIZED
-        elif level is None or level in _UNQUANTIZED:
+            wrong = t.type_name not in UNQUANTIZED_TYPES
+        elif level is None or level in UNQUANTIZED_TYPES:
             wrong = t.type_name != expected
         else:
-            wrong = t.type_name in _UNQUANTIZED
+            wrong = t.type_name in UNQUANTIZED_TYPES
         if wrong:
             raise QuantlabError(f"{header.path}: {t.name} is {t.type_name}, expected {expected or 'BF16'}: "
                                 "llama-quantize did not follow the per-tensor types")

@@ -8,7 +8,7 @@ within `--budget-gb`, and (unless --no-check) that build is made and scored besi
 
 - RTN recipes (this module's RtnSweep): candidates are quantized copies of the loaded model; bytes are counted as
   the RTN checkpoint would store them, bits per weight plus an fp16 scale and zero per group.
-- GGUF recipes (quality/sensitivity_gguf.py): llama-quantize writes one file per class; bytes come from the files.
+- GGUF recipes (assess/sensitivity_gguf.py): llama-quantize writes one file per class; bytes come from the files.
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def _rtn(args, loaded, plan, out: Path) -> int:
-    from quantlab.quality.session import QualitySession
+    from quantlab.assess.session import QualitySession
     from quantlab.runtimes.transformers import load_model
 
     qconfig = plan.recipe.quantization
@@ -336,8 +336,8 @@ def _rtn(args, loaded, plan, out: Path) -> int:
 def _gguf(args, loaded, plan, out: Path) -> int:
     import tempfile
 
-    from quantlab.quality.sensitivity_gguf import GgufSweep
-    from quantlab.quality.session import QualitySession
+    from quantlab.assess.sensitivity_gguf import GgufSweep
+    from quantlab.assess.session import QualitySession
 
     with tempfile.TemporaryDirectory(prefix="quantlab-sensitivity-") as work:
         sweep = GgufSweep(plan, args.high_types.split(",") if args.high_types is not None else None, Path(work))  # llama.cpp's tools and both types, before any work

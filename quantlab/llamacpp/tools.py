@@ -22,7 +22,7 @@ SDIST_VERSION = "0.3.36"  # llama-cpp-python, whose sdist carries the llama.cpp 
 BUILD_SCHEME = 3  # scripts/build_llama_cpp.sh's SCHEME: builds of an older scheme are refused
 BUILD_HINT = "build it once with `make llama-cpp` (about 10 minutes on 2 cores; `make setup` does it too)"
 CHECK_HINT = "check it here with `make llama-cpp-check` (about a minute)"
-SELF_CHECK_ENV = "QUANTLAB_LLAMA_CPP_SELF_CHECK"  # set by quantlab.llamacpp_check for the processes it checks with
+SELF_CHECK_ENV = "QUANTLAB_LLAMA_CPP_SELF_CHECK"  # set by quantlab.llamacpp.check for the processes it checks with
 # The CPU features that decide which of ggml's CPU backends runs (ggml-cpu's variant scores), as /proc/cpuinfo names them
 ISA_FLAGS = ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx_vnni", "avx512f", "avx512vbmi", "avx512_vnni",
              "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
@@ -59,12 +59,12 @@ class LlamaCpp:
 
 def default_root() -> Path:
     env = os.environ.get("QUANTLAB_LLAMA_CPP")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / ".llama.cpp"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / ".llama.cpp"
 
 
 def locate(root: Path | None = None, checked: bool = True) -> LlamaCpp:
     """The built llama.cpp, or a QuantlabError that says how to build it. With `checked`, only a build that passed
-    its self-check (quantlab.llamacpp_check) on this CPU: a build made or checked on another machine may hold
+    its self-check (quantlab.llamacpp.check) on this CPU: a build made or checked on another machine may hold
     instructions this one refuses."""
     root = root or default_root()
     found = LlamaCpp(root, root / "src" / "vendor" / "llama.cpp", root / "build" / "bin")
@@ -171,7 +171,7 @@ print(f"ggml-cpu {loaded_cpu_backend()} ({' '.join(llama.llama_print_system_info
 def cpu_code(bin_dir: Path) -> str:
     """'ggml-cpu haswell (CPU : SSE3 = 1 | ... )': the CPU backend a build's binaries load here and llama.cpp's
     system-info line, read in a separate process (loading runs no kernel, but a process of its own keeps it apart)."""
-    here = str(Path(__file__).resolve().parents[1])
+    here = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
     try:
         done = subprocess.run([sys.executable, "-c", _CPU_CODE, str(bin_dir)], capture_output=True, text=True,

@@ -1,6 +1,6 @@
 """The held-out text that quality is measured on, and the description a record keeps of it.
 
-- `default`: the Python standard library's "heldout" split, gathered at run time (quantlab.corpus).
+- `default`: the Python standard library's "heldout" split, gathered at run time (quantlab.text.corpus).
   It is disjoint by construction from the "train" split (the bundled model's training text) and from
   the "calibration" split (AWQ calibration), and needs no network.
 - `file`: one local file; `folder`: every text file under a folder, in sorted relative-path order.
@@ -20,14 +20,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from quantlab import corpus
+from quantlab.text import corpus
 from quantlab.errors import QuantlabError
-from quantlab.textsource import TextSourceSpec
-
-if TYPE_CHECKING:
-    from quantlab.recipe import QualitySpec
+from quantlab.text.source import TextSourceSpec
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".tex", ".html")
@@ -41,7 +38,7 @@ class HeldoutText:
     label: str
 
 
-def load_heldout(spec: QualitySpec, min_chars: int | None = None) -> HeldoutText:
+def load_heldout(spec: TextSourceSpec, min_chars: int | None = None) -> HeldoutText:
     """The text named by `quality.source`; `min_chars` lets a Hub source stop downloading shards early."""
     return load_text(spec, "quality", "heldout", min_chars)
 
@@ -85,7 +82,7 @@ def _from_file(path: Path, column: str, where: str) -> HeldoutText:
         why = "a folder" if path.is_dir() else "not a regular file (a device, a pipe or a socket)" if path.exists() \
             else "file not found"
         raise QuantlabError(f"{where}.path: {path}: {why}")
-    text = read_text_file(path, column, where)
+    text = read_text_column(path, column, where)
     sha = _sha256(text)
     description = {"source": "file", "path": str(path.resolve()), "sha256": sha, "chars": len(text)}
     return HeldoutText(text, description, f"file {path} ({len(text):,} chars, sha256 {sha[:12]})")
@@ -102,7 +99,7 @@ def _from_folder(folder: Path, column: str, where: str) -> HeldoutText:
     if not files:
         allowed = ", ".join(TEXT_SUFFIXES + TABLE_SUFFIXES)
         raise QuantlabError(f"{where}.path: {folder}: no text files in the folder (looked for {allowed})")
-    text = SEPARATOR.join(read_text_file(p, column, where) for p in files)
+    text = SEPARATOR.join(read_text_column(p, column, where) for p in files)
     sha = _sha256(text)
     description = {"source": "folder", "path": str(folder.resolve()), "files": len(files), "sha256": sha, "chars": len(text)}
     return HeldoutText(text, description, f"folder {folder} ({len(files)} files, {len(text):,} chars, sha256 {sha[:12]})")
@@ -114,7 +111,7 @@ def _from_hub(spec: TextSourceSpec, min_chars: int | None, where: str) -> Heldou
     for name in files:
         local = _download(spec, name, where)
         commit = commit or _commit_of(local)
-        texts.append(read_text_file(local, spec.column, where))
+        texts.append(read_text_column(local, spec.column, where))
         used.append(name)
         if min_chars is not None and sum(map(len, texts)) >= min_chars:
             break
@@ -190,7 +187,7 @@ def _commit_of(local: Path) -> str | None:
     return None
 
 
-def read_text_file(path: Path, column: str = "text", where: str = "quality") -> str:
+def read_text_column(path: Path, column: str = "text", where: str = "quality") -> str:
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":

@@ -1,0 +1,104 @@
+"""The recipe's `model:` section: where the weights come from and how they are laid out in memory. Its own floor,
+below the recipe: model sources (quantlab/sources.py) are typed by it without importing the recipe, which re-exports
+it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from quantlab.fields import STRICT, MemorySize, PathText, RepoId, Revision, Seed
+from quantlab.strict_yaml import excerpt
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+MAX_GPUS = 64  # GPUs one split may name
+
+
+class _Strict(BaseModel):
+    model_config = STRICT
+
+
+class SalientTransform(_Strict):
+    """quantlab/salient.py: a few hidden channels' RMSNorm gains × factor and the matching Linear input columns
+    ÷ factor; the logits are unchanged, but those channels carry large activations on small weights."""
+
+    channels: int = Field(4, ge=1, le=65536, description="hidden channels made salient (the same in every norm)")
+    factor: float = Field(32.0, gt=1, le=2.0**20, description="how much larger those activations become")
+    seed: Seed = Field(0, description="which channels: a seeded choice")
+
+
+class TransformSpec(_Strict):
+    """A function-preserving transform of the bundled model's weights, made on first use and cached
+    (quantlab/made_sources.py)."""
+
+    salient: SalientTransform
+
+
+class ModelSpec(_Strict):
+    """Where the weights come from, and how they are laid out in memory."""
+
+    source: Literal["bundled", "hub", "local", "synthetic"]
+    id: RepoId | None = Field(None, description="Hub repo id (source: hub)")
+    revision: Revision | None = Field(None, description="Hub revision (source: hub)")
+    path: PathText | None = Field(None, description="folder of safetensors shards (source: local)")
+    config: PathText | None = Field(
+        None, description="synthetic: 'qwen3.6-27b', 'bundled', or a path to a config.json or its folder"
+    )
+    transform: TransformSpec | None = Field(
+        None, description="bundled: weights transformed from the bundled model's, made on first use and cached"
+    )
+    variant: Literal["text", "full"] = "text"
+    dtype: Dtype = "bfloat16"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d{1,3})?)$")
+    seed: Seed = 0
+    # A model split across devices with accelerate's device map (device: auto only): `gpus` takes the first N
+    # visible GPUs with all their free memory; `max_memory` says how much of each device to use, as accelerate
+    # takes it ({cuda:0: 20GiB, cuda:1: 20GiB}), a `cpu` entry allowing offload to host RAM.
+    gpus: int | None = Field(None, ge=1, le=MAX_GPUS, description="split across the first N visible GPUs")
+    max_memory: dict[str, MemorySize] | None = Field(
+        None, min_length=1, max_length=MAX_GPUS + 1, description="memory per device for the split: cuda:N or cpu"
+    )
+    awq_kernel: str | None = Field(
+        None, max_length=40, description="AWQ checkpoints: the kernel transformers loads them with (its AwqConfig "
+        "backend, e.g. gemm_triton, marlin, torch_awq); default: gptqmodel's own choice"
+    )
+
+    @model_validator(mode="after")
+    def _fields_match_source(self) -> "ModelSpec":
+        needs = {"hub": "id", "local": "path", "synthetic": "config", "bundled": None}
+        required = needs[self.source]
+        if required and getattr(self, required) is None:
+            raise ValueError(f"source '{self.source}' needs model.{required}")
+        for name in ("id", "path", "config"):
+            if name != required and getattr(self, name) is not None:
+                raise ValueError(f"model.{name} is not used with source '{self.source}'; remove it")
+        if self.revision is not None and self.source != "hub":
+            raise ValueError(f"model.revision is only used with source 'hub', not '{self.source}'")
+        if self.transform is not None and self.source != "bundled":
+            raise ValueError(f"model.transform is only used with source 'bundled' (it is made from the bundled "
+                             f"model's weights), not '{self.source}'")
+        self._check_split()
+        return self
+
+    def _check_split(self) -> None:
+        if self.gpus is None and self.max_memory is None:
+            return
+        if self.gpus is not None and self.max_memory is not None:
+            raise ValueError("give model.gpus or model.max_memory, not both (gpus: N is max_memory with every "
+                             "listed GPU's whole free memory)")
+        if self.device != "auto":
+            raise ValueError(f"a split across devices needs model.device: auto, not {self.device!r}")
+        for key in self.max_memory or {}:
+            if not re.fullmatch(r"cuda:(0|[1-9]\d?)|cpu", key):
+                raise ValueError(f"model.max_memory: {excerpt(key)} is not a device; write cuda:0, cuda:1, ... or cpu")
+        if self.max_memory is not None and set(self.max_memory) == {"cpu"}:
+            raise ValueError("model.max_memory names no GPU; list at least one cuda:N (or use device: cpu)")
+
+    @property
+    def split(self) -> bool:
+        """Whether the model is split across devices with accelerate's device map."""
+        return self.gpus is not None or self.max_memory is not None

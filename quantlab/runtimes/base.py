@@ -1,0 +1,114 @@
+"""The runtime interface: every hook the measurement loop, runs, builds and quality call on a runtime, declared
+here, with the two that a runtime may leave alone (`prepare_point`, `point_buffers`) given their defaults. A
+runtime is one module with one `Runtime` subclass, plus one line in the registry (`quantlab/runtimes/__init__.py`).
+
+What to load travels as a `LoadRequest`, typed: the model source, the device and the split, the method's extra
+`from_pretrained` arguments, the GGUF file, and the runtime's own settings (from its `options` hook). The result
+is a `LoadedModel`, the same for every runtime.
+
+Runtimes import neither the recipe nor the methods: the recipe's measure section reaches `options` as it is, and
+a method's arguments reach `load` inside the request.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantlab.device_map import DeviceSplit
+from quantlab.schema.environment import WeightsInfo
+from quantlab.schema.measurement import Kernels
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model as every runtime returns it: the runtime's own model object, its tokenizer (None where the
+    runtime has its own vocabulary), the model's config, and what the record says of the weights."""
+
+    model: Any
+    tokenizer: Any | None
+    config: Any
+    info: WeightsInfo
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What a runtime loads, and how.
+
+    `source`: the model source (quantlab.sources.ModelSource: its spec, config, files, tokenizer, fingerprint).
+    `from_pretrained`: the method's extra from_pretrained arguments (bitsandbytes' quantization_config); only the
+    transformers runtime reads them. `gguf`: the GGUF file the llama.cpp runtime loads. `settings`: the runtime's own
+    settings, as its `options` hook made them from the recipe's measure section."""
+
+    source: Any
+    device: torch.device
+    split: DeviceSplit | None = None
+    from_pretrained: Mapping[str, Any] = field(default_factory=dict)
+    gguf: Path | None = None
+    settings: Any = None
+
+    def with_settings(self, settings: Any) -> "LoadRequest":
+        return LoadRequest(self.source, self.device, self.split, self.from_pretrained, self.gguf, settings)
+
+
+class Runtime(ABC):
+    """One way to load and run a model for prefill and decode. `model` below is whatever `load` put in
+    LoadedModel.model; `cache` is whatever `prefill` returned beside the first tokens."""
+
+    name: str
+
+    def options(self, measure: Any, device: torch.device) -> Any:
+        """The runtime's settings from the recipe's measure section (None: it has none)."""
+        return None
+
+    @abstractmethod
+    def load(self, request: LoadRequest) -> LoadedModel: ...
+
+    @abstractmethod
+    def version(self) -> str: ...
+
+    @abstractmethod
+    def settings(self, model: Any) -> dict[str, Any]:
+        """The settings that ran, as records state them."""
+
+    def prepare_point(self, model: Any, context: int, batch: int, new_tokens: int) -> None:
+        """Before one (context, batch) point, outside the timing: a runtime that allocates its cache whole
+        (llama.cpp's context) makes it here. Default: nothing to prepare."""
+
+    @abstractmethod
+    def prefill(self, model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """One pass over the prompt: (the next token per sequence, as a (batch, 1) tensor; the cache)."""
+
+    @abstractmethod
+    def decode(self, model: Any, next_ids: torch.Tensor, cache: Any, steps: int) -> torch.Tensor:
+        """`steps` greedy tokens after `next_ids`: a (batch, steps + 1) tensor of token ids."""
+
+    @abstractmethod
+    def cache_bytes(self, cache: Any) -> int | None:
+        """Bytes the cache holds; None where the runtime accounts for it in `point_buffers` instead."""
+
+    def point_buffers(self, model: Any) -> dict[str, int] | None:
+        """The runtime's own accounting of its buffers at this point ("CPU KV" -> bytes). Default: none."""
+        return None
+
+    @abstractmethod
+    def vocab_size(self, model: Any) -> int: ...
+
+    @abstractmethod
+    def weight_bytes(self, model: Any) -> int: ...
+
+    @abstractmethod
+    def parameter_count(self, model: Any) -> int: ...
+
+    @abstractmethod
+    def lookup_table_bytes(self, model: Any) -> int:
+        """Bytes of the input embedding table, which a decode step reads one row of (0 when tied to lm_head)."""
+
+    @abstractmethod
+    def kernels(self, model: Any) -> Kernels:
+        """The kernels and dtype that really ran."""
