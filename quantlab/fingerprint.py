@@ -73,6 +73,19 @@ def available_host_ram() -> int:
     return psutil.virtual_memory().available
 
 
+HOST_HEADROOM = 1.2  # activations and allocator slack above the weights, in host RAM
+
+
+def memory_shortfall(device: torch.device, needed_bytes: int) -> tuple[str, int] | None:
+    """Whether `needed_bytes` fit where they will live: ("gpu", its total memory) when they exceed the GPU's,
+    ("host", the RAM available) when they and the headroom exceed the host's, None when they fit."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return ("gpu", total) if needed_bytes > total else None
+    available = available_host_ram()
+    return ("host", available) if needed_bytes * HOST_HEADROOM > available else None
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -225,3 +225,40 @@ def compute_dtype(model: torch.nn.Module) -> str:
     if weight is None:
         weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     return str(weight.dtype).removeprefix("torch.") if weight is not None else "unknown"
+
+
+def check_deltanet_against_reference(device: str = "cuda", tolerance: float = 5e-2, echo=print) -> None:
+    """The DeltaNet functions transformers resolved (flash-linear-attention's where it is installed) against its own
+    torch reference on `device`, on random inputs (a chunked prefill of 300 tokens, one recurrent step): each one's
+    implementation and relative errors through `echo`; AssertionError when output or final state differ by
+    `tolerance` or more. scripts/gpu_check_all.py runs it on the GPU, in a process of its own, before trusting fla."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as modeling
+
+    torch.manual_seed(0)
+    batch, tokens, heads, key_dim, value_dim = 1, 300, 4, 128, 128
+    q, k = (torch.randn(batch, tokens, heads, key_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(batch, tokens, heads, value_dim, device=device, dtype=torch.bfloat16)
+    g = -torch.rand(batch, tokens, heads, device=device, dtype=torch.float32)
+    beta = torch.rand(batch, tokens, heads, device=device, dtype=torch.bfloat16).sigmoid()
+    for name, length in (("torch_chunk_gated_delta_rule", tokens), ("torch_recurrent_gated_delta_rule", 1)):
+        implementation, reference = resolved_pair(getattr(modeling, name))
+        echo(f"{name}: {_implementation_name(getattr(modeling, name), device)}")
+        kw = dict(query=q[:, :length], key=k[:, :length], value=v[:, :length], g=g[:, :length], beta=beta[:, :length],
+                  initial_state=None, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        out, state = _call_with(implementation, **kw)
+        want, want_state = _call_with(reference, **kw)
+        err, state_err = _relative_error(out, want), _relative_error(state, want_state)
+        echo(f"  relative error vs transformers' torch reference: output {err:.2e}, final state {state_err:.2e}")
+        if not (err < tolerance and state_err < tolerance):
+            raise AssertionError(f"{name}: fla disagrees with the torch reference")
+    echo("fla preflight ok")
+
+
+def _call_with(function, **kw):
+    """`function` with the keyword arguments its signature takes (fla's and transformers' differ)."""
+    params = inspect.signature(function).parameters
+    return function(**{k: v for k, v in kw.items() if k in params})
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()

@@ -20,7 +20,6 @@ from quantlab.recipe import DTYPE_BYTES, LoadedRecipe
 from quantlab.sources import ModelSource, model_class_name, resolve
 
 # Headroom on top of the weights for a CPU run: activations, allocator slack, Python.
-CPU_HEADROOM = 1.2
 
 
 @dataclass(frozen=True)
@@ -194,15 +193,12 @@ def _check_context(config: PretrainedConfig, contexts: list[int], new_tokens: in
 
 
 def _memory_check(device: torch.device, weight_bytes: int) -> list[str]:
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        if weight_bytes > total:
-            return [f"weights ({weight_bytes / 1e9:.1f} GB) exceed {device}'s {total / 1e9:.1f} GB: expect OOM at load"]
+    short = fingerprint.memory_shortfall(device, weight_bytes)
+    if short is None:
         return []
-    available = fingerprint.available_host_ram()
-    if weight_bytes * CPU_HEADROOM > available:
-        raise QuantlabError(
-            f"the weights need {weight_bytes / 1e9:.1f} GB (+20% headroom) of host RAM but only "
-            f"{available / 1e9:.1f} GB is available. Use a smaller model, a GPU machine, or the bundled model."
-        )
-    return []
+    if short[0] == "gpu":
+        return [f"weights ({weight_bytes / 1e9:.1f} GB) exceed {device}'s {short[1] / 1e9:.1f} GB: expect OOM at load"]
+    raise QuantlabError(
+        f"the weights need {weight_bytes / 1e9:.1f} GB (+20% headroom) of host RAM but only "
+        f"{short[1] / 1e9:.1f} GB is available. Use a smaller model, a GPU machine, or the bundled model."
+    )

@@ -13,7 +13,6 @@ from quantlab.errors import QuantlabError
 from quantlab.recipe import DTYPE_BYTES, ModelSpec, QualitySpec, Recipe
 from quantlab.sources import ModelSource, resolve
 
-PAIRED_HEADROOM = 1.2  # as the plan's CPU_HEADROOM: activations, allocator slack
 
 
 @dataclass(frozen=True)
@@ -122,19 +121,16 @@ def _reference_bytes(reference: ModelSource, weight_bytes: int, same: bool) -> i
 def _paired_memory(device: torch.device, candidate_bytes: int, reference_bytes: int) -> list[str]:
     both = candidate_bytes + reference_bytes
     advice = "use quality.mode: stored (the reference runs first and is freed before the candidate loads)"
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        if both > total:
-            return [f"quality.mode paired keeps the reference and the candidate on {device} together "
-                    f"({both / 1e9:.1f} GB > {total / 1e9:.1f} GB): expect OOM; {advice}"]
+    short = fingerprint.memory_shortfall(device, both)
+    if short is None:
         return []
-    available = fingerprint.available_host_ram()
-    if both * PAIRED_HEADROOM > available:
-        raise QuantlabError(
-            f"quality.mode paired keeps the reference and the candidate in host RAM together: "
-            f"{both / 1e9:.1f} GB (+20% headroom) but only {available / 1e9:.1f} GB is available; {advice}"
-        )
-    return []
+    if short[0] == "gpu":
+        return [f"quality.mode paired keeps the reference and the candidate on {device} together "
+                f"({both / 1e9:.1f} GB > {short[1] / 1e9:.1f} GB): expect OOM; {advice}"]
+    raise QuantlabError(
+        f"quality.mode paired keeps the reference and the candidate in host RAM together: "
+        f"{both / 1e9:.1f} GB (+20% headroom) but only {short[1] / 1e9:.1f} GB is available; {advice}"
+    )
 
 
 def describe_quality_plan(q: QualityPlan) -> str:

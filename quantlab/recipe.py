@@ -17,8 +17,8 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_v
 
 from quantlab.errors import QuantlabError, RecipeError
 from quantlab.fields import parse_size, STRICT, MemorySize, PathText, RepoId, Revision, Seed
-from quantlab.methods import NoQuant, QuantConfig, check_runtime, config_class, known_methods, method_for
-from quantlab.runtimes import RUNTIME_NAMES
+from quantlab.methods import Method, NoQuant, QuantConfig, config_class, known_methods, method_for, registered
+from quantlab.runtimes import RUNTIME_NAMES, RUNTIMES
 from quantlab.strict_yaml import excerpt, load_strict, read_text_file
 from quantlab.text.source import TextSourceSpec
 from quantlab.model_spec import (  # noqa: F401  (the recipe's own names for its model section)
@@ -151,6 +151,23 @@ class Recipe(_Strict):
             raise ValueError(f"measure.llama_cpp.gpu_layers {layers!r} offloads layers to a GPU, but model.device is "
                              "cpu: leave gpu_layers out, or set model.device: cuda")
         return self
+
+
+def check_runtime(qconfig, runtime: str) -> None:
+    """The method makes what the runtime loads (raise ValueError): from what each declares, not from their names.
+    A method whose artifact only some runtimes load names them; a runtime that loads only some methods' artifacts
+    names those methods."""
+    method = method_for(qconfig)
+    if method.makes in RUNTIMES[runtime].loads:
+        return
+    if method.makes != Method.makes:
+        able = [name for name, entry in RUNTIMES.items() if method.makes in entry.loads]
+        raise ValueError(f"quantization.method {method.name} is measured through {' or '.join(able)}: set "
+                         f"measure.runtime: {able[0]}")
+    takers = [m for m in registered() if m.makes in RUNTIMES[runtime].loads]
+    hints = "".join(f" ({m.unquantized_hint})" for m in takers if m.unquantized_hint)
+    raise ValueError(f"measure.runtime {runtime} runs {' and '.join(m.measured_form for m in takers)}: set "
+                     f"quantization.method: {' or '.join(m.name for m in takers)}{hints}")
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from quantlab.claims import article_claims, judge, gpu_weight_bytes, latest_gpu_weights, tolerance
 from quantlab.outputs import REPORT_MARKER, check_measurements_folder, md_text as md
-from quantlab.schema.quality import QualityResult, quality_cell
-from quantlab.schema.bench import GgufCpuDecode, GgufFullSize
+from quantlab.quality.show import quality_cell
+from quantlab.schema.quality import QualityResult
+from quantlab.schema.bench import GGUF_CPU_DECODE_NAME, GGUF_FULL_SIZE_NAME, GgufCpuDecode, GgufFullSize
 from quantlab.schema.record import Record
 from quantlab.store import UNREADABLE, load_records, read_model, replace_file, why
 
@@ -112,7 +113,7 @@ def _estimate_section(output_dir: str | Path) -> list[str]:
 def _gguf_full_size_section(output_dir: str | Path) -> list[str]:
     """scripts/gguf_full_size.py's table (llama.cpp's file sizes and allocation plan at full size), linked and
     summarised: its own file holds the whole grid."""
-    path = Path(output_dir) / "gguf-full-size.json"
+    path = Path(output_dir) / GGUF_FULL_SIZE_NAME
     if not _present(path):
         return []
     heading = "## Qwen3.6-27B GGUF at full size, llama.cpp's own numbers"
@@ -144,26 +145,25 @@ def gguf_cpu_decode_section(output_dir: str | Path) -> list[str]:
     here again, not taken from the file); otherwise why there is none."""
     from quantlab.residency import roofline_share
 
-    path = Path(output_dir) / "gguf-cpu-decode.json"
+    path = Path(output_dir) / GGUF_CPU_DECODE_NAME
     if not _present(path):
         return []
     heading = "## Qwen3.6-27B GGUF Q4_K_M decode on a CPU, against its bandwidth roofline"
-    checked, skipped = _side_file(path, GgufCpuDecode, heading)
-    if checked is None:
+    r, skipped = _side_file(path, GgufCpuDecode, heading)
+    if r is None:
         return skipped
-    r = checked.model_dump()
-    share, problems = roofline_share(r)
-    samples = r["samples_tokens_per_s"] or []
-    passes = (r["bandwidth_before_gb_s"] or []) + (r["bandwidth_after_gb_s"] or [])
+    share, problems = roofline_share(r.model_dump())  # quantlab.residency judges the dict the bench writes
+    samples = r.samples_tokens_per_s or []
+    passes = (r.bandwidth_before_gb_s or []) + (r.bandwidth_after_gb_s or [])
     lines = [heading, "",
-             f"*{md(r['label'])}; {md(r['cpu'])}, {r['threads']} threads; {md(r['llama_cpp'])}"
-             + (f", CPU code {md(r['cpu_code'])}" if r["cpu_code"] else "") + f"; {md(r['created_at'])}.* "
+             f"*{md(r.label)}; {md(r.cpu)}, {r.threads} threads; {md(r.llama_cpp)}"
+             + (f", CPU code {md(r.cpu_code)}" if r.cpu_code else "") + f"; {md(r.created_at)}.* "
              "From `make bench-gguf-cpu-decode` (scripts/bench_gguf_cpu_decode.py).", "",
-             f"- Decode: {r['decode_tokens_per_s']:.3f} ± {r['decode_stddev']:.3f} tok/s "
-             f"({len(samples)} samples); {r['bytes_read_per_token'] / 1e9:.2f} GB read per token.",
-             f"- Read bandwidth: {r['read_bandwidth_gb_s']:.1f} GB/s"
+             f"- Decode: {r.decode_tokens_per_s:.3f} ± {r.decode_stddev:.3f} tok/s "
+             f"({len(samples)} samples); {r.bytes_read_per_token / 1e9:.2f} GB read per token.",
+             f"- Read bandwidth: {r.read_bandwidth_gb_s:.1f} GB/s"
              + (f" ({min(passes):.1f}-{max(passes):.1f} in {len(passes)} passes), " if passes else ", ")
-             + (md(r["bandwidth_method"]) if r["bandwidth_method"] else "torch's sum over a separate 4 GiB buffer")
+             + (md(r.bandwidth_method) if r.bandwidth_method else "torch's sum over a separate 4 GiB buffer")
              + "."]
     if share is None:
         lines.append("- No roofline share: " + "; ".join(problems) + ".")
@@ -172,14 +172,14 @@ def gguf_cpu_decode_section(output_dir: str | Path) -> list[str]:
     return lines + [""]
 
 
-def _share_line(r: dict, share: float, samples: list[float]) -> str:
+def _share_line(r: GgufCpuDecode, share: float, samples: list[float]) -> str:
     from quantlab.residency import cv, drift
 
-    c, before, after = r["checks"], r["bandwidth_before_gb_s"], r["bandwidth_after_gb_s"]
-    return (f"- {share:.0%} of the roofline ({r['decode_tokens_per_s'] / share:.3f} tok/s): the model stayed in "
-            f"memory (of the pages the decode reads from the file, {c['mapped_resident_start']:.1%} were "
-            f"cached when the timing began and {c['mapped_resident_end']:.1%} when it ended; "
-            f"{c['decode_major_faults']} major page faults while timed), and the machine held still: the "
+    c, before, after = r.checks, r.bandwidth_before_gb_s, r.bandwidth_after_gb_s
+    return (f"- {share:.0%} of the roofline ({r.decode_tokens_per_s / share:.3f} tok/s): the model stayed in "
+            f"memory (of the pages the decode reads from the file, {c.mapped_resident_start:.1%} were "
+            f"cached when the timing began and {c.mapped_resident_end:.1%} when it ended; "
+            f"{c.decode_major_faults} major page faults while timed), and the machine held still: the "
             f"bandwidth passes vary by {cv(before + after):.1%} and the decode samples by {cv(samples):.1%} "
             f"(standard deviation ÷ mean), and the bandwidth before and after the decode is "
             f"{drift(before, after):.1%} apart.")
@@ -346,15 +346,17 @@ def _after_load(m, kind: str) -> int | None:
     return m.allocated_end_bytes if kind == "gpu" else m.rss_growth_bytes
 
 
-def nvml_cell(*phases) -> str:
+def nvml_cell(*phases, gb=None) -> str:
     """nvidia-smi's peak over the phases, labelled: this process's (CUDA context included), or the whole
-    device's (every process on it) where this process's own could not be told apart."""
+    device's (every process on it) where this process's own could not be told apart. `gb` formats the bytes
+    (the report's GB by default; scripts/gpu_check_all.py's summary gives its own)."""
+    gb = gb or _gb
     phases = [m for m in phases if m is not None]
     process = [m.nvml_process_used_peak_bytes for m in phases if m.nvml_process_used_peak_bytes is not None]
     if process:
-        return f"{_gb(max(process))} (process)"
+        return f"{gb(max(process))} (process)"
     device = [m.nvml_device_used_peak_bytes for m in phases if m.nvml_device_used_peak_bytes is not None]
-    return f"{_gb(max(device))} (device, all processes)" if device else "n/a"
+    return f"{gb(max(device))} (device, all processes)" if device else "n/a"
 
 
 def _peak(m, kind: str) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +28,8 @@ from quantlab.methods import method_for
 from quantlab.methods.base import Method, WrittenCheckpoint
 from quantlab.plan import RunPlan, make_plan
 from quantlab.plan_quality import describe_quality_plan
-from quantlab.schema.quality import QualityResult, quality_line
+from quantlab.quality.show import quality_line
+from quantlab.schema.quality import QualityResult
 from quantlab.assess.session import QualitySession
 from quantlab.recipe import BuildSpec, LoadedRecipe
 from quantlab.roofline import decode_roofline, gpu_spec
@@ -59,6 +60,7 @@ class Candidate:
     """What a run measures: the source it loads, what quantizes it once loaded, and what the records call it."""
 
     source: ModelSource
+    _: KW_ONLY  # the rest by name: a positional argument must not land in another field
     from_pretrained: dict[str, Any] = field(default_factory=dict)  # the method's extra from_pretrained arguments
     gguf: Path | None = None  # the GGUF file the llama.cpp runtime loads
     quantize: Callable[[torch.nn.Module], torch.nn.Module] | None = None
@@ -93,8 +95,8 @@ def run_recipe(
     qconfig = plan.recipe.quantization
     method = method_for(qconfig)
     if not method.writes_checkpoint:
-        candidate = Candidate(plan.source, method.load_kwargs(qconfig, plan.source),
-                              lambda model: method.apply(model, qconfig), notes=notes)
+        candidate = Candidate(plan.source, from_pretrained=method.load_kwargs(qconfig, plan.source),
+                              quantize=lambda model: method.apply(model, qconfig), notes=notes)
         return measure_candidate(plan, candidate, out, progress, echo, append)
     with tempfile.TemporaryDirectory(prefix=f"quantlab-{method.name}-") as tmp:
         echo(f"writing the {plan.method_label} checkpoint to a temporary folder ({tmp})")

@@ -25,7 +25,7 @@ def main() -> None:
     import transformers  # noqa: F401
 
     from quantlab.estimate.estimator import EstimateRequest, estimate
-    from quantlab.estimate.model import load_model
+    from quantlab.estimate.model import read_estimation_model
     from quantlab.estimate.schemes import parse_schemes
     from quantlab.estimate.claims import check_claims
 
@@ -40,7 +40,7 @@ def main() -> None:
     timings = []
     for run in range(args.repeats):
         start = time.perf_counter()
-        model = load_model("qwen3.6-27b")
+        model = read_estimation_model("qwen3.6-27b")
         loaded = time.perf_counter()
         result = estimate(model, request)
         done = time.perf_counter()
@@ -49,7 +49,7 @@ def main() -> None:
         print(f"run {run + 1} ({label}): {done - start:.3f} s  (config + meta instantiation {loaded - start:.3f} s, "
               f"estimate {done - loaded:.3f} s)")
     start = time.perf_counter()
-    claims = check_claims(model, load_model("qwen3.5-397b-a17b"), [])
+    claims = check_claims(model, read_estimation_model("qwen3.5-397b-a17b"), [])
     print(f"article claims incl. the 397B config (not in the target): {time.perf_counter() - start:.3f} s, {len(claims)} rows")
     best, worst = min(timings), max(timings)
     verdict = "meets" if worst < 2.0 else "misses"

@@ -186,34 +186,8 @@ def _environment(log: Log, env: dict[str, str]) -> None:
 
 # ---- flash-linear-attention: checked against transformers' own torch reference before it is trusted ------
 
-_FLA_CHECK = r"""
-import inspect, torch
-from transformers.models.qwen3_5 import modeling_qwen3_5 as m
-from quantlab.kernels import _implementation_name, resolved_pair as parts
-
-def call(fn, **kw):
-    params = inspect.signature(fn).parameters
-    return fn(**{k: v for k, v in kw.items() if k in params})
-
-torch.manual_seed(0)
-dev, B, T, H, DK, DV = "cuda", 1, 300, 4, 128, 128
-q, k = (torch.randn(B, T, H, DK, device=dev, dtype=torch.bfloat16) for _ in range(2))
-v = torch.randn(B, T, H, DV, device=dev, dtype=torch.bfloat16)
-g = -torch.rand(B, T, H, device=dev, dtype=torch.float32)
-beta = torch.rand(B, T, H, device=dev, dtype=torch.bfloat16).sigmoid()
-for name, length in (("torch_chunk_gated_delta_rule", T), ("torch_recurrent_gated_delta_rule", 1)):
-    impl, ref = parts(getattr(m, name))
-    print(f"{name}: {_implementation_name(getattr(m, name), dev)}")
-    kw = dict(query=q[:, :length], key=k[:, :length], value=v[:, :length], g=g[:, :length], beta=beta[:, :length],
-              initial_state=None, output_final_state=True, use_qk_l2norm_in_kernel=True)
-    out, state = call(impl, **kw)
-    want, want_state = call(ref, **kw)
-    err = ((out.float() - want.float()).norm() / want.float().norm()).item()
-    serr = ((state.float() - want_state.float()).norm() / want_state.float().norm()).item()
-    print(f"  relative error vs transformers' torch reference: output {err:.2e}, final state {serr:.2e}")
-    assert err < 5e-2 and serr < 5e-2, f"{name}: fla disagrees with the torch reference"
-print("fla preflight ok")
-"""
+_FLA_CHECK = ("from quantlab.kernels import check_deltanet_against_reference\n"
+              "check_deltanet_against_reference('cuda')\n")  # a process of its own: CUDA and fla stay out of this one
 
 
 @dataclass(frozen=True)
@@ -379,12 +353,10 @@ def _summary_row(r) -> str:
 
 
 def _nvml(res) -> str:
-    mems = [res.prefill_memory, res.decode_memory]
-    process = [m.nvml_process_used_peak_bytes for m in mems if m.nvml_process_used_peak_bytes is not None]
-    if process:
-        return f"{_gb(max(process))} (process)"
-    device = [m.nvml_device_used_peak_bytes for m in mems if m.nvml_device_used_peak_bytes is not None]
-    return f"{_gb(max(device))} (device, all processes)" if device else "n/a"
+    """nvidia-smi's peak, labelled as the report labels it (process or device), in this summary's GB."""
+    from quantlab.report import nvml_cell
+
+    return nvml_cell(res.prefill_memory, res.decode_memory, gb=_gb)
 
 
 def _gb(value: int | None) -> str:

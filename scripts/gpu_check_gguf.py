@@ -202,14 +202,12 @@ def _rehearsal_model(work: Path) -> Path:
 
 
 def _fit_print(bin_dir: Path, env, model: Path, context: int, layers: int) -> dict[str, list[int]]:
+    """llama.cpp's planned buffers per device: model, context, compute (MiB)."""
+    from quantlab.llamacpp.full_size import fit_print_rows
+
     out = _run([str(bin_dir / "llama-fit-params"), "-m", str(model), "-c", str(context), "-ngl", str(layers),
                 "-nr", "--fit-print", "on"], env, 120)
-    rows = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 4 and all(x.isdigit() for x in parts[1:]):
-            rows[parts[0]] = [int(x) for x in parts[1:]]  # model, context, compute (MiB)
-    return rows
+    return fit_print_rows(out)
 
 
 def _bench(bin_dir: Path, env, model: Path, depth: int, layers: int, timeout: float) -> tuple[list, int | None]:

@@ -203,11 +203,14 @@ def test_every_registered_method_answers_every_hook():
     from quantlab.recipe import Recipe
 
     hooks = [name for name, value in vars(Method).items() if callable(value) and not name.startswith("_")]
-    assert {"label", "check", "check_source", "skip_rules", "load_kwargs", "apply", "write_checkpoint",
-            "from_checkpoint", "estimator_scheme", "card_rows", "card_tags", "serving_lines"} <= set(hooks)
+    assert {"label", "check", "check_model", "check_source", "skip_rules", "load_kwargs", "apply", "write_checkpoint",
+            "from_checkpoint", "estimator_scheme", "scheme_config", "as_loaded", "card_rows", "card_tags",
+            "serving_lines"} <= set(hooks)
+    from quantlab.runtimes import RUNTIMES
+
     for name, method in METHODS.items():
         assert method.config in CONFIG_CLASSES
-        runtime = "llama.cpp" if name == "gguf" else "transformers"  # the recipe ties gguf to llama.cpp
+        runtime = next(r for r, entry in RUNTIMES.items() if method.makes in entry.loads)  # gguf: llama.cpp
         qconfig = Recipe.model_validate({"name": "x", "model": {"source": "bundled"}, "measure": {"runtime": runtime},
                                          "quantization": {"method": name}}).quantization
         assert isinstance(qconfig, method.config)
@@ -217,6 +220,41 @@ def test_every_registered_method_answers_every_hook():
         assert isinstance(method.serving_lines(False, "me/x"), list)
         if method.builds:
             assert method.card is not None and (method.card.skip_key or method.artifact_file)
+
+
+def test_a_scheme_and_the_config_it_stands_for_agree():
+    """The multi-GPU map asks each method for the config an estimator scheme stands for: that config must map back
+    to the same scheme, and every scheme of a registered method's name must have one."""
+    from quantlab.estimate.schemes import scheme_table
+    from quantlab.methods import METHODS
+
+    found = 0
+    for key, scheme in scheme_table()[0].items():
+        method = METHODS.get(scheme.method)
+        qconfig = method.scheme_config(key) if method else None
+        if qconfig is not None:
+            found += 1
+            assert method.estimator_scheme(qconfig.model_dump(), "bfloat16") == key
+        elif method is not None and method.name != "none":
+            raise AssertionError(f"{key}: method {method.name} gives no config for it")
+    assert found >= 7  # int8, nf4, fp4, nf4-dq, awq-g32/64/128
+
+
+def test_every_registered_runtime_implements_the_interface():
+    """A runtime is one module on runtimes/base.py's interface plus one registry line: the class is a Runtime with
+    no hook left abstract, and it loads what some method makes."""
+    import importlib
+    import inspect
+
+    from quantlab.methods import METHODS
+    from quantlab.runtimes import RUNTIMES
+    from quantlab.runtimes.base import Runtime
+
+    made = {m.makes for m in METHODS.values()}
+    for name, entry in RUNTIMES.items():
+        cls = getattr(importlib.import_module(entry.module), entry.cls)
+        assert issubclass(cls, Runtime) and not inspect.isabstract(cls), name
+        assert cls.name == name and set(entry.loads) <= made, name
 
 
 def _without_extras(argv: list[str]) -> subprocess.CompletedProcess:

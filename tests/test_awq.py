@@ -326,7 +326,7 @@ def bundled_awq_down_kept(tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
     job = _quick_job(out, skip_classes=["mlp.down"])
     with _one_thread():
         outcome = ENGINES["quantlab"].quantize(job)
-    _finish(out, job.config, BUNDLED, job.qconfig)
+    _finish(out, job.config, BUNDLED, AwqConfig(method="awq", calibration=SMALL_CALIBRATION, skip_classes=["mlp.down"]))
     return out, outcome.quantized
 
 
@@ -436,10 +436,10 @@ def test_build_folder_records_the_cost_and_the_card(tmp_path):
     assert record.produced_by.startswith("CPU") and "real weights" in record.produced_by
     # the estimator's awq-g128 scheme predicts the tensor bytes, and the card says so
     from quantlab.estimate.estimator import weights_for
-    from quantlab.estimate.model import load_model as load_estimation_model
+    from quantlab.estimate.model import read_estimation_model
     from quantlab.estimate.schemes import get_scheme
 
-    estimated = weights_for(load_estimation_model(str(result.folder)), get_scheme("awq-g128")).bytes(include_mtp=False)
+    estimated = weights_for(read_estimation_model(str(result.folder)), get_scheme("awq-g128")).bytes(include_mtp=False)
     assert abs(estimated / sum(t.nbytes for t in folder_tensors(result.folder).values()) - 1) < 0.005
     assert "quantlab's estimate for this method is" in card
 

@@ -25,7 +25,7 @@ from quantlab.artifact.writer import build_recipe
 from quantlab.cli import main
 from quantlab.errors import QuantlabError
 from quantlab.estimate.estimator import weights_for
-from quantlab.estimate.model import load_model as load_estimation_model
+from quantlab.estimate.model import read_estimation_model
 from quantlab.estimate.schemes import get_scheme
 from quantlab.plan import make_plan
 from quantlab.recipe import load_recipe
@@ -127,7 +127,7 @@ def test_plain_transformers_reload_reproduces_the_recorded_tokens(built):
 
 def test_weight_bytes_match_the_estimator(built):
     key, result, _ = built
-    estimated = weights_for(load_estimation_model(str(result.folder)), get_scheme(key)).bytes()
+    estimated = weights_for(read_estimation_model(str(result.folder)), get_scheme(key)).bytes()
     assert abs(estimated / payload_bytes(result.folder) - 1) < 0.005
     assert f"({estimated / result.disk_bytes - 1:+.2%} vs the files)" in (result.folder / "README.md").read_text()
 
@@ -215,7 +215,7 @@ def test_full_variant_keeps_vision_and_copies_mtp(workdir, vl_source):
     assert "| vision | `model.visual.merger.linear_fc1.weight` | 1 | 65,536 | BF16 |" in card
     assert "15 `mtp.*` tensors" in card and "Not measured." in card
     # the estimator counts vision and MTP too
-    est = load_estimation_model(str(folder))
+    est = read_estimation_model(str(folder))
     estimated = weights_for(est, get_scheme("nf4")).bytes(include_vision=True, include_mtp=True)
     assert abs(estimated / payload_bytes(folder) - 1) < 0.005
     # plain transformers, the VL class, ignores mtp.* and reproduces the tokens

@@ -19,7 +19,7 @@ from quantlab.estimate.against_records import check_records
 from quantlab.estimate.claims import active_parameters, check_claims
 from quantlab.estimate.estimator import EstimateRequest, estimate, weights_for
 from quantlab.estimate.gguf_mix import tensor_types, mix_context
-from quantlab.estimate.model import load_model
+from quantlab.estimate.model import read_estimation_model
 from quantlab.estimate.runtime import (
     RuntimeAssumptions,
     deltanet_state_bytes,
@@ -38,12 +38,12 @@ TEXT_PARAMETERS = 26_895_998_464
 
 @pytest.fixture(scope="module")
 def qwen():
-    return load_model("qwen3.6-27b")
+    return read_estimation_model("qwen3.6-27b")
 
 
 @pytest.fixture(scope="module")
 def moe():
-    return load_model("qwen3.5-397b-a17b")
+    return read_estimation_model("qwen3.5-397b-a17b")
 
 
 # ---- weights from a config alone ----------------------------------------------------------------
@@ -281,7 +281,7 @@ def safetensors_tensor_bytes(folder: Path) -> int:
 @pytest.mark.parametrize("source", [_tiny_model, _bundled_model], ids=["tiny", "bundled"])
 def test_saved_checkpoint_bytes_equal_the_estimate(tmp_path, scheme, source):
     SAVERS[scheme](source(), tmp_path)
-    model = load_model(str(tmp_path))
+    model = read_estimation_model(str(tmp_path))
     weights = weights_for(model, get_scheme(scheme))
     # save_pretrained never writes mtp.* (transformers does not instantiate it)
     estimated = weights.bytes(include_vision=model.has_vision, include_mtp=False)
@@ -298,9 +298,9 @@ def _write_config(folder: Path, config: dict) -> Path:
 
 def test_unknown_architecture(tmp_path):
     with pytest.raises(QuantlabError, match="unknown architecture for the estimator: LlamaForCausalLM"):
-        load_model(str(_write_config(tmp_path / "llama", {"model_type": "llama", "hidden_size": 64})))
+        read_estimation_model(str(_write_config(tmp_path / "llama", {"model_type": "llama", "hidden_size": 64})))
     with pytest.raises(QuantlabError, match="unknown architecture"):
-        load_model(str(_write_config(tmp_path / "nope", {"model_type": "no_such_arch"})))
+        read_estimation_model(str(_write_config(tmp_path / "nope", {"model_type": "no_such_arch"})))
 
 
 def test_config_missing_fields(tmp_path):
@@ -308,7 +308,7 @@ def test_config_missing_fields(tmp_path):
     for field in ("hidden_size", "linear_num_value_heads"):
         del text[field]
     with pytest.raises(QuantlabError, match="lacks fields the estimator needs: hidden_size, linear_num_value_heads"):
-        load_model(str(_write_config(tmp_path / "partial", text)))
+        read_estimation_model(str(_write_config(tmp_path / "partial", text)))
 
 
 @pytest.mark.parametrize("context", [0, -5, 1_048_577])
@@ -404,7 +404,7 @@ def test_prefill_activation_model_against_the_torch_profiler(tmp_path):
         linear_num_value_heads=8, linear_num_key_heads=4, linear_key_head_dim=128, linear_value_head_dim=128,
     ))
     config.save_pretrained(tmp_path)
-    model = load_model(str(tmp_path))
+    model = read_estimation_model(str(tmp_path))
     point = memory_at(weights_for(model, get_scheme("bf16")), 0, model.shape, 1024, 1, RuntimeAssumptions())
     measured = _profiled_prefill_peak(config, 1024)
     assert abs(point.allocated / measured - 1) < 0.05
@@ -482,7 +482,7 @@ def test_a_qwen3_dense_config_is_estimated_every_layer_full_attention(tmp_path):
                          num_key_value_heads=2, head_dim=64, vocab_size=1024, tie_word_embeddings=False,
                          architectures=["Qwen3ForCausalLM"])
     config.save_pretrained(tmp_path)
-    model = load_model(str(tmp_path))
+    model = read_estimation_model(str(tmp_path))
     assert model.shape.deltanet_layers == 0 and model.shape.full_attention_layers == 4
     assert not model.shape.attention_gate  # Qwen3 has no output gate: q_proj is heads × head_dim wide
     assert weights_for(model, get_scheme("bf16")).parameters() == _meta_parameters(config)
@@ -496,7 +496,7 @@ def test_a_qwen3_5_text_config_with_every_layer_full_attention(tmp_path):
     text.update(dict(layer_types=["full_attention"] * 4))
     text.architectures = ["Qwen3_5ForCausalLM"]
     text.save_pretrained(tmp_path)
-    model = load_model(str(tmp_path))
+    model = read_estimation_model(str(tmp_path))
     assert model.shape.deltanet_layers == 0 and model.shape.full_attention_layers == 4
     assert model.shape.attention_gate
     assert weights_for(model, get_scheme("bf16")).parameters() == _meta_parameters(text)
@@ -509,4 +509,4 @@ def test_a_qwen3_moe_config_is_refused_clearly(tmp_path):
                    vocab_size=512, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                    architectures=["Qwen3MoeForCausalLM"]).save_pretrained(tmp_path)
     with pytest.raises(QuantlabError, match="unknown architecture for the estimator: Qwen3MoeForCausalLM"):
-        load_model(str(tmp_path))
+        read_estimation_model(str(tmp_path))

@@ -14,7 +14,7 @@ import pytest
 from quantlab.cli import main
 from quantlab.errors import QuantlabError
 from quantlab.estimate.estimator import weights_for
-from quantlab.estimate.model import load_model
+from quantlab.estimate.model import read_estimation_model
 from quantlab.estimate.multi_gpu import (
     accelerate_estimate, multi_gpu_estimates, note_fewer_gpus_fit_more, parse_gpu_sets,
 )
@@ -28,7 +28,7 @@ DATA = REPO / "quantlab" / "data"
 
 @pytest.fixture(scope="module")
 def qwen27b():
-    return load_model("qwen3.6-27b")
+    return read_estimation_model("qwen3.6-27b")
 
 
 def one_error(capsys) -> str:
@@ -118,7 +118,7 @@ MOE, DENSE = "qwen3.5-397b-a17b", "qwen3.6-27b"
 def test_configs_with_absurd_or_inconsistent_sizes_are_refused(tmp_path, capsys, base, part, edit, message):
     path = _config(tmp_path, base, edit, part)
     with pytest.raises(QuantlabError, match=message):
-        load_model(path)
+        read_estimation_model(path)
     assert main(["estimate", "--model", path, "--methods", "bf16", "--contexts", "4096", "--no-write"]) == 2
     assert "the config cannot be estimated" in one_error(capsys)
 
@@ -128,7 +128,7 @@ def test_a_config_of_more_than_100_trillion_parameters_is_refused(tmp_path):
     path = _config(tmp_path, MOE, {"num_hidden_layers": 256, "layer_types": layer_types, "num_experts": 16384,
                                    "moe_intermediate_size": 65536, "hidden_size": 16384})
     with pytest.raises(QuantlabError, match=r"describes .* parameters; quantlab estimates models of at most"):
-        load_model(path)
+        read_estimation_model(path)
 
 
 # ---- numeric options: finite, in range, one line ---------------------------------------------------------
@@ -157,7 +157,7 @@ def test_a_config_of_more_than_100_trillion_parameters_is_refused(tmp_path):
 def test_numeric_options_out_of_range_are_one_line(capsys, monkeypatch, argv, message):
     import quantlab.estimate.command as command
 
-    monkeypatch.setattr(command, "load_model", lambda *_: pytest.fail("refused before the model is read"))
+    monkeypatch.setattr(command, "read_estimation_model", lambda *_: pytest.fail("refused before the model is read"))
     assert main(["estimate", "--no-write", "--methods", "bf16", *argv]) == 2
     assert message in one_error(capsys)
 

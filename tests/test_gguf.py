@@ -711,6 +711,32 @@ def test_parse_buffers_reads_llama_cpps_log_lines():
                                                    "CUDA0 model": round(1024.5 * mib), "CUDA1 model": 512 * mib}
 
 
+def test_fit_print_rows_reads_llama_fit_params_memory_lines():
+    """One reader of `llama-fit-params --fit-print` for quantlab/llamacpp/full_size.py and scripts/gpu_check_gguf.py."""
+    from quantlab.llamacpp.full_size import fit_print_rows
+
+    out = "\n".join([
+        "0.00.018.688 I llama_fit_params: printing estimated memory in MiB to stdout (device, model, context, compute) ...",
+        "CUDA0 15234 1234 567",
+        "Host 7 0 5",
+        "Host 7 0",  # three columns: not a memory line
+        "CUDA1 1 2 x",
+    ])
+    assert fit_print_rows(out) == {"CUDA0": [15234, 1234, 567], "Host": [7, 0, 5]}
+    assert fit_print_rows("no memory lines here") == {}
+
+
+@needs_llama
+def test_fit_print_gives_llama_cpps_planned_buffers_in_bytes(ggufs, tools):
+    from quantlab.llamacpp.full_size import FIT_PRINT_BUFFERS, fit_print, planned_allocation
+
+    plan = fit_print(tools, ggufs["BF16"], 512, "f16", 1)
+    assert set(plan["Host"]) == set(FIT_PRINT_BUFFERS) and all(v % 2**20 == 0 for v in plan["Host"].values())
+    assert plan["Host"]["model_bytes"] > 0
+    a = planned_allocation(tools, ggufs["BF16"], "BF16", 512, "f16", 1)
+    assert a.total == sum(plan["Host"].values()) and a.model_bytes == plan["Host"]["model_bytes"]
+
+
 # ---- the whole path: quantlab run on a gguf recipe ---------------------------------------------------------------
 
 @needs_llama

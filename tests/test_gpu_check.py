@@ -279,3 +279,30 @@ def test_gpu_check_refuses_to_run_without_a_gpu(check, monkeypatch, capsys):
     monkeypatch.delenv("OUT", raising=False)
     assert check.main([]) == 2
     assert "make gpu-rehearse" in capsys.readouterr().out
+
+
+def test_fla_preflight_runs_the_librarys_public_check(check):
+    """The preflight's subprocess calls quantlab.kernels' public check, nothing private; on this CPU (no fla) the
+    check compares transformers' torch reference with itself, and says so."""
+    from quantlab.kernels import check_deltanet_against_reference
+
+    assert "check_deltanet_against_reference('cuda')" in check._FLA_CHECK
+    assert " _" not in check._FLA_CHECK and "import _" not in check._FLA_CHECK
+    lines: list[str] = []
+    check_deltanet_against_reference("cpu", echo=lines.append)
+    assert lines[0].startswith("torch_chunk_gated_delta_rule: torch fallback")
+    assert lines[1] == "  relative error vs transformers' torch reference: output 0.00e+00, final state 0.00e+00"
+    assert lines[2].startswith("torch_recurrent_gated_delta_rule: ") and lines[-1] == "fla preflight ok"
+    with pytest.raises(AssertionError, match="fla disagrees with the torch reference"):
+        check_deltanet_against_reference("cpu", tolerance=0.0, echo=quiet)
+
+
+def test_summary_labels_nvidia_smi_as_the_report_does_in_its_own_gb(check):
+    phase = lambda process, device: types.SimpleNamespace(  # noqa: E731
+        nvml_process_used_peak_bytes=process, nvml_device_used_peak_bytes=device)
+    res = types.SimpleNamespace(prefill_memory=phase(None, 3_000_000_000), decode_memory=phase(512_000_000, None))
+    assert check._nvml(res) == "0.51 (process)"  # the report would write 0.512: the summary keeps two decimals
+    res = types.SimpleNamespace(prefill_memory=phase(None, 3_000_000_000), decode_memory=phase(None, 2_000_000_000))
+    assert check._nvml(res) == "3.00 (device, all processes)"
+    unread = types.SimpleNamespace(prefill_memory=phase(None, None), decode_memory=phase(None, None))
+    assert check._nvml(unread) == "n/a"

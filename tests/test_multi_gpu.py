@@ -15,7 +15,7 @@ from conftest import forbid_weight_loads
 from quantlab.device_map import DeviceSplit, device_of, plan_split
 from quantlab.errors import QuantlabError
 from quantlab.estimate.estimator import weights_for
-from quantlab.estimate.model import load_model as load_estimation_model
+from quantlab.estimate.model import read_estimation_model
 from quantlab.estimate.multi_gpu import accelerate_shares, longest_context, parse_gpu_sets, share_memory
 from quantlab.estimate.runtime import max_context, runtime_profile
 from quantlab.estimate.schemes import get_scheme
@@ -279,7 +279,7 @@ def test_a_split_run_records_every_gpu(write_recipe, tiny_config_dir):
 
 @pytest.fixture(scope="module")
 def estimation_27b():
-    return load_estimation_model("qwen3.6-27b")
+    return read_estimation_model("qwen3.6-27b")
 
 
 @pytest.mark.parametrize("text, message", [("2x", "not COUNTxSIZE"), ("x24", "not COUNTxSIZE"), ("2x-24", "not COUNTxSIZE"),

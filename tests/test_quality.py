@@ -25,7 +25,7 @@ from quantlab.errors import QuantlabError, RecipeError
 from quantlab.plan import make_plan
 from quantlab.quality import QualityResult, quality_card_lines
 from quantlab.quality.metrics import sliding_windows
-from quantlab.schema.quality import quality_cell, quality_table
+from quantlab.quality.show import quality_cell, quality_table
 from quantlab.assess.session import QualitySession
 from quantlab.text.heldout import load_heldout
 from quantlab.methods.rtn import RtnConfig, RtnMethod

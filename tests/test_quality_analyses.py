@@ -203,7 +203,7 @@ def test_sensitivity_puts_a_destroyed_class_first(tmp_path, base):
     """A quantizer that shuffles mlp.down's weights at the recipe's bits (and rounds everything else as RTN does):
     that class must come first, with a large KL, and be the first raised to int8."""
     from quantlab.methods.rtn import RtnMethod
-    from quantlab.assess.sensitivity import measure_effects, suggest
+    from quantlab.assess.sensitivity_rtn import measure_effects, suggest
 
     def destructive(model, config):
         if config.only == ["mlp.down"] and not config.overrides:
@@ -239,8 +239,15 @@ def test_sensitivity_refuses_bad_options_before_any_work(tmp_path, capsys, extra
     assert message in capsys.readouterr().err and not (tmp_path / "mixed.yaml").exists()
 
 
+def test_sensitivity_sweeps_exactly_the_methods_that_declare_a_sensitivity_option():
+    from quantlab.assess.sensitivity import SWEEPS
+    from quantlab.methods.base import registered
+
+    assert {m.name for m in registered() if m.sensitivity_option} == set(SWEEPS)
+
+
 def test_choose_raises_classes_by_kl_removed_per_byte_within_the_budget():
-    from quantlab.assess.sensitivity import ClassEffect, choose
+    from quantlab.assess.sensitivity_select import ClassEffect, choose
 
     effects = [ClassEffect("a", 100, 0.010, None, 100, levels={"Q5_K": 0.004, "Q8_0": 0.001}),
                ClassEffect("b", 100, 0.002, None, 100, levels={"Q5_K": 0.001, "Q8_0": 0.0005}),
@@ -361,7 +368,7 @@ def test_candidates_are_built_scored_and_released_as_memory_allows(mode, candida
     """A 27B's candidates do not fit together: with a stored reference each is released before the next is made;
     in paired mode as many as fit in half the free memory (4 MB here: two of 1 MB each) share a reference pass."""
     from quantlab import fingerprint
-    from quantlab.assess.sensitivity import evaluate_built
+    from quantlab.assess.sensitivity_sweep import evaluate_built
 
     monkeypatch.setattr(fingerprint, "available_host_ram", lambda: 4 * 10**6 + 1)
     alive, peak, passes = set(), [], []

@@ -179,3 +179,31 @@ def test_the_terminal_line_says_batch_throughput_is_over_all_sequences(cpu_recor
             update={"median": res.decode_tokens_per_s.median / 4})})})
     line = describe_point(batch4)
     assert f"{res.decode_tokens_per_s.median:,.1f} tok/s over 4 sequences ({res.decode_tokens_per_s.median / 4:,.1f} per sequence)" in line
+
+
+# ---- the bench results the report reads beside the records: each through its schema class ----------------------
+
+def test_bench_results_read_through_frozen_schema_classes_and_gguf_full_size_writes_through_its_own():
+    """scripts/gguf_full_size.py writes gguf-full-size.json as GgufFullSize.json_text(): the stored file is that text
+    again, key for key; both side files read into classes that keep unknown keys and cannot be changed."""
+    import json
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from quantlab.schema.bench import GGUF_CPU_DECODE_NAME, GGUF_FULL_SIZE_NAME, GgufCpuDecode, GgufFullSize
+    from quantlab.store import read_model
+
+    measurements = Path(__file__).resolve().parents[1] / "measurements"
+    stored = measurements / GGUF_FULL_SIZE_NAME
+    if not stored.is_file():
+        pytest.skip("measurements/gguf-full-size.json not here: run make gguf-full-size")
+    full = read_model(stored, GgufFullSize)
+    assert full.json_text() == stored.read_text(encoding="utf-8")
+    assert full.sizes[0].dry_run_bytes and full.allocations[0].model_bytes and full.token_embd_bytes_q4_k_m
+    added = GgufFullSize.model_validate({**json.loads(stored.read_text(encoding="utf-8")), "new_field": [1]})
+    assert json.loads(added.json_text())["new_field"] == [1]  # a key a newer bench adds is kept, not refused
+    decode = read_model(measurements / GGUF_CPU_DECODE_NAME, GgufCpuDecode)
+    for model, field in ((full, "label"), (full.sizes[0], "tensor_bytes"), (decode, "decode_tokens_per_s")):
+        with pytest.raises(ValidationError, match="frozen"):
+            setattr(model, field, getattr(model, field))

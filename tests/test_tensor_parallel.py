@@ -10,7 +10,7 @@ import pytest
 from quantlab.errors import QuantlabError
 from quantlab.estimate.estimator import weights_for
 from quantlab.estimate.inventory import ModelInventory
-from quantlab.estimate.model import load_model
+from quantlab.estimate.model import read_estimation_model
 from quantlab.estimate.runtime import RuntimeAssumptions
 from quantlab.estimate.schemes import get_scheme
 from quantlab.estimate.tensor_parallel import (
@@ -26,12 +26,12 @@ F32_STATE = RuntimeAssumptions(kv_dtype="bf16", state_dtype="float32")
 
 @pytest.fixture(scope="module")
 def dense():
-    return load_model("qwen3.6-27b")
+    return read_estimation_model("qwen3.6-27b")
 
 
 @pytest.fixture(scope="module")
 def moe():
-    return load_model("qwen3.5-397b-a17b")
+    return read_estimation_model("qwen3.5-397b-a17b")
 
 
 # --- Qwen3.6-27B: hidden 5120, 64 layers (16 full attention, 48 DeltaNet), 24 Q / 4 KV heads of 256 with an

@@ -231,7 +231,7 @@ def card(m: dict, header, records, name: str) -> str:
         lines += ["## Measured at build time", "", *[f"- {describe_point(r)}" for r in records], ""]
         q = records[0].quality
         if q is not None:
-            from quantlab.schema.quality import quality_card_lines
+            from quantlab.quality.show import quality_card_lines
 
             lines += quality_card_lines(q)
     return "\n".join(lines) + "\n"

@@ -266,7 +266,7 @@ def _manifest(plan: RunPlan, target: Path, made: _Quantized, mtp: dict | None, g
 def _estimate(folder: Path, manifest: BuildManifest, disk: int) -> tuple[int, str] | None:
     """quantlab's estimate of this build's tensor bytes, and the delta to the files."""
     from quantlab.estimate.estimator import weights_for
-    from quantlab.estimate.model import load_model as load_estimation_model
+    from quantlab.estimate.model import read_estimation_model
     from quantlab.estimate.schemes import get_scheme
 
     key = METHODS[manifest.method.name].estimator_scheme(manifest.method.params, manifest.base.dtype)
@@ -274,7 +274,7 @@ def _estimate(folder: Path, manifest: BuildManifest, disk: int) -> tuple[int, st
         return None
     try:
         scheme = get_scheme(key)
-        model = load_estimation_model(str(folder))
+        model = read_estimation_model(str(folder))
     except QuantlabError:
         return None
     estimated = weights_for(model, scheme, manifest.base.dtype).bytes(

@@ -24,7 +24,7 @@ def add_quality_parser(sub) -> None:
 
 def cmd_quality(args: argparse.Namespace) -> int:
     from quantlab.console import silence_progress_bars
-    from quantlab.schema.quality import quality_table
+    from quantlab.quality.show import quality_table
 
     if args.json:
         check_json_target(Path(args.json))  # before the passes, not after them
@@ -61,10 +61,13 @@ def check_json_target(path: Path) -> None:
 def run_quality(recipe_path: str | Path, output_dir: str | Path | None = None, progress: bool = True, echo=print):
     from quantlab.plan import make_plan
     from quantlab.assess.session import QualitySession
+    from quantlab.methods import method_for
     from quantlab.recipe import QualitySpec, load_recipe
+    from quantlab.runtimes import RUNTIMES
 
     loaded = load_recipe(recipe_path)
-    if loaded.recipe.quantization.method == "gguf":  # before any work: the passes below load through transformers
+    made = method_for(loaded.recipe.quantization).makes
+    if made not in RUNTIMES["transformers"].loads:  # before any work: the passes below load through transformers
         raise QuantlabError(f"{recipe_path}: `quantlab quality` scores a model quantized in memory, and a GGUF is a "
                             "file llama.cpp's tools write; give the recipe a quality section and run `quantlab run` "
                             "on it (or `quantlab build`): the GGUF's quality is measured through llama.cpp there")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from quantlab.errors import QuantlabError
-from quantlab.estimate.model import EstimationModel, load_model
+from quantlab.estimate.model import EstimationModel, read_estimation_model
 from quantlab.estimate.overheads import contradiction
 from quantlab.estimate.runtime import RuntimeAssumptions, memory_at
 from quantlab.methods import method_named
@@ -93,7 +93,7 @@ def check_records(records: list[Record], rt: RuntimeAssumptions) -> tuple[list[M
 def _cached_model(models: dict[str, EstimationModel | None], name: str, notes: list[str]) -> EstimationModel | None:
     if name not in models:
         try:
-            models[name] = load_model(name)
+            models[name] = read_estimation_model(name)
         except QuantlabError as exc:  # the message names the config already, or is given its name
             notes.append(str(exc) if str(exc).startswith(name) else f"{name}: {exc}")
             models[name] = None

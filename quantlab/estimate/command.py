@@ -17,7 +17,7 @@ from quantlab.estimate.claims import check_claims
 from quantlab.estimate import DEFAULT_CONTEXTS, DEFAULT_METHODS, ESTIMATES_NAME, PLOT_NAME
 from quantlab.estimate.config_check import excerpt_number
 from quantlab.estimate.estimator import EstimateRequest, EstimateResult, estimate
-from quantlab.estimate.model import EstimationModel, load_model
+from quantlab.estimate.model import EstimationModel, read_estimation_model
 from quantlab.estimate.multi_gpu import check_gpu_gib, parse_gpu_sets
 from quantlab.estimate.runtime import MAX_BATCH, runtime_profile
 from quantlab.estimate.schemes import parse_schemes
@@ -78,7 +78,7 @@ def run_estimate(options: EstimateOptions) -> EstimateResult:
     """The whole estimate, with the claims (for Qwen3.6-27B) and checks against GPU records."""
     numbers = parse_numeric_options(options)
     records, _ = load_records(options.output) if options.output else ([], [])
-    model = load_model(options.model)
+    model = read_estimation_model(options.model)
     # The DeltaNet state dtype: the option, else the config's mamba_ssm_dtype, else the profile's (float32).
     rt = runtime_profile(options.runtime, kv_dtype=options.kv_dtype, state_dtype=options.state_dtype or model.shape.ssm_dtype,
                          prefill_chunk=options.prefill_chunk)
@@ -126,7 +126,7 @@ def _claims(model: EstimationModel, records: list) -> list:
     dense = KNOWN_MODELS[claims_data()["model"]]
     if model.name != dense.display_name or not installed("gguf"):
         return []  # the article's table is GGUF files: its claims need the GGUF schemes
-    return check_claims(model, load_model(claims_data()["moe_model"]), records)
+    return check_claims(model, read_estimation_model(claims_data()["moe_model"]), records)
 
 
 MAX_LISTED = 32  # values in one list option: each is a column of the table

@@ -37,7 +37,7 @@ class EstimationModel:
         return any(g.role == "vision" for g in self.inventory.groups)
 
 
-def load_model(model: str) -> EstimationModel:
+def read_estimation_model(model: str) -> EstimationModel:
     spec = model_spec(model)
     try:
         resolved = resolve(spec)

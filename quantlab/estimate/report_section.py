@@ -6,7 +6,7 @@ from pathlib import Path
 
 from quantlab.estimate import ESTIMATES_NAME, PLOT_NAME
 from quantlab.outputs import md_text
-from quantlab.schema.bench import FITS_PAIR, GgufFullSize
+from quantlab.schema.bench import FITS_PAIR, GGUF_FULL_SIZE_NAME, GgufFullSize
 from quantlab.schema.estimate import EstimateResult
 from quantlab.store import UNREADABLE, read_model, why
 from quantlab.estimate.render import (
@@ -41,9 +41,10 @@ def _escaped(result: EstimateResult) -> EstimateResult:
 
 
 def llama_plan_cells(output_dir: str | Path) -> dict[str, str]:
-    """Claim id → llama.cpp's own numbers from gguf-full-size.json (scripts/gguf_full_size.py), when it is there."""
+    """Claim id → llama.cpp's own numbers from gguf-full-size.json (scripts/gguf_full_size.py writes it through
+    GgufFullSize), when it is there."""
     try:  # the report's own gguf-full-size section says what is wrong with the file
-        data = read_model(Path(output_dir) / "gguf-full-size.json", GgufFullSize)
+        data = read_model(Path(output_dir) / GGUF_FULL_SIZE_NAME, GgufFullSize)
     except UNREADABLE:
         return {}
     fits = data.fits_24gib

@@ -7,22 +7,30 @@ answer to "how big is the file, and what does it allocate at this context".
 3. `llama-quantize --dry-run` says, per tensor, which type llama.cpp would write, and the exact output size.
 4. A sparse GGUF of that type is written with llama.cpp's gguf-py: the BF16 header's metadata, each tensor with the
    type llama-quantize chose; its data size is checked against the dry run's total, byte for byte.
-5. `llama-fit-params --fit-print` (no_alloc: nothing is allocated) gives llama.cpp's buffers for a context.
+5. `llama-fit-params --fit-print` (no_alloc: nothing is allocated) gives llama.cpp's buffers for a context, and the
+   largest context whose buffers fit a budget.
+
+scripts/gguf_full_size.py runs these steps and writes gguf-full-size.json through `quantlab.schema.bench.GgufFullSize`;
+scripts/gpu_check_gguf.py reads llama-fit-params on a GPU with `fit_print_rows`.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import QuantlabError
+from quantlab.schema.bench import GgufAllocation, GgufSize
 
 SAFETENSORS_DTYPES = {"torch.bfloat16": ("BF16", 2), "torch.float32": ("F32", 4), "torch.float16": ("F16", 2)}
 DRY_RUN_TENSOR = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type =\s+(\S+),.*?(?:\((\S+)\))?\s*$")
 DRY_RUN_TOTAL = re.compile(r"quant size\s*=\s*([\d.]+) MiB")
+FIT_PRINT_BUFFERS = ("model_bytes", "context_bytes", "compute_bytes")  # the columns of a --fit-print memory line
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def meta_tensors(config_dir: Path, mtp: bool = True) -> list[tuple[str, tuple[int, ...], str]]:
@@ -52,6 +60,24 @@ def _mtp_tensors(tensors, text) -> list[tuple[str, tuple[int, ...], str]]:
     dtype = next(d for n, s, d in tensors if n.startswith(prefix) and n.endswith("input_layernorm.weight"))
     norms = [(f"mtp.{norm}.weight", (h,), dtype) for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")]
     return layer + [("mtp.fc.weight", (h, 2 * h), "torch.bfloat16")] + norms
+
+
+def sparse_bf16(tools, config: Path, vocabulary: Path, work: Path, mtp: bool) -> Path:
+    """Steps 1 and 2: the sparse checkpoint of `config`'s shapes in work/hf (written once) and llama.cpp's sparse BF16
+    GGUF of it, with or without the MTP head. `vocabulary` holds a stand-in tokenizer: the converter pads it to
+    vocab_size, so sizes don't change."""
+    from quantlab.llamacpp.steps import convert
+
+    hf = work / "hf"
+    hf.mkdir(exist_ok=True)
+    shutil.copyfile(config / "config.json", hf / "config.json")
+    for name in VOCABULARY_FILES:
+        shutil.copyfile(vocabulary / name, hf / name)
+    if not (hf / "model.safetensors").exists():
+        write_sparse_safetensors(meta_tensors(hf), hf / "model.safetensors")
+    out = work / f"bf16-{'mtp' if mtp else 'nomtp'}.gguf"
+    convert(tools, hf, out, "bf16", mtp, sparse=True)
+    return out
 
 
 def write_sparse_safetensors(tensors, path: Path) -> int:
@@ -136,6 +162,54 @@ def write_sparse_quantized(bf16: Path, out: Path, run: DryRun, file_type: int) -
     return data_bytes
 
 
+def quantized_size(tools, bf16: Path, out: Path, kind: str, file_type: int, mtp: bool) -> GgufSize:
+    """Steps 3 and 4 for one type: llama-quantize's dry run, the sparse GGUF of that type at `out`, and its sizes."""
+    from quantlab.llamacpp.gguf_file import read_header
+
+    run = dry_run(tools, bf16, kind)
+    data = write_sparse_quantized(bf16, out, run, file_type)
+    header = read_header(out)
+    return GgufSize(type=kind, mtp=mtp, dry_run_bytes=run.total_bytes, tensor_bytes=data, file_bytes=header.file_bytes,
+                    header_bytes=header.file_bytes - data, parameters_by_type=header.parameters_by_type(),
+                    block_count=header.block_count)
+
+
+def tensor_bytes(model: Path, name: str) -> int:
+    """The data bytes of the tensor `name` in a GGUF (0 when it has none of that name)."""
+    from quantlab.llamacpp.gguf_file import read_header
+
+    return sum(t.nbytes for t in read_header(model).tensors if t.name == name)
+
+
+def planned_allocation(tools, model: Path, kind: str, context: int, kv_type: str, slots: int) -> GgufAllocation:
+    """Step 5: llama.cpp's planned buffers on the CPU backend ('Host') for one context, KV type and slot count."""
+    plan = fit_print(tools, model, context, kv_type, slots)["Host"]
+    return GgufAllocation(type=kind, context=context, kv_type=kv_type, slots=slots, **plan, total=sum(plan.values()))
+
+
+def largest_fitting_context(tools, model: Path, kv_type: str, budget: int, minus: int = 0, limit: int = 262144,
+                            step: int = 1024) -> int:
+    """The largest context (a multiple of `step`, at most `limit`) whose planned buffers, one slot, less `minus`
+    bytes, fit in `budget` bytes: a bisection over llama-fit-params."""
+    low, high = 1, limit // step
+    while low < high:
+        mid = (low + high + 1) // 2
+        plan = fit_print(tools, model, mid * step, kv_type, 1)["Host"]
+        low, high = (mid, high) if sum(plan.values()) - minus <= budget else (low, mid - 1)
+    return low * step
+
+
+def fit_print_rows(output: str) -> dict[str, list[int]]:
+    """llama-fit-params --fit-print's memory lines, per device: [model, context, compute] in MiB as it prints them
+    (rounded down); {} when it printed none."""
+    rows: dict[str, list[int]] = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
+            rows[parts[0]] = [int(p) for p in parts[1:]]
+    return rows
+
+
 def fit_print(tools, model: Path, context: int, kv_type: str, slots: int) -> dict[str, dict[str, int]]:
     """llama.cpp's planned buffers (MiB → bytes) per device: {'Host': {'model_bytes': .., ...}}."""
     from quantlab import llamacpp
@@ -145,12 +219,8 @@ def fit_print(tools, model: Path, context: int, kv_type: str, slots: int) -> dic
     out = llamacpp.run_tool(tools, ["llama-fit-params", "-m", str(model), "-c", str(context), "-np", str(slots),
                                     "-nr", "-ctk", kv_type, "-ctv", kv_type, "--fit-print", "on"],
                             f"llama-fit-params at {context:,} tokens")
-    found: dict[str, dict[str, int]] = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
-            found[parts[0]] = {k: int(v) * 2**20 for k, v in zip(("model_bytes", "context_bytes", "compute_bytes"),
-                                                                  parts[1:])}
+    found = {device: {k: mib * 2**20 for k, mib in zip(FIT_PRINT_BUFFERS, row)}
+             for device, row in fit_print_rows(out).items()}
     if not found:
         raise QuantlabError(f"llama-fit-params printed no memory lines for {model.name}:\n{out[-600:]}")
     return found

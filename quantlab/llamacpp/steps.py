@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from quantlab.errors import QuantlabError
+from quantlab.llamacpp import convert as converter  # run as `python -m`, in a process of its own
 from quantlab.llamacpp import tools as llamacpp
 from quantlab.llamacpp.gguf_file import read_header
 from quantlab.text.calibration import CalibrationSpec, calibration_samples
@@ -55,7 +56,7 @@ def check_convertible(tools, config) -> None:
 
 
 def convert(tools, hf_folder: Path, out: Path, outtype: str, mtp: bool, sparse: bool = False, echo=None) -> None:
-    args = ["-m", "quantlab.llamacpp.convert", str(hf_folder), "--outfile", str(out), "--outtype", outtype]
+    args = ["-m", converter.__name__, str(hf_folder), "--outfile", str(out), "--outtype", outtype]
     args += [] if mtp else ["--no-mtp"]
     args += ["--sparse"] if sparse else []
     llamacpp.run_tool(tools, args, "convert_hf_to_gguf.py", echo=echo, python=True)

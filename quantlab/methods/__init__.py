@@ -25,7 +25,7 @@ CONFIG_CLASSES: tuple[type[MethodConfig], ...] = tuple(m.config for m in METHODS
 QuantConfig = Annotated[Union[CONFIG_CLASSES], Field(discriminator="method")]
 NoQuant = none.NoQuant
 __all__ = ["CONFIG_CLASSES", "METHODS", "CheckpointMethod", "Method", "MethodConfig", "NoQuant", "QuantConfig",
-           "check_runtime", "checkpoint_method", "config_class", "known_methods", "method_for", "method_named"]
+           "checkpoint_method", "config_class", "known_methods", "method_for", "method_named"]
 
 
 def known_methods() -> list[str]:
@@ -39,22 +39,6 @@ def config_class(name: str) -> type[MethodConfig] | None:
 
 def method_named(name: str) -> Method | None:
     return METHODS.get(name)
-
-
-def check_runtime(qconfig: MethodConfig, runtime: str) -> None:
-    """The recipe's pairing of method and runtime, from what each method declares it is measured through (raise
-    ValueError): a method only a special runtime measures names it; a runtime that measures only some methods'
-    artifacts names them."""
-    method = method_for(qconfig)
-    if runtime in method.runtimes:
-        return
-    if method.runtimes != Method.runtimes:
-        raise ValueError(f"quantization.method {method.name} is measured through {' or '.join(method.runtimes)}: set "
-                         f"measure.runtime: {method.runtimes[0]}")
-    takers = [m for m in METHODS.values() if runtime in m.runtimes]
-    hints = "".join(f" ({m.unquantized_hint})" for m in takers if m.unquantized_hint)
-    raise ValueError(f"measure.runtime {runtime} runs {' and '.join(m.measured_form for m in takers)}: set "
-                     f"quantization.method: {' or '.join(m.name for m in takers)}{hints}")
 
 
 @dataclass(frozen=True)

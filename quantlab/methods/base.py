@@ -63,8 +63,8 @@ class Method:
     builds: ClassVar[bool] = False  # `quantlab build` makes community artifacts with it
     card: ClassVar[CardFacts | None] = None  # None: no model card (a method that is not built)
     artifact_file: ClassVar[str | None] = None  # its engine writes one file a runtime loads (GGUF), not a checkpoint
-    runtimes: ClassVar[tuple[str, ...]] = ("transformers",)  # the runtimes that measure what it makes
-    measured_form: ClassVar[str] = "checkpoints"  # what those runtimes load, said in errors ("GGUF files")
+    makes: ClassVar[str] = "checkpoint"  # what a runtime loads of it: a checkpoint folder, or a "gguf" file
+    measured_form: ClassVar[str] = "checkpoints"  # what it makes, said in errors ("GGUF files")
     unquantized_hint: ClassVar[str] = ""  # how a recipe of this method names the unquantized model, said in errors
     # `quantlab sensitivity`: the option naming the levels a tensor class may be raised to (None: not swept)
     sensitivity_option: ClassVar[str | None] = None

@@ -63,7 +63,7 @@ class GgufMethod(Method):
     writes_checkpoint = True
     builds = True
     artifact_file = GGUF_NAME
-    runtimes = ("llama.cpp",)
+    makes = "gguf"
     measured_form = "GGUF files"
     unquantized_hint = "type: BF16 for the unquantized model"
     sensitivity_option = "--high-types"

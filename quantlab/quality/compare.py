@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from quantlab.quality.noise import outside_noise, paired_difference
-from quantlab.schema.quality import protocol
+from quantlab.quality.show import protocol
 
 PLOT_NAME = "quality.png"
 

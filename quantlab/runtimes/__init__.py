@@ -1,21 +1,32 @@
-"""Runtimes: how a model is loaded and run for prefill and decode. One module each, registered by name here;
-the measurement loop (quantlab/measure.py) is shared. A recipe picks one with `measure.runtime`.
+"""Runtimes: how a model is loaded and run for prefill and decode. One module each, registered by name here, on the
+interface of base.py (Runtime, LoadRequest, LoadedModel); the measurement loop (quantlab/measure.py) is shared. A
+recipe picks one with `measure.runtime`.
 
-A runtime module is imported when it is first asked for, so that naming the runtimes costs nothing.
+A runtime module is imported when it is first asked for, so that naming the runtimes costs nothing. Each entry
+says what the runtime loads: "checkpoint" (a Hugging Face folder, quantized or not) or "gguf" (a GGUF file); a
+method says which of the two it makes (Method.makes), and the recipe pairs them.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
-# name -> (module, class): the runtime class is imported on first use
+
+@dataclass(frozen=True)
+class RuntimeEntry:
+    module: str
+    cls: str
+    loads: tuple[str, ...]  # "checkpoint" and/or "gguf"
+
+
 RUNTIMES = {
-    "transformers": ("quantlab.runtimes.transformers", "TransformersRuntime"),
-    "llama.cpp": ("quantlab.runtimes.libllama", "LlamaCppRuntime"),
+    "transformers": RuntimeEntry("quantlab.runtimes.transformers", "TransformersRuntime", ("checkpoint",)),
+    "llama.cpp": RuntimeEntry("quantlab.runtimes.libllama", "LlamaCppRuntime", ("gguf",)),
 }
 RUNTIME_NAMES = tuple(RUNTIMES)
 
 
 def runtime_for(name: str):
-    module, cls = RUNTIMES[name]
-    return getattr(importlib.import_module(module), cls)()
+    entry = RUNTIMES[name]
+    return getattr(importlib.import_module(entry.module), entry.cls)()

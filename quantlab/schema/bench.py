@@ -1,28 +1,43 @@
-"""The shapes of the bench results the report reads beside the records: gguf-full-size.json (scripts/gguf_full_size.py)
-and gguf-cpu-decode.json (scripts/bench_gguf_cpu_decode.py). Only the fields the report uses are checked, with their
-ranges; the scripts may add others. A file of another shape is named in the report, and its section left out."""
+"""The shapes of the bench results the report reads beside the records: gguf-full-size.json (scripts/gguf_full_size.py
+writes it through `GgufFullSize`) and gguf-cpu-decode.json (scripts/bench_gguf_cpu_decode.py). The fields the report
+uses are required, with their ranges; the others a bench writes are declared where one writes through the class (in
+the order it writes them), and any more are kept as they are. A file of another shape is named in the report, and its
+section left out."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quantlab.schema.bounds import MAX_BYTES, AtLeastOne, Bytes, Count, NonNegative, Positive, Share
 
+GGUF_FULL_SIZE_NAME = "gguf-full-size.json"
+GGUF_CPU_DECODE_NAME = "gguf-cpu-decode.json"
 NonZeroBytes = Annotated[int, Field(ge=1, lt=MAX_BYTES)]
 # The two fits llama_plan_cells shows together.
 FITS_PAIR = ("f16_without_token_embd", "q8_0_without_token_embd")
 
 
 class Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Immutable once read, like every schema class; fields it does not declare are kept (a bench may add some)."""
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    def json_text(self) -> str:
+        """The file as a bench writes it: the fields it was given, in the class's order, then any others."""
+        return json.dumps(self.model_dump(mode="json", exclude_unset=True), indent=2) + "\n"
 
 
 class GgufSize(Open):
     type: str
     mtp: bool
+    dry_run_bytes: Bytes | None = None  # llama-quantize --dry-run's total
     tensor_bytes: Bytes
+    file_bytes: Bytes | None = None
+    header_bytes: Bytes | None = None
+    parameters_by_type: dict[str, Count] | None = None
+    block_count: Count | None = None
 
 
 class GgufAllocation(Open):
@@ -30,16 +45,25 @@ class GgufAllocation(Open):
     context: AtLeastOne
     kv_type: str
     slots: AtLeastOne
+    model_bytes: Bytes | None = None  # llama-fit-params --fit-print's buffers (its MiB, as bytes)
+    context_bytes: Bytes | None = None
+    compute_bytes: Bytes | None = None
     total: Bytes
 
 
 class GgufFullSize(Open):
     label: str
+    created_at: str | None = None
     llama_cpp: str
+    quantlab_commit: str | None = None
+    model: str | None = None
+    weights: str | None = None
+    seconds: NonNegative | None = None
     sizes: list[GgufSize]
     published_gb: dict[str, NonNegative]
     allocations: list[GgufAllocation]
     fits_24gib: dict[str, Count] = {}
+    token_embd_bytes_q4_k_m: Bytes | None = None
 
     @model_validator(mode="after")
     def _sizes_with_and_without_mtp(self) -> GgufFullSize:
