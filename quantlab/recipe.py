@@ -7,23 +7,20 @@ the field path, the bad value and what is allowed.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from quantlab.errors import QuantlabError, RecipeError
-from quantlab.fields import parse_size, STRICT, MemorySize, PathText, RepoId, Revision, Seed
+from quantlab.fields import parse_size, PathText, RepoId, Seed
 from quantlab.methods import Method, NoQuant, QuantConfig, config_class, known_methods, method_for, registered
 from quantlab.runtimes import RUNTIME_NAMES, RUNTIMES
 from quantlab.strict_yaml import excerpt, load_strict, read_text_file
 from quantlab.text.source import TextSourceSpec
-from quantlab.model_spec import (  # noqa: F401  (the recipe's own names for its model section)
-    DTYPE_BYTES, MAX_GPUS, Dtype, ModelSpec, SalientTransform, TransformSpec, _Strict,
-)
+from quantlab.model_spec import DTYPE_BYTES, ModelSpec, _Strict  # noqa: F401  (DTYPE_BYTES: the recipe's name too)
 from quantlab.llamacpp.settings import LlamaCppSpec  # noqa: F401
 
 MAX_CONTEXT = 1_048_576  # ~1M tokens: the YaRN-extended ceiling of Qwen3.6; anything above is a typo

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from quantlab.errors import QuantlabError
 from quantlab.runtimes.base import LoadRequest
-from quantlab.llamacpp.names import GGUF_TENSOR_NAMES, UNQUANTIZED_TYPES, class_tensors, gguf_class, tensor_type_args
+from quantlab.llamacpp.names import UNQUANTIZED_TYPES, class_tensors, tensor_type_args
 from quantlab.llamacpp.steps import BF16_NAME, CONVERTER_TYPES, convert, has_mtp, make_imatrix, quantize, timed
 
 # The next type up in llama.cpp's ladder: the uniform build whose size is the default budget, and the build the

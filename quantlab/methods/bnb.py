@@ -12,7 +12,6 @@ warning. `quiet_bnb_logs` (quantlab/console.py) keeps the first cast warning and
 from __future__ import annotations
 
 import importlib.util
-import logging
 from typing import Annotated, Any, Literal
 
 import torch
