@@ -7,7 +7,6 @@ Memory is llama.cpp's own buffer accounting per device (model, KV cache, recurre
 read from its log as each context is made, beside the process RSS the shared trackers measure.
 """
 
-
 from __future__ import annotations
 
 from typing import Any
