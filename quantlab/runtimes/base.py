@@ -52,9 +52,6 @@ class LoadRequest:
     gguf: Path | None = None
     settings: Any = None
 
-    def with_settings(self, settings: Any) -> "LoadRequest":
-        return LoadRequest(self.source, self.device, self.split, self.from_pretrained, self.gguf, settings)
-
 
 class Runtime(ABC):
     """One way to load and run a model for prefill and decode. `model` below is whatever `load` put in
