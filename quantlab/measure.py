@@ -51,6 +51,7 @@ def measure_point(
 def _measure(model, runtime, s: PointSettings, device, nvml, progress, devices) -> PointResult:
     ids = prompt_ids(runtime.vocab_size(model), s.batch, s.context, s.seed, device)
     runtime.prepare_point(model, s.context, s.batch, s.new_tokens)  # outside the timing (llama.cpp's context)
+    pid = runtime.memory_pid(model)  # a runtime's server process, whose RSS is the model's
     prefill_tps, ttft, decode_tps, decode_seq_tps, decode_ms = [], [], [], [], []
     prefill_mem: list[MemoryResult] = []
     decode_mem: list[MemoryResult] = []
@@ -59,21 +60,22 @@ def _measure(model, runtime, s: PointSettings, device, nvml, progress, devices) 
         # Each phase starts settled (garbage collected, CUDA cache emptied): its reserved and nvidia-smi
         # peaks are its own, not what the previous phase, repeat or point left cached.
         with torch.inference_mode():
-            with (MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True, devices=devices) as pm,
+            with (MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True, devices=devices, pid=pid) as pm,
                   Timer(device, devices) as pt):
                 next_ids, cache = runtime.prefill(model, ids)
-            with (MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True, devices=devices) as dm,
+            with (MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True, devices=devices, pid=pid) as dm,
                   Timer(device, devices) as dt):
                 tokens = runtime.decode(model, next_ids, cache, s.new_tokens)
         cache_bytes = runtime.cache_bytes(cache)
+        prefill_s, decode_s = runtime.timed_phases(cache) or (pt.result.seconds, dt.result.seconds)
         del cache
         if run < s.warmup:
             continue
-        prefill_tps.append(s.batch * s.context / pt.result.seconds)
-        ttft.append(pt.result.seconds)
-        decode_tps.append(s.batch * s.new_tokens / dt.result.seconds)
-        decode_seq_tps.append(s.new_tokens / dt.result.seconds)
-        decode_ms.append(1000 * dt.result.seconds / s.new_tokens)
+        prefill_tps.append(s.batch * s.context / prefill_s)
+        ttft.append(prefill_s)
+        decode_tps.append(s.batch * s.new_tokens / decode_s)
+        decode_seq_tps.append(s.new_tokens / decode_s)
+        decode_ms.append(1000 * decode_s / s.new_tokens)
         prefill_mem.append(pm.result)
         decode_mem.append(dm.result)
     return PointResult(

@@ -22,6 +22,7 @@ from quantlab.strict_yaml import excerpt, load_strict, read_text_file
 from quantlab.text.source import TextSourceSpec
 from quantlab.model_spec import DTYPE_BYTES, ModelSpec, _Strict  # noqa: F401  (DTYPE_BYTES: the recipe's name too)
 from quantlab.llamacpp.settings import LlamaCppSpec  # noqa: F401
+from quantlab.vllm_server.settings import VllmSpec
 
 MAX_CONTEXT = 1_048_576  # ~1M tokens: the YaRN-extended ceiling of Qwen3.6; anything above is a typo
 MAX_RECIPE_BYTES = 64 * 1024  # a recipe is a few kilobytes; records keep its text
@@ -42,11 +43,14 @@ class MeasureSpec(_Strict):
     runtime: Literal[RUNTIME_NAMES] = Field("transformers", description="how the model is loaded and run "
                                             "(quantlab/runtimes/)")
     llama_cpp: LlamaCppSpec | None = Field(None, description="settings of the llama.cpp runtime")
+    vllm: VllmSpec | None = Field(None, description="settings of the vLLM runtime")
 
     @model_validator(mode="after")
     def _settings_match_runtime(self) -> "MeasureSpec":
         if self.llama_cpp is not None and self.runtime != "llama.cpp":
             raise ValueError(f"llama_cpp sets the llama.cpp runtime, but runtime is {self.runtime!r}")
+        if self.vllm is not None and self.runtime != "vllm":
+            raise ValueError(f"vllm sets the vLLM runtime, but runtime is {self.runtime!r}")
         if self.runtime == "llama.cpp" and self.batch_sizes != [1]:
             raise ValueError("the llama.cpp runtime measures one sequence (batch_sizes: [1]); "
                              "measure.llama_cpp.slots sizes the memory of parallel slots")
@@ -155,7 +159,11 @@ def check_runtime(qconfig, runtime: str) -> None:
     A method whose artifact only some runtimes load names them; a runtime that loads only some methods' artifacts
     names those methods."""
     method = method_for(qconfig)
-    if method.makes in RUNTIMES[runtime].loads:
+    entry = RUNTIMES[runtime]
+    if method.makes in entry.loads and entry.own_process and method.in_process:
+        raise ValueError(f"measure.runtime {runtime} loads what a method wrote to disk, in a process of its own: "
+                         f"{method.in_process}")
+    if method.makes in entry.loads:
         return
     if method.makes != Method.makes:
         able = [name for name, entry in RUNTIMES.items() if method.makes in entry.loads]

@@ -13,6 +13,7 @@ from pathlib import Path
 from quantlab.claims import article_claims, judge, gpu_weight_bytes, latest_gpu_weights, tolerance
 from quantlab.outputs import REPORT_MARKER, check_measurements_folder, md_text as md
 from quantlab.quality.show import quality_cell
+from quantlab.report_runtimes import runtime_sections
 from quantlab.schema.quality import QualityResult
 from quantlab.schema.bench import GGUF_CPU_DECODE_NAME, GGUF_FULL_SIZE_NAME, GgufCpuDecode, GgufFullSize
 from quantlab.schema.record import Record
@@ -198,6 +199,7 @@ def render_report(records: list[Record], problems: list[str] = (), extra: list[s
     lines += _claims_section(records)
     lines += list(extra)
     lines += _measurement_sections(records)
+    lines += runtime_sections(records)
     if problems:
         lines += ["## Unreadable files", "", *[f"- {md(p)}" for p in problems], ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -287,13 +289,16 @@ def _group_table(model: str, weights: str, kind: str, hardware: str, group: list
     return lines
 
 
+LONG_SETTINGS = ("accounting", "arguments")  # the vLLM runtime's: its own section shows the accounting
+
+
 def _runtime_lines(latest: dict[tuple, Record]) -> list[str]:
     """The runtime's version and settings, and its own buffer accounting per point (llama.cpp)."""
     rows = [r for _, r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2])) if r.runtime]
     if not rows or rows[-1].runtime.name == "transformers":
         return []
     newest = max(rows, key=lambda r: r.created_at).runtime
-    settings = ", ".join(f"{md(k)} {md(v)}" for k, v in newest.settings.items())
+    settings = ", ".join(f"{md(k)} {md(v)}" for k, v in newest.settings.items() if k not in LONG_SETTINGS)
     lines = [f"Runtime: {md(newest.version)}; {settings}.", ""]
     buffered = [r for r in rows if r.result.runtime_buffers]
     if buffered:

@@ -46,6 +46,7 @@ from quantlab.store import append_record
 from quantlab.threads import fit_threads
 from quantlab.trackers import MemoryTracker, Timer
 from quantlab.trackers.nvml import NvmlProbe
+from quantlab.trackers.memory import rss_bytes
 
 
 @dataclass(frozen=True)
@@ -161,19 +162,23 @@ def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: 
     if quality:
         quality.prepare()  # stored mode: the reference pass runs, and is freed, before the candidate loads
     loaded = _load(runtime, candidate, plan, nvml, echo)
-    quality_result = _quality(quality, loaded.model, device, echo)
-    run_id, records, paths = new_run_id(), [], []
-    points = tqdm(plan.points, desc="measuring", unit="point", disable=not progress)
-    for context, batch in points:
-        m = plan.recipe.measure
-        settings = PointSettings(context, batch, m.new_tokens, m.warmup, m.repeats, m.seed, m.memory_sample_ms / 1000)
-        result = measure_point(runtime, loaded.model, settings, device, nvml, progress, plan.devices)
-        record = _record(plan, loaded, (hardware, software), settings, result, run_id, quality_result,
-                         candidate.notes)
-        if append:
-            paths.append(append_record(out, record))
-        records.append(record)
-        (points.write if progress else echo)(describe_point(record))
+    try:
+        quality_result = _quality(quality, runtime, loaded.model, device, echo)
+        serving = runtime.serving(loaded.model, plan.recipe.measure.seed, echo)
+        run_id, records, paths = new_run_id(), [], []
+        points = tqdm(plan.points, desc="measuring", unit="point", disable=not progress)
+        for context, batch in points:
+            m = plan.recipe.measure
+            settings = PointSettings(context, batch, m.new_tokens, m.warmup, m.repeats, m.seed, m.memory_sample_ms / 1000)
+            result = measure_point(runtime, loaded.model, settings, device, nvml, progress, plan.devices)
+            record = _record(plan, loaded, (hardware, software), settings, result, run_id, quality_result,
+                             candidate.notes, serving)
+            if append:
+                paths.append(append_record(out, record))  # each point as it is measured: nothing lost if one fails
+            records.append(record)
+            (points.write if progress else echo)(describe_point(record))
+    finally:
+        runtime.close(loaded.model)  # a server runtime stops its server, also on errors and Ctrl-C
     return RunResult(plan, tuple(records), tuple(paths))
 
 
@@ -181,8 +186,9 @@ def _load(runtime, candidate: Candidate, plan: RunPlan, nvml, echo) -> _Loaded:
     device, devices = plan.device, plan.devices
     with MemoryTracker(device, nvml=nvml, devices=devices) as memory, Timer(device, devices) as timer:
         loaded = runtime.load(LoadRequest(candidate.source, device, plan.split, candidate.from_pretrained,
-                                          candidate.gguf, runtime.options(plan.recipe.measure, device)))
+                                          candidate.gguf, runtime.options(plan.recipe.measure, device, _longest(plan))))
         model = candidate.quantize(loaded.model) if candidate.quantize else loaded.model
+    load_memory = _server_memory(runtime, model, device) or memory.result
     kernels = runtime.kernels(model)
     weight_bytes = runtime.weight_bytes(model)
     echo(f"loaded {loaded.info.model_class} in {timer.result.seconds:.1f} s: {weight_bytes / 1e9:.3f} GB of weights; "
@@ -194,12 +200,29 @@ def _load(runtime, candidate: Candidate, plan: RunPlan, nvml, echo) -> _Loaded:
         echo(f"warning: {notes[-1]}")
     info = loaded.info.model_copy(update=candidate.names)
     ref = RuntimeRef(name=runtime.name, version=runtime.version(), settings=runtime.settings(model))
-    return _Loaded(model, info, memory.result, timer.result.seconds, weight_bytes,
+    return _Loaded(model, info, load_memory, timer.result.seconds, weight_bytes,
                    runtime.lookup_table_bytes(model), kernels, notes, runtime.parameter_count(model), ref)
 
 
+def _longest(plan: RunPlan) -> int:
+    """The longest sequence the run sends: a point's context and new tokens, or a quality window."""
+    m = plan.recipe.measure
+    return max(max(m.contexts) + m.new_tokens + 1, plan.quality.spec.context + 1 if plan.quality else 0)
+
+
+def _server_memory(runtime, model, device: torch.device) -> MemoryResult | None:
+    """A runtime whose model lives in a server process: that process tree's RSS once it is up (it did not exist
+    before the load, so all of it is the load's), not quantlab's client."""
+    pid = runtime.memory_pid(model)
+    if pid is None:
+        return None
+    rss = rss_bytes(pid)
+    return MemoryResult(device=str(device), rss_start_bytes=0, rss_end_bytes=rss, rss_peak_bytes=rss, samples=1,
+                        rss_of=f"the server's process tree (pid {pid} and its children), read once it answered")
+
+
 def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, result: PointResult, run_id: str,
-            quality: QualityResult | None, notes: tuple[str, ...]) -> Record:
+            quality: QualityResult | None, notes: tuple[str, ...], serving=None) -> Record:
     hardware, software = machine
     recipe, created = plan.loaded, utc_now()
     return Record(
@@ -221,6 +244,7 @@ def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, re
         result=result,
         roofline=_roofline(hardware, loaded, settings.batch, result),
         quality=quality,
+        serving=serving,
         kernels=loaded.kernels,
         split=split_ref(plan.split) if plan.split is not None else None,
         runtime=loaded.runtime,
@@ -242,11 +266,11 @@ def split_ref(split: DeviceSplit) -> SplitRef:
     )
 
 
-def _quality(session: QualitySession | None, model: torch.nn.Module, device: torch.device, echo) -> QualityResult | None:
+def _quality(session: QualitySession | None, runtime, model, device: torch.device, echo) -> QualityResult | None:
     """Once per run, before the points: each record is then complete when written (nothing lost on interruption)."""
     if session is None:
         return None
-    result = session.evaluate(model)
+    result = session.evaluate(runtime.scorer(model))
     free_memory(device)  # the quality passes' activations must not count in the measured peaks
     echo(quality_line(result))
     return result

@@ -16,7 +16,7 @@ import yaml
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from quantlab import bundled
+from quantlab import bundled, cache_shapes
 from quantlab.checkpoint import check_config_sizes, check_folder, compare_with_model, read_config, shard_files
 from quantlab.errors import QuantlabError, summary
 from quantlab.hf_loading import hub_unavailable_message, select_variant  # noqa: F401  (sources' own names too)
@@ -311,10 +311,12 @@ def _synthetic_config(name: str) -> tuple[PretrainedConfig, str, str]:
         return AutoConfig.from_pretrained(known_config_dir(name)), KNOWN_MODELS[name].display_name, name
     if name == "bundled":
         return AutoConfig.from_pretrained(_bundled_dir()), "quantlab-bundled", "bundled"
+    if name == cache_shapes.NAME:  # Qwen3.6-27B's cache shapes, narrow widths (quantlab/cache_shapes.py)
+        return cache_shapes.config(), cache_shapes.DISPLAY_NAME, name
     path = Path(name).expanduser()
     folder = path.parent if path.name == "config.json" else path
     if not _is_file(folder / "config.json"):
-        known = ", ".join([*KNOWN_MODELS, "bundled"])
+        known = ", ".join([*KNOWN_MODELS, cache_shapes.NAME, "bundled"])
         raise QuantlabError(f"model.config: '{name}' is neither a shipped config ({known}) nor a config.json or its folder")
     return _config_from_folder(folder), folder.resolve().name, str(path)
 

@@ -26,6 +26,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+REQUIRE_VLLM_ENV = "QUANTLAB_REQUIRE_VLLM"
+
+
+def require_vllm():
+    """vLLM's Python (.vllm/, quantlab/vllm_server), or the calling test skipped where vLLM is not installed; with
+    QUANTLAB_REQUIRE_VLLM=1 (as QUANTLAB_REQUIRE_LLAMA_CPP for llama.cpp) a missing vLLM fails the test instead."""
+    from quantlab.errors import QuantlabError
+    from quantlab.vllm_server.server import vllm_python
+
+    try:
+        return vllm_python()
+    except QuantlabError as exc:
+        if os.environ.get(REQUIRE_VLLM_ENV, "") not in ("", "0"):
+            pytest.fail(f"{REQUIRE_VLLM_ENV} is set, but {exc}")
+        pytest.skip(str(exc))
+
+
 HF_CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE")
 
 

@@ -107,12 +107,17 @@ def test_moe_kv_cache_per_rank_and_kv_head_replication(moe, tp):
 def test_deltanet_state_per_rank(dense, moe, tp):
     # per layer: recurrent v_heads/tp × 128 × 128 plus conv (4 − 1) × conv_dim/tp
     dense_f32 = 48 * ((48 // tp) * 128 * 128 + 3 * (2 * 16 * 128 + 48 * 128) // tp) * 4
-    moe_f32 = 45 * ((64 // tp) * 128 * 128 + 3 * (2 * 16 * 128 + 64 * 128) // tp) * 4
     assert dense_f32 == 156_893_184 // tp  # models.md: 149.6 MiB over 48 layers in f32, one GPU
-    assert tensor_parallel_estimate(dense, get_scheme("bf16"), tp, F32_STATE).deltanet_state_bytes == dense_f32
-    assert tensor_parallel_estimate(moe, get_scheme("bf16"), tp, F32_STATE).deltanet_state_bytes == moe_f32
-    # vLLM keeps the state in the model dtype by default: half of it
-    assert tensor_parallel_estimate(dense, get_scheme("bf16"), tp).deltanet_state_bytes == dense_f32 // 2
+    # vLLM keeps the conv state in the model dtype (bf16) and the recurrent state in the config's mamba_ssm_dtype
+    # (float32 in both configs; models/config.py Qwen3_5ForConditionalGenerationConfig), whatever state_dtype says
+    dense_vllm = 48 * ((48 // tp) * 128 * 128 * 4 + 3 * (2 * 16 * 128 + 48 * 128) // tp * 2)
+    moe_vllm = 45 * ((64 // tp) * 128 * 128 * 4 + 3 * (2 * 16 * 128 + 64 * 128) // tp * 2)
+    for runtime in (F32_STATE, VLLM_RUNTIME):
+        assert tensor_parallel_estimate(dense, get_scheme("bf16"), tp, runtime).deltanet_state_bytes == dense_vllm
+        assert tensor_parallel_estimate(moe, get_scheme("bf16"), tp, runtime).deltanet_state_bytes == moe_vllm
+    # --mamba-ssm-cache-dtype bfloat16: all of it in bf16, half the float32 figure
+    bf16_state = tensor_parallel_estimate(dense, get_scheme("bf16"), tp, ssm_cache_dtype="bfloat16")
+    assert bf16_state.deltanet_state_bytes == dense_f32 // 2
 
 
 @pytest.mark.parametrize("tp", TPS)
@@ -244,17 +249,26 @@ def test_every_text_tensor_has_a_rule(dense, moe):
 
 
 def test_memory_and_longest_context_per_rank(dense):
+    """vLLM's accounting (quantlab/estimate/vllm_cache.py): whole blocks of 784 tokens (TP 2: 2 KV heads, 2,048 B a
+    token and layer; the state 24 × 128 × 128 × 4 + 3 × 5120 × 2 B a layer, padded to 784 × 2,048 B), 16 layers a
+    block, two state blocks per DeltaNet group and request (prefix caching), one null block."""
     awq = get_scheme("awq-g128")
     one, two = (tensor_parallel_estimate(dense, awq, tp) for tp in (1, 2))
     point = two.memory_at(32768)
-    assert point.kv_cache == 32768 * 32768  # 32 KiB per token per rank at TP 2
-    assert point.deltanet_state == 48 * (24 * 128 * 128 + 3 * 5120) * 2  # bf16 state, half the heads
+    block_bytes = 16 * 784 * 2048
+    assert point.kv_cache == (-(-32768 // 784) + 1) * block_bytes  # 42 blocks and the null block
+    assert point.deltanet_state == 3 * 2 * block_bytes
+    assert 24 * 128 * 128 * 4 + 3 * 5120 * 2 <= 784 * 2048  # the state page fits the attention page it is padded to
     assert point.weights == two.weight_bytes
-    gpu = 24 << 30
-    fit_one, fit_two = one.max_context(gpu), two.max_context(gpu)
-    assert fit_two.budget_bytes == round(0.9 * gpu)
-    assert 0 < fit_one.tokens < fit_two.tokens
+    gpu = 18 << 30
+    fit_two = two.max_context(gpu)
+    assert fit_two.budget_bytes == round(0.9 * gpu) and one.max_context(gpu).tokens == 0  # TP 1: weights too large
+    assert fit_two.limit == "memory" and fit_two.tokens % 784 == 0
     assert two.memory_at(fit_two.tokens).total <= fit_two.budget_bytes < two.memory_at(fit_two.tokens + 1).total
+    fit_one, capped = one.max_context(24 << 30), two.max_context(24 << 30)
+    assert 0 < fit_one.tokens < capped.tokens and fit_one.limit == "memory"
+    # at TP 2 the pool holds more than vLLM lets --max-model-len be
+    assert capped.tokens == 262144 and capped.limit.startswith("max_position_embeddings (262,144)")
     assert two.runtime == VLLM_RUNTIME
     with pytest.raises(QuantlabError, match="gpu_memory_utilization"):
         two.max_context(gpu, gpu_memory_utilization=1.5)

@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 from quantlab.errors import QuantlabError
 from quantlab.measure import free_memory
 from quantlab.quality import refstats
+from quantlab.quality.top_k import TopKRows, TopKScorer, reference_log_probs_at, top_k_block
 from quantlab.quality.metrics import (
     ROW_BUDGET_BYTES,
     TokenStats,
+    log_probs,
     paired_block,
     reference_block,
     rows_per_block,
@@ -135,6 +137,11 @@ class QualitySession:
                     ref_logits = window_logits(reference, self.ids, window, self.device)
                     targets = self._targets(window)
                     for label, candidate in candidates.items():
+                        if isinstance(candidate, TopKScorer):
+                            lp_ref = log_probs(ref_logits)
+                            self._add_top_k(stats[label], candidate, window, index, lp_ref,
+                                            lp_ref.gather(-1, targets.unsqueeze(-1)).squeeze(-1), lp_ref.argmax(-1))
+                            continue
                         cand_logits = self._candidate_logits(candidate, window, ref_logits.shape[-1])
                         for r in range(0, window.scored, self.rows):
                             rows = slice(r, r + self.rows)
@@ -156,6 +163,9 @@ class QualitySession:
                 if not torch.equal(ref["targets"].long(), targets):
                     raise QuantlabError(f"{stored.folder}: stored reference statistics do not match this text; delete the folder")
                 for label, candidate in candidates.items():
+                    if isinstance(candidate, TopKScorer):
+                        self._add_top_k(stats[label], candidate, window, index, ref, ref["target_logp"], ref["argmax"])
+                        continue
                     cand_logits = self._candidate_logits(candidate, window, self.q.vocab_size)
                     for r in range(0, window.scored, self.rows):
                         rows = slice(r, r + self.rows)
@@ -170,12 +180,28 @@ class QualitySession:
                 "reference_cache_reused": stored.reused,
                 "reference_seconds": stored.seconds,
             }
-        return {label: self._result(label, s.summary(), seconds, extra) for label, s in stats.items()}
+        return {label: self._result(label, s.summary(), seconds, {**extra, **_top_k_fields(candidates[label])})
+                for label, s in stats.items()}
+
+    def _add_top_k(self, stats: TokenStats, candidate: TopKScorer, window, index: int, ref, ref_target_logp,
+                   ref_argmax) -> None:
+        """A top-k candidate's rows for one window, against the reference's (full log-probs or stored rows)."""
+        rows = candidate.score(self.ids[window.begin : window.end])
+        if rows.ids.shape[0] < window.scored:
+            raise QuantlabError(f"quality: {candidate.label} gave {rows.ids.shape[0]} rows for a window of "
+                                f"{window.scored} scored tokens")
+        keep = slice(rows.ids.shape[0] - window.scored, None)  # rows predicting window.first .. end-1
+        cand = TopKRows(rows.ids[keep].to(self.device), rows.logp[keep].to(self.device),
+                        rows.target_logp[keep].to(self.device))
+        targets = self._targets(window)
+        stats.add(*top_k_block(reference_log_probs_at(ref, cand.ids), ref_target_logp, ref_argmax, cand, targets),
+                  position=_positions(window, slice(0, window.scored)), window=index)
 
     def _result(self, label: str, summary: dict[str, float], seconds: float, extra: dict[str, Any]) -> QualityResult:
+        notes = tuple(self.notes) + tuple(extra.pop("notes", ()))
         return QualityResult(
             mode=self.q.spec.mode,
-            kl_exact=self.q.spec.mode == "paired",
+            kl_exact=self.q.spec.mode == "paired" and not extra.pop("kl_bound", False),
             candidate=label,
             reference=self.q.reference_label,
             reference_model=self.q.reference.model_dump(),
@@ -187,7 +213,7 @@ class QualitySession:
             windows=len(self.windows),
             device=str(self.device),
             candidate_seconds=seconds,  # the whole pass: with several candidates, all of them
-            notes=tuple(self.notes),
+            notes=notes,
             **summary,
             **extra,
         )
@@ -229,6 +255,16 @@ class QualitySession:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         }
+
+
+def _top_k_fields(candidate) -> dict[str, Any]:
+    """A top-k candidate's result says what it is: a lower bound from its top-k, like stored mode's."""
+    if not isinstance(candidate, TopKScorer):
+        return {}
+    return {"kl_bound": True, "top_k": candidate.top_k,
+            "notes": (f"candidate scored from {candidate.label}: its top-{candidate.top_k} log-probs and the prompt "
+                      "token's per position; the KL is a lower bound (top-k cells + the rest), the perplexity, Δp and "
+                      "top-1 agreement are exact",)}
 
 
 def _positions(window, rows: slice) -> torch.Tensor:

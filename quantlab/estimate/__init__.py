@@ -4,6 +4,8 @@
 - schemes.py + data/quant_schemes.yaml: bytes per tensor per quantization scheme; gguf_mix.py: Q4_K_M;
 - weights.py: bytes per component and method;
 - hybrid.py + runtime.py: KV cache, DeltaNet state, activations, overheads; the longest context;
+- vllm_cache.py: vLLM's own KV-cache accounting (blocks, padded state pages, groups, KV tokens, concurrency), which
+  the vLLM tensor-parallel rows (tensor_parallel.py, multi_gpu.py) and `--vllm-kv-gib` rest on;
 - overheads.py: overheads fitted on GPU records; against_records.py: the estimate vs those records;
 - claims.py (with quantlab/claims.py and data/estimate_claims.yaml): the article's claims;
   estimator.py / command.py / cli.py: the command; its result is quantlab/schema/estimate.py;

@@ -259,26 +259,42 @@ def _multi_gpu_bf16(model: EstimationModel) -> ClaimRow:
 
 
 def _vllm_tp8(model: EstimationModel) -> ClaimRow:
-    """The article's `vllm serve ... --tensor-parallel-size 8 --max-model-len 262144`, per GPU."""
+    """The article's `vllm serve ... --tensor-parallel-size 8 --max-model-len 262144`, per GPU, by vLLM's own
+    KV-cache accounting (quantlab/estimate/vllm_cache.py): it starts when one request of max-model-len tokens fits
+    the block pool that 0.9 of each GPU leaves beside the weights and the profile run."""
     from quantlab.estimate.tensor_parallel import GPU_MEMORY_UTILIZATION, tensor_parallel_estimate
 
     statement = claims_data()["statements"]["vllm_tp8"]
-    tp = tensor_parallel_estimate(model, get_scheme("bf16"), statement["tp"])
-    need = tp.memory_at(statement["tokens"]).total
-    usable = {g: g * GIB * GPU_MEMORY_UTILIZATION for g in statement["gpu_gib"]}
-    fitting = [g for g, budget in usable.items() if budget >= need]
+    tp, tokens = tensor_parallel_estimate(model, get_scheme("bf16"), statement["tp"]), statement["tokens"]
+    need = tp.memory_at(tokens).total
+    pools = {g: tp.cache(tp.kv_space(g * GIB), tokens) for g in statement["gpu_gib"]}
+    fitting = [g for g, pool in pools.items() if tp.kv_space(g * GIB) > 0 and pool.fits]
+    smallest = pools[min(fitting)] if fitting else None
     return ClaimRow(
         id="vllm_tp8", claim=statement["quote"],
-        estimate=f"per GPU: {tp.weight_bytes / 1e9:.2f} GB of BF16 weights, {need / 1e9:.1f} GB in all at "
-        f"{statement['tokens']:,} tokens ({tp.q_heads_per_rank} query heads and {tp.kv_heads_per_rank} KV head per GPU, "
-        f"each KV head on {tp.kv_replicas} GPUs)",
+        estimate=f"per GPU: {tp.weight_bytes / 1e9:.2f} GB of BF16 weights; vLLM starts from {need / 1e9:.1f} GB per GPU "
+        f"(one {tokens:,}-token request: {_request_blocks(tp, tokens)})" + (
+            f"; on {min(fitting)} GB GPUs its pool holds {smallest.kv_cache_tokens:,} tokens, "
+            f"{smallest.max_concurrency:.2f} such requests at once" if smallest else "")
+        + f" ({tp.q_heads_per_rank} query heads and {tp.kv_heads_per_rank} KV head per GPU, each KV head on "
+        f"{tp.kv_replicas} GPUs)",
         measured="—",
         verdict=(f"runs: vLLM accepts TP {tp.tp} for this model, and each GPU fits in {min(fitting)} GB"
-                 if fitting else f"each GPU needs {need / 1e9:.1f} GB: more than {max(usable)} GB cards give vLLM"),
-        basis="estimate (vLLM tensor-parallel rules, bf16 KV cache and state)",
+                 if fitting else f"each GPU needs {need / 1e9:.1f} GB: more than {max(pools)} GB cards give vLLM"),
+        basis="estimate (vLLM tensor-parallel rules and its KV-cache accounting: blocks, padded state pages)",
         detail=f"at {GPU_MEMORY_UTILIZATION:.0%} of each GPU (vLLM's --gpu-memory-utilization default); with "
-        f"{tp.kv_replicas} GPUs per KV head, the cache per GPU does not shrink past TP {tp.tp // tp.kv_replicas}",
+        f"{tp.kv_replicas} GPUs per KV head, the cache per GPU does not shrink past TP {tp.tp // tp.kv_replicas}; "
+        f"SSM state in {tp.ssm_dtype} (the config's mamba_ssm_dtype), prefix caching on (vLLM's default)",
     )
+
+
+def _request_blocks(tp, tokens: int) -> str:
+    """'656 blocks of 400 tokens + 6 state blocks and the null block, 6.6 MB each, mamba page padded 2.17%'."""
+    pool = tp.cache(1, tokens)
+    padding = f", mamba page padded {pool.mamba_page_padding_pct:.2f}%" if pool.mamba_page_padding_pct else ""
+    return (f"{pool.blocks_per_request - pool.state_blocks_per_request:,} blocks of {pool.block_size} tokens + "
+            f"{pool.state_blocks_per_request} state blocks and the null block, {pool.bytes_per_block / 1e6:.1f} MB "
+            f"each{padding}")
 
 
 def _moe_multi_gpu(moe: EstimationModel) -> ClaimRow:

@@ -173,3 +173,86 @@ def check_output_files(output_dir: str | Path) -> None:
         if path.exists() and not path.is_file():
             raise QuantlabError(f"{path}: not a file (a folder or a special file); `quantlab estimate` writes a file "
                                 f"of that name there: move it away, or give another --output")
+
+
+@dataclass(frozen=True)
+class VllmCacheOptions:
+    """`quantlab estimate --vllm-kv-gib`: one KV space, read as vLLM would size it."""
+
+    model: str = "qwen3.6-27b"
+    kv_gib: str = "4"
+    max_num_seqs: int | None = None  # None: vLLM's default (256 here; it sizes nothing)
+    context: int | None = None  # --max-model-len; None: the config's max_position_embeddings
+    prefix_caching: bool = True
+    device: str = "gpu"
+    tp: int | None = None
+    kv_dtype: str | None = None  # --kv-cache-dtype; None: the model dtype
+    ssm_dtype: str | None = None  # --mamba-ssm-cache-dtype; None: the config's mamba_ssm_dtype, else vLLM's rule
+
+
+def check_vllm_cache_options(options: VllmCacheOptions) -> tuple[float, int, int]:
+    """(KV GiB, max_num_seqs, TP size), each in range, or one QuantlabError naming the option."""
+    sizes = parse_numbers(options.kv_gib, "--vllm-kv-gib", float)
+    if len(sizes) != 1:
+        raise QuantlabError(f"--vllm-kv-gib: one KV space in GiB (e.g. --vllm-kv-gib 4), got {options.kv_gib[:40]!r}")
+    gib = sizes[0]
+    if not gib <= MAX_KV_GIB:
+        raise QuantlabError(f"--vllm-kv-gib: a KV space is at most {MAX_KV_GIB:,} GiB, got {excerpt_number(gib)}")
+    seqs = 256 if options.max_num_seqs is None else options.max_num_seqs
+    in_range(seqs, "--max-num-seqs", "max_num_seqs", (1, MAX_BATCH))
+    if options.context is not None:
+        in_range(options.context, "--context", "max_model_len", (1, MAX_CONTEXT), " tokens")
+    tp = 1 if options.tp is None else options.tp
+    in_range(tp, "--tensor-parallel-size", "tensor parallel size", (1, 64))
+    if options.kv_dtype == "q8_0":
+        raise QuantlabError("--kv-dtype q8_0 is llama.cpp's; vLLM's KV cache is bf16, fp16, fp8 or f32")
+    return gib, seqs, tp
+
+
+MAX_KV_GIB = 4096
+
+
+def vllm_cache_lines(options: VllmCacheOptions) -> list[str]:
+    """What vLLM would report for the model with this KV space (quantlab/estimate/vllm_cache.py), as lines."""
+    from quantlab.estimate.tensor_parallel import check_tp, rank_shape
+    from quantlab.estimate.vllm_cache import state_dtypes, vllm_cache
+
+    gib, seqs, tp = check_vllm_cache_options(options)
+    model = read_estimation_model(options.model)
+    check_tp(model.shape, tp, model.name)
+    length = options.context or model.shape.max_positions or 4096
+    conv, ssm = state_dtypes("bfloat16", options.device, model.shape.ssm_dtype, options.ssm_dtype)
+    cache = vllm_cache(rank_shape(model.shape, tp), max(1, round(gib * (1 << 30))), length, seqs,
+                       options.prefix_caching, options.kv_dtype or "bfloat16", conv, ssm, 1, options.device)
+    return _vllm_cache_text(model, cache, gib, tp, options)
+
+
+def _vllm_cache_text(model: EstimationModel, cache, gib: float, tp: int, options: VllmCacheOptions) -> list[str]:
+    where = "per GPU" if options.device == "gpu" else "(VLLM_CPU_KVCACHE_SPACE)"
+    state = cache.state_blocks_per_request
+    padding = f", padded {cache.mamba_page_padding_pct:.2f}%" if cache.mamba_page_padding_pct else ""
+    kinds = f"{cache.group_kinds.count('attention')} attention, {cache.group_kinds.count('mamba')} DeltaNet"
+    lines = [
+        f"vLLM's KV-cache accounting (vLLM 0.32.0's rules; quantlab/estimate/vllm_cache.py): {model.name}, "
+        f"{options.device.upper()}, TP {tp}, {gib:g} GiB of KV space {where}, --max-model-len {cache.max_model_len:,}, "
+        f"--max-num-seqs {cache.max_num_seqs}, prefix caching {'on' if options.prefix_caching else 'off'} "
+        f"(mamba cache mode {cache.mamba_cache_mode})",
+        f"block size:       {cache.block_size} tokens (attention page {cache.attention_page_bytes / 1e6:.2f} MB a "
+        f"layer; DeltaNet state {cache.mamba_state_bytes / 1e6:.2f} MB a layer and sequence{padding})",
+        f"cache groups:     {len(cache.cache_groups)} of {cache.layers_per_group} layers ({kinds}), "
+        f"block size {cache.block_size} each",
+        f"blocks:           {cache.num_blocks:,} of {cache.bytes_per_block / 1e6:.2f} MB; a {cache.max_model_len:,}-token "
+        f"request holds {cache.blocks_per_request:,} ({cache.blocks_per_request - state:,} attention + {state} state)",
+        f"KV cache size:    {cache.kv_cache_tokens:,} tokens",
+        f"max concurrency:  {cache.max_concurrency:.2f}x at {cache.max_model_len:,} tokens per request; "
+        f"{cache.concurrent_full_length} such request{'' if cache.concurrent_full_length == 1 else 's'} at once with --max-num-seqs {cache.max_num_seqs}",
+        f"state dtypes:     conv {cache.conv_dtype}, SSM {cache.ssm_dtype}; KV {options.kv_dtype or 'bf16'}",
+    ]
+    if not cache.fits:
+        lines.append(f"vLLM refuses to start: one request needs {cache.blocks_per_request:,} blocks and the null "
+                     f"block, the pool has {cache.num_blocks:,}; the longest --max-model-len that fits is "
+                     f"{cache.longest_model_len:,}")
+    if model.shape.max_positions and cache.max_model_len > model.shape.max_positions:
+        lines.append(f"vLLM refuses --max-model-len above max_position_embeddings ({model.shape.max_positions:,}) "
+                     "unless the config scales RoPE (or VLLM_ALLOW_LONG_MAX_MODEL_LEN=1)")
+    return lines

@@ -1,8 +1,8 @@
 """One model, ready to estimate: its config, every tensor, and its hybrid shape.
 
-`--model` accepts a shipped config name (qwen3.6-27b, qwen3.5-397b-a17b), `bundled`, a
-config.json or its folder, or a Hub id (owner/name: the HF cache, quantlab's shipped copy, then
-the Hub), all through quantlab.sources.resolve.
+`--model` accepts a shipped config name (qwen3.6-27b, qwen3.5-397b-a17b), `bundled`, qwen3.6-27b-cache-shapes
+(quantlab/cache_shapes.py), a config.json or its folder, or a Hub id (owner/name: the HF cache, quantlab's shipped
+copy, then the Hub), all through quantlab.sources.resolve.
 """
 
 from __future__ import annotations
@@ -17,9 +17,13 @@ from quantlab.errors import QuantlabError
 from quantlab.estimate.config_check import check_config_values, check_parameter_count
 from quantlab.estimate.hybrid import HybridShape, check_fields, hybrid_shape
 from quantlab.estimate.inventory import ModelInventory, estimator_class, model_inventory, text_config_of
+from quantlab.cache_shapes import NAME as CACHE_SHAPES
 from quantlab.known_models import KNOWN_MODELS
 from quantlab.recipe import ModelSpec
 from quantlab.sources import resolve
+
+
+NAMED_CONFIGS = (*KNOWN_MODELS, CACHE_SHAPES, "bundled")  # what --model takes by name
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ def _inventory(config, model: str) -> ModelInventory:
 
 def model_spec(model: str) -> ModelSpec:
     try:
-        if model in KNOWN_MODELS or model == "bundled":
+        if model in NAMED_CONFIGS:
             return ModelSpec(source="synthetic", config=model)
         path = Path(model).expanduser()
         if path.exists():
@@ -76,7 +80,7 @@ def model_spec(model: str) -> ModelSpec:
     except (ValidationError, RuntimeError) as exc:  # not a valid path or Hub id; ~user of an unknown user
         why = exc.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(exc, ValidationError) else str(exc)
         raise QuantlabError(f"--model {model[:200]!r}: {why[:300]}") from None
-    known = ", ".join([*KNOWN_MODELS, "bundled"])
+    known = ", ".join(NAMED_CONFIGS)
     raise QuantlabError(
         f"--model '{model[:200]}': not a shipped config ({known}), not an existing config.json or folder, "
         "and not a Hub id (owner/name)"
@@ -85,7 +89,7 @@ def model_spec(model: str) -> ModelSpec:
 
 def _raw_config(model: str) -> dict | None:
     """The config.json as written, when --model names a file or folder (shipped configs are complete)."""
-    if model in KNOWN_MODELS or model == "bundled" or not Path(model).expanduser().exists():
+    if model in NAMED_CONFIGS or not Path(model).expanduser().exists():
         return None
     path = Path(model).expanduser()
     path = path if path.name == "config.json" else path / "config.json"

@@ -31,6 +31,7 @@ from quantlab.estimate.runtime import (
     workspace_bytes,
 )
 from quantlab.estimate.schemes import Scheme
+from quantlab.estimate.vllm_cache import VllmCache
 from quantlab.estimate.weights import WeightsEstimate
 from quantlab.recipe import MAX_CONTEXT
 from quantlab.schema.estimate import GpuShareEstimate, MultiGpuEstimate
@@ -309,15 +310,25 @@ def tensor_parallel_row(model: EstimationModel, scheme: Scheme, gpus: GpuSet, ba
         tp = tensor_parallel_estimate(model, scheme, gpus.count)
     except QuantlabError as exc:
         return MultiGpuEstimate(**row, unavailable=str(exc))
-    fit = tp.max_context(round(gpus.gib * GIB), batch)
-    total = tp.memory_at(fit.tokens, batch).total if fit.tokens else None
+    gpu_bytes = round(gpus.gib * GIB)
+    fit = tp.max_context(gpu_bytes, batch)
+    pool = tp.cache(tp.kv_space(gpu_bytes), max(fit.tokens, 1))
+    # vLLM gives the KV pool all of its share of the GPU, whatever the context
+    total = tp.fixed_bytes() + pool.num_blocks * pool.bytes_per_block if fit.tokens else None
     per_gpu = [GpuShareEstimate(device=f"cuda:{i}", weights=tp.weight_bytes, total_at_max_context=total)
                for i in range(gpus.count)]
     if not fit.tokens:
         return MultiGpuEstimate(**row, per_gpu=per_gpu, unavailable=(
-            f"does not fit: {tp.weight_bytes / 1e9:.2f} GB of weights per GPU and one token's memory exceed "
+            f"does not fit: {tp.weight_bytes / 1e9:.2f} GB of weights per GPU and one request's KV blocks exceed "
             f"{fit.budget_bytes / 1e9:.2f} GB, vLLM's 0.9 of each GPU"))
-    return MultiGpuEstimate(**row, per_gpu=per_gpu, max_context=fit.tokens, limit=fit.limit)
+    return MultiGpuEstimate(**row, per_gpu=per_gpu, max_context=fit.tokens, limit=f"{fit.limit}; {pool_note(pool)}")
+
+
+def pool_note(pool: VllmCache) -> str:
+    """vLLM's KV pool in a few words: blocks, block size, padding, the state a request holds."""
+    padding = f", mamba page padded {pool.mamba_page_padding_pct:.2f}%" if pool.mamba_page_padding_pct else ""
+    return (f"vLLM's pool: {pool.num_blocks:,} blocks of {pool.block_size} tokens{padding}, "
+            f"{pool.state_blocks_per_request} state blocks ({pool.state_bytes_per_request / 1e6:,.0f} MB) per request")
 
 
 def _not_this_scheme(mapped: int, weights_bytes: int) -> str:

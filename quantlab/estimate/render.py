@@ -116,8 +116,10 @@ def multi_gpu_lines(result: EstimateResult) -> list[str]:
         "context; '-' for a GPU the map leaves empty), or, where it fits a shorter context, an even map (accelerate's "
         "sequential map with one cap on every GPU, the cap and the run's map's context named in the row), one GPU "
         "working at a time, on the transformers profile; vLLM: every layer cut across the GPUs (KV heads copied when GPUs "
-        "outnumber them), 0.9 of each GPU (--gpu-memory-utilization), bf16 KV cache and state, 8,192-token "
-        "prefill chunks. Text model only. GB = 10⁹ bytes.",
+        "outnumber them), 0.9 of each GPU (--gpu-memory-utilization), bf16 KV cache, the DeltaNet state in the "
+        "config's mamba_ssm_dtype, 8,192-token prefill chunks, vLLM's KV-cache accounting (a pool of blocks, state "
+        "pages padded to the attention page, two state blocks per request with prefix caching), the context at most "
+        "max_position_embeddings. Text model only. GB = 10⁹ bytes.",
     ]
 
 

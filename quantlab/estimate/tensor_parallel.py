@@ -43,17 +43,27 @@ create_weights raises "The input size is not aligned with the quantized weight s
 does this module. Output packing (8 per int32) and Marlin's tile minimums are not checked. GGUF schemes
 are refused (vLLM's GGUF path is not modelled); bitsandbytes' per-tensor state is counted on every rank.
 
+The KV cache and the DeltaNet state are vLLM's own accounting (quantlab/estimate/vllm_cache.py, checked against
+vLLM's CPU build by scripts/check_vllm_accounting.py): a pool of equal blocks, each holding `block_size` tokens of
+every attention layer of a group or one sequence's state of every DeltaNet layer of a group, the mamba page padded
+to the attention page; a request at max_model_len holds cdiv(max_model_len, block_size) blocks per attention group
+and, with prefix caching on (vLLM's default, mamba cache mode 'align'), 2 blocks per DeltaNet group; one block is
+the pool's null block. The SSM state is in the config's mamba_ssm_dtype (float32 for Qwen3.6-27B; vLLM's
+Qwen3_5ForConditionalGenerationConfig reads it) unless --mamba-ssm-cache-dtype (`ssm_cache_dtype`) says
+otherwise; the conv state in the model dtype.
+
 Scope and assumptions (keep in mind when comparing with a GPU):
 - text model only: no vision tower, no MTP (vLLM skips `mtp.*` without speculative decoding);
 - no expert parallelism, no pipeline parallelism, no speculative tokens (they add conv-state rows);
 - vLLM allocates A_log in float32; it is counted at the model dtype here (4.6 KB for the 27B);
-- one DeltaNet state slot per sequence (no prefix caching of states); KV cache per token, ignoring
-  vLLM's page size unification between attention and state blocks;
-- activations, workspace, allocator overhead and CUDA context per rank come from runtime.py's model
-  (transformers-profile activations at the per-rank widths, one prefill chunk of VLLM_RUNTIME.prefill_chunk
-  tokens, full-vocab logits as gathered by the driver). NCCL buffers and CUDA graphs are inside the assumed
-  CUDA context. The state is kept in the model dtype, as vLLM does unless --mamba-ssm-cache-dtype is set.
-- `max_context` fits gpu_memory_utilization × the GPU (vLLM's default --gpu-memory-utilization is 0.9).
+- FlashAttention-style kernel blocks of multiples of 16 tokens (not FA4's head-dim-256 pages on Blackwell);
+- what a rank holds besides the KV pool (`fixed_bytes`): weights, activations, workspace, allocator overhead and
+  CUDA context from runtime.py's model (transformers-profile activations at the per-rank widths for vLLM's profile
+  run of one prefill chunk of VLLM_RUNTIME.prefill_chunk tokens, full-vocab logits as gathered by the driver).
+  NCCL buffers and CUDA graphs are inside the assumed CUDA context. vLLM gives the KV pool everything else of
+  gpu_memory_utilization × the GPU (its default --gpu-memory-utilization is 0.9).
+- `max_context`: the longest --max-model-len vLLM starts with (`batch` requests of it at once fit the pool), at
+  most the config's max_position_embeddings, which vLLM refuses to exceed unless the config scales RoPE.
 """
 
 from __future__ import annotations
@@ -70,13 +80,14 @@ from quantlab.estimate.runtime import (
     ContextFit,
     MemoryBreakdown,
     RuntimeAssumptions,
-    deltanet_state_bytes,
+    check_point,
     kv_bytes_per_token,
-    max_context,
-    memory_at,
 )
+from quantlab.estimate.runtime import memory_at as runtime_memory_at
 from quantlab.estimate.schemes import Scheme
+from quantlab.estimate.vllm_cache import VllmCache, longest_model_len, mamba_state_bytes, state_dtypes, vllm_cache
 from quantlab.estimate.weights import ComponentBytes, WeightsEstimate, estimate_weights
+from quantlab.recipe import MAX_CONTEXT
 
 if TYPE_CHECKING:
     from quantlab.estimate.model import EstimationModel
@@ -87,9 +98,11 @@ GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default --gpu-memory-utilization
 BA_REPLICATED_METHODS = frozenset({"awq"})
 SKIPPED_ROLES = frozenset({"vision", "mtp"})
 
-# vLLM defaults as far as memory goes: KV cache and DeltaNet state in the model dtype (bf16), chunked
-# prefill of 8192 tokens (assumed: --max-num-batched-tokens depends on the version and usage context).
+# vLLM defaults as far as memory goes: KV cache in the model dtype (bf16), chunked prefill of 8192 tokens
+# (assumed: --max-num-batched-tokens depends on the version and usage context). The DeltaNet state's dtypes are
+# vLLM's own rule (vllm_cache.state_dtypes), not state_dtype here.
 VLLM_RUNTIME = RuntimeAssumptions(kv_dtype="bf16", state_dtype="bfloat16", prefill_chunk=8192, profile="vllm")
+DEFAULT_MAX_NUM_SEQS = 256  # it sizes nothing in the cache (vllm_cache.py); only reported
 
 # (tensor name pattern, kind, split dim): "split" cuts `dim` by tp; "kv" keeps kv heads per rank;
 # "vocab" cuts the padded vocab; "ba" splits unless the quant method replicates it; "replicated": whole
@@ -125,23 +138,68 @@ class TensorParallelEstimate:
     q_heads_per_rank: int
     kv_heads_per_rank: int
     kv_replicas: int  # ranks holding the same KV head (1: KV heads are split, not copied)
-    kv_bytes_per_token: float  # KV cache per token of one sequence, on this rank
-    deltanet_state_bytes: float  # DeltaNet conv + recurrent state per sequence, on this rank
+    kv_bytes_per_token: float  # KV cache per token of one sequence, on this rank (before vLLM's blocks)
+    deltanet_state_bytes: float  # DeltaNet conv + recurrent state per sequence, on this rank (before padding)
     weights: WeightsEstimate  # the per-rank tensors by role (sums to weight_bytes)
     shape: HybridShape  # the per-rank widths (hidden, vocab and the expert count stay whole)
     runtime: RuntimeAssumptions
+    conv_dtype: str = "bfloat16"  # the DeltaNet state's dtypes, as vLLM picks them (vllm_cache.state_dtypes)
+    ssm_dtype: str = "float32"
+    prefix_caching: bool = True  # vLLM's default: mamba cache mode 'align', two state blocks per request
+
+    def cache(self, kv_cache_bytes: int, max_model_len: int, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS) -> VllmCache:
+        """vLLM's accounting of `kv_cache_bytes` of KV pool on this rank (vllm_cache.py)."""
+        return vllm_cache(self.shape, max(1, kv_cache_bytes), max_model_len, max_num_seqs, self.prefix_caching,
+                          self.runtime.kv_dtype, self.conv_dtype, self.ssm_dtype, tp=1, device="gpu")
+
+    def fixed_bytes(self) -> int:
+        """What the rank holds besides the KV pool: weights, vLLM's profile-run activations (one prefill chunk),
+        workspace, the allocator's overhead on them and the CUDA context."""
+        point = self._profile_point()
+        allocated = point.weights + point.activations + point.workspace
+        return allocated + round(allocated * self.runtime.allocator_overhead) + self.runtime.cuda_context_bytes
+
+    def kv_space(self, gpu_bytes: int, gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION) -> int:
+        """The KV pool vLLM sizes on this rank: gpu_memory_utilization of the GPU less fixed_bytes (≤ 0: none)."""
+        if not 0 < gpu_memory_utilization <= 1:
+            raise QuantlabError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        return round(gpu_bytes * gpu_memory_utilization) - self.fixed_bytes()
 
     def memory_at(self, context: int, batch: int = 1) -> MemoryBreakdown:
-        return memory_at(self.weights, self.weight_bytes, self.shape, context, batch, self.runtime)
+        """The least a rank needs for vLLM to start with --max-model-len `context` and hold `batch` such requests
+        at once: fixed_bytes plus the blocks they take (attention blocks and the null block as kv_cache, the
+        padded state blocks as deltanet_state)."""
+        check_point(context, batch)
+        layout = self.cache(1, context)
+        attention_blocks = layout.blocks_per_request - layout.state_blocks_per_request
+        point = self._profile_point()
+        allocated = point.weights + point.activations + point.workspace
+        kv, state = (batch * attention_blocks + 1) * layout.bytes_per_block, batch * layout.state_bytes_per_request
+        return replace(point, context=context, batch=batch, kv_cache=kv, deltanet_state=state,
+                       allocator_overhead=round(allocated * self.runtime.allocator_overhead))
 
     def max_context(
         self, gpu_bytes: int, batch: int = 1, gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION
     ) -> ContextFit:
-        """The longest context per sequence that fits `gpu_memory_utilization` of each rank's GPU."""
-        if not 0 < gpu_memory_utilization <= 1:
-            raise QuantlabError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        """The longest --max-model-len vLLM starts with on `gpu_memory_utilization` of each rank's GPU, `batch`
+        requests of it fitting the pool at once; at most the config's max_position_embeddings."""
         budget = round(gpu_bytes * gpu_memory_utilization)
-        return max_context(self.weights, self.weight_bytes, self.shape, budget, batch, self.runtime)
+        space = self.kv_space(gpu_bytes, gpu_memory_utilization)
+        tokens = longest_model_len(self.cache(space, 1), batch) if space > 0 else 0
+        positions = self.shape.max_positions
+        if positions and tokens > positions:
+            why = (f"max_position_embeddings ({positions:,}): vLLM refuses a longer --max-model-len without RoPE "
+                   f"scaling; the pool would hold {batch} request{'s' if batch > 1 else ''} of {tokens:,}")
+            return ContextFit(positions, why, budget)
+        if tokens >= MAX_CONTEXT:
+            return ContextFit(MAX_CONTEXT, f"max context ({MAX_CONTEXT:,})", budget)
+        return ContextFit(tokens, "memory", budget)
+
+    def _profile_point(self) -> MemoryBreakdown:
+        """runtime.py's breakdown at one prefill chunk (vLLM's profile run), before any cache."""
+        chunk = self.runtime.prefill_chunk or VLLM_RUNTIME.prefill_chunk
+        point = runtime_memory_at(self.weights, self.weight_bytes, self.shape, chunk, 1, self.runtime)
+        return replace(point, kv_cache=0, deltanet_state=0)
 
 
 def tensor_parallel_estimate(
@@ -150,14 +208,18 @@ def tensor_parallel_estimate(
     tp: int,
     runtime: RuntimeAssumptions = VLLM_RUNTIME,
     dtype: str = "bfloat16",
+    ssm_cache_dtype: str | None = None,
+    prefix_caching: bool = True,
 ) -> TensorParallelEstimate:
-    """Per-rank weights, KV cache and DeltaNet state of `model` under `scheme`, split over `tp` GPUs."""
+    """Per-rank weights, KV cache and DeltaNet state of `model` under `scheme`, split over `tp` GPUs.
+    `ssm_cache_dtype`: vLLM's --mamba-ssm-cache-dtype (None: the config's mamba_ssm_dtype, else the model dtype)."""
     check_tp(model.shape, tp, model.name)
     if scheme.is_gguf:
         raise QuantlabError(f"{scheme.key}: vLLM's GGUF loader is not modelled; use bf16, fp16, AWQ or bitsandbytes")
     weights, replicated = rank_weights(model.inventory, model.shape, scheme, tp, dtype)
     shape = rank_shape(model.shape, tp)
     kv_heads, replicas = kv_layout(model.shape.kv_heads, tp)
+    conv_dtype, ssm_dtype = state_dtypes(dtype, "gpu", model.shape.ssm_dtype, ssm_cache_dtype)
     return TensorParallelEstimate(
         model=model.name,
         scheme=scheme.key,
@@ -169,10 +231,13 @@ def tensor_parallel_estimate(
         kv_heads_per_rank=kv_heads,
         kv_replicas=replicas,
         kv_bytes_per_token=kv_bytes_per_token(shape, runtime.kv_dtype),
-        deltanet_state_bytes=deltanet_state_bytes(shape, runtime.state_dtype),
+        deltanet_state_bytes=shape.deltanet_layers * mamba_state_bytes(shape, conv_dtype, ssm_dtype),
         weights=weights,
         shape=shape,
         runtime=runtime,
+        conv_dtype=conv_dtype,
+        ssm_dtype=ssm_dtype,
+        prefix_caching=prefix_caching,
     )
 
 

@@ -65,6 +65,9 @@ class Method:
     artifact_file: ClassVar[str | None] = None  # its engine writes one file a runtime loads (GGUF), not a checkpoint
     makes: ClassVar[str] = "checkpoint"  # what a runtime loads of it: a checkpoint folder, or a "gguf" file
     measured_form: ClassVar[str] = "checkpoints"  # what it makes, said in errors ("GGUF files")
+    # Quantized inside quantlab's process as transformers loads the model (bitsandbytes, RTN): nothing on disk that a
+    # runtime in a process of its own (vLLM) could load; the reason is said in errors
+    in_process: ClassVar[str | None] = None
     unquantized_hint: ClassVar[str] = ""  # how a recipe of this method names the unquantized model, said in errors
     # `quantlab sensitivity`: the option naming the levels a tensor class may be raised to (None: not swept)
     sensitivity_option: ClassVar[str | None] = None

@@ -59,6 +59,8 @@ class Bnb4bitConfig(MethodConfig):
 
 
 class _Bitsandbytes(Method):
+    in_process = ("bitsandbytes quantizes as transformers loads the model, in quantlab's process; vLLM's bitsandbytes "
+                  "path is for GPUs, and quantlab writes no bitsandbytes checkpoint for it")
     builds = True
     flag: str  # the model attribute transformers sets once quantized: is_loaded_in_8bit / is_loaded_in_4bit
 

@@ -39,6 +39,7 @@ class RtnConfig(MethodConfig):
 class RtnMethod(Method):
     name = "rtn"
     config = RtnConfig
+    in_process = "RTN is simulated on the loaded model, in quantlab's process, and writes no checkpoint a server can load"
     sensitivity_option = "--high-bits"
 
     def label(self, qconfig: RtnConfig, dtype: str) -> str:

@@ -18,11 +18,13 @@ class RuntimeEntry:
     module: str
     cls: str
     loads: tuple[str, ...]  # "checkpoint" and/or "gguf"
+    own_process: bool = False  # runs the model in a process of its own: it loads only what a method wrote to disk
 
 
 RUNTIMES = {
     "transformers": RuntimeEntry("quantlab.runtimes.transformers", "TransformersRuntime", ("checkpoint",)),
     "llama.cpp": RuntimeEntry("quantlab.runtimes.libllama", "LlamaCppRuntime", ("gguf",)),
+    "vllm": RuntimeEntry("quantlab.runtimes.vllm", "VllmRuntime", ("checkpoint",), own_process=True),
 }
 RUNTIME_NAMES = tuple(RUNTIMES)
 

@@ -13,7 +13,7 @@ a method's arguments reach `load` inside the request.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import torch
 from quantlab.device_map import DeviceSplit
 from quantlab.schema.environment import WeightsInfo
 from quantlab.schema.measurement import Kernels
+from quantlab.schema.serving import ServingLevel
 
 
 @dataclass
@@ -59,8 +60,9 @@ class Runtime(ABC):
 
     name: str
 
-    def options(self, measure: Any, device: torch.device) -> Any:
-        """The runtime's settings from the recipe's measure section (None: it has none)."""
+    def options(self, measure: Any, device: torch.device, longest: int = 0) -> Any:
+        """The runtime's settings from the recipe's measure section (None: it has none). `longest`: the longest
+        sequence the run will send, quality's windows included (a server sizes its model length by it)."""
         return None
 
     @abstractmethod
@@ -73,6 +75,23 @@ class Runtime(ABC):
     def settings(self, model: Any) -> dict[str, Any]:
         """The settings that ran, as records state them."""
 
+    def close(self, model: Any) -> None:
+        """After the last point: a runtime that runs a server stops it here. Default: nothing to close."""
+
+    def memory_pid(self, model: Any) -> int | None:
+        """The process whose tree's RSS the memory trackers sample: a runtime that runs the model in a server
+        process names it. Default: None, this process."""
+        return None
+
+    def serving(self, model: Any, seed: int, echo: Callable[[str], None]) -> tuple[ServingLevel, ...] | None:
+        """Serving under load, once per run, where the runtime is a server. Default: None (not a server)."""
+        return None
+
+    def scorer(self, model: Any) -> Any:
+        """What quality scores: the model itself (a torch module whose logits it reads), or a
+        quantlab.quality.top_k.TopKScorer where the runtime returns only top-k log-probs. Default: the model."""
+        return model
+
     def prepare_point(self, model: Any, context: int, batch: int, new_tokens: int) -> None:
         """Before one (context, batch) point, outside the timing: a runtime that allocates its cache whole
         (llama.cpp's context) makes it here. Default: nothing to prepare."""
@@ -84,6 +103,12 @@ class Runtime(ABC):
     @abstractmethod
     def decode(self, model: Any, next_ids: torch.Tensor, cache: Any, steps: int) -> torch.Tensor:
         """`steps` greedy tokens after `next_ids`: a (batch, steps + 1) tensor of token ids."""
+
+    def timed_phases(self, cache: Any) -> tuple[float, float] | None:
+        """(prefill seconds, decode seconds) as the runtime timed them itself, where the loop's own timers cannot
+        see them: a server streams tokens while the loop waits, so their arrival times are the measurement.
+        Default: None, the loop's timers."""
+        return None
 
     @abstractmethod
     def cache_bytes(self, cache: Any) -> int | None:

@@ -34,7 +34,7 @@ class LlamaCppRuntime(Runtime):
         self.lib = library()
         self.log = process_log()
 
-    def options(self, measure, device: torch.device) -> LlamaCppSettings:
+    def options(self, measure, device: torch.device, longest: int = 0) -> LlamaCppSettings:
         """from the recipe's measure.llama_cpp: defaults as llama-bench's, all layers on a GPU, none on the CPU"""
         return settings_for(measure.llama_cpp or LlamaCppSpec(), device)
 

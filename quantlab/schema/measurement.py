@@ -66,6 +66,7 @@ class MemoryResult(Frozen):
     rss_start_bytes: Bytes
     rss_end_bytes: Bytes
     rss_peak_bytes: Bytes  # sampled, so a spike shorter than the interval can be missed
+    rss_of: str | None = None  # whose RSS: None, quantlab's own process; else a runtime's server and its children
     # CUDA only; None on the CPU (never 0 as a stand-in).
     allocated_end_bytes: Bytes | None = None
     allocated_peak_bytes: Bytes | None = None

@@ -21,11 +21,11 @@ from quantlab.trackers.timing import synchronize
 
 
 class _PeakSampler(threading.Thread):
-    def __init__(self, interval_s: float, probes: dict[torch.device, NvmlProbe]):
+    def __init__(self, interval_s: float, probes: dict[torch.device, NvmlProbe], pid: int | None = None):
         super().__init__(daemon=True, name="quantlab-memory-sampler")
         self.interval_s = interval_s
         self.probes = probes
-        self.process = psutil.Process()
+        self.pid = pid
         self.stop_event = threading.Event()
         self.rss_peak = 0
         self.device_peak: dict[torch.device, int | None] = dict.fromkeys(probes)
@@ -34,7 +34,7 @@ class _PeakSampler(threading.Thread):
         self.sample()
 
     def sample(self) -> None:
-        self.rss_peak = max(self.rss_peak, self.process.memory_info().rss)
+        self.rss_peak = max(self.rss_peak, rss_bytes(self.pid))
         for device, probe in self.probes.items():
             self.device_peak[device] = _max(self.device_peak[device], probe.device_used())
             self.process_peak[device] = _max(self.process_peak[device], probe.process_used())
@@ -48,6 +48,25 @@ class _PeakSampler(threading.Thread):
         self.stop_event.set()
         self.join()
         self.sample()
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """RSS of this process; with `pid`, of that process and every process under it (a server's engine and
+    workers). A process that ends while it is read counts 0."""
+    if pid is None:
+        return psutil.Process().memory_info().rss
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for process in tree:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total
 
 
 def _max(a: int | None, b: int | None) -> int | None:
@@ -78,13 +97,14 @@ class MemoryTracker:
     with several, the result's figures are their sums and `per_device` holds each one's."""
 
     def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.005, nvml: NvmlProbe | None = None,
-                 settle_first: bool = False, devices: tuple[torch.device, ...] = ()):
+                 settle_first: bool = False, devices: tuple[torch.device, ...] = (), pid: int | None = None):
         self.device = torch.device(device)
         self.devices = tuple(torch.device(d) for d in devices) or (self.device,)
         self.interval_s = interval_s
         self.gpus = tuple(d for d in self.devices if d.type == "cuda")
         self.nvml = {d: nvml if nvml is not None and d == self.device else NvmlProbe(d) for d in self.gpus}
         self.settle_first = settle_first
+        self.pid = pid  # another process whose tree's RSS is the one that counts (a runtime's server)
         self.result: MemoryResult | None = None
 
     def __enter__(self) -> "MemoryTracker":
@@ -98,8 +118,8 @@ class MemoryTracker:
                 reserved_start_bytes=torch.cuda.memory_reserved(device),
                 nvml_device_used_start_bytes=self.nvml[device].device_used(),
             )
-        self._rss_start = psutil.Process().memory_info().rss
-        self._sampler = _PeakSampler(self.interval_s, self.nvml)
+        self._rss_start = rss_bytes(self.pid)
+        self._sampler = _PeakSampler(self.interval_s, self.nvml, self.pid)
         self._sampler.start()
         return self
 
@@ -113,8 +133,9 @@ class MemoryTracker:
 
     def _result(self) -> MemoryResult:
         s = self._sampler
-        rss_end = psutil.Process().memory_info().rss
+        rss_end = rss_bytes(self.pid)
         common = dict(
+            rss_of=None if self.pid is None else f"the server's process tree (pid {self.pid} and its children)",
             device=str(self.device),
             rss_start_bytes=self._rss_start,
             rss_end_bytes=rss_end,

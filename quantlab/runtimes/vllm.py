@@ -1,0 +1,242 @@
+"""The vLLM runtime: a checkpoint folder (BF16, or a quantized one vLLM reads, like quantlab's AWQ builds) served by
+vLLM's OpenAI-compatible server from its own venv (.vllm/, `make vllm`), as users run it, and measured over HTTP
+by quantlab's own client (quantlab/vllm_server/).
+
+The shared loop (quantlab/measure.py) times each point as for every runtime. Here, a point's sequences are
+streamed completions of exactly `new_tokens + 1` greedy tokens (EOS ignored), one request per sequence:
+`prefill` returns when every sequence has its first token (the time to first token, as a client sees it: the HTTP
+round trip, the queue and the prefill), and `decode` reads the rest of the streams (the decode steps, as they
+arrive). The loop repeats one prompt, so prefix caching is off unless measure.vllm.prefix_caching turns it on.
+
+Memory is vLLM's own accounting (its metrics and log: KV bytes and tokens, block size, mamba padding, groups,
+maximum concurrency), in every record; the process figures are the RSS of the server's whole process tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantlab.checkpoint import folder_tensors
+from quantlab.errors import QuantlabError
+from quantlab.quality.top_k import TopKRows, TopKScorer
+from quantlab.runtimes.base import LoadedModel, LoadRequest, Runtime
+from quantlab.schema.environment import WeightsInfo
+from quantlab.schema.measurement import Kernels
+from quantlab.vllm_server.accounting import VllmAccounting, read_accounting
+from quantlab.schema.serving import ServingLevel
+from quantlab.vllm_server.client import StreamedCompletion, VllmClient
+from quantlab.vllm_server.load import LoadSettings, describe_level, run_level
+from quantlab.vllm_server.server import ServerConfig, VllmError, VllmServer, installed_version
+from quantlab.vllm_server.settings import VllmSpec
+
+NAME = "vllm"
+QUALITY_TOP_K = 20  # vLLM's default --max-logprobs: the most log-probs per position it returns
+NOT_LOADED = ("mtp.", "visual.", "model.visual.")  # vLLM's text model loads neither the MTP head nor the vision tower
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    spec: VllmSpec
+    max_model_len: int
+    gpu: bool
+
+
+@dataclass
+class VllmModel:
+    """What load returns as the model: the running server, its client, and what vLLM said of itself."""
+
+    server: VllmServer
+    client: VllmClient
+    config: Any
+    folder: Path
+    settings: VllmSettings
+    accounting: VllmAccounting
+    tensors: dict = field(default_factory=dict)
+    new_tokens: int = 1
+
+
+class VllmRuntime(Runtime):
+    name = NAME
+
+    def options(self, measure, device: torch.device, longest: int = 0) -> VllmSettings:
+        """measure.vllm, and vLLM's --max-model-len: measure.vllm.max_model_len, else the longest sequence the run
+        sends (a point's context, its new tokens and the first one; a load-test request; a quality window)."""
+        spec = measure.vllm or VllmSpec()
+        needed = max(longest, max(measure.contexts) + measure.new_tokens + 1, spec.input_tokens + spec.output_tokens + 1)
+        return VllmSettings(spec, spec.max_model_len or needed, device.type == "cuda")
+
+    def version(self) -> str:
+        return installed_version()
+
+    def settings(self, model: VllmModel) -> dict[str, Any]:
+        spec = model.settings.spec
+        return {"server": "vllm.entrypoints.openai.api_server (what `vllm serve` runs)",
+                "arguments": model.server.config.arguments(model.server.port)[2:],
+                "kv_cache_gib": spec.kv_cache_gib, "max_num_seqs": spec.max_num_seqs,
+                "max_model_len": model.settings.max_model_len, "prefix_caching": spec.prefix_caching,
+                "enforce_eager": spec.enforce_eager, "startup_s": round(model.server.started_s, 1),
+                "timing": "from the streamed tokens' arrival: prefill from the first request sent to the last "
+                          "sequence's first token (TTFT); decode from then to the last token",
+                "accounting": model.accounting.as_record()}
+
+    def load(self, request: LoadRequest) -> LoadedModel:
+        source = request.source
+        folder = source.files()
+        if folder is None:
+            raise QuantlabError(f"the vLLM runtime serves a checkpoint folder, and {source.name} ({source.spec.source}) "
+                                "has none on disk: use a local, bundled or cached Hub model, or a method that writes one")
+        settings: VllmSettings = request.settings
+        spec = settings.spec
+        config = ServerConfig(model=str(folder), max_model_len=settings.max_model_len, max_num_seqs=spec.max_num_seqs,
+                              kv_cache_gib=spec.kv_cache_gib, dtype=source.spec.dtype, port=spec.port,
+                              prefix_caching=spec.prefix_caching, enforce_eager=spec.enforce_eager, gpu=settings.gpu,
+                              text_only=hasattr(source.config, "vision_config"))
+        server = VllmServer(config, startup_timeout_s=spec.startup_timeout_s)
+        server.start()
+        try:
+            client = VllmClient(server.url, str(folder))
+            accounting = read_accounting(server.log_text(), client.metrics())
+        except BaseException:
+            server.stop()
+            raise
+        tensors = {n: t for n, t in folder_tensors(folder).items() if not n.startswith(NOT_LOADED)}
+        model = VllmModel(server, client, source.config, folder, settings, accounting, tensors)
+        info = WeightsInfo(name=source.name, source=source.spec.source, weights=source.weights, location=str(folder),
+                           model_class=_architecture(source.config), variant=source.spec.variant,
+                           dtype=source.spec.dtype)
+        return LoadedModel(model, None, source.config, info)
+
+    def close(self, model: VllmModel) -> None:
+        model.server.stop()
+
+    def memory_pid(self, model: VllmModel) -> int | None:
+        return model.server.process.pid if model.server.alive() else None
+
+    def serving(self, model: VllmModel, seed: int, echo) -> tuple[ServingLevel, ...] | None:
+        spec = model.settings.spec
+        if not spec.concurrency:
+            return None
+        model.client.greedy([1] * spec.input_tokens, 2)  # warm-up, as vllm bench serve sends a test request first
+        levels = []
+        for concurrency in spec.concurrency:
+            level = run_level(model.client, LoadSettings(concurrency, spec.requests_per_level, spec.input_tokens,
+                                                         spec.output_tokens, self.vocab_size(model), seed))
+            model.server.check_alive()
+            echo(describe_level(level))
+            levels.append(level)
+        return tuple(levels)
+
+    def scorer(self, model: VllmModel) -> "VllmScorer":
+        return VllmScorer(model.client, model.server, min(QUALITY_TOP_K, model.server.config.max_logprobs))
+
+    def prepare_point(self, model: VllmModel, context: int, batch: int, new_tokens: int) -> None:
+        if batch > model.settings.spec.max_num_seqs:
+            raise QuantlabError(f"batch {batch} is more sequences than vLLM runs at once here "
+                                f"(measure.vllm.max_num_seqs {model.settings.spec.max_num_seqs})")
+        model.new_tokens = new_tokens
+
+    def prefill(self, model: VllmModel, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        streams = [model.client.stream(row.tolist(), model.new_tokens + 1) for row in ids]
+        firsts = [self._first(model, s) for s in streams]
+        return torch.tensor([[ids_[0]] for _, ids_ in firsts]), (streams, firsts)
+
+    def decode(self, model: VllmModel, next_ids: torch.Tensor, cache: Any, steps: int) -> torch.Tensor:
+        streams, firsts = cache
+        rows = []
+        for stream, (_, first) in zip(streams, firsts):
+            chunks = self._rest(model, stream)
+            tokens = list(first) + [i for _, chunk in chunks for i in chunk]
+            if len(tokens) != steps + 1:
+                raise VllmError(f"vLLM returned {len(tokens)} tokens for a sequence, not the {steps + 1} asked for")
+            stream.last_at = chunks[-1][0] if chunks else stream.first_at
+            rows.append(tokens)
+        return torch.tensor(rows)
+
+    def timed_phases(self, cache: Any) -> tuple[float, float]:
+        """From the streams' arrival times: prefill from the first request sent to the last sequence's first token;
+        decode from then to the last sequence's last token."""
+        streams, _ = cache
+        sent = min(s.sent_at for s in streams)
+        first = max(s.first_at for s in streams)
+        return first - sent, max(s.last_at for s in streams) - first
+
+    def _first(self, model: VllmModel, stream: StreamedCompletion):
+        try:
+            return stream.first_token(model.client.timeout_s)
+        except VllmError:
+            model.server.check_alive()
+            raise
+
+    def _rest(self, model: VllmModel, stream: StreamedCompletion):
+        try:
+            return stream.rest(model.client.timeout_s)
+        except VllmError:
+            model.server.check_alive()
+            raise
+
+    def cache_bytes(self, cache: Any) -> int | None:
+        return None  # vLLM allocates its KV space whole at start-up: see point_buffers and the accounting
+
+    def point_buffers(self, model: VllmModel) -> dict[str, int] | None:
+        kv = model.accounting.kv_cache_bytes
+        return {f"{model.accounting.device or 'CPU'} KV cache (vLLM)": kv} if kv else None
+
+    def vocab_size(self, model: VllmModel) -> int:
+        text = getattr(model.config, "text_config", None) or model.config
+        return int(text.vocab_size)
+
+    def weight_bytes(self, model: VllmModel) -> int:
+        return sum(t.nbytes for t in model.tensors.values())
+
+    def parameter_count(self, model: VllmModel) -> int:
+        return sum(_numel(t.shape) for t in model.tensors.values())
+
+    def lookup_table_bytes(self, model: VllmModel) -> int:
+        return sum(t.nbytes for n, t in model.tensors.items() if n.endswith("embed_tokens.weight"))
+
+    def kernels(self, model: VllmModel) -> Kernels:
+        said = model.accounting.kernels
+        deltanet = [k for k in said if "GDN" in k or "mamba" in k.lower()]
+        linear = tuple(k for k in said if k not in deltanet)
+        return Kernels(deltanet={"gated_delta_net": "; ".join(deltanet) or "vLLM (no kernel line in its log)"},
+                       linear=linear, attention=f"vLLM {model.accounting.device or ''} attention".replace("  ", " "),
+                       compute_dtype=model.server.config.dtype,
+                       cpu_backend=None if model.settings.gpu else "vLLM CPU (torch 2.13.0+cpu)")
+
+
+class VllmScorer(TopKScorer):
+    """Quality through vLLM: its prompt log-probs (the top k and the prompt token's own, per position)."""
+
+    label = "vLLM prompt log-probs"
+
+    def __init__(self, client: VllmClient, server: VllmServer, top_k: int):
+        self.client, self.server, self.top_k = client, server, top_k
+
+    def score(self, ids: torch.Tensor) -> TopKRows:
+        prompt = ids.tolist()
+        try:
+            entries = self.client.prompt_logprobs(prompt, self.top_k)[1:]
+        except VllmError:
+            self.server.check_alive()
+            raise
+        top = [sorted(e.items(), key=lambda item: -item[1])[: self.top_k] for e in entries]
+        return TopKRows(ids=torch.tensor([[t for t, _ in row] for row in top]),
+                        logp=torch.tensor([[lp for _, lp in row] for row in top], dtype=torch.float32),
+                        target_logp=torch.tensor([e[t] for e, t in zip(entries, prompt[1:])], dtype=torch.float32))
+
+
+def _architecture(config) -> str:
+    names = getattr(config, "architectures", None) or [type(config).__name__]
+    return str(names[0])
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
