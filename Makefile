@@ -58,10 +58,10 @@ run: setup  ## the main job: measure the bundled model (CPU when there is no GPU
 	$(BIN)/quantlab run $(RECIPE)
 
 test: setup  ## every test, the slow ones included (what CI runs)
-	QUANTLAB_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q
+	QUANTLAB_REQUIRE_LLAMA_CPP=1 QUANTLAB_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
 
 test-fast: setup  ## the inner loop: every test not marked slow (about 75 s on 2 cores)
-	QUANTLAB_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -q -m "not slow"
+	QUANTLAB_REQUIRE_LLAMA_CPP=1 QUANTLAB_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q -m "not slow"
 
 validate: setup
 	$(BIN)/quantlab validate recipes/*.yaml

@@ -63,7 +63,9 @@ def _measure(model, runtime, s: PointSettings, device, nvml, progress, devices) 
             with (MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True, devices=devices, pid=pid) as pm,
                   Timer(device, devices) as pt):
                 next_ids, cache = runtime.prefill(model, ids)
-            with (MemoryTracker(device, s.sample_interval_s, nvml, settle_first=True, devices=devices, pid=pid) as dm,
+            # A server streams the decode while this process waits: no garbage collection here, which would hold
+            # the GIL while tokens queue unread and then time them all at once
+            with (MemoryTracker(device, s.sample_interval_s, nvml, settle_first=pid is None, devices=devices, pid=pid) as dm,
                   Timer(device, devices) as dt):
                 tokens = runtime.decode(model, next_ids, cache, s.new_tokens)
         cache_bytes = runtime.cache_bytes(cache)

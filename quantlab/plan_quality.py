@@ -133,10 +133,13 @@ def _paired_memory(device: torch.device, candidate_bytes: int, reference_bytes: 
     )
 
 
-def describe_quality_plan(q: QualityPlan) -> str:
+def describe_quality_plan(q: QualityPlan, candidate_from: str | None = None) -> str:
+    """`candidate_from`: what the candidate is scored from when not its full logits (a server's top-k)."""
     s = q.spec
     where = {"default": "the stdlib held-out split", "file": f"file {s.path}", "folder": f"folder {s.path}",
              "hub": f"Hub dataset {s.dataset}"}[s.source]
     mode = "paired (exact KL)" if s.mode == "paired" else f"stored (top-{s.top_k} + tail KL, a lower bound)"
+    if candidate_from:
+        mode = f"{s.mode}, the candidate scored from {candidate_from} (KL a lower bound)"
     return (f"{mode} vs {q.reference_label}: {s.tokens:,} tokens of {where}, "
             f"context {s.context:,}, stride {q.stride:,}")

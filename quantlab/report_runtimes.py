@@ -91,7 +91,9 @@ def side_by_side_section(records: list[Record]) -> list[str]:
              "transformers, the bytes of its weights and of the cache it held after the last decode step; llama.cpp, "
              "the buffers it logs (model, KV, recurrent state, compute); vLLM, the checkpoint it loaded and the KV space "
              "it allocated whole. KL: against the same BF16 reference, on the same windows (vLLM's from its top-20 "
-             "prompt log-probs: a lower bound; llama.cpp's over its own vocabulary pass).", "",
+             "prompt log-probs: a lower bound; llama.cpp's over its own vocabulary pass). Speed: transformers and llama.cpp "
+             "in quantlab's own loop around the model; vLLM's TTFT as its HTTP client sees it, its decode as its engine "
+             "timed it (vllm:request_decode_time_seconds).", "",
              "| Build | Device | Context | Runtime | Decode tok/s | TTFT ms | Memory (the runtime's own accounting) | KL mean | Top-1 agreement | Measured |",
              "|---|---|--:|---|--:|--:|---|--:|--:|---|"]
     for (model, weights, kind, build, context, runtime), r in sorted(points.items()):

@@ -33,7 +33,7 @@ from quantlab.schema.quality import QualityResult
 from quantlab.assess.session import QualitySession
 from quantlab.recipe import BuildSpec, LoadedRecipe
 from quantlab.roofline import decode_roofline, gpu_spec
-from quantlab.runtimes import runtime_for
+from quantlab.runtimes import RUNTIMES, runtime_for
 from quantlab.runtimes.base import LoadRequest
 from quantlab.schema.build import QuantizeCost
 from quantlab.schema.environment import WeightsInfo
@@ -320,7 +320,7 @@ def describe_plan(plan: RunPlan) -> str:
         f"{r.measure.warmup} warm-up + {r.measure.repeats} repeats",
     ]
     if plan.quality:
-        lines.append(f"  quality {describe_quality_plan(plan.quality)}")
+        lines.append(f"  quality {describe_quality_plan(plan.quality, RUNTIMES[r.measure.runtime].quality_from)}")
     lines += [f"  note    {n}" for n in plan.notes]
     return "\n".join(lines)
 

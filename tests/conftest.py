@@ -78,6 +78,32 @@ def tiny_qwen3_5_config():
     return config
 
 
+def save_vl_checkpoint(config, folder: Path) -> Path:
+    """A Qwen3.6-shaped VL checkpoint of `config`, random BF16 weights (seed 0), in two shards, the second holding
+    mtp.* tensors (one decoder layer shaped like the full-attention layer 3, fc, norms), as Qwen ships them."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    h, layer = config.text_config.hidden_size, "model.language_model.layers.3."
+    mtp = {f"mtp.layers.0.{n[len(layer):]}": torch.randn(p.shape).to(torch.bfloat16)
+           for n, p in model.state_dict().items() if n.startswith(layer)}
+    mtp["mtp.fc.weight"] = torch.randn(h, 2 * h).to(torch.bfloat16)
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        mtp[f"mtp.{norm}.weight"] = torch.ones(h, dtype=torch.bfloat16)
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    save_file(mtp, folder / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    weight_map = {n: "model-00001-of-00002.safetensors" for n in model.state_dict()}
+    weight_map.update({n: "model-00002-of-00002.safetensors" for n in mtp})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_config_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-qwen3_5")

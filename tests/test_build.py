@@ -13,7 +13,6 @@ import pytest
 import quantlab
 import torch
 import yaml
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from quantlab.artifact import writer
@@ -32,7 +31,7 @@ from quantlab.recipe import load_recipe
 from quantlab.report import write_report
 from quantlab.store import load_records
 
-from conftest import tiny_qwen3_5_config
+from conftest import save_vl_checkpoint, tiny_qwen3_5_config
 
 pytestmark = pytest.mark.slow  # builds and quantizes the bundled model
 
@@ -168,24 +167,7 @@ def test_verify_and_a_flipped_byte(built, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def vl_source(workdir) -> Path:
     """A tiny Qwen3.6-shaped VL checkpoint in two shards, the second holding mtp.* tensors, as Qwen ships them."""
-    folder = workdir / "vl-source"
-    config = tiny_qwen3_5_config()
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    h = config.text_config.hidden_size
-    layer = "model.language_model.layers.3."  # the full-attention layer, as MTP's decoder layer
-    mtp = {f"mtp.layers.0.{n[len(layer):]}": torch.randn(p.shape).to(torch.bfloat16)
-           for n, p in model.state_dict().items() if n.startswith(layer)}
-    mtp["mtp.fc.weight"] = torch.randn(h, 2 * h).to(torch.bfloat16)
-    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
-        mtp[f"mtp.{norm}.weight"] = torch.ones(h, dtype=torch.bfloat16)
-    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
-    save_file(mtp, folder / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
-    weight_map = {n: "model-00001-of-00002.safetensors" for n in model.state_dict()}
-    weight_map.update({n: "model-00002-of-00002.safetensors" for n in mtp})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return folder
+    return save_vl_checkpoint(tiny_qwen3_5_config(), workdir / "vl-source")
 
 
 def test_full_variant_keeps_vision_and_copies_mtp(workdir, vl_source):

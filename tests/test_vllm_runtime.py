@@ -14,16 +14,15 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-from conftest import require_vllm, tiny_qwen3_5_config
+from conftest import require_vllm, save_vl_checkpoint, tiny_qwen3_5_config
 from quantlab.bundled import bundled_model_dir
 from quantlab.errors import QuantlabError
 from quantlab.quality.top_k import TopKRows, reference_log_probs_at, top_k_block
 from quantlab.recipe import load_recipe
 from quantlab.schema.serving import ServingLevel
-from quantlab.vllm_server.accounting import read_accounting
+from quantlab.vllm_server.accounting import histogram_totals, read_accounting
 from quantlab.vllm_server.load import LoadSettings, _Timed, summarize
 from quantlab.vllm_server.server import ServerConfig, VllmError, VllmServer, failure_reason
 
@@ -55,6 +54,17 @@ def test_accounting_is_what_vllm_printed_and_published():
     assert a.kernels == ("Using CPU GDN prefill kernel (head_k_dim=64)",)
     nothing = read_accounting("", "")
     assert nothing.kv_cache_tokens is None and nothing.cache_groups == ()  # never a made-up figure
+
+
+def test_decode_time_totals_are_read_from_vllms_histogram():
+    metrics = ('# HELP vllm:request_decode_time_seconds ...\n'
+               'vllm:request_decode_time_seconds_sum{engine="0",model_name="m"} 0.5\n'
+               'vllm:request_decode_time_seconds_count{engine="0",model_name="m"} 4.0\n'
+               'vllm:request_decode_time_seconds_bucket{engine="0",le="0.3",model_name="m"} 4.0\n'
+               'vllm:request_decode_time_seconds_sum{engine="1",model_name="m"} 0.25\n'
+               'vllm:request_decode_time_seconds_count{engine="1",model_name="m"} 1.0\n')
+    assert histogram_totals(metrics, "vllm:request_decode_time_seconds") == (0.75, 5)
+    assert histogram_totals("", "vllm:request_decode_time_seconds") == (0.0, 0)
 
 
 def test_the_reason_quoted_is_the_root_cause_not_the_wrapper():
@@ -176,19 +186,7 @@ def vl_folder(tmp_path_factory) -> Path:
     config = tiny_qwen3_5_config()
     config.text_config.update(dict(vocab_size=2048, linear_key_head_dim=64, linear_value_head_dim=64))
     config.text_config.rope_parameters["mrope_section"] = [3, 3, 2]
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    h, layer = config.text_config.hidden_size, "model.language_model.layers.3."
-    mtp = {f"mtp.layers.0.{n[len(layer):]}": p.detach().clone() for n, p in model.state_dict().items() if n.startswith(layer)}
-    mtp["mtp.fc.weight"] = torch.randn(h, 2 * h).to(torch.bfloat16)
-    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
-        mtp[f"mtp.{norm}.weight"] = torch.ones(h, dtype=torch.bfloat16)
-    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
-    save_file(mtp, folder / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
-    weight_map = {n: "model-00001-of-00002.safetensors" for n in model.state_dict()}
-    weight_map.update({n: "model-00002-of-00002.safetensors" for n in mtp})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_vl_checkpoint(config, folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(BUNDLED / name, folder / name)
     vision = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2}  # the tiny tower's, as Qwen3.6's

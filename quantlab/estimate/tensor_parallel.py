@@ -41,7 +41,7 @@ Quantized splits: a split tensor costs what the scheme charges for its per-rank 
 along the input dim, so a row-parallel split needs (input dim / tp) % group size == 0: vLLM's AWQ
 create_weights raises "The input size is not aligned with the quantized weight shape" otherwise, and so
 does this module. Output packing (8 per int32) and Marlin's tile minimums are not checked. GGUF schemes
-are refused (vLLM's GGUF path is not modelled); bitsandbytes' per-tensor state is counted on every rank.
+are refused (vLLM 0.32.0 has no GGUF loader at all); bitsandbytes' per-tensor state is counted on every rank.
 
 The KV cache and the DeltaNet state are vLLM's own accounting (quantlab/estimate/vllm_cache.py, checked against
 vLLM's CPU build by scripts/check_vllm_accounting.py): a pool of equal blocks, each holding `block_size` tokens of
@@ -215,7 +215,8 @@ def tensor_parallel_estimate(
     `ssm_cache_dtype`: vLLM's --mamba-ssm-cache-dtype (None: the config's mamba_ssm_dtype, else the model dtype)."""
     check_tp(model.shape, tp, model.name)
     if scheme.is_gguf:
-        raise QuantlabError(f"{scheme.key}: vLLM's GGUF loader is not modelled; use bf16, fp16, AWQ or bitsandbytes")
+        raise QuantlabError(f"{scheme.key}: vLLM 0.32.0 has no GGUF loader (a GGUF does not load at all); use bf16, "
+                            "fp16, AWQ or bitsandbytes")
     weights, replicated = rank_weights(model.inventory, model.shape, scheme, tp, dtype)
     shape = rank_shape(model.shape, tp)
     kv_heads, replicas = kv_layout(model.shape.kv_heads, tp)

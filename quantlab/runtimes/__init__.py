@@ -19,12 +19,14 @@ class RuntimeEntry:
     cls: str
     loads: tuple[str, ...]  # "checkpoint" and/or "gguf"
     own_process: bool = False  # runs the model in a process of its own: it loads only what a method wrote to disk
+    quality_from: str | None = None  # what quality scores when not the full logits (a server's top-k log-probs)
 
 
 RUNTIMES = {
     "transformers": RuntimeEntry("quantlab.runtimes.transformers", "TransformersRuntime", ("checkpoint",)),
     "llama.cpp": RuntimeEntry("quantlab.runtimes.libllama", "LlamaCppRuntime", ("gguf",)),
-    "vllm": RuntimeEntry("quantlab.runtimes.vllm", "VllmRuntime", ("checkpoint",), own_process=True),
+    "vllm": RuntimeEntry("quantlab.runtimes.vllm", "VllmRuntime", ("checkpoint",), own_process=True,
+                         quality_from="vLLM's top-20 prompt log-probs"),
 }
 RUNTIME_NAMES = tuple(RUNTIMES)
 

@@ -14,6 +14,7 @@ maximum concurrency), in every record; the process figures are the RSS of the se
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from quantlab.quality.top_k import TopKRows, TopKScorer
 from quantlab.runtimes.base import LoadedModel, LoadRequest, Runtime
 from quantlab.schema.environment import WeightsInfo
 from quantlab.schema.measurement import Kernels
-from quantlab.vllm_server.accounting import VllmAccounting, read_accounting
+from quantlab.vllm_server.accounting import VllmAccounting, histogram_totals, read_accounting
 from quantlab.schema.serving import ServingLevel
 from quantlab.vllm_server.client import StreamedCompletion, VllmClient
 from quantlab.vllm_server.load import LoadSettings, describe_level, run_level
@@ -34,6 +35,8 @@ from quantlab.vllm_server.server import ServerConfig, VllmError, VllmServer, ins
 from quantlab.vllm_server.settings import VllmSpec
 
 NAME = "vllm"
+DECODE_TIME = "vllm:request_decode_time_seconds"  # vLLM's histogram of each request's first-to-last-token time
+METRICS_WAIT_S = 10.0
 QUALITY_TOP_K = 20  # vLLM's default --max-logprobs: the most log-probs per position it returns
 NOT_LOADED = ("mtp.", "visual.", "model.visual.")  # vLLM's text model loads neither the MTP head nor the vision tower
 
@@ -43,6 +46,17 @@ class VllmSettings:
     spec: VllmSpec
     max_model_len: int
     gpu: bool
+
+
+@dataclass
+class _Point:
+    """One repeat of a point in flight: its streams, their first tokens, vLLM's decode-time totals before it, and
+    the mean decode time vLLM reported for its requests."""
+
+    streams: list[StreamedCompletion]
+    firsts: list[tuple[float, list[int]]]
+    before: tuple[float, int]
+    decode_s: float = 0.0
 
 
 @dataclass
@@ -79,8 +93,9 @@ class VllmRuntime(Runtime):
                 "kv_cache_gib": spec.kv_cache_gib, "max_num_seqs": spec.max_num_seqs,
                 "max_model_len": model.settings.max_model_len, "prefix_caching": spec.prefix_caching,
                 "enforce_eager": spec.enforce_eager, "startup_s": round(model.server.started_s, 1),
-                "timing": "from the streamed tokens' arrival: prefill from the first request sent to the last "
-                          "sequence's first token (TTFT); decode from then to the last token",
+                "timing": "TTFT as the client sees it: from the first request sent to the last sequence's first "
+                          "token; decode as vLLM's engine timed it: the mean of its per-request decode time "
+                          f"({DECODE_TIME}, first token to last) over the point's requests",
                 "accounting": model.accounting.as_record()}
 
     def load(self, request: LoadRequest) -> LoadedModel:
@@ -140,43 +155,48 @@ class VllmRuntime(Runtime):
         model.new_tokens = new_tokens
 
     def prefill(self, model: VllmModel, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        before = histogram_totals(model.client.metrics(), DECODE_TIME)
         streams = [model.client.stream(row.tolist(), model.new_tokens + 1) for row in ids]
         firsts = [self._first(model, s) for s in streams]
-        return torch.tensor([[ids_[0]] for _, ids_ in firsts]), (streams, firsts)
+        return torch.tensor([[ids_[0]] for _, ids_ in firsts]), _Point(streams, firsts, before)
 
     def decode(self, model: VllmModel, next_ids: torch.Tensor, cache: Any, steps: int) -> torch.Tensor:
-        streams, firsts = cache
+        streams, firsts = cache.streams, cache.firsts
         rows = []
         for stream, (_, first) in zip(streams, firsts):
             chunks = self._rest(model, stream)
             tokens = list(first) + [i for _, chunk in chunks for i in chunk]
             if len(tokens) != steps + 1:
                 raise VllmError(f"vLLM returned {len(tokens)} tokens for a sequence, not the {steps + 1} asked for")
-            stream.last_at = chunks[-1][0] if chunks else stream.first_at
             rows.append(tokens)
+        cache.decode_s = self._engine_decode_seconds(model, cache.before, len(streams))
         return torch.tensor(rows)
 
+    def _engine_decode_seconds(self, model: VllmModel, before: tuple[float, int], requests: int) -> float:
+        """The mean of vLLM's own decode time (first token to last, in its engine) over the point's requests, read
+        from its metrics once it has counted them all."""
+        deadline = time.monotonic() + METRICS_WAIT_S
+        while True:
+            total, count = histogram_totals(model.client.metrics(), DECODE_TIME)
+            if count - before[1] >= requests:
+                return (total - before[0]) / (count - before[1])
+            if time.monotonic() > deadline:
+                raise VllmError(f"vLLM's metrics counted {count - before[1]} of {requests} finished requests "
+                                f"({DECODE_TIME}) after {METRICS_WAIT_S:.0f} s")
+            time.sleep(0.01)
+
     def timed_phases(self, cache: Any) -> tuple[float, float]:
-        """From the streams' arrival times: prefill from the first request sent to the last sequence's first token;
-        decode from then to the last sequence's last token."""
-        streams, _ = cache
-        sent = min(s.sent_at for s in streams)
-        first = max(s.first_at for s in streams)
-        return first - sent, max(s.last_at for s in streams) - first
+        """Prefill, as a client sees it: from the first request sent to the last sequence's first token. Decode, as
+        vLLM's engine timed it (its metrics): on a small CPU the server's output reaches the client in bursts, so
+        the tokens' arrival times cannot time the decode."""
+        sent = min(s.sent_at for s in cache.streams)
+        return max(s.first_at for s in cache.streams) - sent, cache.decode_s
 
     def _first(self, model: VllmModel, stream: StreamedCompletion):
-        try:
-            return stream.first_token(model.client.timeout_s)
-        except VllmError:
-            model.server.check_alive()
-            raise
+        return _or_server_died(model.server, stream.first_token, model.client.timeout_s)
 
     def _rest(self, model: VllmModel, stream: StreamedCompletion):
-        try:
-            return stream.rest(model.client.timeout_s)
-        except VllmError:
-            model.server.check_alive()
-            raise
+        return _or_server_died(model.server, stream.rest, model.client.timeout_s)
 
     def cache_bytes(self, cache: Any) -> int | None:
         return None  # vLLM allocates its KV space whole at start-up: see point_buffers and the accounting
@@ -201,7 +221,7 @@ class VllmRuntime(Runtime):
     def kernels(self, model: VllmModel) -> Kernels:
         said = model.accounting.kernels
         deltanet = [k for k in said if "GDN" in k or "mamba" in k.lower()]
-        linear = tuple(k for k in said if k not in deltanet)
+        linear = tuple(k for k in said if k not in deltanet) or ("vLLM's unquantized Linear (its log names no kernel)",)
         return Kernels(deltanet={"gated_delta_net": "; ".join(deltanet) or "vLLM (no kernel line in its log)"},
                        linear=linear, attention=f"vLLM {model.accounting.device or ''} attention".replace("  ", " "),
                        compute_dtype=model.server.config.dtype,
@@ -218,15 +238,20 @@ class VllmScorer(TopKScorer):
 
     def score(self, ids: torch.Tensor) -> TopKRows:
         prompt = ids.tolist()
-        try:
-            entries = self.client.prompt_logprobs(prompt, self.top_k)[1:]
-        except VllmError:
-            self.server.check_alive()
-            raise
+        entries = _or_server_died(self.server, self.client.prompt_logprobs, prompt, self.top_k)[1:]
         top = [sorted(e.items(), key=lambda item: -item[1])[: self.top_k] for e in entries]
         return TopKRows(ids=torch.tensor([[t for t, _ in row] for row in top]),
                         logp=torch.tensor([[lp for _, lp in row] for row in top], dtype=torch.float32),
                         target_logp=torch.tensor([e[t] for e, t in zip(entries, prompt[1:])], dtype=torch.float32))
+
+
+def _or_server_died(server: VllmServer, read, *args):
+    """`read(*args)`; a failed read from a server that has died says so, with vLLM's reason."""
+    try:
+        return read(*args)
+    except VllmError:
+        server.check_alive()
+        raise
 
 
 def _architecture(config) -> str:

@@ -25,7 +25,7 @@ class _PeakSampler(threading.Thread):
         super().__init__(daemon=True, name="quantlab-memory-sampler")
         self.interval_s = interval_s
         self.probes = probes
-        self.pid = pid
+        self.tree = process_tree(pid)  # listed once: walking /proc at every sample would load the CPU it measures
         self.stop_event = threading.Event()
         self.rss_peak = 0
         self.device_peak: dict[torch.device, int | None] = dict.fromkeys(probes)
@@ -34,7 +34,7 @@ class _PeakSampler(threading.Thread):
         self.sample()
 
     def sample(self) -> None:
-        self.rss_peak = max(self.rss_peak, rss_bytes(self.pid))
+        self.rss_peak = max(self.rss_peak, _tree_rss(self.tree))
         for device, probe in self.probes.items():
             self.device_peak[device] = _max(self.device_peak[device], probe.device_used())
             self.process_peak[device] = _max(self.process_peak[device], probe.process_used())
@@ -50,16 +50,24 @@ class _PeakSampler(threading.Thread):
         self.sample()
 
 
-def rss_bytes(pid: int | None = None) -> int:
-    """RSS of this process; with `pid`, of that process and every process under it (a server's engine and
-    workers). A process that ends while it is read counts 0."""
+def process_tree(pid: int | None = None) -> list[psutil.Process]:
+    """This process; with `pid`, that process and every process under it (a server's engine and workers)."""
     if pid is None:
-        return psutil.Process().memory_info().rss
+        return [psutil.Process()]
     try:
         root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
+        return []
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """RSS of this process, or of `pid` and every process under it."""
+    return _tree_rss(process_tree(pid))
+
+
+def _tree_rss(tree: list[psutil.Process]) -> int:
+    """A process that has ended counts 0."""
     total = 0
     for process in tree:
         try:

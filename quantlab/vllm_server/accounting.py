@@ -124,3 +124,14 @@ def _bool(text: str | None) -> bool | None:
 
 def _none_if_text(text: str | None) -> str | None:
     return None if text in (None, "", "None") else text
+
+
+def histogram_totals(metrics: str, name: str) -> tuple[float, int]:
+    """(sum, count) of one of vLLM's histograms (e.g. vllm:request_decode_time_seconds), over every label set."""
+    total, count = 0.0, 0
+    for line in (metrics or "").splitlines():
+        if line.startswith(f"{name}_sum{{") or line.startswith(f"{name}_sum "):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_count{{") or line.startswith(f"{name}_count "):
+            count += int(float(line.rsplit(" ", 1)[1]))
+    return total, count

@@ -24,8 +24,7 @@ class StreamedCompletion:
     events: "queue.Queue[tuple[float, list[int] | None]]" = field(default_factory=queue.Queue)
     error: BaseException | None = None
     sent_at: float = 0.0
-    first_at: float = 0.0  # arrival of the first token (set by the reader)
-    last_at: float = 0.0  # arrival of the last token
+    first_at: float = 0.0  # arrival of the first token
     thread: threading.Thread | None = None
 
     def first_token(self, timeout: float) -> tuple[float, list[int]]:
