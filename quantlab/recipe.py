@@ -51,6 +51,10 @@ class MeasureSpec(_Strict):
             raise ValueError(f"llama_cpp sets the llama.cpp runtime, but runtime is {self.runtime!r}")
         if self.vllm is not None and self.runtime != "vllm":
             raise ValueError(f"vllm sets the vLLM runtime, but runtime is {self.runtime!r}")
+        seqs = (self.vllm or VllmSpec()).max_num_seqs
+        if self.runtime == "vllm" and max(self.batch_sizes) > seqs:
+            raise ValueError(f"batch {max(self.batch_sizes)} is more sequences than vLLM runs at once here "
+                             f"(measure.vllm.max_num_seqs {seqs})")
         if self.runtime == "llama.cpp" and self.batch_sizes != [1]:
             raise ValueError("the llama.cpp runtime measures one sequence (batch_sizes: [1]); "
                              "measure.llama_cpp.slots sizes the memory of parallel slots")

@@ -129,6 +129,7 @@ def test_a_format_vllm_does_not_run_here_is_refused_by_the_recipe(write_recipe, 
     ({"runtime": "vllm", "vllm": {"kv_cache_gib": 0}}, "greater than or equal to 1"),
     ({"runtime": "vllm", "vllm": {"kv_cache_gib": 1.5}}, "kv_cache_gib"),
     ({"runtime": "vllm", "vllm": {"max_num_seqs": 4, "swap_space": 4}}, "swap_space"),
+    ({"runtime": "vllm", "batch_sizes": [1, 8], "vllm": {"max_num_seqs": 4}}, "batch 8 is more sequences than vLLM"),
 ])
 def test_vllm_settings_are_checked_with_the_recipe(write_recipe, measure, message):
     path = write_recipe({"name": "vllm-test", "model": {"source": "bundled"}, "quantization": {"method": "none"}, "measure": measure})
