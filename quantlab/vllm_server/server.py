@@ -145,6 +145,7 @@ class VllmServer:
     log_path: Path | None = field(default=None, init=False)
     started_s: float = field(default=0.0, init=False)
     _log_dir: tempfile.TemporaryDirectory | None = field(default=None, init=False, repr=False)
+    _stopped_log: str = field(default="", init=False, repr=False)  # the log, kept when its folder goes
 
     def __hash__(self) -> int:
         return id(self)
@@ -165,6 +166,7 @@ class VllmServer:
         if self.config.port and not port_is_free(self.config.port):
             raise VllmError(f"port {self.config.port} on {HOST} is taken: free it, or leave the port to quantlab")
         python = vllm_python(self.venv)
+        environment = self.config.environment()  # its refusals before anything is made
         self.port = self.config.port or free_port()
         self._log_dir = tempfile.TemporaryDirectory(prefix="quantlab-vllm-")
         self.log_path = Path(self._log_dir.name) / "server.log"
@@ -172,7 +174,7 @@ class VllmServer:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [str(python), "-m", SERVER_MODULE, *self.config.arguments(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.config.environment(),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment,
                 start_new_session=True)
         _RUNNING.add(self)
         try:
@@ -210,8 +212,9 @@ class VllmServer:
                             f"{failure_reason(self.log_text())}")
 
     def log_text(self) -> str:
+        """The server's output so far; after `stop`, all of it."""
         if self.log_path is None or not self.log_path.exists():
-            return ""
+            return self._stopped_log
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def stop(self, grace_s: float = 20.0) -> None:
@@ -233,15 +236,11 @@ class VllmServer:
             self._keep_log()
 
     def _keep_log(self) -> None:
-        """The log outlives the server for its accounting and its reasons; it goes with the object."""
-        if self.log_path and self.log_path.exists():
-            self._final_log = self.log_path.read_text(encoding="utf-8", errors="replace")
+        """The log outlives the server for its accounting and its reasons; its temporary folder does not."""
+        self._stopped_log = self.log_text()
         self._log_dir.cleanup()
         self._log_dir = None
         self.log_path = None
-
-    def final_log(self) -> str:
-        return getattr(self, "_final_log", "") or self.log_text()
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
