@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import sys
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,15 +64,14 @@ def estimate(setting: Setting) -> VllmCache:
 def measure(setting: Setting):
     """vLLM's own accounting (a VllmAccounting) for one setting; a VllmError when vLLM refuses to start."""
     from quantlab.vllm_server.accounting import read_accounting
+    from quantlab.vllm_server.client import VllmClient
     from quantlab.vllm_server.server import ServerConfig, VllmServer
 
     config = ServerConfig(model=str(cache_shapes.made_folder()), max_model_len=setting.max_model_len,
                           max_num_seqs=setting.max_num_seqs, kv_cache_gib=setting.kv_gib,
                           prefix_caching=setting.prefix_caching, load_format="dummy", skip_tokenizer_init=True)
     with VllmServer(config) as server:
-        with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
-            metrics = response.read().decode()
-        return read_accounting(server.log_text(), metrics)
+        return read_accounting(server.log_text(), VllmClient(server.url, config.model).metrics())
 
 
 def diff_pct(measured: float | None, estimated: float) -> float | None:
