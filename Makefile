@@ -61,7 +61,7 @@ run: setup  ## the main job: measure the bundled model (CPU when there is no GPU
 test: setup  ## every test, the slow ones included (what CI runs)
 	QUANTLAB_REQUIRE_LLAMA_CPP=1 QUANTLAB_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
 
-test-fast: setup  ## the inner loop: every test not marked slow (about 75 s on 2 cores)
+test-fast: setup  ## the inner loop: every test not marked slow (about 3 minutes on 2 cores)
 	QUANTLAB_REQUIRE_LLAMA_CPP=1 QUANTLAB_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q -m "not slow"
 
 validate: setup
