@@ -23,6 +23,7 @@ MB = 1_000_000
 # grows. Seen in full-suite runs: a 300 MB block read as 35 MB of growth, and as a 4 KB peak.
 TRACKED = """
 import json, sys, time
+import numpy as np
 from quantlab.trackers import MemoryTracker
 size, hold = int(sys.argv[1]), sys.argv[2] == "hold"
 with MemoryTracker("cpu", interval_s=0.002) as mem:

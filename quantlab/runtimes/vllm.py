@@ -104,6 +104,7 @@ class VllmRuntime(Runtime):
         if folder is None:
             raise QuantlabError(f"the vLLM runtime serves a checkpoint folder, and {source.name} ({source.spec.source}) "
                                 "has none on disk: use a local, bundled or cached Hub model, or a method that writes one")
+        tensors = {n: t for n, t in folder_tensors(folder).items() if not n.startswith(NOT_LOADED)}  # before a server
         settings: VllmSettings = request.settings
         spec = settings.spec
         config = ServerConfig(model=str(folder), max_model_len=settings.max_model_len, max_num_seqs=spec.max_num_seqs,
@@ -118,7 +119,6 @@ class VllmRuntime(Runtime):
         except BaseException:
             server.stop()
             raise
-        tensors = {n: t for n, t in folder_tensors(folder).items() if not n.startswith(NOT_LOADED)}
         model = VllmModel(server, client, source.config, folder, settings, accounting, tensors)
         info = WeightsInfo(name=source.name, source=source.spec.source, weights=source.weights, location=str(folder),
                            model_class=_architecture(source.config), variant=source.spec.variant,
