@@ -163,6 +163,7 @@ def test_the_cli_prints_vllms_figure_and_writes_nothing(tmp_path, capsys):
     (["--vllm-kv-gib", "-4"], "--vllm-kv-gib"),
     (["--vllm-kv-gib", "four"], "--vllm-kv-gib"),
     (["--vllm-kv-gib", "4,8"], "one KV space"),
+    (["--vllm-kv-gib", "1.5", "--vllm-device", "cpu"], "whole GiB"),
     (["--vllm-kv-gib", "1e9"], "at most 4,096 GiB"),
     (["--vllm-kv-gib", "4", "--max-num-seqs", "0"], "--max-num-seqs"),
     (["--vllm-kv-gib", "4", "--max-num-seqs", "-1"], "--max-num-seqs"),

@@ -198,6 +198,9 @@ def check_vllm_cache_options(options: VllmCacheOptions) -> tuple[float, int, int
     gib = sizes[0]
     if not gib <= MAX_KV_GIB:
         raise QuantlabError(f"--vllm-kv-gib: a KV space is at most {MAX_KV_GIB:,} GiB, got {excerpt_number(gib)}")
+    if options.device == "cpu" and not gib.is_integer():
+        raise QuantlabError(f"--vllm-kv-gib: vLLM on the CPU takes its KV space in whole GiB (VLLM_CPU_KVCACHE_SPACE), "
+                            f"got {excerpt_number(gib)}")
     seqs = 256 if options.max_num_seqs is None else options.max_num_seqs
     in_range(seqs, "--max-num-seqs", "max_num_seqs", (1, MAX_BATCH))
     if options.context is not None:
