@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,7 +65,6 @@ class VllmModel:
     server: VllmServer
     client: VllmClient
     config: Any
-    folder: Path
     settings: VllmSettings
     accounting: VllmAccounting
     tensors: dict = field(default_factory=dict)
@@ -119,7 +117,7 @@ class VllmRuntime(Runtime):
         except BaseException:
             server.stop()
             raise
-        model = VllmModel(server, client, source.config, folder, settings, accounting, tensors)
+        model = VllmModel(server, client, source.config, settings, accounting, tensors)
         info = WeightsInfo(name=source.name, source=source.spec.source, weights=source.weights, location=str(folder),
                            model_class=_architecture(source.config), variant=source.spec.variant,
                            dtype=source.spec.dtype)
