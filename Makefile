@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/bundled-bf16.yaml
 
-.PHONY: vllm bench-vllm-serving check-vllm-accounting llama-cpp llama-cpp-native llama-cpp-check lock quantize-gguf gguf-full-size bench-gguf-cpu-decode \
+.PHONY: vllm bench-vllm-serving check-vllm-accounting bench-mtp-speculative mtp-full-size llama-cpp llama-cpp-native llama-cpp-check lock quantize-gguf gguf-full-size bench-gguf-cpu-decode \
 	bench-llama-cpp-builds gpu-gguf-pack gpu-check-gguf setup run test test-fast validate report bench-overhead \
 	bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
 	quantize-awq gpu-check-awq bench-awq-memory gpu-check-all gpu-bundle gpu-rehearse
@@ -75,6 +75,12 @@ bench-overhead: setup  ## harness decode tok/s vs a bare loop, same model, same 
 
 bench-vllm-serving: setup  ## vLLM serving throughput, quantlab's AWQ build vs BF16 at concurrency 16, as a ratio
 	$(BIN)/python scripts/bench_vllm_serving.py
+
+mtp-full-size: setup  ## Qwen3.6-27B Q4_K_M with and without llama.cpp's MTP draft, 32k/128k: llama.cpp's plan vs the estimate (~4 min)
+	$(BIN)/python scripts/mtp_full_size.py
+
+bench-mtp-speculative: setup  ## MTP speculative decoding on/off through llama.cpp, bundled BF16 and Q4_K_M GGUFs, as ratios
+	$(BIN)/python scripts/bench_mtp_speculative.py
 
 check-vllm-accounting: setup  ## vLLM's own KV accounting vs quantlab estimate's, 18 settings (about 15 minutes)
 	$(BIN)/python scripts/check_vllm_accounting.py

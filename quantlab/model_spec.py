@@ -51,6 +51,8 @@ class ModelSpec(_Strict):
     transform: TransformSpec | None = Field(
         None, description="bundled: weights transformed from the bundled model's, made on first use and cached"
     )
+    mtp: bool = Field(False, description="bundled: the bundled model with its trained MTP head "
+                      "(quantlab/bundled/mtp/), joined on first use and cached; the main weights are the same bytes")
     variant: Literal["text", "full"] = "text"
     dtype: Dtype = "bfloat16"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d{1,3})?)$")
@@ -81,6 +83,12 @@ class ModelSpec(_Strict):
         if self.transform is not None and self.source != "bundled":
             raise ValueError(f"model.transform is only used with source 'bundled' (it is made from the bundled "
                              f"model's weights), not '{self.source}'")
+        if self.mtp and self.source != "bundled":
+            raise ValueError(f"model.mtp is only used with source 'bundled' (a checkpoint's own MTP head is found in "
+                             f"its files), not '{self.source}'")
+        if self.mtp and self.transform is not None:
+            raise ValueError("model.mtp and model.transform: give one (the MTP head was trained on the bundled "
+                             "model as it is)")
         self._check_split()
         return self
 

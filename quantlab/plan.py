@@ -10,7 +10,7 @@ import torch
 from transformers import PretrainedConfig
 
 from quantlab import fingerprint
-from quantlab.checkpoint import check_config_sizes
+from quantlab.checkpoint import check_config_sizes, folder_tensors
 from quantlab.device_map import DeviceSplit, check_devices_visible, offered_memory, plan_split
 from quantlab.errors import QuantlabError
 from quantlab.outputs import check_measurements_folder
@@ -68,6 +68,7 @@ def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True, records_to: s
     checkpoint_notes = () if prequantized else source.check_files()
     source_notes = method.check_source(recipe.quantization, source)
     _check_context(config, recipe.measure.contexts, recipe.measure.new_tokens)
+    _check_speculative(recipe, source, config)
     parameters = sum(p.numel() for p in source.meta.parameters())
     weight_bytes = parameters * DTYPE_BYTES[recipe.model.dtype]
     notes = list(source.notes) + list(checkpoint_notes) + list(source_notes)
@@ -177,6 +178,28 @@ def resolve_device(name: str, what: str = "model.device") -> torch.device:
 
 def _nominal_device(name: str) -> torch.device:
     return torch.device("cuda", 0) if name == "cuda" else torch.device("cpu" if name == "auto" else name)
+
+
+def _check_speculative(recipe, source: ModelSource, config: PretrainedConfig) -> None:
+    """measure.speculative drafts with the model's MTP head: one line, before any weights load, where there is none."""
+    if recipe.measure.speculative is None:
+        return
+    text = getattr(config, "text_config", None) or config
+    what = f"measure.speculative: {source.name}"
+    bundled_hint = "; the bundled model with its trained head is model: {source: bundled, mtp: true}" \
+        if recipe.model.source == "bundled" else ""
+    if int(getattr(text, "mtp_num_hidden_layers", 0) or 0) < 1:
+        raise QuantlabError(f"{what} has no MTP head (its config has no mtp_num_hidden_layers){bundled_hint}")
+    if source.synthetic:
+        raise QuantlabError(f"{what}: synthetic weights have no MTP head (transformers builds the model without the "
+                            "mtp.* tensors, so quantlab creates none)")
+    folder = source.files()
+    if folder is not None and not any(name.startswith("mtp.") for name in folder_tensors(folder)):
+        raise QuantlabError(f"{what}: its config names an MTP head but {folder} has no mtp.* tensor (a checkpoint "
+                            "saved by transformers has lost them: it drops mtp.* at load)")
+    if recipe.quantization.method == "gguf" and not recipe.quantization.mtp:
+        raise QuantlabError("measure.speculative: quantization.mtp: false writes the GGUF without its MTP head "
+                            "(--no-mtp); set it true")
 
 
 def _check_context(config: PretrainedConfig, contexts: list[int], new_tokens: int) -> None:

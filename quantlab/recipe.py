@@ -23,6 +23,7 @@ from quantlab.text.source import TextSourceSpec
 from quantlab.model_spec import DTYPE_BYTES, ModelSpec, _Strict  # noqa: F401  (DTYPE_BYTES: the recipe's name too)
 from quantlab.llamacpp.settings import LlamaCppSpec  # noqa: F401
 from quantlab.vllm_server.settings import VllmSpec
+from quantlab.schema.speculative import SpeculativeSpec
 
 MAX_CONTEXT = 1_048_576  # ~1M tokens: the YaRN-extended ceiling of Qwen3.6; anything above is a typo
 MAX_RECIPE_BYTES = 64 * 1024  # a recipe is a few kilobytes; records keep its text
@@ -44,6 +45,8 @@ class MeasureSpec(_Strict):
                                             "(quantlab/runtimes/)")
     llama_cpp: LlamaCppSpec | None = Field(None, description="settings of the llama.cpp runtime")
     vllm: VllmSpec | None = Field(None, description="settings of the vLLM runtime")
+    speculative: SpeculativeSpec | None = Field(None, description="speculative decoding with the model's MTP head, "
+                                                "measured on and off in the same run (llama.cpp, vLLM)")
 
     @model_validator(mode="after")
     def _settings_match_runtime(self) -> "MeasureSpec":
@@ -55,10 +58,24 @@ class MeasureSpec(_Strict):
         if self.runtime == "vllm" and max(self.batch_sizes) > seqs:
             raise ValueError(f"batch {max(self.batch_sizes)} is more sequences than vLLM runs at once here "
                              f"(measure.vllm.max_num_seqs {seqs})")
+        self._check_speculative()
         if self.runtime == "llama.cpp" and self.batch_sizes != [1]:
             raise ValueError("the llama.cpp runtime measures one sequence (batch_sizes: [1]); "
                              "measure.llama_cpp.slots sizes the memory of parallel slots")
         return self
+
+    def _check_speculative(self) -> None:
+        if self.speculative is None:
+            return
+        entry = RUNTIMES[self.runtime]
+        if entry.speculative is None:
+            able = " or ".join(name for name, e in RUNTIMES.items() if e.speculative)
+            raise ValueError(f"speculative: the {self.runtime} runtime cannot run MTP speculative decoding here "
+                             f"(transformers ignores the mtp.* tensors at load); set measure.runtime: {able}")
+        k = max(self.speculative.tokens)
+        if k >= self.new_tokens:
+            raise ValueError(f"speculative.tokens: k = {k} drafts as many tokens as a whole decode makes "
+                             f"(new_tokens {self.new_tokens}); give k below new_tokens, or more new_tokens")
 
     @field_validator("contexts")
     @classmethod

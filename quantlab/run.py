@@ -30,11 +30,14 @@ from quantlab.plan import RunPlan, make_plan
 from quantlab.plan_quality import describe_quality_plan
 from quantlab.quality.show import quality_line
 from quantlab.schema.quality import QualityResult
+from quantlab.artifact import tensors as T
 from quantlab.assess.session import QualitySession
 from quantlab.recipe import BuildSpec, LoadedRecipe
+from quantlab.quantize.awq.engine import MTP_STAGED
 from quantlab.roofline import decode_roofline, gpu_spec
 from quantlab.runtimes import RUNTIMES, runtime_for
-from quantlab.runtimes.base import LoadRequest
+from quantlab.runtimes.base import LoadRequest, SpeculativeRequest
+from quantlab.speculative import describe_speculative, speculative_prompts
 from quantlab.schema.build import QuantizeCost
 from quantlab.schema.environment import WeightsInfo
 from quantlab.schema.measurement import Kernels, MemoryResult, PointResult
@@ -113,6 +116,7 @@ def run_recipe(
         if method.artifact_file:
             candidate = Candidate(source, gguf=Path(tmp) / method.artifact_file, names=names, notes=notes)
         else:
+            copy_mtp_for_drafting(plan, Path(tmp))
             candidate = checkpoint_candidate(plan, Path(tmp), names, notes)
         return measure_candidate(plan, candidate, out, progress, echo, append)
 
@@ -126,10 +130,27 @@ def write_checkpoint(plan: RunPlan, method: Method, folder: Path, progress: bool
     with MemoryTracker(device, nvml=nvml) as memory, Timer(device) as timer:
         written = method.write_checkpoint(recipe.quantization, plan.source, folder, device, shard_bytes, progress, echo)
     copy_side_files(plan.source.files(), folder)
+    place_mtp(folder)
     cost = quantize_cost(f"{method.name} engine {written.engine}: read the source, quantize, write", timer.result.seconds,
                          memory.result)
     echo(f"checkpoint written in {cost.seconds:,.1f} s; {cost_summary(cost)}")
     return written, cost
+
+
+def place_mtp(folder: Path) -> None:
+    """A head an engine quantized (staged in MTP_STAGED, quantize/awq/engine.py) moved into the checkpoint's last
+    shard, where a build would copy the source's."""
+    staged = folder / MTP_STAGED
+    if staged.is_dir():
+        T.add_mtp_shard(folder, T.mtp_tensors(staged))
+        shutil.rmtree(staged)
+
+
+def copy_mtp_for_drafting(plan: RunPlan, folder: Path) -> None:
+    """A run that drafts with the MTP head (measure.speculative) needs it in the checkpoint it serves: the source's
+    mtp.* copied byte for byte, as a build copies them (artifact/writer.py), unless the engine wrote one."""
+    if plan.recipe.measure.speculative is not None and T.placed_mtp(folder) is None:
+        T.add_mtp_shard(folder, T.mtp_tensors(plan.source.files()))
 
 
 def checkpoint_candidate(plan: RunPlan, folder: Path, names: dict[str, str], notes: tuple[str, ...] = ()) -> Candidate:
@@ -165,6 +186,7 @@ def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: 
     try:
         quality_result = _quality(quality, runtime, loaded.model, device, echo)
         serving = runtime.serving(loaded.model, plan.recipe.measure.seed, echo)
+        speculative = _speculative(runtime, loaded.model, plan, echo)
         run_id, records, paths = new_run_id(), [], []
         points = tqdm(plan.points, desc="measuring", unit="point", disable=not progress)
         for context, batch in points:
@@ -172,7 +194,7 @@ def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: 
             settings = PointSettings(context, batch, m.new_tokens, m.warmup, m.repeats, m.seed, m.memory_sample_ms / 1000)
             result = measure_point(runtime, loaded.model, settings, device, nvml, progress, plan.devices)
             record = _record(plan, loaded, (hardware, software), settings, result, run_id, quality_result,
-                             candidate.notes, serving)
+                             candidate.notes, serving, speculative)
             if append:
                 paths.append(append_record(out, record))  # each point as it is measured: nothing lost if one fails
             records.append(record)
@@ -180,6 +202,21 @@ def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: 
     finally:
         runtime.close(loaded.model)  # a server runtime stops its server, also on errors and Ctrl-C
     return RunResult(plan, tuple(records), tuple(paths))
+
+
+def _speculative(runtime, model, plan: RunPlan, echo):
+    """MTP speculative decoding off and on for each k, once per run, on text prompts of the smallest context."""
+    spec, m = plan.recipe.measure.speculative, plan.recipe.measure
+    if spec is None:
+        return None
+    prompts = speculative_prompts(plan.source.tokenizer(required=True, what="measure.speculative"), min(m.contexts),
+                                  spec.prompts, m.seed)
+    request = SpeculativeRequest(spec, tuple(ids for ids, _ in prompts), tuple(text for _, text in prompts),
+                                 m.new_tokens, m.seed)
+    results = runtime.speculative(model, request, echo)
+    for r in results:
+        echo(describe_speculative(r))
+    return results
 
 
 def _load(runtime, candidate: Candidate, plan: RunPlan, nvml, echo) -> _Loaded:
@@ -222,7 +259,7 @@ def _server_memory(runtime, model, device: torch.device) -> MemoryResult | None:
 
 
 def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, result: PointResult, run_id: str,
-            quality: QualityResult | None, notes: tuple[str, ...], serving=None) -> Record:
+            quality: QualityResult | None, notes: tuple[str, ...], serving=None, speculative=None) -> Record:
     hardware, software = machine
     recipe, created = plan.loaded, utc_now()
     return Record(
@@ -245,6 +282,7 @@ def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, re
         roofline=_roofline(hardware, loaded, settings.batch, result),
         quality=quality,
         serving=serving,
+        speculative=speculative,
         kernels=loaded.kernels,
         split=split_ref(plan.split) if plan.split is not None else None,
         runtime=loaded.runtime,

@@ -217,6 +217,8 @@ class MadeSource(ModelSource):
 def resolve(spec: ModelSpec) -> ModelSource:
     if spec.source == "bundled" and spec.transform is not None:
         return _transformed_bundled(spec)
+    if spec.source == "bundled" and spec.mtp:
+        return _bundled_with_mtp(spec)
     if spec.source == "bundled":
         folder = _bundled_dir()
         return ModelSource(spec, _config_from_folder(folder), "quantlab-bundled", str(folder))
@@ -277,6 +279,19 @@ def _transformed_bundled(spec: ModelSpec) -> MadeSource:
             f"{number(salient.factor)} (seed {salient.seed}; quantlab/salient.py v{SALIENT_VERSION}, "
             f"function-preserving), made on first use into {made.folder}")
     return MadeSource(spec, config, f"quantlab-{made.label}", str(made.folder), (note,), made=made)
+
+
+def _bundled_with_mtp(spec: ModelSpec) -> MadeSource:
+    """The bundled model joined to its trained MTP head (quantlab/bundled/mtp.py): config and name, nothing made."""
+    from quantlab.bundled.mtp import bundled_with_mtp
+
+    _bundled_dir()
+    made = bundled_with_mtp()
+    config = _config_from_folder(_bundled_dir())
+    config.mtp_num_hidden_layers = 1  # as the made config.json says
+    note = (f"model: the bundled model with its trained MTP head (quantlab/bundled/mtp/), joined on first use into "
+            f"{made.folder}")
+    return MadeSource(spec, config, "quantlab-bundled-mtp", str(made.folder), (note,), made=made)
 
 
 def _config_from_folder(folder: Path) -> PretrainedConfig:

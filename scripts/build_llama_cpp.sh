@@ -3,7 +3,9 @@
 # converter included), built once into .llama.cpp/, checked on this CPU, and reused:
 #   .llama.cpp/src/        the sdist, unpacked (vendor/llama.cpp: convert_hf_to_gguf.py, gguf-py, the C++ sources)
 #   .llama.cpp/build/bin   libllama.so, libggml*.so, the CPU backends and llama-quantize, llama-imatrix,
-#                          llama-perplexity, llama-bench, llama-fit-params
+#                          llama-perplexity, llama-bench, llama-fit-params, and llama-speculative-simple with
+#                          llama-completion (decoding with the model's MTP head drafting, --spec-type draft-mtp, and
+#                          without a draft)
 #   .llama.cpp/build.json  how it was built (quantlab refuses a .llama.cpp/ without it, or from an older scheme)
 #   the llama_cpp Python binding, installed into the venv without a second C++ build (quantlab points it at bin)
 #
@@ -31,7 +33,7 @@ CUDA=${GGML_CUDA:-off}
 EXCLUDE=$(echo "${LLAMA_CPU_EXCLUDE:-}" | tr ',' ' ' | xargs -n1 2>/dev/null | sort -u | xargs)
 JOBS=${JOBS:-$(nproc)}
 STAMP=$DEST/.built-$CPU-cuda-$CUDA
-TOOLS="llama-quantize llama-imatrix llama-perplexity llama-bench llama-fit-params"
+TOOLS="llama-quantize llama-imatrix llama-perplexity llama-bench llama-fit-params llama-speculative-simple llama-completion"
 case $CPU in portable|native) ;; *) echo "LLAMA_CPU=$CPU: give portable or native"; exit 2 ;; esac
 case $CUDA in on|off) ;; *) echo "GGML_CUDA=$CUDA: give on or off"; exit 2 ;; esac
 [ "$CPU" = native ] && [ -n "$EXCLUDE" ] && { echo "LLAMA_CPU_EXCLUDE only applies to LLAMA_CPU=portable"; exit 2; }
@@ -46,15 +48,28 @@ install_binding() {
     "$DEST/download/llama_cpp_python-$VERSION.tar.gz"
 }
 binding_ok() { LLAMA_CPP_LIB_PATH="$DEST/build/bin" "$PY" -c "import llama_cpp" 2>/dev/null; }
-built() {
+same_build() {  # a build of this version, scheme and configuration, whatever tools it has
   [ -f "$DEST/build.json" ] && [ -f "$DEST/build/bin/libllama.so" ] || return 1
-  "$PY" - "$DEST/build.json" "$WANT" <<'EOF' || return 1
+  [ -f "$DEST/download/llama_cpp_python-$VERSION.tar.gz" ] || return 1
+  "$PY" - "$DEST/build.json" "$WANT" <<'EOF'
 import json, sys
 have, want = json.load(open(sys.argv[1])), json.loads(sys.argv[2])
 sys.exit(0 if all(have.get(k) == v for k, v in want.items()) else 1)
 EOF
-  for tool in $TOOLS; do [ -x "$DEST/build/bin/$tool" ] || return 1; done
-  [ -f "$DEST/download/llama_cpp_python-$VERSION.tar.gz" ]
+}
+tools_built() { for tool in $TOOLS; do [ -x "$DEST/build/bin/$tool" ] || return 1; done; }
+configure() {
+  # shellcheck disable=SC2086
+  cmake -S "$LLAMA" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release \
+    -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON -DGGML_CUDA="$CUDA" -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON $CPU_FLAGS \
+    > "$DEST/cmake-configure.log" 2>&1 \
+    || { tail -20 "$DEST/cmake-configure.log"; echo "llama.cpp configure failed: $DEST/cmake-configure.log"; exit 1; }
+}
+build_targets() {
+  # shellcheck disable=SC2086
+  cmake --build "$DEST/build" -j "$JOBS" --target llama $TOOLS > "$DEST/cmake-build.log" 2>&1 \
+    || { tail -20 "$DEST/cmake-build.log"; echo "llama.cpp build failed: $DEST/cmake-build.log"; exit 1; }
 }
 self_check() {
   "$PY" -m quantlab.llamacpp.check --root "$DEST" || {
@@ -63,7 +78,17 @@ self_check() {
     exit 1
   }
 }
-if built; then
+LLAMA=$DEST/src/vendor/llama.cpp
+if [ "$CPU" = portable ]; then CPU_FLAGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON"
+else CPU_FLAGS="-DGGML_NATIVE=ON"; fi
+configured_here() { grep -qxF "CMAKE_CACHEFILE_DIR:INTERNAL=$DEST/build" "$DEST/build/CMakeCache.txt" 2>/dev/null; }
+if same_build && ! tools_built && configured_here; then
+  # a build by an earlier quantlab lacks a tool added since: build just those, on the same configuration
+  echo "llama.cpp: adding the tools this build lacks (a few minutes)"
+  configure
+  build_targets
+fi
+if same_build && tools_built; then
   echo "llama.cpp $VERSION ($CPU CPU code, CUDA $CUDA) already built in $DEST"
   binding_ok || install_binding  # a new venv (the lock changed) has no binding yet
   self_check
@@ -84,7 +109,6 @@ mkdir -p "$DEST/src.partial"
 tar xzf "$DEST/download/llama_cpp_python-$VERSION.tar.gz" -C "$DEST/src.partial" --strip-components=1
 rm -rf "$DEST/src"
 mv "$DEST/src.partial" "$DEST/src"
-LLAMA=$DEST/src/vendor/llama.cpp
 
 if [ "$CPU" = portable ]; then
   # The variant list is llama.cpp's own (ggml/src/CMakeLists.txt); quantlab only removes lines from it.
@@ -97,22 +121,14 @@ if [ "$CPU" = portable ]; then
       || { echo "LLAMA_CPU_EXCLUDE: $name is not one of llama.cpp's x86 CPU variants"; exit 2; }
     sed -i "/ggml_add_cpu_backend_variant($name /d" "$VARIANTS_FILE"
   done
-  CPU_FLAGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON"
   WHAT="one CPU backend per x86-64 level, AMX left out${EXCLUDE:+, and $EXCLUDE}; about 10 minutes on 2 cores"
 else
-  CPU_FLAGS="-DGGML_NATIVE=ON"
   WHAT="-march=native for this CPU only; about 8 minutes on 2 cores"
 fi
 
 echo "llama.cpp: building libllama and its tools with $JOBS jobs ($WHAT)"
-# shellcheck disable=SC2086
-cmake -S "$LLAMA" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release \
-  -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON -DGGML_CUDA="$CUDA" -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON $CPU_FLAGS > "$DEST/cmake-configure.log" 2>&1 \
-  || { tail -20 "$DEST/cmake-configure.log"; echo "llama.cpp configure failed: $DEST/cmake-configure.log"; exit 1; }
-# shellcheck disable=SC2086
-cmake --build "$DEST/build" -j "$JOBS" --target llama $TOOLS > "$DEST/cmake-build.log" 2>&1 \
-  || { tail -20 "$DEST/cmake-build.log"; echo "llama.cpp build failed: $DEST/cmake-build.log"; exit 1; }
+configure
+build_targets
 VARIANTS=native
 [ "$CPU" = portable ] && VARIANTS=$(cd "$DEST/build/bin" && ls libggml-cpu-*.so | sed 's/^libggml-cpu-//; s/\.so$//' | xargs)
 

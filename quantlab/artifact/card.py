@@ -33,7 +33,7 @@ def card_text(
     lines = [
         "---", yaml.safe_dump(_metadata(m, method), sort_keys=False, allow_unicode=True).rstrip(), "---", "",
         *_intro_lines(m, method, repo_hint),
-        *method.serving_lines(m.mtp is not None, repo_hint),
+        *_serving_lines(m, method, repo_hint),
         *_quantization_lines(m, method, quantized_weights),
         *_engine_lines(m),
         *_cost_lines(m),
@@ -49,6 +49,16 @@ def card_text(
         "```yaml", m.recipe.content.rstrip(), "```", "",
     ]
     return "\n".join(lines)
+
+
+def _mtp_quantized(m: BuildManifest) -> bool:
+    return bool(m.mtp and m.mtp.get("quantized_linears"))
+
+
+def _serving_lines(m: BuildManifest, method, repo_hint: str) -> list[str]:
+    if _mtp_quantized(m):  # only AWQ quantizes the MTP head, and only its serving lines take this
+        return method.serving_lines(True, repo_hint, mtp_quantized=True)
+    return method.serving_lines(m.mtp is not None, repo_hint)
 
 
 def _intro_lines(m: BuildManifest, method, repo_hint: str) -> list[str]:
@@ -95,12 +105,19 @@ def _unquantized_lines(m: BuildManifest, method, kept: list[KeptGroup]) -> list[
         "",
         "| Role | Tensors | Count | Parameters | Stored as | Why |",
         "|---|---|--:|--:|---|---|",
-        *[f"| {g.role} | `{g.pattern}` | {g.count} | {g.parameters:,} | {g.dtype} | {_ROLE_WHY.get(g.role, '')} |"
+        *[f"| {g.role} | `{g.pattern}` | {g.count} | {g.parameters:,} | {g.dtype} | {_why(m, g.role)} |"
           for g in kept],
         "",
         _mtp_line(m),
         "",
     ]
+
+
+def _why(m: BuildManifest, role: str) -> str:
+    if role == "mtp" and _mtp_quantized(m):
+        return ("multi-token prediction head: its norms (and any Linear skip_classes keeps); its other Linears are "
+                "quantized")
+    return _ROLE_WHY.get(role, "")
 
 
 def _files_lines(disk_bytes: int, shards: int, estimate: tuple[int, str] | None) -> list[str]:
@@ -191,6 +208,15 @@ def _skip_origin(m: BuildManifest) -> str:
 
 
 def _mtp_line(m: BuildManifest) -> str:
+    if _mtp_quantized(m):
+        how = (m.mtp.get("how") or "").removeprefix("MTP head: ") or (
+            f"{m.mtp['quantized_linears']} of its Linears quantized in the main model's AWQ GEMM layout "
+            "(qweight/qzeros/scales)")
+        return (
+            f"MTP: {m.mtp['tensors']} `mtp.*` tensors ({m.mtp['bytes'] / 1e6:,.2f} MB) in `{m.mtp['file']}`: {how}. "
+            "`mtp` is not in the skip list, so vLLM builds its MTP draft with the same AWQ config and loads these "
+            "tensors; transformers ignores them at load."
+        )
     if m.mtp:
         return (
             f"MTP: {m.mtp['tensors']} `mtp.*` tensors ({m.mtp['bytes'] / 1e6:,.2f} MB) copied byte for byte from the "

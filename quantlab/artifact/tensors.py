@@ -1,7 +1,9 @@
 """safetensors at the byte level: headers, the MTP copy, shard names, and what a build left unquantized.
 
 The MTP tensors (`mtp.*`) are copied byte for byte from the source shards, without torch:
-transformers drops them at load, so a save_pretrained never has them.
+transformers drops them at load, so a save_pretrained never has them. An AWQ build that quantizes the MTP head
+(`quantization.mtp: quantize`) has its engine's packed head moved into the same last shard instead
+(methods/awq.py); `placed_mtp` then describes it, and nothing is copied.
 """
 
 from __future__ import annotations
@@ -61,11 +63,26 @@ def mtp_tensors(source: Path | None) -> list[TensorInfo]:
     return sorted((t for t in folder_tensors(source).values() if t.name.startswith(MTP_PREFIX)), key=lambda t: t.name)
 
 
+def placed_mtp(build: Path) -> dict | None:
+    """The MTP tensors a build already holds (an engine wrote them: a quantized head), as add_mtp_shard describes
+    the ones it copies, with the number of Linears stored packed (qweight); None when it holds none."""
+    tensors = [t for t in folder_tensors(build).values() if t.name.startswith(MTP_PREFIX)]
+    if not tensors:
+        return None
+    files = sorted({t.file.name for t in tensors})
+    return {"tensors": len(tensors), "bytes": sum(t.nbytes for t in tensors), "file": ", ".join(files),
+            "quantized_linears": sum(1 for t in tensors if t.name.endswith(".qweight"))}
+
+
 def add_mtp_shard(build: Path, tensors: list[TensorInfo]) -> dict | None:
     """Copy the MTP tensors into one more shard and rename every shard model-0000i-of-0000n."""
     if not tensors:
         return None
     shards = shard_files(build)
+    already = sorted(n for n in header_names(shards) if n.startswith(MTP_PREFIX))
+    if already:  # a quantized head the engine wrote: a copy would shadow it in the index with the source's
+        raise QuantlabError(f"internal: {build} already holds {len(already)} mtp.* tensor(s) (e.g. {already[0]}); "
+                            "not copying the source's over them")
     count = len(shards) + 1
     names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
     weight_map: dict[str, str] = {}
@@ -83,6 +100,13 @@ def add_mtp_shard(build: Path, tensors: list[TensorInfo]) -> dict | None:
     index = {"metadata": {"total_size": total + mtp_bytes}, "weight_map": dict(sorted(weight_map.items()))}
     (build / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return {"tensors": len(tensors), "bytes": mtp_bytes, "file": names[-1]}
+
+
+def header_names(shards: list[Path]) -> set[str]:
+    names: set[str] = set()
+    for shard in shards:
+        names |= {n for n in read_shard_header(shard)[1] if n != "__metadata__"}
+    return names
 
 
 # ---- what stayed unquantized ---------------------------------------------------------------------------

@@ -117,9 +117,11 @@ def _build_in(plan: RunPlan, tmp: Path, target: Path, out_dir: Path, measure: bo
     made = _quantize(plan, tmp, spec, progress, echo)
     echo(f"quantized in {made.cost.seconds:,.1f} s; {cost_summary(made.cost)}")
     copied = copy_side_files(plan.source.files(), tmp)
-    mtp = T.add_mtp_shard(tmp, T.mtp_tensors(plan.source.files()))
+    mtp = _mtp_shard(plan, tmp, made)
     echo(f"saved to {tmp.name}: {len(shard_files(tmp))} shard(s)"
-         + (f", {mtp['tensors']} mtp.* tensors copied" if mtp else ", no mtp.* tensors in the source")
+         + (f", {mtp['tensors']} mtp.* tensors written by the engine ({mtp['quantized_linears']} Linears quantized)"
+            if mtp and "quantized_linears" in mtp else f", {mtp['tensors']} mtp.* tensors copied" if mtp
+            else ", no mtp.* tensors in the source")
          + (f", {len(copied)} tokenizer/config file(s)" if copied else ""))
     greedy = _greedy_check(plan, tmp, made, spec, echo)
     manifest = _manifest(plan, target, made, mtp, greedy)
@@ -138,6 +140,17 @@ def _build_in(plan: RunPlan, tmp: Path, target: Path, out_dir: Path, measure: bo
     _make_readable(tmp)
     write_checksums(tmp)
     return manifest, records
+
+
+def _mtp_shard(plan: RunPlan, tmp: Path, made: _Quantized) -> dict | None:
+    """The MTP head: the one the engine quantized and placed (AWQ `mtp: quantize`), described with the engine's
+    own note on how; otherwise the source's mtp.* tensors, copied byte for byte into one more shard."""
+    placed = T.placed_mtp(tmp)
+    if placed is None:
+        return T.add_mtp_shard(tmp, T.mtp_tensors(plan.source.files()))
+    notes = (made.engine or {}).get("notes", [])
+    placed["how"] = next((n for n in notes if n.startswith("MTP head:")), None)
+    return placed
 
 
 def _quantize(plan: RunPlan, tmp: Path, spec: BuildSpec, progress: bool, echo) -> _Quantized:

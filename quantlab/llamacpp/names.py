@@ -17,6 +17,8 @@ GGUF_TENSOR_NAMES = {
     "attention.o": ("attn_output",), "mlp.gate": ("ffn_gate",), "mlp.up": ("ffn_up",), "mlp.down": ("ffn_down",),
     "lm_head": ("output",), "embeddings": ("token_embd",),
 }
+MTP_CLASS = "mtp"  # the MTP block (blk.N, N the main model's layer count), as a whole: an override class of its own
+OVERRIDE_CLASSES = (*GGUF_TENSOR_NAMES, MTP_CLASS)
 CLASS_OF_NAME = {gguf: kind for kind, names in GGUF_TENSOR_NAMES.items() for gguf in names}
 UNQUANTIZED_TYPES = frozenset({"BF16", "F16", "F32"})
 # The Hugging Face tensors llama.cpp's type mix treats as attn_v (src/llama-quant.cpp: in qwen35 files the
@@ -51,11 +53,18 @@ def class_tensors(header) -> dict[str, list]:
     return found
 
 
-def tensor_type_args(overrides: dict[str, str]) -> list[str]:
+def tensor_type_args(overrides: dict[str, str], mtp_block: int | None = None) -> list[str]:
     """llama-quantize's --tensor-type flags for per-class overrides. Anchored: llama-quantize searches each pattern
-    in the tensor name, so a bare `attn_q` would also take attn_qkv, and `output` attn_output."""
-    return [arg for cls, kind in sorted(overrides.items()) for name in GGUF_TENSOR_NAMES[cls]
-            for arg in ("--tensor-type", f"{_tensor_pattern(name)}={kind.lower()}")]
+    in the tensor name, so a bare `attn_q` would also take attn_qkv, and `output` attn_output. The `mtp` class is
+    the MTP block (blk.`mtp_block`, the converter's one past the last layer), every weight of it; it comes first,
+    since llama-quantize takes the first pattern that matches and the class patterns match that block too."""
+    args = []
+    if MTP_CLASS in overrides:
+        if mtp_block is None:
+            raise ValueError("an override of the MTP block needs its block number")
+        args += ["--tensor-type", rf"^blk\.{mtp_block}\.={overrides[MTP_CLASS].lower()}"]
+    return args + [arg for cls, kind in sorted(overrides.items()) if cls != MTP_CLASS for name in GGUF_TENSOR_NAMES[cls]
+                   for arg in ("--tensor-type", f"{_tensor_pattern(name)}={kind.lower()}")]
 
 
 def _tensor_pattern(name: str) -> str:

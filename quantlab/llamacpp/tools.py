@@ -31,7 +31,8 @@ ISA_FLAGS = ("sse4_2", "avx", "f16c", "fma", "avx2", "bmi2", "avx_vnni", "avx512
 # The build also asks
 # `llama-quantize --dry-run`, which knows exactly, before it quantizes.
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-fit-params")
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-fit-params",
+         "llama-speculative-simple", "llama-completion")
 TAIL_LINES = 12
 
 

@@ -5,6 +5,12 @@ AWQ cannot quantize a model that is already in memory the way bitsandbytes does:
 gptqmodel's; quantlab/quantize/awq/) reads the source shards layer by layer (or creates synthetic weights) and
 writes the checkpoint. `quantlab build` keeps it; `quantlab run` writes it to a temporary folder and measures it
 there, as any checkpoint (transformers loads it through gptqmodel's AWQ kernels).
+
+The MTP head (`mtp.*`) is copied from the source at the model dtype and listed in the skip list (`mtp`), so that vLLM
+builds its draft unquantized (`mtp: bf16`, the default). `mtp: quantize` quantizes its Linears too, with the
+same activation-aware search on the head's own inputs (quantlab/quantize/awq/mtp.py), writes them in the same GEMM
+layout into the build's MTP shard, and leaves `mtp` out of the skip list: vLLM builds the draft with the main
+model's AWQ config, as it does for the main model.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from quantlab.errors import QuantlabError
 from quantlab.fields import IntOnly, SkipClasses
 from quantlab.methods.base import CardFacts, Method, MethodConfig, WrittenCheckpoint, register
 from quantlab.quantize.awq.engine import AwqParams
+from quantlab.quantize.awq.mtp import MTP_LINEAR_NAMES, check_mtp_head, kept_class
 from quantlab.quantize.groupwise import check_group_size
 from quantlab.quantize.skips import SkipPlan, classes_label, skip_plan
 from quantlab.quantize.vllm_layout import VLLM_NAMING, serving_skip_list, vllm_layers, vllm_reading
@@ -44,6 +51,9 @@ class AwqConfig(MethodConfig):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     batch_size: int = Field(8, ge=1, le=1024, description="calibration windows per forward pass")
     skip_classes: SkipClasses = Field(default_factory=list, description="tensor classes kept at the model dtype")
+    mtp: Literal["bf16", "quantize"] = Field(
+        "bf16", description="the MTP head (mtp.*): bf16 copies it from the source and keeps it out of quantization "
+        "(`mtp` in the skip list); quantize puts its Linears through the same AWQ search and packing (engine quantlab)")
 
 
 @register
@@ -57,13 +67,18 @@ class AwqMethod(Method):
 
     def label(self, qconfig: AwqConfig, dtype: str) -> str:
         kept = f", {classes_label(qconfig.skip_classes)}" if qconfig.skip_classes else ""
-        return f"AWQ W4A16 g{qconfig.group_size}" + ("" if qconfig.zero_point else " (symmetric)") + kept
+        mtp = f", MTP W{qconfig.bits}" if qconfig.mtp == "quantize" else ""
+        return f"AWQ W4A16 g{qconfig.group_size}" + ("" if qconfig.zero_point else " (symmetric)") + kept + mtp
 
     def check(self, qconfig: AwqConfig, source) -> None:
+        if qconfig.mtp == "quantize":  # first: a source without an MTP head is the one line to say
+            _check_mtp_source(qconfig, source)
         model = source.checkpoint_meta  # the engine writes the whole checkpoint, a vision tower included
         _engine(qconfig).check(engine_params(qconfig, type(model).__name__), source.config)
         plan = self.skip_rules(qconfig, source)  # an unknown class fails here with the classes quantlab knows
         _check_vllm_reading(plan)
+        if qconfig.mtp == "quantize":
+            _check_vllm_mtp_reading(plan, qconfig.skip_classes)
         modules = dict(model.named_modules())
         linears = [(name, modules[name]) for name in plan.quantized]
         check_group_size([(n, m.in_features) for n, m in linears], qconfig.group_size)
@@ -97,6 +112,8 @@ class AwqMethod(Method):
 
         plan = skip_plan(source.checkpoint_meta, self.name, classes=qconfig.skip_classes)
         serving = serving_skip_list(plan.model_class, plan.rule_patterns)
+        if qconfig.mtp == "quantize":  # vLLM's draft then takes the main model's AWQ config, as the tensors are
+            serving = tuple(p for p in serving if p != "mtp")
         return replace(plan, patterns=serving + plan.extra_patterns, rule_patterns=serving)
 
     def apply(self, model, qconfig: AwqConfig):
@@ -125,7 +142,7 @@ class AwqMethod(Method):
             dtype=getattr(torch, source.spec.dtype), max_shard_bytes=max_shard_bytes, seed=source.spec.seed,
             progress=progress,
         )
-        outcome = _engine(qconfig).quantize(job)
+        outcome = _engine(qconfig).quantize(job)  # a quantized MTP head is staged; the run places it (run.py)
         write_config(source.config, quantization_config(qconfig, self.skip_rules(qconfig, source).patterns), folder)
         return WrittenCheckpoint(
             outcome.engine, outcome.quantized, outcome.notes, calibration.label if calibration else None,
@@ -140,6 +157,8 @@ class AwqMethod(Method):
     def estimator_scheme(self, params: dict, dtype: str) -> str | None:
         if params.get("skip_classes"):
             return None  # more kept at the model dtype than the scheme table prices
+        if params.get("mtp", "bf16") != "bf16":
+            return None  # the scheme table prices the MTP head at the model dtype
         return f"awq-g{params.get('group_size', 128)}"
 
     def scheme_config(self, scheme: str) -> AwqConfig | None:
@@ -162,9 +181,11 @@ class AwqMethod(Method):
             ("engine", params.get("engine")),
             ("clip search", params.get("clip")),
             ("kept tensor classes (skip_classes)", params.get("skip_classes") or []),
+            ("MTP head (mtp)", params.get("mtp", "bf16")),
         ]
 
-    def serving_lines(self, mtp: bool, repo_hint: str) -> list[str]:
+    def serving_lines(self, mtp: bool, repo_hint: str, mtp_quantized: bool = False) -> list[str]:
+        """`mtp_quantized`: the build's MTP Linears are AWQ-packed and `mtp` is not in the skip list."""
         lines = [
             "With vLLM (AWQ is one of its built-in formats; on CUDA it upgrades `awq` to its Marlin kernels itself):",
             "",
@@ -172,14 +193,18 @@ class AwqMethod(Method):
             f"vllm serve {repo_hint}",
         ]
         if mtp:
+            draft = "the AWQ-packed mtp.* tensors" if mtp_quantized else "the bf16 mtp.* tensors"
             lines.append(f"vllm serve {repo_hint} --speculative-config '{{\"method\": \"mtp\", \"num_speculative_tokens\": 1}}'"
-                         "   # MTP draft, from the bf16 mtp.* tensors")
+                         f"   # MTP draft, from {draft}")
+        why_mtp = ("`mtp` is not in it: the MTP head's Linears are quantized like the main model's, and vLLM builds "
+                   "its MTP draft with the same AWQ config" if mtp_quantized else
+                   "and `mtp` so that vLLM builds the MTP draft head unquantized, as its tensors are")
         return lines + [
             "```",
             "",
             "`modules_to_not_convert` names each unquantized part twice where the two loaders' names differ: "
             "`model.visual` for transformers (a prefix of its module names) and `visual` for vLLM (a substring of its "
-            "own), and `mtp` so that vLLM builds the MTP draft head unquantized, as its tensors are.",
+            f"own){'; ' if mtp_quantized else ', '}{why_mtp}.",
             "",
         ]
 
@@ -207,6 +232,36 @@ def _check_vllm_reading(plan: SkipPlan) -> None:
             )
 
 
+def _check_mtp_source(qconfig: AwqConfig, source) -> None:
+    """The MTP head the recipe quantizes: in the config and, where the files are here, in their headers (no weights
+    are read); a Hub source not downloaded yet, or a made one not made yet, is checked by the engine."""
+    from quantlab.checkpoint import folder_tensors
+
+    if qconfig.engine != "quantlab":
+        raise QuantlabError(f"quantization.mtp quantize: engine {qconfig.engine} drops the MTP head (mtp.*) and cannot "
+                            "quantize it; use engine: quantlab")
+    folder = None if source.synthetic else source.files()
+    shapes = {n: tuple(t.shape) for n, t in folder_tensors(folder).items()} if folder is not None else None
+    check_mtp_head(source.name, source.config, shapes, qconfig.group_size, synthetic=source.synthetic)
+
+
+def _check_vllm_mtp_reading(plan: SkipPlan, skip_classes) -> None:
+    """vLLM builds the MTP draft with the main model's quant config and reads the skip list as substrings of its
+    layer names (mtp.fc, mtp.layers.0.self_attn.qkv_proj, ...): it must skip exactly the MTP Linears kept at the
+    model dtype, so that it loads packed tensors where the build wrote them."""
+    naming = VLLM_NAMING.get(plan.model_class)
+    if naming is None:
+        return
+    layers = vllm_layers(list(MTP_LINEAR_NAMES), naming)
+    for layer, skipped in vllm_reading(list(MTP_LINEAR_NAMES), plan.patterns, naming).items():
+        kept = {kept_class(part, skip_classes) for part in layers[layer]}
+        if skipped is None or len(kept) > 1 or skipped != (True in kept):
+            raise QuantlabError(
+                f"quantization.mtp quantize: vLLM would {'skip' if skipped else 'quantize'} its MTP draft layer "
+                f"{layer} with the skip list {list(plan.patterns)}, where the build "
+                f"{'keeps it at the model dtype' if True in kept else 'quantizes it'}; use mtp: bf16")
+
+
 def _class_order(name: str) -> int:
     return TENSOR_CLASS_NAMES.index(name) if name in TENSOR_CLASS_NAMES else len(TENSOR_CLASS_NAMES)
 
@@ -219,7 +274,7 @@ def engine_params(qconfig: AwqConfig, model_class: str) -> AwqParams:
     """The fields an engine uses, apart from the recipe."""
     return AwqParams(model_class=model_class, bits=qconfig.bits, group_size=qconfig.group_size,
                      zero_point=qconfig.zero_point, clip=qconfig.clip, batch_size=qconfig.batch_size,
-                     skip_classes=tuple(qconfig.skip_classes))
+                     skip_classes=tuple(qconfig.skip_classes), mtp=qconfig.mtp == "quantize")
 
 
 def _engine(qconfig: AwqConfig):

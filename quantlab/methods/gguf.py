@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 
 from quantlab.errors import QuantlabError
 from quantlab.llamacpp import tools as llamacpp
-from quantlab.llamacpp.names import GGUF_TENSOR_NAMES, tensor_type_args
+from quantlab.llamacpp.names import MTP_CLASS, OVERRIDE_CLASSES, tensor_type_args
 from quantlab.llamacpp.steps import (
     BF16_NAME, CONVERTER_TYPES, GGUF_NAME, check_convertible, check_needs_no_imatrix, convert, has_experts, has_mtp,
     make_imatrix, quantize, tensor_types, timed,
@@ -42,14 +42,15 @@ class GgufConfig(MethodConfig):
     mtp: bool = Field(True, description="keep the MTP head as blk.N (llama.cpp's default); false: --no-mtp")
     calibration: GgufCalibration = Field(default_factory=GgufCalibration)
     overrides: dict[str, str] = Field(default_factory=dict, description="tensor class → llama.cpp type, given to "
-                                      "llama-quantize as --tensor-type (e.g. {mlp.down: Q6_K})")
+                                      "llama-quantize as --tensor-type (e.g. {mlp.down: Q6_K}); `mtp` is the whole "
+                                      "MTP block (e.g. {mtp: Q8_0})")
 
     @field_validator("overrides")
     @classmethod
     def _known_classes(cls, value: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(value) - set(GGUF_TENSOR_NAMES))
+        unknown = sorted(set(value) - set(OVERRIDE_CLASSES))
         if unknown:
-            raise ValueError(f"tensor class(es) {unknown} have no GGUF name; classes: {', '.join(GGUF_TENSOR_NAMES)}")
+            raise ValueError(f"tensor class(es) {unknown} have no GGUF name; classes: {', '.join(OVERRIDE_CLASSES)}")
         bad = sorted(t for t in value.values() if not re.fullmatch(r"[A-Za-z0-9_]{1,16}", t))
         if bad:
             raise ValueError(f"not a llama.cpp type: {bad[0]!r}")
@@ -87,6 +88,9 @@ class GgufMethod(Method):
         check_convertible(tools, source.config)
         for cls, kind_of in qconfig.overrides.items():
             llamacpp.check_tensor_type(kind_of, f"quantization.overrides.{cls}")
+        if MTP_CLASS in qconfig.overrides and not (qconfig.mtp and has_mtp(source.config)):
+            why = "quantization.mtp is false" if not qconfig.mtp else "the model has no MTP head"
+            raise QuantlabError(f"quantization.overrides.mtp: the GGUF will have no MTP block ({why})")
         check_llama_rules(tools, qconfig, kind, source.config)
         if qconfig.overrides and kind in CONVERTER_TYPES:
             raise QuantlabError(f"quantization.overrides: type {kind} is written by the converter, which takes no "
@@ -142,7 +146,8 @@ class GgufMethod(Method):
             if imatrix is None:
                 check_needs_no_imatrix(tools, bf16, kind)
             step(f"llama-quantize {kind}", lambda: quantize(tools, bf16, folder / GGUF_NAME, kind, imatrix,
-                                                            tensor_types=tensor_type_args(qconfig.overrides)))
+                                                            tensor_types=tensor_type_args(qconfig.overrides,
+                                                                                         _mtp_block(source.config))))
             bf16.unlink()
         quantized = tuple(f"{name}: {t}" for name, t in tensor_types(folder / GGUF_NAME).items())
         return WrittenCheckpoint("llama.cpp", quantized, tuple(notes), calibration_label)
@@ -155,6 +160,11 @@ class GgufMethod(Method):
         return [("method", self.name), ("type", params.get("type")), ("imatrix", params.get("imatrix")),
                 ("per-class types", params.get("overrides") or "none"),
                 ("MTP head", "kept (blk.N)" if params.get("mtp", True) else "left out (--no-mtp)")]
+
+
+def _mtp_block(config) -> int:
+    """The converter writes the MTP head as the block after the main model's last."""
+    return int((getattr(config, "text_config", None) or config).num_hidden_layers)
 
 
 def check_llama_rules(tools, qconfig: GgufConfig, kind: str, config) -> None:

@@ -20,13 +20,16 @@ class RuntimeEntry:
     loads: tuple[str, ...]  # "checkpoint" and/or "gguf"
     own_process: bool = False  # runs the model in a process of its own: it loads only what a method wrote to disk
     quality_from: str | None = None  # what quality scores when not the full logits (a server's top-k log-probs)
+    speculative: str | None = None  # how it runs MTP speculative decoding; None: it cannot
 
 
 RUNTIMES = {
     "transformers": RuntimeEntry("quantlab.runtimes.transformers", "TransformersRuntime", ("checkpoint",)),
-    "llama.cpp": RuntimeEntry("quantlab.runtimes.libllama", "LlamaCppRuntime", ("gguf",)),
+    "llama.cpp": RuntimeEntry("quantlab.runtimes.libllama", "LlamaCppRuntime", ("gguf",),
+                              speculative="llama.cpp's llama-speculative-simple --spec-type draft-mtp"),
     "vllm": RuntimeEntry("quantlab.runtimes.vllm", "VllmRuntime", ("checkpoint",), own_process=True,
-                         quality_from="vLLM's top-20 prompt log-probs"),
+                         quality_from="vLLM's top-20 prompt log-probs",
+                         speculative="vLLM's --speculative-config method mtp"),
 }
 RUNTIME_NAMES = tuple(RUNTIMES)
 

@@ -24,6 +24,7 @@ from quantlab.device_map import DeviceSplit
 from quantlab.schema.environment import WeightsInfo
 from quantlab.schema.measurement import Kernels
 from quantlab.schema.serving import ServingLevel
+from quantlab.schema.speculative import SpeculativeResult, SpeculativeSpec
 
 
 @dataclass
@@ -52,6 +53,18 @@ class LoadRequest:
     from_pretrained: Mapping[str, Any] = field(default_factory=dict)
     gguf: Path | None = None
     settings: Any = None
+
+
+@dataclass(frozen=True)
+class SpeculativeRequest:
+    """What the speculative-decoding measurement decodes: the same text prompts, as token ids and as text (a runtime
+    whose own tool tokenizes takes the text), each with speculative decoding off and then on for every k."""
+
+    spec: SpeculativeSpec
+    prompt_ids: tuple[tuple[int, ...], ...]
+    prompt_texts: tuple[str, ...]
+    new_tokens: int
+    seed: int
 
 
 class Runtime(ABC):
@@ -86,6 +99,12 @@ class Runtime(ABC):
     def serving(self, model: Any, seed: int, echo: Callable[[str], None]) -> tuple[ServingLevel, ...] | None:
         """Serving under load, once per run, where the runtime is a server. Default: None (not a server)."""
         return None
+
+    def speculative(self, model: Any, request: SpeculativeRequest,
+                    echo: Callable[[str], None]) -> tuple[SpeculativeResult, ...]:
+        """MTP speculative decoding off and on, per k, in the runtime's own way (a runtime that can declares how in
+        its registry entry, and the recipe refuses the others before this is reached)."""
+        raise NotImplementedError(f"the {self.name} runtime does not run speculative decoding")
 
     def scorer(self, model: Any) -> Any:
         """What quality scores: the model itself (a torch module whose logits it reads), or a

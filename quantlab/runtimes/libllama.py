@@ -19,7 +19,9 @@ from quantlab.llamacpp.binding import (
     LlamaCppModel, LlamaCppSettings, cpu_backend, describe_types, library, open_gguf, process_log,
 )
 from quantlab.llamacpp.settings import LlamaCppSpec
-from quantlab.runtimes.base import LoadedModel, LoadRequest, Runtime
+from quantlab.llamacpp.speculative import decode_with_mtp, decode_without_draft, same_text
+from quantlab.runtimes.base import LoadedModel, LoadRequest, Runtime, SpeculativeRequest
+from quantlab.schema.speculative import MAX_DRAFT_TOKENS, DraftMemory, SpeculativeResult, summarize
 from quantlab.schema.environment import WeightsInfo
 from quantlab.schema.measurement import Kernels
 
@@ -108,6 +110,50 @@ class LlamaCppRuntime(Runtime):
                        cpu_backend=f"ggml-cpu {backend['variant']} ({backend['system_info']})")
 
 
+    def speculative(self, model: LlamaCppModel, request: SpeculativeRequest, echo) -> tuple[SpeculativeResult, ...]:
+        """llama.cpp's own tools on the same GGUF and settings: each prompt decoded with no draft (llama-completion),
+        then with the MTP head drafting k tokens per step (llama-speculative-simple), for each k."""
+        tools, s = llamacpp.locate(), model.settings
+        context = max(len(ids) for ids in request.prompt_ids) + request.new_tokens + MAX_DRAFT_TOKENS + 16
+        common = ["-c", str(context), "-t", str(s.threads), "-ngl", str(s.gpu_layers), "-fa", s.flash_attn,
+                  "-ctk", s.kv_type, "-ctv", s.kv_type, "-ub", str(s.ubatch), "-b", str(s.batch),
+                  "--seed", str(request.seed)]
+        prompts = request.prompt_texts
+        echo(f"speculative decoding: {len(prompts)} prompt(s), no draft, then the MTP head drafting "
+             f"k = {', '.join(map(str, request.spec.tokens))}")
+        off = [decode_without_draft(tools, model.path, p, request.new_tokens, common) for p in prompts]
+        results = []
+        for k in request.spec.tokens:
+            on = [decode_with_mtp(tools, model.path, p, request.new_tokens, k, common) for p in prompts]
+            calls = sum(r.draft_calls for r in on)
+            results.append(summarize(
+                k, [r.tok_s for r in off], [r.tok_s for r in on], sum(r.drafted for r in on),
+                sum(r.accepted for r in on), 1 + sum(r.accepted for r in on) / calls if calls else None,
+                all(same_text(a.text, b.text) for a, b in zip(off, on)), round(sum(r.prompt_tokens for r in on) / len(on)),
+                request.new_tokens, _draft_memory(model, on[0], off[0]),
+                how=(f"llama.cpp: on, llama-speculative-simple --spec-type draft-mtp --spec-draft-n-max {k}, its "
+                     "'decoded N tokens in S seconds' (the draft-verify loop, wall time); off, llama-completion, its "
+                     "'eval time = T ms / N runs' (single-token decode steps); both greedy, EOS ignored. Drafted and "
+                     "accepted: the MTP driver's statistics (#gen tokens, #acc tokens); tokens per step: llama.cpp's "
+                     "'#mean acc len', 1 + accepted ÷ verified drafts, summed over the prompts")))
+        return tuple(results)
+
+
+def _draft_memory(model: LlamaCppModel, on, off) -> DraftMemory:
+    """What MTP adds, in llama.cpp's own log: the MTP block's weights (the model buffer with the draft loaded, less
+    the one without: llama.cpp loads blk.N only when a draft uses it), the draft context's KV and compute
+    buffers, and the main context's recurrent state kept for each drafted position (its RS buffer grows)."""
+    def total(buffers: dict[str, int], kind: str) -> int:
+        return sum(v for key, v in buffers.items() if key.endswith(f" {kind}"))
+
+    rs_growth = total(on.buffers, "RS") - total(off.buffers, "RS")
+    return DraftMemory(weights=max(0, total(on.buffers, "model") - total(off.buffers, "model")) or None,
+                       kv=total(on.draft_buffers, "KV") or None, compute=total(on.draft_buffers, "compute") or None,
+                       recurrent=rs_growth if rs_growth > 0 else None,
+                       source="llama.cpp's log: the buffers of the MTP draft context, and the model and recurrent-"
+                              "state buffers with the draft against without")
+
+
 def settings_for(spec: LlamaCppSpec, device: torch.device) -> LlamaCppSettings:
     if device.type != "cuda":
         layers = 0  # on the CPU nothing is offloaded, whatever a GPU recipe's measure asks
@@ -116,3 +162,4 @@ def settings_for(spec: LlamaCppSpec, device: torch.device) -> LlamaCppSettings:
     return LlamaCppSettings(threads=spec.threads or torch.get_num_threads(), gpu_layers=layers,
                             flash_attn=spec.flash_attn, kv_type=spec.kv_type, slots=spec.slots,
                             ubatch=spec.ubatch, batch=spec.batch)
+

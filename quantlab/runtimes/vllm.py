@@ -14,8 +14,9 @@ maximum concurrency), in every record; the process figures are the RSS of the se
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,14 +24,17 @@ import torch
 from quantlab.checkpoint import folder_tensors
 from quantlab.errors import QuantlabError
 from quantlab.quality.top_k import TopKRows, TopKScorer
-from quantlab.runtimes.base import LoadedModel, LoadRequest, Runtime
+from quantlab.runtimes.base import LoadedModel, LoadRequest, Runtime, SpeculativeRequest
+from quantlab.schema.speculative import DraftMemory, SpeculativeResult, failed, summarize
 from quantlab.schema.environment import WeightsInfo
 from quantlab.schema.measurement import Kernels
-from quantlab.vllm_server.accounting import VllmAccounting, histogram_totals, read_accounting
+from quantlab.vllm_server.accounting import (
+    VllmAccounting, draft_memory, histogram_totals, read_accounting, spec_counters,
+)
 from quantlab.schema.serving import ServingLevel
 from quantlab.vllm_server.client import StreamedCompletion, VllmClient
 from quantlab.vllm_server.load import LoadSettings, describe_level, run_level
-from quantlab.vllm_server.server import ServerConfig, VllmError, VllmServer, installed_version
+from quantlab.vllm_server.server import ServerConfig, VllmError, VllmServer, failure_reason, installed_version
 from quantlab.vllm_server.settings import VllmSpec
 
 NAME = "vllm"
@@ -98,7 +102,7 @@ class VllmRuntime(Runtime):
 
     def load(self, request: LoadRequest) -> LoadedModel:
         source = request.source
-        folder = source.files()
+        folder = source.files(download=source.spec.source == "bundled")  # made on first use (model.mtp, transform)
         if folder is None:
             raise QuantlabError(f"the vLLM runtime serves a checkpoint folder, and {source.name} ({source.spec.source}) "
                                 "has none on disk: use a local, bundled or cached Hub model, or a method that writes one")
@@ -142,6 +146,68 @@ class VllmRuntime(Runtime):
             echo(describe_level(level))
             levels.append(level)
         return tuple(levels)
+
+    def speculative(self, model: VllmModel, request: SpeculativeRequest, echo) -> tuple[SpeculativeResult, ...]:
+        """Each prompt on this server (no draft), then, for each k, on a second server started with the same
+        settings and `--speculative-config {"method": "mtp", "num_speculative_tokens": k}`: decode as vLLM's engine
+        timed it, its spec-decode counters, and its accounting with the draft against without. A server that fails
+        to start or dies while drafting is a finding: its reason, quoted, in the record."""
+        off = [self._decode(model.client, model.server, ids, request.new_tokens) for ids in request.prompt_ids]
+        context = round(sum(len(ids) for ids in request.prompt_ids) / len(request.prompt_ids))
+        results = []
+        for k in request.spec.tokens:
+            spec = {"method": "mtp", "num_speculative_tokens": k}
+            how = (f"vLLM --speculative-config '{json.dumps(spec)}', a second server with this run's settings; decode "
+                   f"as vLLM's engine timed it ({DECODE_TIME}), one request at a time, greedy, EOS ignored; drafted "
+                   "and accepted: vLLM's counters (vllm:spec_decode_num_draft_tokens, _num_accepted_tokens); tokens "
+                   "per step: 1 + accepted ÷ drafts (vllm:spec_decode_num_drafts), vLLM's 'mean acceptance length'")
+            config = replace(model.server.config, port=None,
+                             extra_args=(*model.server.config.extra_args, "--speculative-config", json.dumps(spec)))
+            server = VllmServer(config, startup_timeout_s=model.settings.spec.startup_timeout_s)
+            echo(f"speculative decoding: starting vLLM with the MTP draft, k = {k}")
+            try:
+                server.start()
+            except VllmError as exc:
+                results.append(failed(k, [s for s, _ in off], str(exc), context, request.new_tokens,
+                                      DraftMemory(source="vLLM did not start"), how))
+                continue
+            try:
+                client = VllmClient(server.url, model.client.model)
+                drafted_with = read_accounting(server.log_text(), client.metrics())
+                memory = draft_memory(model.accounting, drafted_with)
+                before = spec_counters(client.metrics())
+                try:
+                    on = [self._decode(client, server, ids, request.new_tokens) for ids in request.prompt_ids]
+                except (VllmError, OSError) as exc:  # OSError: the server shut down between two requests
+                    reason = _engine_reason(server, exc)
+                    echo(f"vLLM failed with the MTP draft (k = {k}): {reason}")
+                    results.append(failed(k, [s for s, _ in off], f"vLLM {installed_version()} served, then failed on "
+                                          f"the first request: {reason}", context, request.new_tokens, memory, how))
+                    continue
+                drafts, drafted, accepted = (a - b for a, b in zip(spec_counters(client.metrics()), before))
+            finally:
+                server.stop()
+            results.append(summarize(
+                k, [s for s, _ in off], [s for s, _ in on], drafted, accepted, 1 + accepted / drafts if drafts else None,
+                all(a == b for (_, a), (_, b) in zip(off, on)), context, request.new_tokens, memory, how))
+        return tuple(results)
+
+    def _decode(self, client: VllmClient, server: VllmServer, ids: tuple[int, ...], new_tokens: int):
+        """(decode tok/s as vLLM's engine timed it, the tokens): one streamed greedy request of new_tokens + 1."""
+        before = histogram_totals(client.metrics(), DECODE_TIME)
+        stream = client.stream(list(ids), new_tokens + 1)
+        _, first = _or_server_died(server, stream.first_token, client.timeout_s)
+        tokens = list(first) + [i for _, chunk in _or_server_died(server, stream.rest, client.timeout_s) for i in chunk]
+        if len(tokens) != new_tokens + 1:
+            raise VllmError(f"vLLM returned {len(tokens)} tokens, not the {new_tokens + 1} asked for")
+        deadline = time.monotonic() + METRICS_WAIT_S
+        while True:
+            total, count = histogram_totals(client.metrics(), DECODE_TIME)
+            if count > before[1]:
+                return new_tokens / (total - before[0]), tokens
+            if time.monotonic() > deadline:
+                raise VllmError(f"vLLM's metrics did not count the request ({DECODE_TIME}) after {METRICS_WAIT_S:.0f} s")
+            time.sleep(0.01)
 
     def scorer(self, model: VllmModel) -> "VllmScorer":
         return VllmScorer(model.client, model.server, min(QUALITY_TOP_K, model.server.config.max_logprobs))
@@ -241,6 +307,17 @@ class VllmScorer(TopKScorer):
         return TopKRows(ids=torch.tensor([[t for t, _ in row] for row in top]),
                         logp=torch.tensor([[lp for _, lp in row] for row in top], dtype=torch.float32),
                         target_logp=torch.tensor([e[t] for e, t in zip(entries, prompt[1:])], dtype=torch.float32))
+
+
+def _engine_reason(server: VllmServer, exc: Exception, settle_s: float = 3.0) -> str:
+    """vLLM's own reason for a request that failed: its engine's last words in the log (they follow the failed
+    request by a moment), else what the client saw."""
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline and "EngineDeadError" not in server.log_text():
+        time.sleep(0.1)
+    time.sleep(0.5)  # the dying worker's own last line can trail vLLM's
+    reason = failure_reason(server.log_text())
+    return reason if reason and "resource_tracker" not in reason else str(exc)
 
 
 def _or_server_died(server: VllmServer, read, *args):

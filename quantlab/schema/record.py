@@ -19,6 +19,7 @@ from quantlab.schema.environment import Hardware, Software, WeightsInfo
 from quantlab.schema.frozen import Frozen
 from quantlab.schema.measurement import Kernels, MemoryResult, PointResult, Roofline
 from quantlab.schema.serving import ServingLevel
+from quantlab.schema.speculative import SpeculativeResult
 from quantlab.schema.quality_bounds import quality_in_range
 
 SCHEMA_VERSION = 1
@@ -91,6 +92,7 @@ class Record(Frozen):
     # once per run, against the reference (recipe's quality section)
     quality: Annotated[QualityResult, AfterValidator(quality_in_range)] | None = None
     serving: tuple[ServingLevel, ...] | None = None  # once per run: serving under load (the vLLM runtime)
+    speculative: tuple[SpeculativeResult, ...] | None = None  # once per run: MTP speculative decoding, per k
     kernels: Kernels | None = None  # what really ran: DeltaNet functions, quantized Linear classes, dtype
     split: SplitRef | None = None  # a model split across devices; None: one device (hardware.device)
     runtime: RuntimeRef | None = None  # None in records written before runtimes were recorded: transformers

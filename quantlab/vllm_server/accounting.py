@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from quantlab.schema.speculative import DraftMemory
+
 _LABELS = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 _CACHE_INFO = re.compile(r"^vllm:cache_config_info\{(.*)\}\s+\S+$", re.M)
 _PADDING = re.compile(r"Padding mamba page size by ([\d.]+)%")
@@ -135,3 +137,37 @@ def histogram_totals(metrics: str, name: str) -> tuple[float, int]:
         elif line.startswith(f"{name}_count{{") or line.startswith(f"{name}_count "):
             count += int(float(line.rsplit(" ", 1)[1]))
     return total, count
+
+
+SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens")
+
+
+def spec_counters(metrics: str) -> tuple[int, int, int]:
+    """vLLM's speculative-decoding counters (drafts, draft tokens, accepted tokens), summed over label sets; 0 where
+    it publishes none yet."""
+    totals = dict.fromkeys(SPEC_COUNTERS, 0.0)
+    for line in (metrics or "").splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        for counter in SPEC_COUNTERS:
+            if name in (counter, f"{counter}_total"):
+                totals[counter] += float(line.rsplit(" ", 1)[1])
+    return tuple(int(totals[c]) for c in SPEC_COUNTERS)
+
+
+def draft_memory(without: VllmAccounting, with_draft: VllmAccounting) -> DraftMemory:
+    """What the MTP draft costs in vLLM's own accounting: the same KV space, shared with the draft's attention
+    layer(s), so fewer tokens fit; the bytes are those tokens' worth of the KV space (vLLM's figures, before and
+    after). vLLM's CPU path prints no weight figure for the drafter beyond the checkpoint's size."""
+    lost = None
+    if without.kv_cache_tokens and with_draft.kv_cache_tokens and with_draft.kv_cache_bytes:
+        lost = round((without.kv_cache_tokens - with_draft.kv_cache_tokens) / without.kv_cache_tokens
+                     * with_draft.kv_cache_bytes)
+    tokens = (without.kv_cache_tokens, with_draft.kv_cache_tokens) \
+        if without.kv_cache_tokens and with_draft.kv_cache_tokens else None
+    return DraftMemory(kv=lost if lost and lost > 0 else None, kv_tokens=tokens, source=(
+        f"vLLM's accounting: KV cache {without.kv_cache_tokens:,} tokens without the draft, "
+        f"{with_draft.kv_cache_tokens:,} with it (cache groups {list(without.cache_groups)} → "
+        f"{list(with_draft.cache_groups)}, mamba padding {without.mamba_page_padding_pct}% → "
+        f"{with_draft.mamba_page_padding_pct}%); KV here: the share of the KV space the draft's layer takes")
+        if without.kv_cache_tokens and with_draft.kv_cache_tokens else "vLLM printed no KV cache size")

@@ -257,6 +257,9 @@ def _stop_all() -> None:
 
 
 _PREFIX = re.compile(r"^\((?:APIServer|EngineCore|Worker)[^)]*\)\s+(?:\w+\s+[\d-]+ [\d:]+ \[[^\]]+\]\s?)?")
+_WORKER_DIED = re.compile(r"Worker proc \S+ died unexpectedly")
+_NATIVE = re.compile(r"^(free|malloc|realloc|double free|corrupted|munmap_chunk|malloc_consolidate)\b.*\(\)|"
+                     r"^(free|malloc|realloc)\(\)|Segmentation fault|Fatal Python error|Aborted")
 _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit))(?::\s*(.*))?$")
 _GENERIC = ("Engine core initialization failed", "WorkerProc initialization failed", "See root cause",
             "See stack trace")
@@ -275,7 +278,20 @@ def failure_reason(log: str) -> str:
         if re.search(r"validation errors? for \w+$", message):  # pydantic's details are on the lines below
             message += ": " + " ".join(line for line in lines[index + 1:index + 3] if line)
         found.append(f"{match.group(1).rsplit('.', 1)[-1]}: {message}" if message else match.group(1))
+    died = _native_death(lines)
+    if died and (not found or found[-1].endswith(": cancelled")):  # a worker killed in native code raises nothing
+        return died[:500]
     return (found[-1] if found else last_line(log))[:500]  # the last: a chained exception says more than its cause
+
+
+def _native_death(lines: list[str]) -> str | None:
+    """A worker that died in native code (glibc's heap checks abort it, a segfault kills it) prints no Python
+    exception: its last words are the C library's line, near vLLM's "Worker proc ... died unexpectedly"."""
+    for index, line in enumerate(lines):
+        if _WORKER_DIED.search(line):
+            native = [x for x in lines if _NATIVE.search(x)]  # glibc writes unbuffered: before or after vLLM's line
+            return f"{native[-1]} ({line})" if native else line
+    return None
 
 
 def _code_before(lines: list[str], index: int) -> str:

@@ -6,6 +6,10 @@ recipe, the calibration samples, the skip rules, config.json's quantization_conf
 folder, measurement and records. Engines register in ENGINES (quantize/awq/__init__.py): each has a `name`,
 `check(params, config)` (raise QuantlabError before any weights load when it cannot quantize
 the model) and `quantize(job) -> AwqOutcome` (write the shards, not config.json, into job.out).
+
+The MTP head (`mtp.*`) is not an engine's to write into its shards: by default the build copies it from the
+source. An engine asked to quantize it (`AwqParams.mtp`) writes the head's tensors, packed Linears and norms, as a
+checkpoint of their own into `job.out / MTP_STAGED`; the method moves them into the build's MTP shard.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from typing import Callable
 
 import torch
 from transformers import PretrainedConfig
+
+
+MTP_STAGED = ".mtp-staged"  # the folder inside job.out where an engine that quantizes the MTP head writes it
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,7 @@ class AwqParams:
     clip: bool = True  # search a clipping threshold per group after the scales
     batch_size: int = 8  # calibration windows per forward pass
     skip_classes: tuple[str, ...] = ()  # tensor classes kept at the model dtype
+    mtp: bool = False  # quantize the MTP head's Linears too (written into MTP_STAGED); False: the build copies it
 
 
 @dataclass(frozen=True)

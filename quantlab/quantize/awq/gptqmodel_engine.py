@@ -35,6 +35,9 @@ class GptqmodelEngine:
     name = "gptqmodel"
 
     def check(self, params: AwqParams, config: PretrainedConfig) -> None:
+        if params.mtp:
+            raise QuantlabError("quantization.mtp quantize: engine gptqmodel drops the MTP head (mtp.*) and cannot "
+                                "quantize it; use engine: quantlab")
         if params.skip_classes:
             # gptqmodel 7.6 does skip modules given as negative `dynamic` patterns ("-:regex"), but when a whole
             # scaling group is skipped (q/k/v) it folds the next group's scales into the norm before it

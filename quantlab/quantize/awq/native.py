@@ -6,7 +6,9 @@ whole model is never in memory. Per layer:
 2. run the calibration activations through it (float), capturing the Linears' inputs;
 3. search and fold the AWQ scales (mappings.py), then the clipping (search.py);
 4. quantize, pack as AWQ GEMM (pack.py) and write; the float outputs feed the next layer.
-Everything outside the decoder layers (embeddings, final norm, lm_head, a vision tower) is copied.
+Everything outside the decoder layers (embeddings, final norm, lm_head, a vision tower) is copied. The MTP head
+(mtp.*) is the build's to copy, unless the recipe quantizes it too: then it goes through the same steps after the
+last layer (mtp.py).
 
 Without calibration (synthetic weights) it packs round-to-nearest weights in the same format: the
 checkpoint then costs the same memory and runs at the same speed as a calibrated one.
@@ -59,6 +61,11 @@ class QuantlabEngine:
         reader = ShardReader(job.source) if job.source is not None else None
         if reader is not None:
             _check_names(model, reader)
+        if job.params.mtp:  # before any layer: a head that cannot be quantized is one line, not a late failure
+            from quantlab.quantize.awq.mtp import check_mtp_head
+
+            check_mtp_head(str(job.source), job.config, reader and {n: t.shape for n, t in reader.tensors.items()},
+                           job.params.group_size, synthetic=reader is None)
         writer = ShardWriter(job.out, job.max_shard_bytes)
         quantized: list[str] = []
         with _seeded(job.seed, job.device):
@@ -77,6 +84,13 @@ class QuantlabEngine:
                 _empty_cache(job.device)
                 if job.on_layer is not None:
                     job.on_layer(index)
+            mtp_note = None
+            if job.params.mtp:  # after the last layer: its float outputs are the MTP head's hidden input
+                from quantlab.quantize.awq.mtp import LayerSteps, quantize_mtp
+
+                mtp_names, mtp_note = quantize_mtp(model, arch.decoder_layers, reader, job, hidden,
+                                                   LayerSteps(_quantize_layer, _fold, _materialize, _empty_cache))
+                quantized += mtp_names
             _write_rest(model, arch.decoder_layers, reader, job, writer)
         writer.finish()
         notes = () if job.calibration is not None else (
@@ -84,7 +98,7 @@ class QuantlabEngine:
             + "round-to-nearest packed in the AWQ GEMM format (no calibration): the same memory and speed as a "
             "calibrated AWQ build, not its quality",
         )
-        return AwqOutcome(self.name, tuple(quantized), notes)
+        return AwqOutcome(self.name, tuple(quantized), notes + ((mtp_note,) if mtp_note else ()))
 
 
 # ---- loading -----------------------------------------------------------------------------------------
@@ -179,9 +193,11 @@ def _write_rest(model, layers_path: str, reader, job: AwqJob, writer: ShardWrite
 # ---- one layer ---------------------------------------------------------------------------------------
 
 def _quantize_layer(model, layer, prefix: str, mappings: tuple[AwqMapping, ...], job: AwqJob, hidden, kwargs,
-                    writer: ShardWriter):
+                    writer: ShardWriter, linears: dict[str, torch.nn.Linear] | None = None):
+    """Search, fold, clip, quantize and write one decoder layer; `linears`: the ones to quantize (default: those
+    the skip rules and skip_classes leave to quantization)."""
     qc = job.params
-    linears = _quantized_linears(model, layer, prefix, qc)
+    linears = _quantized_linears(model, layer, prefix, qc) if linears is None else linears
     outputs = None
     if hidden is not None:
         inputs, calls, outputs = _capture(layer, hidden, kwargs, linears, mappings)
