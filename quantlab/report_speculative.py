@@ -36,10 +36,10 @@ def _row(r: Record, s) -> str:
         return (f"| {md(r.model.name)} {md(r.method.label)} ({md(r.model.weights)} weights) | {md(runtime)} | "
                 f"{r.hardware.kind.upper()} | {s.tokens} | failed: {md(s.failed[:200])} | — | "
                 f"{s.decode_tok_s_off:.1f} | — | — | — | {_memory(s.draft_memory)} | "
-                f"{f'{r.quality.kl_mean:.4f}' if r.quality is not None else '—'} |")
+                f"{f'{r.quality.kl_mean:.5f}' if r.quality is not None else '—'} |")
     rate = f"{s.acceptance_rate:.1%} ({s.accepted}/{s.drafted})" if s.acceptance_rate is not None else "—"
     mean = f"{s.mean_accepted_tokens:.2f}" if s.mean_accepted_tokens is not None else "—"
-    kl = f"{r.quality.kl_mean:.4f}" if r.quality is not None else "—"
+    kl = f"{r.quality.kl_mean:.5f}" if r.quality is not None else "—"
     runtime = r.runtime.name if r.runtime else "transformers"
     return (f"| {md(r.model.name)} {md(r.method.label)} ({md(r.model.weights)} weights) | {md(runtime)} | "
             f"{r.hardware.kind.upper()} | {s.tokens} | {rate} | {mean} | {s.decode_tok_s_off:.1f} | "

@@ -253,7 +253,7 @@ def test_the_report_tabulates_acceptance_and_speed_up_beside_kl():
                        context=64, new_tokens=16, draft_memory=memory, how="test")
     text = "\n".join(speculative_section([real.model_copy(update={"speculative": (result,)})]))
     assert (f"| 2 | 70.0% (7/10) | 2.40 | 100.0 | 150.0 | 1.50× | yes | weights 1.00 MiB, KV 0.25 MiB, compute "
-            f"2.00 MiB | {real.quality.kl_mean:.4f} |") in text
+            f"2.00 MiB | {real.quality.kl_mean:.5f} |") in text
     assert speculative_section([real]) == []  # no section without a speculative record
 
 

@@ -34,6 +34,7 @@ EVAL = re.compile(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs")
 PROMPT_EVAL = re.compile(r"prompt eval time =\s*[\d.]+ ms /\s*(\d+) tokens")
 BUFFER = re.compile(r"(\S+)\s+(model|KV|RS|compute|output)\s+buffer size\s*=\s*([\d.]+)\s*MiB")
 TIMEOUT_S = 3600
+ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ class DecodeRun:
 def decode_with_mtp(tools: LlamaCpp, gguf: Path, prompt: str, new_tokens: int, k: int, common: list[str]) -> DecodeRun:
     """One greedy decode of `new_tokens` after `prompt` with the MTP head drafting `k` tokens per step."""
     args = [*common, "--spec-type", "draft-mtp", "--spec-draft-n-max", str(k), "--spec-draft-n-min", "0"]
-    out, err = _run(tools, SPECULATIVE_TOOL, gguf, prompt, new_tokens, args, f"{SPECULATIVE_TOOL} (MTP, k={k})")
+    out, err = _run(tools, SPECULATIVE_TOOL, gguf, prompt, new_tokens, args, f"{SPECULATIVE_TOOL} (MTP, k={k})",
+                    STATS)
     decoded, encoded, stats = DECODED.search(err), ENCODED.search(err), STATS.search(err)
     if decoded is None or encoded is None or stats is None:
         raise QuantlabError(f"{SPECULATIVE_TOOL}: its log lacks the 'encoded/decoded N tokens' or the draft-mtp "
@@ -69,9 +71,8 @@ def decode_with_mtp(tools: LlamaCpp, gguf: Path, prompt: str, new_tokens: int, k
     if split is None:
         raise QuantlabError(f"{SPECULATIVE_TOOL}: it made no MTP draft context{_tail(err)}")
     mean = MEAN_LENGTH.search(err)
-    text = out.strip("\n")
     return DecodeRun(prompt_tokens=int(encoded.group(1)), decoded=int(decoded.group(1)),
-                     decode_seconds=float(decoded.group(2)), text=text[len(prompt):] if text.startswith(prompt) else text,
+                     decode_seconds=float(decoded.group(2)), text=_after_prompt(out, prompt),
                      draft_calls=int(stats.group(3)), drafted=int(stats.group(6)), accepted=int(stats.group(7)),
                      mean_accepted_length=float(mean.group(1)) if mean else None,
                      buffers=buffers(lines[:split]), draft_buffers=buffers(lines[split:]))
@@ -80,12 +81,12 @@ def decode_with_mtp(tools: LlamaCpp, gguf: Path, prompt: str, new_tokens: int, k
 def decode_without_draft(tools: LlamaCpp, gguf: Path, prompt: str, new_tokens: int, common: list[str]) -> DecodeRun:
     """The same prompt decoded greedily with no draft: llama-completion, llama.cpp's own decode timing."""
     out, err = _run(tools, PLAIN_TOOL, gguf, prompt, new_tokens, [*common, "-no-cnv", "--no-display-prompt"],
-                    f"{PLAIN_TOOL} (no draft)")
+                    f"{PLAIN_TOOL} (no draft)", EVAL)
     evaluated, prompt_eval = EVAL.search(err), PROMPT_EVAL.search(err)
     if evaluated is None or prompt_eval is None:
         raise QuantlabError(f"{PLAIN_TOOL}: its log lacks llama.cpp's 'eval time' lines{_tail(err)}")
     return DecodeRun(prompt_tokens=int(prompt_eval.group(1)), decoded=int(evaluated.group(2)),
-                     decode_seconds=float(evaluated.group(1)) / 1000, text=out.strip("\n"),
+                     decode_seconds=float(evaluated.group(1)) / 1000, text=out.rstrip("\n"),
                      buffers=buffers(err.splitlines()))
 
 
@@ -101,14 +102,38 @@ def buffers(lines: list[str]) -> dict[str, int]:
     return found
 
 
+def _after_prompt(out: str, prompt: str) -> str:
+    """llama-speculative-simple prints two newlines, the prompt, then what it generates: the generated text. The prompt
+    it echoes is the one it read from the file, which loses one trailing newline (common/arg.cpp, -f)."""
+    text = out[2:] if out.startswith("\n\n") else out
+    for echoed in (prompt, prompt[:-1] if prompt.endswith("\n") else None):
+        if echoed is not None and text.startswith(echoed):
+            return text[len(echoed):].rstrip("\n")
+    raise QuantlabError(f"{SPECULATIVE_TOOL}: its output does not begin with the prompt it was given")
+
+
 def same_text(a: str, b: str) -> bool:
     """The same greedy tokens print the same text; one tool may decode a few tokens more than the other (a draft
     accepted past the end), so the shorter must begin the longer."""
     return a.startswith(b) or b.startswith(a)
 
 
-def _run(tools: LlamaCpp, tool: str, gguf: Path, prompt: str, new_tokens: int, args: list[str],
-         what: str) -> tuple[str, str]:
+def _run(tools: LlamaCpp, tool: str, gguf: Path, prompt: str, new_tokens: int, args: list[str], what: str,
+         last: re.Pattern) -> tuple[str, str]:
+    """The tool's (stdout, stderr). Its log goes through common's logging thread, whose logger is leaked at exit
+    unflushed (common/log.cpp, common_log_main: "logs may be lost if not flushed before the program exits",
+    llama.cpp issue 22142), and these tools do not flush it: seen here, `llama-completion` ending after "load time",
+    before "eval time", in about one run in five under load. A run whose log lacks `last` is run again, up to
+    ATTEMPTS times; the runs are not mixed."""
+    for _ in range(ATTEMPTS):
+        out, err = _run_once(tools, tool, gguf, prompt, new_tokens, args, what)
+        if last.search(err):
+            return out, err
+    raise QuantlabError(f"{what}: {ATTEMPTS} runs, and no log held its last line ({last.pattern}){_tail(err)}")
+
+
+def _run_once(tools: LlamaCpp, tool: str, gguf: Path, prompt: str, new_tokens: int, args: list[str],
+              what: str) -> tuple[str, str]:
     with tempfile.TemporaryDirectory(prefix="quantlab-spec-") as tmp:
         prompt_file = Path(tmp) / "prompt.txt"
         prompt_file.write_text(prompt, encoding="utf-8")

@@ -140,18 +140,25 @@ class LlamaCppRuntime(Runtime):
 
 
 def _draft_memory(model: LlamaCppModel, on, off) -> DraftMemory:
-    """What MTP adds, in llama.cpp's own log: the MTP block's weights (the model buffer with the draft loaded, less
-    the one without: llama.cpp loads blk.N only when a draft uses it), the draft context's KV and compute
-    buffers, and the main context's recurrent state kept for each drafted position (its RS buffer grows)."""
-    def total(buffers: dict[str, int], kind: str) -> int:
-        return sum(v for key, v in buffers.items() if key.endswith(f" {kind}"))
+    """What MTP adds, in llama.cpp's own log: the MTP block's weights (the model buffers with the draft loaded, less
+    those without: llama.cpp loads blk.N only when a draft uses it), the draft context's KV and compute buffers,
+    and the main context's recurrent state kept for each drafted position (its RS buffer grows). Weights are the
+    stored bytes (CPU_Mapped, or the device's model buffer); a CPU_REPACK buffer, where ggml repacks a type for its
+    kernels (Q4_K on AVX-512), holds a second copy and is named on its own."""
+    def growth(kind: str, repack: bool = False) -> int:
+        def total(buffers: dict[str, int]) -> int:
+            return sum(v for key, v in buffers.items() if key.endswith(f" {kind}") and ("REPACK" in key) == repack)
+        return total(on.buffers) - total(off.buffers)
 
-    rs_growth = total(on.buffers, "RS") - total(off.buffers, "RS")
-    return DraftMemory(weights=max(0, total(on.buffers, "model") - total(off.buffers, "model")) or None,
-                       kv=total(on.draft_buffers, "KV") or None, compute=total(on.draft_buffers, "compute") or None,
-                       recurrent=rs_growth if rs_growth > 0 else None,
+    repacked = growth("model", repack=True)
+    return DraftMemory(weights=max(0, growth("model")) or None,
+                       kv=sum(v for k, v in on.draft_buffers.items() if k.endswith(" KV")) or None,
+                       compute=sum(v for k, v in on.draft_buffers.items() if k.endswith(" compute")) or None,
+                       recurrent=growth("RS") if growth("RS") > 0 else None,
                        source="llama.cpp's log: the buffers of the MTP draft context, and the model and recurrent-"
-                              "state buffers with the draft against without")
+                              "state buffers with the draft against without"
+                              + (f"; ggml's CPU_REPACK copy of the block adds {repacked / 2**20:.2f} MiB more"
+                                 if repacked > 0 else ""))
 
 
 def settings_for(spec: LlamaCppSpec, device: torch.device) -> LlamaCppSettings:
