@@ -30,7 +30,7 @@ from quantlab.plan import RunPlan, make_plan
 from quantlab.plan_quality import describe_quality_plan
 from quantlab.quality.show import quality_line
 from quantlab.schema.quality import QualityResult
-from quantlab.artifact import tensors as T
+from quantlab import mtp_shard as T
 from quantlab.assess.session import QualitySession
 from quantlab.recipe import BuildSpec, LoadedRecipe
 from quantlab.quantize.awq.engine import MTP_STAGED

@@ -58,7 +58,7 @@ FLOORS = (
     ("base", ("quantlab", "errors", "console", "fields", "strict_yaml", "architecture", "known_models", "extras",
               "stats", "threads", "outputs", "residency", "schema", "store", "claims", "roofline", "cost", "kernels",
               "trackers", "checkpoint", "checksums", "device_map", "fingerprint", "placement", "made_sources",
-              "hf_loading", "model_spec", "quality", "cache_shapes")),
+              "hf_loading", "model_spec", "quality", "cache_shapes", "mtp_shard")),
     ("text", ("text", "bundled", "salient")),
     ("llamacpp", ("llamacpp", "vllm_server")),
     ("engines", ("quantize", "finite")),
