@@ -130,7 +130,7 @@ class LlamaCppRuntime(Runtime):
                 k, [r.tok_s for r in off], [r.tok_s for r in on], sum(r.drafted for r in on),
                 sum(r.accepted for r in on), 1 + sum(r.accepted for r in on) / calls if calls else None,
                 all(same_text(a.text, b.text) for a, b in zip(off, on)), round(sum(r.prompt_tokens for r in on) / len(on)),
-                request.new_tokens, _draft_memory(model, on[0], off[0]),
+                request.new_tokens, _draft_memory(on[0], off[0]),
                 how=(f"llama.cpp: on, llama-speculative-simple --spec-type draft-mtp --spec-draft-n-max {k}, its "
                      "'decoded N tokens in S seconds' (the draft-verify loop, wall time); off, llama-completion, its "
                      "'eval time = T ms / N runs' (single-token decode steps); both greedy, EOS ignored. Drafted and "
@@ -139,7 +139,7 @@ class LlamaCppRuntime(Runtime):
         return tuple(results)
 
 
-def _draft_memory(model: LlamaCppModel, on, off) -> DraftMemory:
+def _draft_memory(on, off) -> DraftMemory:
     """What MTP adds, in llama.cpp's own log: the MTP block's weights (the model buffers with the draft loaded, less
     those without: llama.cpp loads blk.N only when a draft uses it), the draft context's KV and compute buffers,
     and the main context's recurrent state kept for each drafted position (its RS buffer grows). Weights are the
