@@ -176,13 +176,16 @@ class VllmRuntime(Runtime):
                 drafted_with = read_accounting(server.log_text(), client.metrics())
                 memory = draft_memory(model.accounting, drafted_with)
                 before = spec_counters(client.metrics())
+                on = []
                 try:
-                    on = [self._decode(client, server, ids, request.new_tokens) for ids in request.prompt_ids]
+                    for ids in request.prompt_ids:
+                        on.append(self._decode(client, server, ids, request.new_tokens))
                 except (VllmError, OSError) as exc:  # OSError: the server shut down between two requests
                     reason = _engine_reason(server, exc)
                     echo(f"vLLM failed with the MTP draft (k = {k}): {reason}")
                     results.append(failed(k, [s for s, _ in off], f"vLLM {installed_version()} served, then failed on "
-                                          f"the first request: {reason}", context, request.new_tokens, memory, how))
+                                          f"request {len(on) + 1} of {len(request.prompt_ids)}: {reason}", context,
+                                          request.new_tokens, memory, how))
                     continue
                 drafts, drafted, accepted = (a - b for a, b in zip(spec_counters(client.metrics()), before))
             finally:
