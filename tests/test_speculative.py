@@ -280,3 +280,14 @@ def test_vllm_runs_the_mtp_draft_or_its_failure_is_recorded_with_vllms_reason(wr
         assert result.decode_tok_s_on is None and result.decode_tok_s_off > 0
     else:
         assert result.drafted >= result.accepted and result.decode_tok_s_on > 0
+
+
+def test_training_the_head_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    from quantlab.bundled.train_mtp import main
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    assert main(["--out", str(theirs)]) == 2
+    assert "is not a head this script wrote" in capsys.readouterr().err
+    assert (theirs / "notes.txt").read_text() == "keep me"

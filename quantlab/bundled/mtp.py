@@ -115,7 +115,7 @@ def write_joined(folder: pathlib.Path, model_dir: pathlib.Path = BUNDLED_MODEL_D
                  head_dir: pathlib.Path = MTP_DIR) -> None:
     """The bundled model with its MTP head, as a two-shard checkpoint in `folder`: the bundled model's own shard
     copied byte for byte, the head in a second shard, an index, and the config with `mtp_num_hidden_layers: 1`."""
-    from safetensors import safe_open
+    from quantlab.checkpoint import folder_tensors
 
     for path in sorted(model_dir.iterdir()):
         if path.is_file() and path.name not in ("config.json", "build_info.json"):
@@ -124,24 +124,7 @@ def write_joined(folder: pathlib.Path, model_dir: pathlib.Path = BUNDLED_MODEL_D
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     config["mtp_num_hidden_layers"] = 1
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    weight_map = {}
-    total = 0
-    for shard in (MAIN_SHARD, MTP_FILE):
-        with safe_open(folder / shard, "pt") as handle:
-            for name in handle.keys():
-                weight_map[name] = shard
-                sliced = handle.get_slice(name)
-                total += _numel(sliced.get_shape()) * _dtype_bytes(sliced.get_dtype())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    tensors = folder_tensors(folder)  # both shards' headers: no index yet, so every shard in the folder
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+             "weight_map": {name: tensors[name].file.name for name in sorted(tensors)}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
-def _dtype_bytes(dtype: str) -> int:
-    return {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1}[dtype]

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pathlib
 import shlex
 import sys
 import time
@@ -87,7 +88,8 @@ def _tail_mean(losses: list[float]) -> float:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m quantlab.bundled.train_mtp", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=lambda text: __import__("pathlib").Path(text), default=MTP_DIR)
+    parser.add_argument("--out", type=pathlib.Path, default=MTP_DIR, help="the head's folder (replaced only if "
+                        "it holds nothing but a head this script wrote)")
     parser.add_argument("--steps", type=int, default=RECIPE.steps)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -95,9 +97,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+MADE_FILES = {MTP_FILE, "mtp_info.json"}  # what this script writes: the only folder it replaces holds just these
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     args = parse_args(argv)
+    if args.out.exists() and not (args.out.is_dir() and {p.name for p in args.out.iterdir()} <= MADE_FILES):
+        print(f"error: --out {args.out}: exists and is not a head this script wrote (it would be replaced); "
+              "give a new folder", file=sys.stderr)
+        return 2
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(NUM_THREADS)
     recipe = dataclasses.replace(RECIPE, steps=args.steps)

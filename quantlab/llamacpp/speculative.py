@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantlab.errors import QuantlabError
+from quantlab.llamacpp.binding import BUFFER_LINE
 from quantlab.llamacpp.tools import BUILD_HINT, TAIL_LINES, LlamaCpp, tool_env
 
 SPECULATIVE_TOOL = "llama-speculative-simple"
@@ -32,7 +33,6 @@ STATS = re.compile(r"draft-mtp: #calls\(b,g,a\) =\s*(\d+)\s+(\d+)\s+(\d+), #gen 
 MEAN_LENGTH = re.compile(r"#mean acc len = ([\d.]+)")
 EVAL = re.compile(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs")
 PROMPT_EVAL = re.compile(r"prompt eval time =\s*[\d.]+ ms /\s*(\d+) tokens")
-BUFFER = re.compile(r"(\S+)\s+(model|KV|RS|compute|output)\s+buffer size\s*=\s*([\d.]+)\s*MiB")
 TIMEOUT_S = 3600
 ATTEMPTS = 5
 
@@ -95,7 +95,7 @@ def buffers(lines: list[str]) -> dict[str, int]:
     compute buffer for another graph) counts once, at its largest: it replaces the earlier one."""
     found: dict[str, int] = {}
     for line in lines:
-        match = BUFFER.search(line)
+        match = BUFFER_LINE.search(line)
         if match:
             key = f"{match.group(1)} {match.group(2)}"
             found[key] = max(found.get(key, 0), round(float(match.group(3)) * 2**20))
