@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/bundled-bf16.yaml
 
-.PHONY: vllm bench-vllm-serving check-vllm-accounting bench-mtp-speculative mtp-full-size llama-cpp llama-cpp-native llama-cpp-check lock quantize-gguf gguf-full-size bench-gguf-cpu-decode \
+.PHONY: published-builds bench-published-gguf vllm bench-vllm-serving check-vllm-accounting bench-mtp-speculative mtp-full-size llama-cpp llama-cpp-native llama-cpp-check lock quantize-gguf gguf-full-size bench-gguf-cpu-decode \
 	bench-llama-cpp-builds gpu-gguf-pack gpu-check-gguf setup run test test-fast validate report bench-overhead \
 	bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
 	quantize-awq gpu-check-awq bench-awq-memory gpu-check-all gpu-bundle gpu-rehearse
@@ -148,6 +148,12 @@ bench-llama-cpp-builds: setup llama-cpp-native  ## decode tok/s of the portable 
 
 bench-gguf-cpu-decode: setup  ## decode tok/s of the full-size Q4_K_M (a real 16.5 GB file) on this CPU; roofline share only if it stayed in memory
 	$(BIN)/python scripts/bench_gguf_cpu_decode.py
+
+published-builds: setup  ## builds/published/: the bundled model as others publish it (GGUF by llama.cpp's tools, GPTQ by gptqmodel), no quantlab manifest
+	$(BIN)/python scripts/make_published_builds.py builds/published
+
+bench-published-gguf: setup  ## a published GGUF vs quantlab's own build of the same file: decode tok/s ratios and run-to-run noise, one run
+	$(BIN)/python scripts/bench_published_gguf.py
 
 # The GGUF GPU check (scripts/gpu_check_gguf.py): pack here what the offline box lacks (the full-size Q4_K_M's header,
 # and llama.cpp's CUDA build from scripts/build_llama_cpp_cuda.sh, which takes long), run it there.

@@ -41,10 +41,14 @@ class TransformSpec(_Strict):
 class ModelSpec(_Strict):
     """Where the weights come from, and how they are laid out in memory."""
 
-    source: Literal["bundled", "hub", "local", "synthetic"]
-    id: RepoId | None = Field(None, description="Hub repo id (source: hub)")
-    revision: Revision | None = Field(None, description="Hub revision (source: hub)")
-    path: PathText | None = Field(None, description="folder of safetensors shards (source: local)")
+    source: Literal["bundled", "hub", "local", "synthetic", "gguf"]
+    id: RepoId | None = Field(None, description="Hub repo id (source: hub; source: gguf with model.file)")
+    revision: Revision | None = Field(None, description="Hub revision (source: hub, or gguf from the Hub)")
+    path: PathText | None = Field(None, description="folder of safetensors shards (source: local); the GGUF file "
+                                  "(source: gguf)")
+    file: PathText | None = Field(None, description="source: gguf from the Hub: the file's name in the repo")
+    claimed_size: MemorySize | None = Field(None, description="the size its publisher (card, article) claims, e.g. "
+                                            "17GB; the report sets it beside the measured one")
     config: PathText | None = Field(
         None, description="synthetic: 'qwen3.6-27b', 'bundled', or a path to a config.json or its folder"
     )
@@ -71,8 +75,16 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _fields_match_source(self) -> "ModelSpec":
+        if self.source == "gguf":
+            self._check_gguf()
+            return self
         needs = {"hub": "id", "local": "path", "synthetic": "config", "bundled": None}
         required = needs[self.source]
+        if self.file is not None:
+            raise ValueError(f"model.file names a GGUF in a Hub repo (source: gguf), not used with source '{self.source}'")
+        if self.claimed_size is not None and self.source in ("bundled", "synthetic"):
+            raise ValueError(f"model.claimed_size is a publisher's claim about a published build; source "
+                             f"'{self.source}' is quantlab's own")
         if required and getattr(self, required) is None:
             raise ValueError(f"source '{self.source}' needs model.{required}")
         for name in ("id", "path", "config"):
@@ -91,6 +103,23 @@ class ModelSpec(_Strict):
                              "model as it is)")
         self._check_split()
         return self
+
+    def _check_gguf(self) -> None:
+        if (self.path is None) == (self.id is None):
+            raise ValueError("source 'gguf' needs model.path (a GGUF file) or model.id and model.file (a GGUF in a Hub "
+                             "repo), one of the two")
+        if (self.id is None) != (self.file is None):
+            raise ValueError("source 'gguf' from the Hub needs both model.id (the repo) and model.file (its GGUF)")
+        if self.revision is not None and self.id is None:
+            raise ValueError("model.revision is only used with a GGUF from the Hub (model.id and model.file)")
+        for name in ("config", "transform", "gpus", "max_memory", "awq_kernel"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"model.{name} is not used with source 'gguf' (llama.cpp loads the file as it is)")
+        if self.mtp:
+            raise ValueError("model.mtp is not used with source 'gguf' (a GGUF's MTP block is found in its header)")
+        if self.variant != "text" or self.dtype != "bfloat16":
+            raise ValueError("model.variant and model.dtype are not used with source 'gguf' (its tensor types are "
+                             "the header's); remove them")
 
     def _check_split(self) -> None:
         if self.gpus is None and self.max_memory is None:

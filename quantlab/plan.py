@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,12 @@ from quantlab.device_map import DeviceSplit, check_devices_visible, offered_memo
 from quantlab.errors import QuantlabError
 from quantlab.outputs import check_measurements_folder
 from quantlab.plan_quality import QualityPlan, plan_quality
-from quantlab.methods import checkpoint_method, method_for
+from quantlab.checkpoint_formats import check_runnable, gptq_block_modules
+from quantlab.methods import METHODS, CheckpointMethod, checkpoint_method, method_for, method_named
 from quantlab.recipe import DTYPE_BYTES, LoadedRecipe
-from quantlab.sources import ModelSource, model_class_name, resolve
+from quantlab.sources import GgufSource, ModelSource, model_class_name, resolve
 
-# Headroom on top of the weights for a CPU run: activations, allocator slack, Python.
+OWN_FORMATS = ("awq", "bitsandbytes")  # the quant_methods quantlab's own methods read (their from_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,9 @@ def make_plan(loaded: LoadedRecipe, for_this_machine: bool = True, records_to: s
     _check_speculative(recipe, source, config)
     parameters = sum(p.numel() for p in source.meta.parameters())
     weight_bytes = parameters * DTYPE_BYTES[recipe.model.dtype]
-    notes = list(source.notes) + list(checkpoint_notes) + list(source_notes)
+    if isinstance(source, GgufSource):  # the file's own tensors, as the header sizes them
+        parameters, weight_bytes = source.header.parameters, source.header.tensor_bytes
+    notes = list(source.notes) + list(checkpoint_notes) + list(source_notes) + list(prequantized.notes if prequantized else ())
     split = _split(recipe, source, method, config, auto_class, for_this_machine) if recipe.model.split else None
     if split is not None:
         device = torch.device(split.first_device)
@@ -135,7 +138,17 @@ def _prequantized(recipe, source: ModelSource):
     """The checkpoint's own method when its config.json has a quantization_config (e.g. a quantlab build)."""
     if source.synthetic:
         return None  # random weights from a quantized checkpoint's config are created unquantized
+    if isinstance(source, GgufSource):
+        label, params = method_named("gguf").from_gguf(source.header)
+        return CheckpointMethod("gguf", label, params, "gguf")
     found = checkpoint_method(source.config, source.files())
+    if found is not None and found.name not in METHODS:  # a format quantlab did not write: can this runtime run it?
+        check_runnable(found.quant_method, source.location, recipe.measure.runtime, OWN_FORMATS)
+        modules = gptq_block_modules(source.config, source.files()) if recipe.measure.runtime == "transformers" else None
+        if modules:
+            found = replace(found, notes=(f"GPTQ: the checkpoint does not say which Linears of its blocks are quantized "
+                                          f"(modules_in_block_to_quantize), and transformers would convert them all; "
+                                          f"quantlab gives it the {len(modules)} its shards hold: {', '.join(modules)}",))
     if found is not None and recipe.quantization.method != "none":
         raise QuantlabError(
             f"quantization.method {recipe.quantization.method}: {source.location} is already quantized "

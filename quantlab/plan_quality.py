@@ -11,7 +11,8 @@ from transformers import PretrainedConfig
 from quantlab import fingerprint
 from quantlab.errors import QuantlabError
 from quantlab.recipe import DTYPE_BYTES, ModelSpec, QualitySpec, Recipe
-from quantlab.sources import ModelSource, resolve
+from quantlab.sources import GgufSource, ModelSource, resolve
+from quantlab.tokenizer_match import first_difference
 
 
 
@@ -46,6 +47,9 @@ def plan_quality(
     _check_text_path(spec)
     reference = spec.reference.model or recipe.model
     same = reference == recipe.model
+    if reference.source == "gguf" and not same:
+        raise QuantlabError("quality.reference.model: source gguf cannot be the reference (its logits come from "
+                            "transformers, which does not run GGUF files); name the checkpoint the GGUF was made from")
     _check_real_weights(source, "model.source")
     if same and prequantized:
         raise QuantlabError(
@@ -68,6 +72,8 @@ def plan_quality(
             f"model ({source.name}) {vocab:,}: KL and perplexity compare distributions token by token and need "
             "the same tokenizer and vocabulary"
         )
+    if isinstance(source, GgufSource) and not same:
+        _check_gguf_tokenizer(source, ref_source)
     if spec.mode == "stored" and spec.top_k > vocab:
         raise QuantlabError(f"quality.top_k ({spec.top_k:,}) exceeds the vocabulary ({vocab:,} tokens)")
     notes = []
@@ -77,6 +83,17 @@ def plan_quality(
 
     label = f"{ref_source.name} {DTYPE_LABELS[reference.dtype]} ({reference.source}, {reference.dtype})"
     return QualityPlan(spec, stride, reference, ref_source, label, same, vocab, tuple(notes))
+
+
+def _check_gguf_tokenizer(source: GgufSource, reference: ModelSource) -> None:
+    """The tokenizer the GGUF's header carries against the reference's, before any weights load: a GGUF is often
+    published apart from the checkpoint it was made from, and may have been converted from another one."""
+    gguf = source.tokenizer(required=True, what="quality")
+    ref = reference.tokenizer(required=True, what="quality")
+    where = first_difference(gguf, ref, "the GGUF", "the reference")
+    if where is not None:
+        raise QuantlabError(f"quality: the reference ({reference.name}) does not tokenize as the GGUF "
+                            f"({source.location}) does: {where}; name the checkpoint the GGUF was made from")
 
 
 def _not_a_file(path: Path) -> str:

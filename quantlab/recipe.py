@@ -166,13 +166,26 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _method_matches_runtime(self) -> "Recipe":
-        check_runtime(self.quantization, self.measure.runtime)
+        if self.model.source == "gguf":
+            check_gguf_source(self.quantization, self.measure.runtime)
+        else:
+            check_runtime(self.quantization, self.measure.runtime)
         method_for(self.quantization).check_model(self.quantization, self.model)
         layers = self.measure.llama_cpp.gpu_layers if self.measure.llama_cpp else None
         if self.model.device == "cpu" and layers not in (None, 0):
             raise ValueError(f"measure.llama_cpp.gpu_layers {layers!r} offloads layers to a GPU, but model.device is "
                              "cpu: leave gpu_layers out, or set model.device: cuda")
         return self
+
+
+def check_gguf_source(qconfig, runtime: str) -> None:
+    """A GGUF file is measured as it is, by a runtime that loads GGUF files."""
+    if qconfig.method != "none":
+        raise ValueError(f"model.source gguf is a file already quantized (its header says the type), so "
+                         f"quantization.method {qconfig.method} has nothing to do: set quantization: {{method: none}}")
+    if "gguf" not in RUNTIMES[runtime].loads:
+        able = " or ".join(name for name, entry in RUNTIMES.items() if "gguf" in entry.loads)
+        raise ValueError(f"model.source gguf: the {runtime} runtime does not load GGUF files; set measure.runtime: {able}")
 
 
 def check_runtime(qconfig, runtime: str) -> None:

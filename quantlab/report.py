@@ -15,6 +15,7 @@ from quantlab.outputs import REPORT_MARKER, check_measurements_folder, md_text a
 from quantlab.quality.show import quality_cell
 from quantlab.report_runtimes import runtime_sections
 from quantlab.report_speculative import speculative_section
+from quantlab.report_published import published_section
 from quantlab.schema.quality import QualityResult
 from quantlab.schema.bench import GGUF_CPU_DECODE_NAME, GGUF_FULL_SIZE_NAME, GgufCpuDecode, GgufFullSize
 from quantlab.schema.record import Record
@@ -202,6 +203,7 @@ def render_report(records: list[Record], problems: list[str] = (), extra: list[s
     lines += _measurement_sections(records)
     lines += runtime_sections(records)
     lines += speculative_section(records)
+    lines += published_section(records)
     if problems:
         lines += ["## Unreadable files", "", *[f"- {md(p)}" for p in problems], ""]
     return "\n".join(lines).rstrip() + "\n"

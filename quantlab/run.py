@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +21,7 @@ from quantlab import fingerprint
 from quantlab.checkpoint import EXTRA_FILES
 from quantlab.cost import cost_summary, quantize_cost
 from quantlab.device_map import DeviceSplit
-from quantlab.fields import parse_size
+from quantlab.fields import memory_bytes, parse_size
 from quantlab.finite import describe as describe_nonfinite, model_nonfinite
 from quantlab.measure import PointSettings, free_memory, measure_point
 from quantlab.methods import method_for
@@ -44,12 +44,17 @@ from quantlab.schema.measurement import Kernels, MemoryResult, PointResult
 from quantlab.schema.record import (
     MethodRef, PointRef, Record, RecipeRef, RuntimeRef, SplitRef, new_run_id, produced_by, record_id, utc_now,
 )
-from quantlab.sources import ModelSource, resolve
+from quantlab.checkpoint_formats import format_of
+from quantlab.model_file import describe_checkpoint, describe_gguf
+from quantlab.sources import GgufSource, ModelSource, resolve
 from quantlab.store import append_record
 from quantlab.threads import fit_threads
 from quantlab.trackers import MemoryTracker, Timer
 from quantlab.trackers.nvml import NvmlProbe
 from quantlab.trackers.memory import rss_bytes
+
+
+PUBLISHED = "not quantlab: measured as it is (no quantlab manifest read)"
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class Candidate:
     quantize: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     names: dict[str, str] = field(default_factory=dict)  # WeightsInfo fields the records state instead of the loaded ones
     notes: tuple[str, ...] = ()
+    made_by: str = ""  # who made the GGUF, as its records' file section says
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,9 @@ def run_recipe(
     echo(describe_plan(plan))
     qconfig = plan.recipe.quantization
     method = method_for(qconfig)
+    if isinstance(plan.source, GgufSource):  # someone else's GGUF: measured as the file is
+        candidate = Candidate(plan.source, gguf=plan.source.gguf_file, notes=notes, made_by=PUBLISHED)
+        return measure_candidate(plan, candidate, out, progress, echo, append)
     if not method.writes_checkpoint:
         candidate = Candidate(plan.source, from_pretrained=method.load_kwargs(qconfig, plan.source),
                               quantize=lambda model: method.apply(model, qconfig), notes=notes)
@@ -114,7 +123,8 @@ def run_recipe(
         source = plan.source  # the records name the recipe's model, not the temporary folder
         names = {"name": source.name, "source": source.spec.source, "location": source.location, "weights": source.weights}
         if method.artifact_file:
-            candidate = Candidate(source, gguf=Path(tmp) / method.artifact_file, names=names, notes=notes)
+            candidate = Candidate(source, gguf=Path(tmp) / method.artifact_file, names=names, notes=notes,
+                                  made_by=f"quantlab, this run ({written.engine}'s tools)")
         else:
             copy_mtp_for_drafting(plan, Path(tmp))
             candidate = checkpoint_candidate(plan, Path(tmp), names, notes)
@@ -182,6 +192,8 @@ def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: 
     quality = QualitySession(plan, out, progress, echo) if plan.quality else None  # text, tokenizers: no weights yet
     if quality:
         quality.prepare()  # stored mode: the reference pass runs, and is freed, before the candidate loads
+    files, file_notes = _describe_file(runtime, candidate, plan, echo)
+    candidate = replace(candidate, notes=candidate.notes + file_notes)
     loaded = _load(runtime, candidate, plan, nvml, echo)
     try:
         quality_result = _quality(quality, runtime, loaded.model, device, echo)
@@ -194,7 +206,7 @@ def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: 
             settings = PointSettings(context, batch, m.new_tokens, m.warmup, m.repeats, m.seed, m.memory_sample_ms / 1000)
             result = measure_point(runtime, loaded.model, settings, device, nvml, progress, plan.devices)
             record = _record(plan, loaded, (hardware, software), settings, result, run_id, quality_result,
-                             candidate.notes, serving, speculative)
+                             candidate.notes, serving, speculative, files.get(context))
             if append:
                 paths.append(append_record(out, record))  # each point as it is measured: nothing lost if one fails
             records.append(record)
@@ -202,6 +214,22 @@ def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: 
     finally:
         runtime.close(loaded.model)  # a server runtime stops its server, also on errors and Ctrl-C
     return RunResult(plan, tuple(records), tuple(paths))
+
+
+def _describe_file(runtime, candidate: Candidate, plan: RunPlan, echo):
+    """Before it loads: a GGUF's sha256, size, type mix and llama.cpp's plan at each context; a published checkpoint's
+    shards' sha256 and dtypes; ({}, ()) for anything else."""
+    claimed = plan.recipe.model.claimed_size
+    claimed = memory_bytes(claimed) if claimed else None
+    contexts = sorted(plan.recipe.measure.contexts)
+    fmt, folder = format_of(plan.method_name), candidate.source.files()
+    if candidate.gguf is None and fmt is not None and folder is not None:
+        described = describe_checkpoint(folder, fmt.name, PUBLISHED, claimed, echo)
+        return {c: described for c in contexts}, ()
+    if candidate.gguf is None:
+        return {}, ()
+    settings = runtime.options(plan.recipe.measure, plan.device, _longest(plan))
+    return describe_gguf(candidate.gguf, candidate.made_by, claimed, contexts, settings.kv_type, settings.slots, echo)
 
 
 def _speculative(runtime, model, plan: RunPlan, echo):
@@ -259,7 +287,7 @@ def _server_memory(runtime, model, device: torch.device) -> MemoryResult | None:
 
 
 def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, result: PointResult, run_id: str,
-            quality: QualityResult | None, notes: tuple[str, ...], serving=None, speculative=None) -> Record:
+            quality: QualityResult | None, notes: tuple[str, ...], serving=None, speculative=None, file=None) -> Record:
     hardware, software = machine
     recipe, created = plan.loaded, utc_now()
     return Record(
@@ -286,6 +314,7 @@ def _record(plan: RunPlan, loaded: _Loaded, machine, settings: PointSettings, re
         kernels=loaded.kernels,
         split=split_ref(plan.split) if plan.split is not None else None,
         runtime=loaded.runtime,
+        file=file,
         notes=plan.notes + loaded.notes + notes + _notes(hardware),
     )
 
@@ -344,13 +373,12 @@ def _notes(hardware) -> tuple[str, ...]:
 
 
 def describe_plan(plan: RunPlan) -> str:
-    r = plan.recipe
+    r, gguf = plan.recipe, isinstance(plan.source, GgufSource)
     lines = [
         f"recipe {r.name} ({plan.loaded.path})",
-        f"  model   {plan.source.name} [{r.model.source}, {r.model.variant}] {plan.model_class}, "
-        f"{plan.parameters:,} parameters, {plan.weight_bytes / 1e9:.2f} GB in {r.model.dtype}",
+        _model_line(plan),
         f"  method  {plan.method_label} ({plan.method_name}"
-        f"{', as quantized in the checkpoint' if plan.method_name != r.quantization.method else ''})",
+        f"{', as quantized in the ' + ('file' if gguf else 'checkpoint') if plan.method_name != r.quantization.method else ''})",
         f"  device  {plan.device}" if plan.split is None else f"  devices {', '.join(plan.split.devices)} "
         "(accelerate's device map)",
         *[f"          {line}" for line in (plan.split.lines() if plan.split else ())],
@@ -361,6 +389,16 @@ def describe_plan(plan: RunPlan) -> str:
         lines.append(f"  quality {describe_quality_plan(plan.quality, RUNTIMES[r.measure.runtime].quality_from)}")
     lines += [f"  note    {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _model_line(plan: RunPlan) -> str:
+    r = plan.recipe
+    if isinstance(plan.source, GgufSource):
+        h = plan.source.header
+        return (f"  model   {plan.source.name} [gguf file] GGUF {h.architecture} (planned as {plan.model_class}), "
+                f"{plan.parameters:,} parameters, {h.file_bytes / 1e9:.3f} GB file")
+    return (f"  model   {plan.source.name} [{r.model.source}, {r.model.variant}] {plan.model_class}, "
+            f"{plan.parameters:,} parameters, {plan.weight_bytes / 1e9:.2f} GB in {r.model.dtype}")
 
 
 def describe_point(record: Record) -> str:

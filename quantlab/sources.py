@@ -21,6 +21,8 @@ from quantlab.checkpoint import check_config_sizes, check_folder, compare_with_m
 from quantlab.errors import QuantlabError, summary
 from quantlab.hf_loading import hub_unavailable_message, select_variant  # noqa: F401  (sources' own names too)
 from quantlab.known_models import KNOWN_MODELS, known_by_hub_id, known_config_dir
+from quantlab.llamacpp.gguf_file import GgufHeader, header_file_type, read_header
+from quantlab.llamacpp.header_config import header_config
 from quantlab.made_sources import MadeModel
 from quantlab.placement import recover_interrupted_replace
 from quantlab.schema.build import built_from
@@ -214,7 +216,62 @@ class MadeSource(ModelSource):
         return ()
 
 
+@dataclass(frozen=True)
+class GgufSource(ModelSource):
+    """A GGUF file someone else made (model.source: gguf): the header stands in for the config (quantlab/llamacpp/
+    header_config.py), the file itself is what llama.cpp loads, and its tokenizer is the one the header carries."""
+
+    header: GgufHeader | None = None
+
+    @property
+    def gguf_file(self) -> Path:
+        return Path(self.location)
+
+    @property
+    def hub_id(self) -> str | None:
+        return self.spec.id
+
+    @property
+    def revision(self) -> str | None:
+        snapshot = HUB_SNAPSHOT.search(str(self.gguf_file.resolve()))
+        return snapshot.group(3) if snapshot else self.spec.revision
+
+    @property
+    def config_file(self) -> str:
+        return f"the header of {self.location}"
+
+    def files(self, download: bool = False) -> Path | None:
+        return None  # no folder of Hugging Face files: the one file is gguf_file
+
+    def load_location(self) -> str:
+        raise QuantlabError(f"{self.location} is a GGUF file: llama.cpp loads it (measure.runtime: llama.cpp), "
+                            "transformers does not")
+
+    def tokenizer(self, required: bool = False, what: str = "this run"):
+        """transformers' tokenizer rebuilt from the header's tokenizer.ggml.* (its gguf_file loader)."""
+        try:
+            return AutoTokenizer.from_pretrained(str(self.gguf_file.parent), gguf_file=self.gguf_file.name)
+        except Exception as exc:  # noqa: BLE001 - a GGUF without a tokenizer transformers can rebuild
+            if required:
+                raise QuantlabError(f"{what} needs the tokenizer of {self.location}, which transformers could not "
+                                    f"rebuild from its header: {summary(exc)}") from None
+            return None
+
+    def fingerprint(self) -> dict[str, Any]:
+        stat = self.gguf_file.stat()
+        return {"gguf": str(self.gguf_file.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+    def license(self) -> str | None:
+        value = self.header.metadata.get("general.license") if self.header else None
+        return str(value) if value else None
+
+    def check_files(self) -> tuple[str, ...]:
+        return ()  # the header was read and checked against the file's size when the source was resolved
+
+
 def resolve(spec: ModelSpec) -> ModelSource:
+    if spec.source == "gguf":
+        return _gguf_source(spec)
     if spec.source == "bundled" and spec.transform is not None:
         return _transformed_bundled(spec)
     if spec.source == "bundled" and spec.mtp:
@@ -292,6 +349,38 @@ def _bundled_with_mtp(spec: ModelSpec) -> MadeSource:
     note = (f"model: the bundled model with its trained MTP head (quantlab/bundled/mtp/), joined on first use into "
             f"{made.folder}")
     return MadeSource(spec, config, "quantlab-bundled-mtp", str(made.folder), (note,), made=made)
+
+
+def _gguf_source(spec: ModelSpec) -> GgufSource:
+    """The GGUF's header read and checked (a file that is not a GGUF, is cut short, or is of another architecture is
+    one line here), and the config it stands for; a Hub GGUF is fetched first: its header is its config."""
+    path = Path(spec.path).expanduser() if spec.path else _hub_gguf(spec)
+    if path.is_dir():
+        raise QuantlabError(f"model.path: {path} is a folder; source: gguf takes the .gguf file itself")
+    header = read_header(path)
+    config = header_config(header)
+    by_type: dict[str, int] = {}
+    for t in header.tensors:
+        by_type[t.type_name] = by_type.get(t.type_name, 0) + t.nbytes
+    mix = ", ".join(f"{k} {v / 1e6:,.2f} MB" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1]))
+    mtp = f", MTP block {header.metadata.get(f'{header.architecture}.nextn_predict_layers')}" if header.has_mtp() else ""
+    notes = (f"model: GGUF {header_file_type(header)} read from its header ({header.architecture}, "
+             f"{header.file_bytes:,} bytes, {len(header.tensors)} tensors: {mix}{mtp}); no quantlab manifest is read",)
+    return GgufSource(spec, config, path.stem, str(path), notes, header=header)
+
+
+def _hub_gguf(spec: ModelSpec) -> Path:
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec.id, spec.file, revision=spec.revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    try:
+        return Path(hf_hub_download(spec.id, spec.file, revision=spec.revision))
+    except Exception as exc:  # noqa: BLE001 - offline, gated, not found: one clear message
+        raise QuantlabError(f"{spec.id}: {spec.file} is not in the Hugging Face cache and could not be downloaded "
+                            f"({summary(exc)}); on a machine with network: hf download {spec.id} {spec.file}, then "
+                            "model: {source: gguf, path: /that/file.gguf}") from None
 
 
 def _config_from_folder(folder: Path) -> PretrainedConfig:

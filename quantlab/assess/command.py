@@ -66,7 +66,7 @@ def run_quality(recipe_path: str | Path, output_dir: str | Path | None = None, p
     from quantlab.runtimes import RUNTIMES
 
     loaded = load_recipe(recipe_path)
-    made = method_for(loaded.recipe.quantization).makes
+    made = "gguf" if loaded.recipe.model.source == "gguf" else method_for(loaded.recipe.quantization).makes
     if made not in RUNTIMES["transformers"].loads:  # before any work: the passes below load through transformers
         raise QuantlabError(f"{recipe_path}: `quantlab quality` scores a model quantized in memory, and a GGUF is a "
                             "file llama.cpp's tools write; give the recipe a quality section and run `quantlab run` "

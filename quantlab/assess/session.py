@@ -39,6 +39,7 @@ from quantlab.quality.metrics import (
 )
 from quantlab.schema.quality import QualityResult
 from quantlab.text.heldout import HeldoutText, load_heldout
+from quantlab.tokenizer_match import first_difference, tokenizer_identity
 from quantlab.runtimes.transformers import load_model
 
 CHARS_PER_TOKEN_BOUND = 16  # text to read per wanted token before tokenizing (doubled until enough)
@@ -273,18 +274,6 @@ def _positions(window, rows: slice) -> torch.Tensor:
     return torch.arange(first, window.end - window.begin)[rows]
 
 
-def tokenizer_identity(tokenizer) -> tuple[int, str]:
-    """(number of tokens, sha256 of what decides the ids: vocabulary, merges, added tokens, normalizer, pre-tokenizer)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        data = json.loads(backend.to_str())
-        data = {k: data.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer")}
-    else:
-        data = sorted(tokenizer.get_vocab().items())
-    blob = json.dumps(data, sort_keys=True, ensure_ascii=False)
-    return len(tokenizer), hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
 def check_same_tokenizer(reference, candidate, reference_name: str, candidate_name: str) -> str:
     """The shared tokenizer's sha256; QuantlabError when the two tokenizers differ."""
     ref_size, ref_hash = tokenizer_identity(reference)
@@ -292,10 +281,11 @@ def check_same_tokenizer(reference, candidate, reference_name: str, candidate_na
         return ref_hash
     cand_size, cand_hash = tokenizer_identity(candidate)
     if ref_size != cand_size or ref_hash != cand_hash:
+        where = first_difference(candidate, reference, "the candidate", "the reference") or \
+            f"sha256 {cand_hash[:12]} vs {ref_hash[:12]}"
         raise QuantlabError(
             f"quality: the reference ({reference_name}) and the candidate ({candidate_name}) have different tokenizers "
-            f"({ref_size:,} vs {cand_size:,} tokens, sha256 {ref_hash[:12]} vs {cand_hash[:12]}); KL and perplexity "
-            "compare distributions token by token, so both need the same tokenizer"
+            f"({where}); KL and perplexity compare distributions token by token, so both need the same tokenizer"
         )
     return ref_hash
 

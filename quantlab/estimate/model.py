@@ -73,6 +73,8 @@ def model_spec(model: str) -> ModelSpec:
         if model in NAMED_CONFIGS:
             return ModelSpec(source="synthetic", config=model)
         path = Path(model).expanduser()
+        if path.suffix == ".gguf" and path.is_file():  # its header stands for the config
+            return ModelSpec(source="gguf", path=str(path))
         if path.exists():
             return ModelSpec(source="synthetic", config=str(path))
         if model.count("/") == 1 and not model.startswith((".", "/", "~")):
@@ -89,7 +91,7 @@ def model_spec(model: str) -> ModelSpec:
 
 def _raw_config(model: str) -> dict | None:
     """The config.json as written, when --model names a file or folder (shipped configs are complete)."""
-    if model in NAMED_CONFIGS or not Path(model).expanduser().exists():
+    if model in NAMED_CONFIGS or not Path(model).expanduser().exists() or model.endswith(".gguf"):
         return None
     path = Path(model).expanduser()
     path = path if path.name == "config.json" else path / "config.json"

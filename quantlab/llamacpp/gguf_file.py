@@ -109,5 +109,18 @@ def _value(field) -> object:
     return value if not isinstance(value, list) or len(value) <= 64 else f"[{len(value)} values]"
 
 
+def header_file_type(header: GgufHeader) -> str:
+    """general.file_type by llama.cpp's name for it (gguf-py's LlamaFileType, e.g. 15 -> Q4_K_M)."""
+    if header.file_type is None:
+        return "of unstated type"
+    try:
+        from gguf import LlamaFileType
+
+        kind = LlamaFileType(header.file_type & ~1024)  # 1024: the converter guessed the type
+        return kind.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (ImportError, ValueError):
+        return f"file type {header.file_type}"
+
+
 def _int(value) -> int | None:
     return int(value) if isinstance(value, (int, float)) else None

@@ -17,6 +17,7 @@ from quantlab.methods import rtn  # noqa: F401,I001
 from quantlab.methods import bnb  # noqa: F401,I001
 from quantlab.methods import awq  # noqa: F401,I001
 from quantlab.methods import gguf  # noqa: F401,I001
+from quantlab.checkpoint_formats import format_of
 from quantlab.methods.base import Method, MethodConfig, method_for, registered
 from quantlab.schema.build import build_method
 
@@ -49,6 +50,7 @@ class CheckpointMethod:
     label: str
     params: dict[str, Any]
     quant_method: str  # as written in the checkpoint, e.g. "bitsandbytes"
+    notes: tuple[str, ...] = ()  # what the plan says of loading it
 
 
 def checkpoint_method(config, folder=None) -> CheckpointMethod | None:
@@ -66,4 +68,6 @@ def checkpoint_method(config, folder=None) -> CheckpointMethod | None:
         found = method.from_checkpoint(qc)
         if found is not None:
             return CheckpointMethod(method.name, found[0], found[1], quant_method)
-    return CheckpointMethod(quant_method, f"{quant_method} (pre-quantized)", qc, quant_method)
+    fmt = format_of(quant_method)
+    label = fmt.label(qc) if fmt else f"{quant_method} (pre-quantized)"
+    return CheckpointMethod(quant_method, label, qc, quant_method)

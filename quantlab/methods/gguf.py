@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 
 from quantlab.errors import QuantlabError
 from quantlab.llamacpp import tools as llamacpp
+from quantlab.llamacpp.gguf_file import header_file_type
 from quantlab.llamacpp.names import MTP_CLASS, OVERRIDE_CLASSES, tensor_type_args
 from quantlab.llamacpp.steps import (
     BF16_NAME, CONVERTER_TYPES, GGUF_NAME, check_convertible, check_needs_no_imatrix, convert, has_experts, has_mtp,
@@ -151,6 +152,15 @@ class GgufMethod(Method):
             bf16.unlink()
         quantized = tuple(f"{name}: {t}" for name, t in tensor_types(folder / GGUF_NAME).items())
         return WrittenCheckpoint("llama.cpp", quantized, tuple(notes), calibration_label)
+
+    def from_gguf(self, header) -> tuple[str, dict[str, Any]]:
+        """(label, params) of a GGUF someone else made, from its header: the file type, whether llama-quantize was
+        given an importance matrix (it writes quantize.imatrix.* when it was), the MTP block, the tensor-type mix."""
+        kind = header_file_type(header)
+        imatrix = any(k.startswith("quantize.imatrix.") for k in header.metadata)
+        label = f"GGUF {kind}" + ("" if imatrix or kind in CONVERTER_TYPES else " (no imatrix)")
+        return label, {"type": kind, "imatrix": imatrix, "mtp": header.has_mtp(), "file_type": header.file_type,
+                       "tensor_types": header.parameters_by_type()}
 
     def estimator_scheme(self, params: dict[str, Any], dtype: str) -> str | None:
         kind = str(params.get("type", "")).upper()

@@ -5,6 +5,8 @@ shared by every runtime; this module is what it calls for transformers.
 
 from __future__ import annotations
 
+import copy
+
 import inspect
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 from transformers import PretrainedConfig
 
 from quantlab.device_map import DeviceSplit, accelerate_device
+from quantlab.checkpoint_formats import gptq_block_modules
 from quantlab.errors import QuantlabError
 from quantlab.kernels import compute_dtype, kernels_of
 from quantlab.hf_loading import hub_unavailable_message
@@ -81,7 +84,8 @@ def load_model(source, device: torch.device, load_kwargs: dict[str, Any] | None 
     elif source.synthetic:
         model, tokenizer, revision = _synthetic(config, auto_class, device, dtype, spec.seed), None, None
     else:
-        kwargs = {**awq_kernel_kwargs(spec.awq_kernel, source.config), **(load_kwargs or {})}
+        kwargs = {**awq_kernel_kwargs(spec.awq_kernel, source.config), **gptq_kwargs(config, source.files()),
+                  **(load_kwargs or {})}
         placement = split.accelerate_map() if split is not None else str(device)
         model = _from_pretrained(auto_class, source.load_location(), spec.revision, dtype, placement, **kwargs)
         tokenizer = source.tokenizer()
@@ -93,6 +97,18 @@ def load_model(source, device: torch.device, load_kwargs: dict[str, Any] | None 
         requested_dtype=spec.dtype if ran_in != spec.dtype else None,
     )
     return LoadedModel(model.eval(), tokenizer, config, info)
+
+
+def gptq_kwargs(config: PretrainedConfig, folder) -> dict[str, Any]:
+    """A GPTQ checkpoint that does not say which Linears of its blocks are quantized: its config, with the list read
+    from its shards, given to from_pretrained (quantlab/checkpoint_formats.py says why). Its files are not changed."""
+    modules = gptq_block_modules(config, folder)
+    if modules is None:
+        return {}
+    config = copy.deepcopy(config)
+    qc = config.quantization_config if isinstance(config.quantization_config, dict) else config.quantization_config.to_dict()
+    config.quantization_config = {**qc, "modules_in_block_to_quantize": [modules]}
+    return {"config": config}
 
 
 def awq_kernel_kwargs(kernel: str | None, config: PretrainedConfig) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from quantlab.schema.bounds import AtLeastOne, Bytes, Count, NonNegative, SmallI
 from quantlab.schema.environment import Hardware, Software, WeightsInfo
 from quantlab.schema.frozen import Frozen
 from quantlab.schema.measurement import Kernels, MemoryResult, PointResult, Roofline
+from quantlab.schema.model_file import ModelFile
 from quantlab.schema.serving import ServingLevel
 from quantlab.schema.speculative import SpeculativeResult
 from quantlab.schema.quality_bounds import quality_in_range
@@ -96,6 +97,7 @@ class Record(Frozen):
     kernels: Kernels | None = None  # what really ran: DeltaNet functions, quantized Linear classes, dtype
     split: SplitRef | None = None  # a model split across devices; None: one device (hardware.device)
     runtime: RuntimeRef | None = None  # None in records written before runtimes were recorded: transformers
+    file: ModelFile | None = None  # the GGUF file measured: its sha256, size, type mix, llama.cpp's plan
     notes: tuple[str, ...] = ()
 
 

@@ -1,0 +1,33 @@
+"""Calibration text: Python stdlib source (the bundled model was trained on it), 256-token windows."""
+import pathlib, sysconfig
+
+def calib_texts_ids(tokenizer, n=32, seq_len=256):
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py"))[:200]
+    text = "\n".join(p.read_text(errors="replace") for p in files[::5])
+    ids = tokenizer(text)["input_ids"]
+    out = []
+    for i in range(n):
+        chunk = ids[i * 997 * 3 : i * 997 * 3 + seq_len]
+        assert len(chunk) == seq_len
+        out.append(chunk)
+    return out
+
+EVAL_TEXT = '''def _compile(pattern, flags):
+    # internal: compile pattern
+    if isinstance(flags, RegexFlag):
+        flags = flags.value
+    try:
+        return _cache2[type(pattern), pattern, flags]
+    except KeyError:
+        pass
+    key = (type(pattern), pattern, flags)
+    # Item in _cache should be moved to the end if found.
+    p = _cache.pop(key, None)
+    if p is None:
+        if isinstance(pattern, Pattern):
+            if flags:
+                raise ValueError(
+                    "cannot process flags argument with a compiled pattern")
+            return pattern
+'''
