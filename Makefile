@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/bundled-bf16.yaml
 
-.PHONY: published-builds bench-published-gguf vllm bench-vllm-serving check-vllm-accounting bench-mtp-speculative mtp-full-size llama-cpp llama-cpp-native llama-cpp-check lock quantize-gguf gguf-full-size bench-gguf-cpu-decode \
+.PHONY: published-builds gguf-source-full-size bench-published-gguf vllm bench-vllm-serving check-vllm-accounting bench-mtp-speculative mtp-full-size llama-cpp llama-cpp-native llama-cpp-check lock quantize-gguf gguf-full-size bench-gguf-cpu-decode \
 	bench-llama-cpp-builds gpu-gguf-pack gpu-check-gguf setup run test test-fast validate report bench-overhead \
 	bench-estimate gpu-check bundled-model clean quantize-int8 quantize-nf4 gpu-check-bnb \
 	quantize-awq gpu-check-awq bench-awq-memory gpu-check-all gpu-bundle gpu-rehearse
@@ -151,6 +151,9 @@ bench-gguf-cpu-decode: setup  ## decode tok/s of the full-size Q4_K_M (a real 16
 
 published-builds: setup  ## builds/published/: the bundled model as others publish it (GGUF by llama.cpp's tools, GPTQ by gptqmodel), no quantlab manifest
 	$(BIN)/python scripts/make_published_builds.py builds/published
+
+gguf-source-full-size: setup  ## model.source gguf at full size: a sparse Qwen3.6-27B Q4_K_M read back from its header, checked against the shipped config (~1 min)
+	$(BIN)/python scripts/gguf_source_full_size.py
 
 bench-published-gguf: setup  ## a published GGUF vs quantlab's own build of the same file: decode tok/s ratios and run-to-run noise, one run
 	$(BIN)/python scripts/bench_published_gguf.py

@@ -117,9 +117,10 @@ class ModelSpec(_Strict):
                 raise ValueError(f"model.{name} is not used with source 'gguf' (llama.cpp loads the file as it is)")
         if self.mtp:
             raise ValueError("model.mtp is not used with source 'gguf' (a GGUF's MTP block is found in its header)")
-        if self.variant != "text" or self.dtype != "bfloat16":
-            raise ValueError("model.variant and model.dtype are not used with source 'gguf' (its tensor types are "
-                             "the header's); remove them")
+        given = sorted({"variant", "dtype", "device_map"} & self.model_fields_set)
+        if given:
+            raise ValueError(f"model.{given[0]} is not used with source 'gguf' (llama.cpp runs the file's own tensor "
+                             "types); remove it")
 
     def _check_split(self) -> None:
         if self.gpus is None and self.max_memory is None:

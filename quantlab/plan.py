@@ -143,7 +143,8 @@ def _prequantized(recipe, source: ModelSource):
         return CheckpointMethod("gguf", label, params, "gguf")
     found = checkpoint_method(source.config, source.files())
     if found is not None and found.name not in METHODS:  # a format quantlab did not write: can this runtime run it?
-        check_runnable(found.quant_method, source.location, recipe.measure.runtime, OWN_FORMATS)
+        check_runnable(_quantization_config(source.config), source.location, source.files(), recipe.measure.runtime,
+                       OWN_FORMATS)
         modules = gptq_block_modules(source.config, source.files()) if recipe.measure.runtime == "transformers" else None
         if modules:
             found = replace(found, notes=(f"GPTQ: the checkpoint does not say which Linears of its blocks are quantized "
@@ -155,6 +156,11 @@ def _prequantized(recipe, source: ModelSource):
             f"({found.label}, quant_method {found.quant_method}); use quantization: {{method: none}} to measure it as it is"
         )
     return found
+
+
+def _quantization_config(config) -> dict:
+    qc = getattr(config, "quantization_config", None)
+    return qc if isinstance(qc, dict) else qc.to_dict()
 
 
 def _check_awq_kernel(kernel: str | None, method: str, prequantized) -> None:

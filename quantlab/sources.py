@@ -6,6 +6,7 @@ meta device. This is the only module that tells them apart; everything after it 
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -375,12 +376,17 @@ def _hub_gguf(spec: ModelSpec) -> Path:
     cached = try_to_load_from_cache(spec.id, spec.file, revision=spec.revision)
     if isinstance(cached, str):
         return Path(cached)
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings would bury the one line below
     try:
         return Path(hf_hub_download(spec.id, spec.file, revision=spec.revision))
     except Exception as exc:  # noqa: BLE001 - offline, gated, not found: one clear message
         raise QuantlabError(f"{spec.id}: {spec.file} is not in the Hugging Face cache and could not be downloaded "
                             f"({summary(exc)}); on a machine with network: hf download {spec.id} {spec.file}, then "
                             "model: {source: gguf, path: /that/file.gguf}") from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def _config_from_folder(folder: Path) -> PretrainedConfig:

@@ -169,7 +169,7 @@ def test_a_folder_or_a_missing_file_is_one_line(tmp_path, write_recipe, capsys):
 def test_model_fields_that_a_gguf_does_not_take(write_recipe, capsys):
     for model, expected in [({"source": "gguf"}, "needs model.path (a GGUF file) or model.id and model.file"),
                             ({"source": "gguf", "id": "a/b"}, "needs both model.id (the repo) and model.file"),
-                            ({"source": "gguf", "path": "a.gguf", "dtype": "float16"}, "not used with source 'gguf'"),
+                            ({"source": "gguf", "path": "a.gguf", "dtype": "bfloat16"}, "model.dtype is not used with source 'gguf'"),
                             ({"source": "bundled", "claimed_size": "3GB"}, "source 'bundled' is quantlab's own")]:
         path = write_recipe({"name": "x", "model": model, "measure": {"runtime": "llama.cpp"}})
         assert expected in one_error(capsys, ["validate", str(path)])
@@ -211,3 +211,57 @@ def test_not_a_quantlab_error_path(foreign):
         from quantlab.sources import resolve
 
         resolve(ModelSpec(source="gguf", path=str(foreign["BF16"]))).load_location()
+
+
+def rewritten(src: Path, dst: Path, values: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
+    """`src` written again by gguf-py with some metadata changed (key -> (value, GGUFValueType)) or dropped."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    values, reader = values or {}, GGUFReader(src)
+    writer = GGUFWriter(str(dst), "qwen35")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop or name in values:
+            continue
+        kind = field.types[0]
+        extra = {"sub_type": field.types[1]} if kind == GGUFValueType.ARRAY else {}
+        writer.add_key_value(name, field.contents(), kind, **extra)
+    for name, (value, kind) in values.items():
+        writer.add_key_value(name, value, kind)
+    for t in reader.tensors:
+        data = np.array(t.data)
+        writer.add_tensor(t.name, data, raw_shape=data.shape, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+@pytest.mark.parametrize("values, drop, expected", [
+    ({"qwen35.block_count": 10**9}, (), "qwen35.block_count is '1000000000'; a whole number from 1 to"),
+    ({"qwen35.ssm.time_step_rank": 0}, (), "qwen35.ssm.time_step_rank is '0'"),
+    ({"qwen35.attention.key_length": 0}, (), "qwen35.attention.key_length is '0'"),
+    ({"qwen35.full_attention_interval": 0}, ("qwen35.attention.recurrent_layers",), "full_attention_interval is '0'"),
+    ({"qwen35.nextn_predict_layers": 10}, (), "block_count 4 with nextn_predict_layers 10 leaves -6 decoder layers"),
+    ({"qwen35.context_length": "abc"}, (), "qwen35.context_length is 'abc'"),
+    ({"qwen35.embedding_length": 512}, (), "embedding_length 512, its token_embd tensor is 256 wide"),
+    ({"qwen35.feed_forward_length": 4_000_000_000}, (), "feed_forward_length is '4000000000'"),
+    ({}, ("qwen35.ssm.conv_kernel",), "its header has no qwen35.ssm.conv_kernel"),
+])
+def test_a_damaged_header_is_one_line_before_any_work(values, drop, expected, foreign, tmp_path, write_recipe, capsys):
+    from gguf import GGUFValueType
+
+    typed = {k: (v, GGUFValueType.STRING if isinstance(v, str) else GGUFValueType.UINT32) for k, v in values.items()}
+    damaged = rewritten(foreign["Q4_K_M"], tmp_path / "damaged.gguf", typed, drop)
+    assert expected in one_error(capsys, ["validate", str(gguf_recipe(write_recipe, damaged))])
+    assert expected in one_error(capsys, ["estimate", "--model", str(damaged), "--no-write"])
+
+
+def test_a_gguf_written_again_unchanged_still_plans(foreign, tmp_path, write_recipe):
+    """The rewriter above changes nothing by itself: the damaged-header cases fail for their one change."""
+    from quantlab.plan import make_plan
+
+    same = rewritten(foreign["Q4_K_M"], tmp_path / "same.gguf")
+    assert make_plan(load_recipe(gguf_recipe(write_recipe, same)), for_this_machine=False).method_label == \
+        "GGUF Q4_K_M (no imatrix)"

@@ -54,10 +54,28 @@ def test_a_format_no_runtime_runs_is_one_line_before_any_load(tmp_path, write_re
     assert "quant_method 'fancyq', a format no runtime here runs (known: auto-round, awq, bitsandbytes" in err
 
 
+@pytest.mark.parametrize("qc, expected", [
+    ({"quant_method": "gptq", "bits": 99, "group_size": 128}, "its GPTQ quantization_config does not load: bits is '99'"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 0}, "group_size is '0'"),
+    ({"quant_method": "compressed-tensors", "config_groups": [1, 2]}, "config_groups is not a mapping of groups"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128},
+     "its config says GPTQ, but its shards hold no .qweight tensor"),  # BF16 shards under a GPTQ config
+])
+def test_a_quantization_config_that_cannot_load_is_one_line(qc, expected, tmp_path, write_recipe, capsys, monkeypatch):
+    forbid_weight_loads(monkeypatch)
+    folder = with_quantization_config(tmp_path, qc)
+    path = write_recipe({"name": "x", "model": {"source": "local", "path": str(folder)},
+                         "measure": {**MEASURE, "runtime": "vllm"}})
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 @pytest.mark.skipif(find_spec("compressed_tensors") is not None, reason="compressed-tensors is installed here")
 def test_a_format_whose_package_is_missing_says_how(tmp_path, write_recipe, capsys, monkeypatch):
     forbid_weight_loads(monkeypatch)
-    folder = with_quantization_config(tmp_path, {"quant_method": "compressed-tensors", "format": "pack-quantized"})
+    folder = with_quantization_config(tmp_path, {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                                 "config_groups": {"g": {"weights": {"num_bits": 4}}}})
     path = write_recipe({"name": "x", "model": {"source": "local", "path": str(folder)}, "measure": MEASURE})
     assert main(["run", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err

