@@ -56,10 +56,11 @@ def judge(value: float, low: float, high: float) -> Judgement:
 
 def latest_gpu_weights(records: list[Record], model: str, match: dict[str, str]) -> Record | None:
     """The latest GPU record of `model` whose method (and dtype, when the claim names one) is the claim's, with
-    its weights measured after load."""
+    its weights measured after load: quantlab's own, or a published GGUF whose header names that model."""
     found = [
         r for r in records
-        if r.model.name == model and r.hardware.kind == "gpu" and gpu_weight_bytes(r)
+        if (r.model.name == model or (r.file is not None and r.file.model == model))
+        and r.hardware.kind == "gpu" and gpu_weight_bytes(r)
         and r.method.name == match["method"] and r.model.dtype == match.get("dtype", r.model.dtype)
         and str(r.method.params.get("type", "")).upper() == str(match.get("type", r.method.params.get("type", ""))).upper()
     ]

@@ -17,7 +17,7 @@ from quantlab.checksums import sha256_file
 from quantlab.errors import QuantlabError
 from quantlab.llamacpp import tools as llamacpp
 from quantlab.llamacpp.full_size import fit_print
-from quantlab.llamacpp.gguf_file import GgufHeader, header_file_type, read_header
+from quantlab.llamacpp.gguf_file import GgufHeader, header_file_type, header_model_name, read_header
 from quantlab.schema.model_file import ModelFile, PlannedBuffers, TypeShare
 
 
@@ -27,7 +27,8 @@ def describe_gguf(path: Path, made_by: str, claimed_bytes: int | None, contexts:
     header = read_header(path)
     echo(f"file: sha256 of {path.name} ({header.file_bytes / 2**20:,.1f} MiB)")
     described = ModelFile(format="GGUF", name=path.name, sha256=sha256_file(path), bytes=header.file_bytes,
-                          architecture=header.architecture, file_type=header_file_type(header),
+                          architecture=header.architecture, model=header_model_name(header),
+                          file_type=header_file_type(header),
                           tensor_types=type_mix(header), made_by=made_by, claimed_bytes=claimed_bytes)
     files, notes = {}, []
     for context in contexts:

@@ -208,7 +208,9 @@ def _check_speculative(recipe, source: ModelSource, config: PretrainedConfig) ->
     bundled_hint = "; the bundled model with its trained head is model: {source: bundled, mtp: true}" \
         if recipe.model.source == "bundled" else ""
     if int(getattr(text, "mtp_num_hidden_layers", 0) or 0) < 1:
-        raise QuantlabError(f"{what} has no MTP head (its config has no mtp_num_hidden_layers){bundled_hint}")
+        where = "its header has no MTP block: no nextn_predict_layers" if isinstance(source, GgufSource) \
+            else "its config has no mtp_num_hidden_layers"
+        raise QuantlabError(f"{what} has no MTP head ({where}){bundled_hint}")
     if source.synthetic:
         raise QuantlabError(f"{what}: synthetic weights have no MTP head (transformers builds the model without the "
                             "mtp.* tensors, so quantlab creates none)")

@@ -231,7 +231,8 @@ def _claims_section(records: list[Record]) -> list[str]:
             continue
         measured = gpu_weight_bytes(record) / 1e9
         judged = judge(measured, row["low_gb"], row["high_gb"])
-        where = f"{md(record.hardware.name)}, {md(record.model.weights)} weights, {md(record.model.variant)} model"
+        where = f"{md(record.hardware.name)}, {md(record.model.weights)} weights, {md(record.model.variant)} model" \
+            + (f", file {md(record.file.name)}" if record.file is not None else "")
         lines.append(
             f"| {row['precision']} | {row['claimed']} | {row['fits_on']} | {measured:.2f} GB | {where} | {judged.delta} | {judged.verdict} |"
         )

@@ -25,6 +25,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,7 +51,7 @@ LABEL = ("llama.cpp's allocation plan (no_alloc: nothing allocated) of the conte
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default=str(ROOT / "build" / "mtp-full-size"), help="folder for the sparse files")
+    parser.add_argument("--work", default=str(ROOT / "build" / "mtp-full-size"), help="folder under which a work folder for the sparse files is made (and removed)")
     parser.add_argument("--out", default=str(ROOT / "measurements"), help="where the JSON and Markdown go")
     parser.add_argument("--config", default=str(ROOT / "quantlab" / "data" / "qwen3.6-27b"))
     parser.add_argument("--estimate-only", action="store_true",
@@ -63,8 +64,8 @@ def main() -> None:
         write(data, out)
         return
     tools = llamacpp.locate()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mtp-full-size-", dir=args.work))  # its own folder: the one it removes
     start = time.perf_counter()
     vocabulary = ROOT / "quantlab" / "bundled" / "model"  # a stand-in vocabulary: sizes don't change
     bf16 = sparse_bf16(tools, Path(args.config), vocabulary, work, mtp=True)

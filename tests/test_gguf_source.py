@@ -265,3 +265,23 @@ def test_a_gguf_written_again_unchanged_still_plans(foreign, tmp_path, write_rec
     same = rewritten(foreign["Q4_K_M"], tmp_path / "same.gguf")
     assert make_plan(load_recipe(gguf_recipe(write_recipe, same)), for_this_machine=False).method_label == \
         "GGUF Q4_K_M (no imatrix)"
+
+
+def test_the_model_a_header_names_goes_in_the_records_file_section(foreign, tmp_path):
+    from gguf import GGUFValueType
+
+    from quantlab.llamacpp.gguf_file import header_model_name
+    from quantlab.model_file import describe_gguf
+
+    assert header_model_name(read_header(foreign["Q4_K_M"])) is None  # converted from a folder named "model"
+    named = rewritten(foreign["Q4_K_M"], tmp_path / "named.gguf", {
+        "general.basename": ("Qwen3.6", GGUFValueType.STRING), "general.size_label": ("27B", GGUFValueType.STRING)})
+    files, notes = describe_gguf(named, "not quantlab", None, [64], "f16", 1, echo=lambda _: None)
+    assert files[64].model == "Qwen3.6-27B" and files[64].plan.context == 64 and notes == ()
+
+
+def test_speculative_decoding_needs_the_files_mtp_block(foreign, write_recipe, capsys):
+    measure = {**LLAMA, "new_tokens": 8, "speculative": {"method": "mtp", "tokens": [2]}}
+    err = one_error(capsys, ["validate", str(gguf_recipe(write_recipe, foreign["Q4_K_M"], measure=measure,
+                                                          quality=None))])
+    assert "has no MTP head (its header has no MTP block: no nextn_predict_layers)" in err

@@ -207,3 +207,28 @@ def test_bench_results_read_through_frozen_schema_classes_and_gguf_full_size_wri
     for model, field in ((full, "label"), (full.sizes[0], "tensor_bytes"), (decode, "decode_tokens_per_s")):
         with pytest.raises(ValidationError, match="frozen"):
             setattr(model, field, getattr(model, field))
+
+
+def test_a_published_gguf_of_the_articles_model_fills_its_claim_row(cpu_records):
+    """A GGUF someone published (named by its file) whose header says Qwen3.6-27B is measured against the article's
+    row for its type: the article's table is of published GGUF files."""
+    from quantlab.schema.model_file import ModelFile
+    from quantlab.schema.record import MethodRef, RuntimeRef
+
+    gpu = _as_gpu_qwen(cpu_records[0], 0, 4096)
+    model_bytes = 16_800_000_000
+    published = gpu.model_copy(update={
+        "model": gpu.model.model_copy(update={"name": "Qwen3.6-27B-Q4_K_M", "source": "gguf"}),
+        "method": MethodRef(name="gguf", label="GGUF Q4_K_M", params={"type": "Q4_K_M"}),
+        "runtime": RuntimeRef(name="llama.cpp"),
+        "result": gpu.result.model_copy(update={"runtime_buffers": {"CUDA0 model": model_bytes}}),
+        "file": ModelFile(format="GGUF", name="Qwen3.6-27B-Q4_K_M.gguf", sha256="ab" * 32, bytes=16_805_389_216,
+                          architecture="qwen35", model="Qwen3.6-27B", file_type="Q4_K_M", tensor_types={},
+                          made_by="not quantlab"),
+    })
+    text = render_report([published])
+    q4 = next(line for line in text.splitlines() if line.startswith("| Q4_K_M | ~17"))
+    assert "16.80 GB" in q4 and "file Qwen3.6-27B-Q4_K_M.gguf" in q4 and "| matches |" in q4
+    other = published.model_copy(update={"file": published.file.model_copy(update={"model": "Qwen3.6-27B-Instruct"})})
+    assert "not measured on a GPU yet" in next(line for line in render_report([other]).splitlines()
+                                               if line.startswith("| Q4_K_M | ~17"))

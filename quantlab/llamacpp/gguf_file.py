@@ -109,6 +109,16 @@ def _value(field) -> object:
     return value if not isinstance(value, list) or len(value) <= 64 else f"[{len(value)} values]"
 
 
+def header_model_name(header: GgufHeader) -> str | None:
+    """The model a GGUF says it holds, as llama.cpp's converter names it from the checkpoint's id
+    (general.basename, size_label and finetune: Qwen/Qwen3.6-27B -> Qwen3.6-27B); None when it does not say."""
+    meta = header.metadata
+    parts = [meta.get("general.basename"), meta.get("general.size_label"), meta.get("general.finetune")]
+    if not isinstance(parts[0], str) or not isinstance(parts[1], str):
+        return None
+    return "-".join(p for p in parts if isinstance(p, str) and p)[:200]
+
+
 def header_file_type(header: GgufHeader) -> str:
     """general.file_type by llama.cpp's name for it (gguf-py's LlamaFileType, e.g. 15 -> Q4_K_M)."""
     if header.file_type is None:

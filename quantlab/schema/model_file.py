@@ -33,6 +33,7 @@ class ModelFile(Frozen):
     sha256_of: str = "the file"  # a checkpoint: of its shards' sha256sum lines
     bytes: Bytes
     architecture: str
+    model: str | None = None  # the model its header names (general.basename-size_label), e.g. Qwen3.6-27B
     file_type: str  # llama.cpp's name for general.file_type, e.g. Q4_K_M; a checkpoint: its format
     tensor_types: dict[str, TypeShare]  # GGML type (a checkpoint: stored dtype, packed elements) -> its tensors
     made_by: str  # "quantlab, this run" or what is known of someone else's file
