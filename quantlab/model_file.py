@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 from quantlab.checkpoint import header_tensors, read_config, shard_files
 from quantlab.checksums import sha256_file
 from quantlab.errors import QuantlabError
@@ -22,11 +24,11 @@ from quantlab.schema.model_file import ModelFile, PlannedBuffers, TypeShare
 
 
 def describe_gguf(path: Path, made_by: str, claimed_bytes: int | None, contexts: list[int], kv_type: str, slots: int,
-                  echo: Callable[[str], None]) -> tuple[dict[int, ModelFile], tuple[str, ...]]:
+                  echo: Callable[[str], None], progress: bool = False) -> tuple[dict[int, ModelFile], tuple[str, ...]]:
     """The file's description for each context's records, and notes (a plan llama.cpp could not make)."""
     header = read_header(path)
     echo(f"file: sha256 of {path.name} ({header.file_bytes / 2**20:,.1f} MiB)")
-    described = ModelFile(format="GGUF", name=path.name, sha256=sha256_file(path), bytes=header.file_bytes,
+    described = ModelFile(format="GGUF", name=path.name, sha256=_sha256(path, progress), bytes=header.file_bytes,
                           architecture=header.architecture, model=header_model_name(header),
                           file_type=header_file_type(header),
                           tensor_types=type_mix(header), made_by=made_by, claimed_bytes=claimed_bytes)
@@ -42,12 +44,12 @@ def describe_gguf(path: Path, made_by: str, claimed_bytes: int | None, contexts:
 
 
 def describe_checkpoint(folder: Path, fmt: str, made_by: str, claimed_bytes: int | None,
-                        echo: Callable[[str], None]) -> ModelFile:
+                        echo: Callable[[str], None], progress: bool = False) -> ModelFile:
     """One sha256 for the weights: of the `sha256sum` lines of its shards (name-sorted), which `sha256sum *.safetensors
     | sha256sum` gives for a one-level folder; the shards' stored dtypes as the type mix."""
     shards = sorted(shard_files(folder), key=lambda p: p.name)
     echo(f"file: sha256 of {len(shards)} shard(s) of {folder.name}")
-    lines = "".join(f"{sha256_file(p)}  {p.name}\n" for p in shards)
+    lines = "".join(f"{_sha256(p, progress and p.stat().st_size > 256 << 20)}  {p.name}\n" for p in shards)
     shares: dict[str, list[int]] = {}
     for t in header_tensors(folder, shards).values():
         share = shares.setdefault(t.dtype, [0, 0, 0])
@@ -64,6 +66,18 @@ def _architecture(folder: Path) -> str:
         return str((read_config(folder).get("architectures") or ["unknown"])[0])
     except QuantlabError:
         return "unknown"
+
+
+def _sha256(path: Path, progress: bool) -> str:
+    """A 17 GB file takes a minute: a bar, in bytes, where the run shows progress."""
+    if not progress:
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="sha256") as bar:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
 
 
 def type_mix(header: GgufHeader) -> dict[str, TypeShare]:

@@ -192,7 +192,7 @@ def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: 
     quality = QualitySession(plan, out, progress, echo) if plan.quality else None  # text, tokenizers: no weights yet
     if quality:
         quality.prepare()  # stored mode: the reference pass runs, and is freed, before the candidate loads
-    files, file_notes = _describe_file(runtime, candidate, plan, echo)
+    files, file_notes = _describe_file(runtime, candidate, plan, echo, progress)
     candidate = replace(candidate, notes=candidate.notes + file_notes)
     loaded = _load(runtime, candidate, plan, nvml, echo)
     try:
@@ -216,7 +216,7 @@ def measure_candidate(plan: RunPlan, candidate: Candidate, out: Path, progress: 
     return RunResult(plan, tuple(records), tuple(paths))
 
 
-def _describe_file(runtime, candidate: Candidate, plan: RunPlan, echo):
+def _describe_file(runtime, candidate: Candidate, plan: RunPlan, echo, progress: bool):
     """Before it loads: a GGUF's sha256, size, type mix and llama.cpp's plan at each context; a published checkpoint's
     shards' sha256 and dtypes; ({}, ()) for anything else."""
     claimed = plan.recipe.model.claimed_size
@@ -224,12 +224,13 @@ def _describe_file(runtime, candidate: Candidate, plan: RunPlan, echo):
     contexts = sorted(plan.recipe.measure.contexts)
     fmt, folder = format_of(plan.method_name), candidate.source.files()
     if candidate.gguf is None and fmt is not None and folder is not None:
-        described = describe_checkpoint(folder, fmt.name, PUBLISHED, claimed, echo)
+        described = describe_checkpoint(folder, fmt.name, PUBLISHED, claimed, echo, progress)
         return {c: described for c in contexts}, ()
     if candidate.gguf is None:
         return {}, ()
     settings = runtime.options(plan.recipe.measure, plan.device, _longest(plan))
-    return describe_gguf(candidate.gguf, candidate.made_by, claimed, contexts, settings.kv_type, settings.slots, echo)
+    return describe_gguf(candidate.gguf, candidate.made_by, claimed, contexts, settings.kv_type, settings.slots, echo,
+                         progress=progress and candidate.gguf.stat().st_size > 256 << 20)
 
 
 def _speculative(runtime, model, plan: RunPlan, echo):
