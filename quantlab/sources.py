@@ -1,7 +1,8 @@
 """Where a model's weights come from: the bundled model (as shipped, or transformed: made on first use and cached),
 a local folder, the Hub, random weights of a config's shapes, or a GGUF file (its header read as the config).
 `resolve(spec)` returns a ModelSource: its config, name and location, where its files are, its tokenizer, a
-fingerprint for caches, and its instance on the meta device. This is the only module that tells them apart; everything after it asks the source.
+fingerprint for caches, and its instance on the meta device. This is the only module that tells them apart;
+everything after it asks the source.
 """
 
 from __future__ import annotations
