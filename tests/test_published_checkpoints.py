@@ -103,3 +103,16 @@ def test_a_gptq_build_by_gptqmodel_measures_in_transformers_with_kl(gptq, write_
     assert 0 < record.quality.kl_mean < 0.05 and record.quality.top1_agreement > 0.85
     assert any("quantlab gives it the 10 its shards hold" in n for n in record.notes)
     assert record.result.status == "ok"
+
+
+@pytest.mark.parametrize("name", ["published-gptq-transformers.yaml", "published-gptq-vllm.yaml"])
+def test_the_shipped_gptq_recipes_plan_on_a_build_made_here(name, gptq, tmp_path, monkeypatch):
+    from quantlab.plan import make_plan
+
+    forbid_weight_loads(monkeypatch)
+    text = (REPO / "recipes" / name).read_text()
+    assert "path: builds/published/gptq-w4g128" in text
+    recipe = tmp_path / name
+    recipe.write_text(text.replace("builds/published/gptq-w4g128", str(gptq)))
+    plan = make_plan(load_recipe(recipe), for_this_machine=False)
+    assert plan.method_label == "GPTQ W4A16 g128 (pre-quantized)" and plan.quality is not None

@@ -12,13 +12,22 @@ from quantlab.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = {"name": "ok", "model": {"source": "bundled"}}
+PUBLISHED = "builds/published/"  # where `make published-builds` writes the builds the published-* recipes measure
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate_and_plan(path, monkeypatch, tmp_path):
-    """As in a fresh clone: no model quantlab makes on first use (model.transform) is made to plan one."""
+    """As in a fresh clone: no model quantlab makes on first use (model.transform) is made to plan one. A recipe of a
+    published build reads `make published-builds`' output: where it is not made, planning says so in one line
+    (tests/test_gguf_source.py and test_published_checkpoints.py plan them on builds made in temporary folders)."""
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(REPO)
     loaded = load_recipe(path)
+    published = str(loaded.recipe.model.path or "")
+    if published.startswith(PUBLISHED) and not (REPO / published).exists():
+        with pytest.raises(QuantlabError, match=r"^\S*builds/published/\S+: (no such GGUF file|model folder not found)$"):
+            make_plan(loaded, for_this_machine=False)
+        return
     plan = make_plan(loaded, for_this_machine=False)
     assert plan.parameters > 0
     assert plan.points
@@ -35,7 +44,7 @@ BAD = [
     ("unknown top-level key", {**GOOD, "modle": {}}, "modle: unknown key 'modle'; allowed keys here: name, description, model"),
     ("unknown nested key", {**GOOD, "measure": {"contxts": [8]}}, "measure.contxts: unknown key 'contxts'; allowed keys here: contexts"),
     ("missing model", {"name": "x"}, "model: required, but missing"),
-    ("unknown source", {"name": "x", "model": {"source": "s3"}}, "model.source: Input should be 'bundled', 'hub', 'local' or 'synthetic' (got 's3')"),
+    ("unknown source", {"name": "x", "model": {"source": "s3"}}, "model.source: Input should be 'bundled', 'hub', 'local', 'synthetic' or 'gguf' (got 's3')"),
     ("hub without id", {"name": "x", "model": {"source": "hub"}}, "model: source 'hub' needs model.id"),
     ("local without path", {"name": "x", "model": {"source": "local"}}, "model: source 'local' needs model.path"),
     ("path with synthetic", {"name": "x", "model": {"source": "synthetic", "config": "qwen3.6-27b", "path": "/x"}},
