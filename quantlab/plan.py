@@ -150,12 +150,26 @@ def _prequantized(recipe, source: ModelSource):
             found = replace(found, notes=(f"GPTQ: the checkpoint does not say which Linears of its blocks are quantized "
                                           f"(modules_in_block_to_quantize), and transformers would convert them all; "
                                           f"quantlab gives it the {len(modules)} its shards hold: {', '.join(modules)}",))
+    if found is not None and recipe.measure.runtime == "transformers":
+        _check_transformers_reads(_quantization_config(source.config), source.location)
     if found is not None and recipe.quantization.method != "none":
         raise QuantlabError(
             f"quantization.method {recipe.quantization.method}: {source.location} is already quantized "
             f"({found.label}, quant_method {found.quant_method}); use quantization: {{method: none}} to measure it as it is"
         )
     return found
+
+
+def _check_transformers_reads(qc: dict, where: str) -> None:
+    """transformers' own parser of quantization configs, before any load: a config it refuses (an AWQ config whose
+    format is GPTQ's, say) is one line here, not a traceback after the weights start loading."""
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    try:
+        AutoQuantizationConfig.from_dict(dict(qc))
+    except (ValueError, TypeError, KeyError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise QuantlabError(f"{where}: transformers cannot read its quantization_config ({why})") from None
 
 
 def _quantization_config(config) -> dict:

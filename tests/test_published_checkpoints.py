@@ -116,3 +116,14 @@ def test_the_shipped_gptq_recipes_plan_on_a_build_made_here(name, gptq, tmp_path
     recipe.write_text(text.replace("builds/published/gptq-w4g128", str(gptq)))
     plan = make_plan(load_recipe(recipe), for_this_machine=False)
     assert plan.method_label == "GPTQ W4A16 g128 (pre-quantized)" and plan.quality is not None
+
+
+def test_a_config_transformers_refuses_is_one_line_before_any_load(tmp_path, write_recipe, capsys, monkeypatch):
+    """A GPTQ checkpoint relabelled AWQ: quantlab's own AWQ method claims it, and transformers' parser refuses it."""
+    forbid_weight_loads(monkeypatch)
+    folder = with_quantization_config(tmp_path, {"quant_method": "awq", "bits": 4, "group_size": 128, "format": "gptq"})
+    path = write_recipe({"name": "x", "model": {"source": "local", "path": str(folder)}, "measure": MEASURE})
+    assert main(["run", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "transformers cannot read its quantization_config (Invalid format 'gptq'" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
