@@ -1,5 +1,5 @@
 """Is a published GGUF measured as quantlab's own build of it is? The same Q4_K_M twice: read as someone else's file
-(recipes/published-gguf-q4_k_m.yaml, `model.source: gguf`) and built by quantlab from the bundled model
+(recipes/published/gguf-q4_k_m.yaml, `model.source: gguf`) and built by quantlab from the bundled model
 (recipes/bundled-gguf-q4_k_m-noimatrix.yaml), alternated A B A B in one process, with no quality pass and no records
 written. Prints, per context, the decode tok/s of each run and two ratios: published ÷ own, medians (the difference the
 source makes), and the fastest ÷ the slowest of quantlab's own runs (the run-to-run noise on this machine, the
@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PUBLISHED = REPO / "recipes" / "published-gguf-q4_k_m.yaml"
+PUBLISHED = REPO / "recipes" / "published" / "gguf-q4_k_m.yaml"
 OWN = REPO / "recipes" / "bundled-gguf-q4_k_m-noimatrix.yaml"
 
 

@@ -288,14 +288,14 @@ def test_speculative_decoding_needs_the_files_mtp_block(foreign, write_recipe, c
 
 
 def test_the_shipped_published_recipe_plans_on_a_file_made_here(foreign, tmp_path, monkeypatch):
-    """recipes/published-gguf-q4_k_m.yaml, its path pointed at this module's file (`make published-builds` writes the
+    """recipes/published/gguf-q4_k_m.yaml, its path pointed at this module's file (`make published-builds` writes the
     same bytes to builds/published/gguf/): plans with its reference's tokenizer checked, no weights loaded."""
     from quantlab.plan import make_plan
 
     forbid_weight_loads(monkeypatch)
-    text = (REPO / "recipes" / "published-gguf-q4_k_m.yaml").read_text()
+    text = (REPO / "recipes" / "published" / "gguf-q4_k_m.yaml").read_text()
     assert "path: builds/published/gguf/bundled-Q4_K_M.gguf" in text
-    recipe = tmp_path / "published-gguf-q4_k_m.yaml"
+    recipe = tmp_path / "gguf-q4_k_m.yaml"
     recipe.write_text(text.replace("builds/published/gguf/bundled-Q4_K_M.gguf", str(foreign["Q4_K_M"])))
     plan = make_plan(load_recipe(recipe), for_this_machine=False)
     assert plan.method_label == "GGUF Q4_K_M (no imatrix)" and plan.quality is not None

@@ -105,12 +105,12 @@ def test_a_gptq_build_by_gptqmodel_measures_in_transformers_with_kl(gptq, write_
     assert record.result.status == "ok"
 
 
-@pytest.mark.parametrize("name", ["published-gptq-transformers.yaml", "published-gptq-vllm.yaml"])
+@pytest.mark.parametrize("name", ["gptq-transformers.yaml", "gptq-vllm.yaml"])
 def test_the_shipped_gptq_recipes_plan_on_a_build_made_here(name, gptq, tmp_path, monkeypatch):
     from quantlab.plan import make_plan
 
     forbid_weight_loads(monkeypatch)
-    text = (REPO / "recipes" / name).read_text()
+    text = (REPO / "recipes" / "published" / name).read_text()
     assert "path: builds/published/gptq-w4g128" in text
     recipe = tmp_path / name
     recipe.write_text(text.replace("builds/published/gptq-w4g128", str(gptq)))
