@@ -250,14 +250,20 @@ class GgufSource(ModelSource):
                             "transformers does not")
 
     def tokenizer(self, required: bool = False, what: str = "this run"):
-        """transformers' tokenizer rebuilt from the header's tokenizer.ggml.* (its gguf_file loader)."""
+        """transformers' tokenizer rebuilt from the header's tokenizer.ggml.* (its gguf_file loader), once per source:
+        the plan, the quality session and speculative decoding all ask for it."""
+        tokenizer, why = self._header_tokenizer
+        if tokenizer is None and required:
+            raise QuantlabError(f"{what} needs the tokenizer of {self.location}, which transformers could not rebuild "
+                                f"from its header: {why}")
+        return tokenizer
+
+    @cached_property
+    def _header_tokenizer(self):
         try:
-            return AutoTokenizer.from_pretrained(str(self.gguf_file.parent), gguf_file=self.gguf_file.name)
+            return AutoTokenizer.from_pretrained(str(self.gguf_file.parent), gguf_file=self.gguf_file.name), None
         except Exception as exc:  # noqa: BLE001 - a GGUF without a tokenizer transformers can rebuild
-            if required:
-                raise QuantlabError(f"{what} needs the tokenizer of {self.location}, which transformers could not "
-                                    f"rebuild from its header: {summary(exc)}") from None
-            return None
+            return None, summary(exc)
 
     def fingerprint(self) -> dict[str, Any]:
         stat = self.gguf_file.stat()
